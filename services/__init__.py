@@ -1,0 +1,1 @@
+"""cbir: content-based image retrieval services (embedder → indexer → store → search)."""

@@ -1,0 +1,97 @@
+"""Settings shared by the services, read from `CBIR_*` environment variables (pydantic-settings).
+
+Each service has one `Settings` class built from these pieces; `cbir` commands and the apps
+read them once at start-up, so a bad value fails fast with the variable's name.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+
+
+class Backend(StrEnum):
+    faiss = "faiss"
+    elasticsearch = "elasticsearch"
+
+
+class EsSearchMode(StrEnum):
+    exact = "exact"
+    knn = "knn"
+
+
+class BaseCbirSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CBIR_", env_file=".env", extra="ignore")
+
+    environment: str = Field("development", description="development or production")
+
+
+class StoreSettings(BaseCbirSettings):
+    """Where vectors live: the embedded FAISS file, or an Elasticsearch cluster."""
+
+    backend: Backend = Field(Backend.faiss, description="faiss (embedded, default) or elasticsearch")
+    state_dir: Path = Field(Path("state"), description="index file and other state of one-machine mode")
+    es_url: AnyHttpUrl = Field("http://localhost:9200", description="Elasticsearch URL")
+    es_api_key: SecretStr | None = Field(None, description="Elasticsearch API key (instead of basic auth)")
+    es_username: str | None = Field(None, description="Elasticsearch basic-auth user")
+    es_password: SecretStr | None = Field(None, description="Elasticsearch basic-auth password")
+    es_index: str = Field("cbir-images", description="Elasticsearch index name")
+    es_shards: int = Field(30, ge=1, le=1024, description="number_of_shards of a new index")
+    es_replicas: int = Field(0, ge=0, le=16, description="number_of_replicas of a new index")
+    es_search_mode: EsSearchMode = Field(EsSearchMode.exact, description="exact (script_score) or knn")
+    es_num_candidates: int = Field(200, ge=1, le=10000, description="kNN candidates per shard")
+    es_timeout_s: float = Field(60.0, gt=0, description="request timeout to Elasticsearch, seconds")
+    es_max_retries: int = Field(3, ge=0, le=10, description="retries on timeouts and 429/5xx")
+
+    @property
+    def faiss_path(self) -> Path:
+        return self.state_dir / "index.npz"
+
+
+class ModelSettings(BaseCbirSettings):
+    """Which bundle embeds images, where, and how its vectors are built."""
+
+    model_dir: Path | None = Field(None, description="model bundle directory (default: the shipped one)")
+    device: str = Field("auto", description="auto (CUDA when present), cpu or cuda")
+    pca_dims: int | None = Field(None, ge=1, description="PCA dims of the vector (default: the bundle's)")
+    onehot_weight: float | None = Field(None, ge=0, description="one-hot weight (default: the bundle's)")
+    max_batch: int = Field(64, ge=1, le=1024, description="largest micro-batch of the forward pass")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long a micro-batch waits to fill")
+    max_queue: int = Field(1024, ge=1, description="images waiting for the model before 503")
+
+
+class UploadSettings(BaseCbirSettings):
+    max_upload_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1024, description="largest request body (413)")
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest image in pixels (413)")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="accepted X-API-Key values (JSON list); empty = no auth"
+    )
+    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (JSON list)")
+
+    @model_validator(mode="after")
+    def _no_placeholder_keys(self) -> UploadSettings:
+        if self.environment != "development":
+            weak = [k for k in self.api_keys if k.get_secret_value() in ("changeme", "secret", "")]
+            if weak:
+                raise ValueError("CBIR_API_KEYS holds a placeholder key; set real keys outside development")
+        return self
+
+
+class EmbedderClientSettings(BaseCbirSettings):
+    embedder_url: AnyHttpUrl | None = Field(
+        None, description="embedder service URL; unset = run the model in-process"
+    )
+    embedder_timeout_s: float = Field(10.0, gt=0, description="timeout of one call to the embedder")
+    embedder_retries: int = Field(2, ge=0, le=10, description="retries of a failed embedder call")
+
+
+class CollectionSettings(BaseCbirSettings):
+    data_dir: Path | None = Field(
+        None, description="collection root (<split>/<class>/<image>); default data/cifar10, else ../shared/cifar10"
+    )
+    index_split: str = Field("train", description="the split that is indexed")

@@ -1,0 +1,207 @@
+"""The embedded store: exact inner-product search with FAISS, persisted to one file on disk.
+
+The vectors are L2-normalised, so inner product is cosine. Everything lives in memory; `flush`
+writes a single `.npz` file through a temporary file and an atomic rename, so a crash during
+a save leaves the previous index intact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from services.common.documents import ImageDocument, StoredImage, StoreHit
+from services.common.errors import StoreError
+from services.common.scoring import score_from_cosine
+from services.common.stores.base import StoreInfo, VectorStore, check_compatible
+
+logger = logging.getLogger(__name__)
+
+_FIELDS = ("ids", "filenames", "paths", "labels")
+
+
+class FaissStore(VectorStore):
+    """FAISS `IndexFlatIP` over an in-memory table, saved atomically to `path`.
+
+    >>> store = FaissStore(Path("state/index.npz"))
+    >>> await store.open(dims=74, model_version="abc")
+    >>> await store.upsert(documents); await store.flush()
+    >>> hits = await store.search(query_vector, k=10)
+    """
+
+    name = "faiss"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = asyncio.Lock()
+        self._dims: int | None = None
+        self._model_version: str | None = None
+        self._columns: dict[str, list[str]] = {field: [] for field in _FIELDS}
+        self._vectors = np.zeros((0, 0), dtype=np.float32)
+        self._rows: dict[str, int] = {}
+        self._index: faiss.Index | None = None
+        self._dirty = False
+
+    async def open(self, *, dims: int, model_version: str, create: bool = True) -> None:
+        if self.path.exists():
+            await asyncio.to_thread(self._load)
+        elif not create:
+            raise StoreError(f"no index at {self.path}; build one with `cbir index`")
+        check_compatible(await self.info(), dims=dims, model_version=model_version, where=str(self.path))
+        self._dims, self._model_version = dims, model_version
+        if self._vectors.shape[1] != dims:
+            self._vectors = np.zeros((0, dims), dtype=np.float32)
+
+    async def info(self) -> StoreInfo:
+        return StoreInfo(dims=self._dims, model_version=self._model_version, count=len(self._rows))
+
+    async def count(self) -> int:
+        return len(self._rows)
+
+    async def upsert(self, documents: Sequence[ImageDocument]) -> None:
+        if not documents:
+            return
+        vectors = np.stack([np.asarray(doc.vector, dtype=np.float32) for doc in documents])
+        if vectors.shape[1] != self._dims:
+            raise StoreError(f"vectors have {vectors.shape[1]} dims; this index holds {self._dims}")
+        async with self._lock:
+            new_rows = []
+            for doc, vector in zip(documents, vectors, strict=True):
+                if doc.model_version != self._model_version:
+                    raise StoreError(
+                        f"document {doc.id} is from model {doc.model_version!r}, "
+                        f"the index holds {self._model_version!r}"
+                    )
+                row = self._rows.get(doc.id)
+                if row is None:
+                    self._rows[doc.id] = len(self._rows)
+                    new_rows.append(vector)
+                    for field, value in zip(_FIELDS, (doc.id, doc.filename, doc.path, doc.label)):
+                        self._columns[field].append(value)
+                else:
+                    self._vectors[row] = vector
+                    self._columns["filenames"][row] = doc.filename
+                    self._columns["paths"][row] = doc.path
+                    self._columns["labels"][row] = doc.label
+            if new_rows:
+                self._vectors = np.concatenate([self._vectors, np.stack(new_rows)])
+            self._index = None
+            self._dirty = True
+
+    async def delete(self, ids: Sequence[str]) -> int:
+        async with self._lock:
+            doomed = sorted({self._rows[i] for i in ids if i in self._rows})
+            if not doomed:
+                return 0
+            keep = np.setdiff1d(np.arange(len(self._rows)), doomed)
+            self._vectors = self._vectors[keep]
+            for field in _FIELDS:
+                column = self._columns[field]
+                self._columns[field] = [column[i] for i in keep]
+            self._rows = {doc_id: row for row, doc_id in enumerate(self._columns["ids"])}
+            self._index = None
+            self._dirty = True
+            return len(doomed)
+
+    async def get(self, id: str) -> StoredImage | None:
+        row = self._rows.get(id)
+        if row is None:
+            return None
+        return StoredImage(
+            id=id,
+            filename=self._columns["filenames"][row],
+            path=self._columns["paths"][row],
+            label=self._columns["labels"][row],
+            model_version=self._model_version or "",
+        )
+
+    async def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        return {i for i in ids if i in self._rows}
+
+    async def search(self, vector: np.ndarray, k: int) -> list[StoreHit]:
+        if not self._rows:
+            return []
+        index = self._index or self._build_index()
+        query = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(1, -1))
+        cosines, rows = index.search(query, min(k, len(self._rows)))
+        return [
+            StoreHit(
+                id=self._columns["ids"][row],
+                filename=self._columns["filenames"][row],
+                path=self._columns["paths"][row],
+                label=self._columns["labels"][row],
+                score=score_from_cosine(cosine),
+            )
+            for cosine, row in zip(cosines[0], rows[0], strict=True)
+            if row >= 0
+        ]
+
+    async def flush(self) -> None:
+        async with self._lock:
+            if not self._dirty and self.path.exists():
+                return
+            await asyncio.to_thread(self._save)
+            self._dirty = False
+
+    async def reset(self) -> None:
+        async with self._lock:
+            self._columns = {field: [] for field in _FIELDS}
+            self._vectors = np.zeros((0, self._dims or 0), dtype=np.float32)
+            self._rows = {}
+            self._index = None
+            self._dirty = True
+
+    def _build_index(self) -> faiss.Index:
+        index = faiss.IndexFlatIP(self._vectors.shape[1])
+        index.add(np.ascontiguousarray(self._vectors))
+        self._index = index
+        return index
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {field: np.asarray(values, dtype=str) for field, values in self._columns.items()}
+        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                np.savez(
+                    file,
+                    vectors=self._vectors,
+                    model_version=np.asarray(self._model_version or ""),
+                    **arrays,
+                )
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        logger.debug("saved %d documents to %s", len(self._rows), self.path)
+
+    def _load(self) -> None:
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                vectors = data["vectors"].astype(np.float32)
+                columns = {field: data[field].tolist() for field in _FIELDS}
+                model_version = str(data["model_version"]) or None
+        except (OSError, KeyError, ValueError) as exc:
+            raise StoreError(
+                f"the index at {self.path} is unreadable ({exc}); delete it and run `cbir index`"
+            ) from exc
+        self._vectors, self._columns = vectors, columns
+        self._rows = {doc_id: row for row, doc_id in enumerate(columns["ids"])}
+        self._dims = int(vectors.shape[1]) if len(columns["ids"]) else None
+        self._model_version = model_version if columns["ids"] else None
+        self._index = None
+        self._dirty = False

@@ -1,0 +1,1 @@
+"""The embedder: images → vectors (VGG-16 embedding → PCA → L2 → fused one-hot)."""

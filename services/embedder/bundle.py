@@ -1,0 +1,174 @@
+"""The model bundle: one directory holding everything needed to turn images into vectors.
+
+    bundle.json        metadata: version id, classes, architecture, preprocessing, vector
+                       defaults, training recipe, test metrics
+    model.safetensors  network weights (fp16)
+    pca.safetensors    PCA mean and components (plain arrays, no pickles)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file as load_torch
+from safetensors.torch import save_file as save_torch
+
+from services.common.errors import BundleError
+from services.embedder.model import CifarVGG16
+from services.embedder.vectors import PcaProjection, check_vector_config
+
+FORMAT = 1
+METADATA_FILE, WEIGHTS_FILE, PCA_FILE = "bundle.json", "model.safetensors", "pca.safetensors"
+DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parents[2] / "models" / "vgg16-cifar10"
+_HOW_TO_GET_ONE = "train one with `cbir train --output DIR` and point CBIR_MODEL_DIR at it"
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the network in eval mode, its PCA and its metadata."""
+
+    path: Path
+    metadata: dict[str, Any]
+    model: CifarVGG16
+    projection: PcaProjection
+
+    @property
+    def version(self) -> str:
+        return self.metadata["version"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.metadata["classes"]
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        return self.metadata["preprocessing"]
+
+    @property
+    def vector_defaults(self) -> dict[str, Any]:
+        return self.metadata["vector"]
+
+
+@dataclass
+class BundleSpec:
+    """What `cbir train` hands to `save_bundle`."""
+
+    classes: list[str]
+    architecture: dict[str, Any]
+    preprocessing: dict[str, Any]
+    vector: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def build_model(architecture: dict[str, Any], num_classes: int) -> CifarVGG16:
+    return CifarVGG16(
+        num_classes=num_classes,
+        embedding_dim=int(architecture["embedding_dim"]),
+        width_mult=float(architecture.get("width_mult", 1.0)),
+    )
+
+
+def save_bundle(directory: Path, model: torch.nn.Module, projection: PcaProjection, spec: BundleSpec) -> str:
+    """Write a bundle atomically (a temporary sibling directory renamed into place); returns its version."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
+    staging.chmod(0o755)  # readable by the services' non-root users
+    try:
+        weights = {name: t.detach().to("cpu", torch.float16 if t.is_floating_point() else t.dtype).contiguous()
+                   for name, t in model.state_dict().items()}
+        save_torch(weights, str(staging / WEIGHTS_FILE))
+        save_numpy({"mean": projection.mean, "components": projection.components}, str(staging / PCA_FILE))
+        digest = hashlib.sha256()
+        for name in (WEIGHTS_FILE, PCA_FILE):
+            digest.update((staging / name).read_bytes())
+        version = f"vgg16-{spec.classes.__len__()}c-{digest.hexdigest()[:12]}"
+        metadata = {
+            "format": FORMAT,
+            "version": version,
+            "classes": spec.classes,
+            "architecture": spec.architecture,
+            "preprocessing": spec.preprocessing,
+            "vector": spec.vector,
+            "training": spec.training,
+            "metrics": spec.metrics,
+        }
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        if directory.exists():
+            backup = directory.with_name(directory.name + ".old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(directory, backup)
+            os.replace(staging, directory)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+        return version
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def load_bundle(directory: Path) -> Bundle:
+    """Load and validate a bundle; `BundleError` says what is wrong and how to get a good one."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BundleError(f"no model bundle at {directory}; {_HOW_TO_GET_ONE}")
+    metadata = _read_metadata(directory)
+    num_classes = len(metadata["classes"])
+    try:
+        weights = load_torch(str(directory / WEIGHTS_FILE))
+        arrays = load_numpy(str(directory / PCA_FILE))
+    except (OSError, SafetensorError) as exc:
+        raise BundleError(f"the model bundle at {directory} is corrupt ({exc}); {_HOW_TO_GET_ONE}") from exc
+    model = build_model(metadata["architecture"], num_classes)
+    try:
+        model.load_state_dict({name: t.float() if t.is_floating_point() else t for name, t in weights.items()})
+    except RuntimeError as exc:
+        raise BundleError(
+            f"the weights in {directory} do not match the architecture in its {METADATA_FILE}: {exc}"
+        ) from exc
+    try:
+        projection = PcaProjection(mean=arrays["mean"], components=arrays["components"])
+        if projection.components.shape[1] != model.classifier.in_features or projection.mean.shape != (
+            projection.components.shape[1],
+        ):
+            raise ValueError(f"PCA shapes {projection.mean.shape}, {projection.components.shape}")
+        check_vector_config(
+            pca_dims=int(metadata["vector"]["pca_dims"]),
+            num_classes=num_classes,
+            max_pca_dims=projection.max_dims,
+        )
+    except (KeyError, ValueError) as exc:
+        raise BundleError(f"the PCA in {directory} does not fit the model: {exc}; {_HOW_TO_GET_ONE}") from exc
+    model.eval()
+    return Bundle(path=directory, metadata=metadata, model=model, projection=projection)
+
+
+def _read_metadata(directory: Path) -> dict[str, Any]:
+    path = directory / METADATA_FILE
+    try:
+        metadata = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise BundleError(f"{path} is missing; {_HOW_TO_GET_ONE}") from exc
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc}); {_HOW_TO_GET_ONE}") from exc
+    required = ("format", "version", "classes", "architecture", "preprocessing", "vector")
+    missing = [key for key in required if key not in metadata]
+    if missing:
+        raise BundleError(f"{path} lacks {', '.join(missing)}; {_HOW_TO_GET_ONE}")
+    if metadata["format"] != FORMAT:
+        raise BundleError(f"{path} has format {metadata['format']}; this cbir reads format {FORMAT}")
+    return metadata

@@ -1,0 +1,67 @@
+"""VGG-16 (torchvision's batch-normalised feature stack) adapted to 32×32 CIFAR-10 images.
+
+At 32×32 the five max-pools leave a 1×1×512 map, so the ImageNet head (7×7 pooling and two
+4096-wide layers) is replaced by global pooling, one hidden fully-connected layer whose output
+is the embedding, and a classifier. `forward` returns both, so nothing needs forward hooks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models import VGG16_BN_Weights, vgg16_bn
+from torchvision.models.vgg import cfgs, make_layers
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+class CifarVGG16(nn.Module):
+    """VGG-16-BN for small images: features → global pool → hidden FC (embedding) → classifier.
+
+    `width_mult` scales every convolution (1.0 is torchvision's VGG-16; tests use a narrow one).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int = 10,
+        embedding_dim: int = 512,
+        width_mult: float = 1.0,
+        dropout: float = 0.3,
+    ) -> None:
+        super().__init__()
+        config = [v if v == "M" else max(8, int(v * width_mult)) for v in cfgs["D"]]
+        self.features = make_layers(config, batch_norm=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.embedding = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(config[-2], embedding_dim),
+            nn.BatchNorm1d(embedding_dim),
+            nn.ReLU(inplace=True),
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(embedding_dim, num_classes)
+        self._init_weights()
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return `(embedding, logits)` for a normalised `(N, 3, H, W)` batch."""
+        embedding = self.embedding(self.pool(self.features(images)))
+        return embedding, self.classifier(self.dropout(embedding))
+
+    def load_imagenet_features(self) -> None:
+        """Copy torchvision's ImageNet VGG-16-BN convolutions (downloads them; full width only)."""
+        weights = vgg16_bn(weights=VGG16_BN_Weights.IMAGENET1K_V1).features.state_dict()
+        self.features.load_state_dict(weights)
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0, 0.01)
+                nn.init.zeros_(module.bias)

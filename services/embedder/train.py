@@ -1,0 +1,323 @@
+"""`cbir train`: train the VGG-16 embedder on a `<root>/<split>/<class>/<image>` collection.
+
+bf16 autocast and channels_last on CPU or CUDA, random-crop + flip augmentation, one-cycle or
+cosine schedule, label smoothing, an optional batch-hard triplet loss on the embedding, a
+checkpoint every epoch (`--resume` continues from it), then PCA on the train embeddings and a
+bundle written to `--output`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from services.common.collection import find_data_dir, iter_images, list_classes
+from services.common.images import decode_image
+from services.embedder.bundle import DEFAULT_BUNDLE_DIR, BundleSpec, build_model, save_bundle
+from services.embedder.inference import autocast, forward_batch, pick_device, to_model_input
+from services.embedder.model import CIFAR10_MEAN, CIFAR10_STD
+from services.embedder.vectors import PcaProjection
+
+logger = logging.getLogger("cbir.train")
+
+CHECKPOINT_FILE = "checkpoint.pt"
+# Arguments that must not change when a run is resumed.
+_RESUME_FIXED = ("embedding_dim", "width_mult", "batch_size", "epochs", "schedule", "limit_per_class")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train the VGG-16 image embedder", add_help=add_help)
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="collection root with train/ and test/ splits (default: CBIR_DATA_DIR, "
+                        "else data/cifar10, else ../shared/cifar10)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_BUNDLE_DIR, help="bundle directory to write")
+    parser.add_argument("--checkpoint-dir", type=Path, default=Path("state/train"),
+                        help="where the per-epoch checkpoint and the decoded-image cache live")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    parser.add_argument("--epochs", type=int, default=40, help="total epochs of the schedule")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per step")
+    parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate (SGD, Nesterov)")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
+    parser.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
+    parser.add_argument("--schedule", choices=("onecycle", "cosine"), default="onecycle",
+                        help="learning-rate schedule over the whole run")
+    parser.add_argument("--embedding-dim", type=int, default=512, help="width of the hidden FC layer")
+    parser.add_argument("--width-mult", type=float, default=1.0,
+                        help="scale of every convolution's width (1.0 = VGG-16)")
+    parser.add_argument("--pretrained", choices=("none", "imagenet"), default="none",
+                        help="start the convolutions from torchvision's ImageNet weights (downloads)")
+    parser.add_argument("--metric-loss", choices=("none", "triplet"), default="none",
+                        help="add a batch-hard triplet loss on the normalised embedding")
+    parser.add_argument("--metric-weight", type=float, default=0.5, help="weight of the metric loss")
+    parser.add_argument("--triplet-margin", type=float, default=0.2, help="triplet margin (cosine distance)")
+    parser.add_argument("--pca-components", type=int, default=256, help="PCA components kept in the bundle")
+    parser.add_argument("--pca-dims", type=int, default=64, help="default PCA dims of the search vector")
+    parser.add_argument("--onehot-weight", type=float, default=2.0,
+                        help="default weight of the predicted-class one-hot in the search vector")
+    parser.add_argument("--no-flip-tta", dest="flip_tta", action="store_false",
+                        help="embed images without averaging with their mirror image")
+    parser.add_argument("--limit-per-class", type=int, default=None,
+                        help="use at most this many train images per class (quick runs, tests)")
+    parser.add_argument("--test-limit-per-class", type=int, default=None,
+                        help="use at most this many test images per class")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def load_split(root: Path, split: str, classes: list[str], *, limit_per_class: int | None,
+               cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a split once into `(N, 32, 32, 3)` uint8 and `(N,)` labels, cached as `.npz`."""
+    cache = None
+    if cache_dir is not None:
+        key = f"{root.resolve()}|{split}|{limit_per_class}".encode()
+        cache = cache_dir / f"{split}-{hashlib.sha1(key).hexdigest()[:12]}.npz"
+        if cache.exists():
+            with np.load(cache, allow_pickle=False) as data:
+                return data["images"], data["labels"]
+    files, labels = [], []
+    counts: dict[str, int] = {}
+    for image in iter_images(root, split):
+        if limit_per_class is not None and counts.get(image.label, 0) >= limit_per_class:
+            continue
+        counts[image.label] = counts.get(image.label, 0) + 1
+        files.append(root / image.path)
+        labels.append(classes.index(image.label))
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        images = list(tqdm(pool.map(lambda p: decode_image(p.read_bytes()), files, chunksize=256),
+                           total=len(files), desc=f"decode {split}", unit="img", leave=False))
+    array, label_array = np.stack(images), np.asarray(labels, dtype=np.int64)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, images=array, labels=label_array)
+    return array, label_array
+
+
+def augment(batch: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip on a normalised NCHW batch."""
+    n, _, h, w = batch.shape
+    padded = F.pad(batch, (pad, pad, pad, pad))
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator).tolist()
+    crops = torch.stack([padded[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(offsets)])
+    flip = torch.rand(n, generator=generator) < 0.5
+    crops[flip] = crops[flip].flip(3)
+    return crops.contiguous(memory_format=torch.channels_last)
+
+
+def batch_hard_triplet_loss(embedding: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """Batch-hard triplet loss (Hermans et al., 2017) on cosine distance."""
+    normalised = F.normalize(embedding.float(), dim=1)
+    distance = 1.0 - normalised @ normalised.T
+    same = labels[:, None] == labels[None, :]
+    hardest_positive = (distance * same).max(dim=1).values
+    hardest_negative = distance.masked_fill(same, float("inf")).min(dim=1).values
+    return F.relu(hardest_positive - hardest_negative + margin).mean()
+
+
+def predict(model: nn.Module, images: np.ndarray, device: torch.device, *, flip_tta: bool, bf16: bool,
+            batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and probabilities for uint8 images, in eval mode."""
+    model.eval()
+    embeddings, probabilities = [], []
+    for start in range(0, len(images), batch_size):
+        inputs = to_model_input(images[start:start + batch_size], mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                                device=device)
+        emb, prob = forward_batch(model, inputs, flip_tta=flip_tta, use_bf16=bf16)
+        embeddings.append(emb)
+        probabilities.append(prob)
+    return np.concatenate(embeddings), np.concatenate(probabilities)
+
+
+def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    total = args.epochs * steps_per_epoch
+    if args.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total,
+                                                   pct_start=0.25, div_factor=10, final_div_factor=100)
+    warmup = steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    root = find_data_dir(args.data_dir or _env_path("CBIR_DATA_DIR"))
+    classes = list_classes(root, "train")
+    cache_dir = args.checkpoint_dir / "cache"
+    train_x, train_y = load_split(root, "train", classes, limit_per_class=args.limit_per_class, cache_dir=cache_dir)
+    test_x, test_y = load_split(root, "test", classes, limit_per_class=args.test_limit_per_class, cache_dir=cache_dir)
+    logger.info("data: %s, %d train and %d test images, %d classes, device %s",
+                root, len(train_x), len(test_x), len(classes), device)
+
+    architecture = {"name": "CifarVGG16", "embedding_dim": args.embedding_dim, "width_mult": args.width_mult}
+    model = build_model(architecture, len(classes))
+    if args.pretrained == "imagenet":
+        model.load_imagenet_features()
+    model = model.to(device, memory_format=torch.channels_last)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim <= 1 else decay).append(param)
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=args.lr, momentum=args.momentum, nesterov=True)
+    steps_per_epoch = len(train_x) // args.batch_size or 1
+    scheduler = make_scheduler(args, optimizer, steps_per_epoch)
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    generator = torch.Generator().manual_seed(args.seed)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    checkpoint_path = args.checkpoint_dir / CHECKPOINT_FILE
+    if args.resume:
+        if not checkpoint_path.exists():
+            raise SystemExit(f"--resume: no checkpoint at {checkpoint_path}")
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        changed = [k for k in _RESUME_FIXED if state["args"].get(k) != getattr(args, k)]
+        if changed:
+            raise SystemExit(f"--resume: {', '.join(changed)} differ from the checkpoint's run; "
+                             "use the same values or start afresh")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+        logger.info("resumed from %s after epoch %d", checkpoint_path, start_epoch)
+
+    train_images = torch.from_numpy(train_x)
+    train_labels = torch.from_numpy(train_y)
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        started = time.perf_counter()
+        order = torch.randperm(len(train_x), generator=generator)
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", unit="step",
+                   disable=args.quiet, leave=False)
+        for step in bar:
+            index = order[step * args.batch_size:(step + 1) * args.batch_size]
+            labels = train_labels[index].to(device)
+            inputs = augment(to_model_input(train_images[index], mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                                            device=device), generator)
+            with autocast(device, args.bf16):
+                embedding, logits = model(inputs)
+                loss = criterion(logits.float(), labels)
+                if args.metric_loss == "triplet":
+                    loss = loss + args.metric_weight * batch_hard_triplet_loss(
+                        embedding, labels, args.triplet_margin)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += loss.item() * len(index)
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += len(index)
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", lr=f"{scheduler.get_last_lr()[0]:.4f}")
+        seconds = time.perf_counter() - started
+        _, probabilities = predict(model, test_x, device, flip_tta=False, bf16=args.bf16)
+        record = {
+            "epoch": epoch + 1,
+            "loss": round(total_loss / max(seen, 1), 4),
+            "train_accuracy": round(correct / max(seen, 1), 4),
+            "test_accuracy": round(float((probabilities.argmax(1) == test_y).mean()), 4),
+            "images_per_second": round(seen / seconds, 1),
+            "seconds": round(seconds, 1),
+        }
+        history.append(record)
+        logger.info("epoch %(epoch)d: loss %(loss).4f, train acc %(train_accuracy).4f, "
+                    "test acc %(test_accuracy).4f, %(images_per_second).1f img/s, %(seconds).0f s", record)
+        _save_checkpoint(checkpoint_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+            "epoch": epoch, "history": history, "args": _jsonable(vars(args)),
+        })
+    return finish(args, model, device, classes, architecture, train_x, test_x, test_y, history)
+
+
+def finish(args, model, device, classes, architecture, train_x, test_x, test_y, history) -> dict[str, Any]:
+    """Measure the trained model, fit PCA on the train embeddings and write the bundle."""
+    _, plain = predict(model, test_x, device, flip_tta=False, bf16=args.bf16)
+    _, flipped = predict(model, test_x, device, flip_tta=True, bf16=args.bf16)
+    train_embeddings, _ = predict(model, train_x, device, flip_tta=args.flip_tta, bf16=args.bf16)
+    projection = PcaProjection.fit(train_embeddings, dims=args.pca_components, seed=args.seed)
+    metrics = {
+        "test_accuracy": round(float((plain.argmax(1) == test_y).mean()), 4),
+        "test_accuracy_flip_tta": round(float((flipped.argmax(1) == test_y).mean()), 4),
+        "train_images": int(len(train_x)),
+        "test_images": int(len(test_x)),
+    }
+    spec = BundleSpec(
+        classes=classes,
+        architecture=architecture,
+        preprocessing={"image_size": 32, "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD),
+                       "resize": "lanczos", "flip_tta": args.flip_tta},
+        vector={"pca_dims": min(args.pca_dims, projection.max_dims), "onehot_weight": args.onehot_weight},
+        training={"command": "cbir train " + " ".join(_command_line(args)), "recipe": _jsonable(vars(args)),
+                  "history": history},
+        metrics=metrics,
+    )
+    version = save_bundle(args.output, model.cpu(), projection, spec)
+    logger.info("wrote bundle %s to %s: %s", version, args.output, json.dumps(metrics))
+    return {"version": version, **metrics}
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+
+
+def _command_line(args: argparse.Namespace) -> list[str]:
+    defaults = vars(get_args_parser().parse_args([]))
+    words = []
+    for key, value in vars(args).items():
+        if key in ("resume", "quiet", "threads") or value == defaults.get(key):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            words.append({"flip_tta": "--no-flip-tta", "bf16": "--no-bf16"}.get(key, flag))
+        else:
+            words += [flag, str(value)]
+    return words
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
