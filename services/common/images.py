@@ -15,7 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from services.common.errors import EmptyImageError, ImageDecodeError, ImageTooLargeError
 
 IMAGE_SIZE = 32
-SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
 

@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from services.common.documents import ImageDocument, StoredImage, StoreHit
-from services.common.errors import StoreError
+from services.common.errors import IndexNotReadyError, StoreError
 from services.common.scoring import score_from_cosine
 from services.common.stores.base import StoreInfo, VectorStore, check_compatible
 
@@ -53,7 +53,7 @@ class FaissStore(VectorStore):
         if self.path.exists():
             await asyncio.to_thread(self._load)
         elif not create:
-            raise StoreError(f"no index at {self.path}; build one with `cbir index`")
+            raise IndexNotReadyError(f"no index at {self.path}; build one with `cbir index`")
         check_compatible(await self.info(), dims=dims, model_version=model_version, where=str(self.path))
         self._dims, self._model_version = dims, model_version
         if self._vectors.shape[1] != dims:

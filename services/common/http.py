@@ -1,0 +1,125 @@
+"""The HTTP edge shared by the services: one error envelope, the body-size limit, API keys."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Sequence
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, SecretStr
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.common.errors import CbirError, EmbedderUnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+class ErrorResponse(BaseModel):
+    """Every error this service returns: `{"detail": "what was wrong"}`."""
+
+    detail: str
+
+
+ERROR_RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "Empty or unusable upload"),
+        (401, "Missing or wrong API key"),
+        (413, "Upload or image too large"),
+        (415, "Not a supported image"),
+        (503, "Model, embedder or index not ready"),
+    )
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(CbirError)
+    async def _cbir_error(request: Request, exc: CbirError) -> JSONResponse:
+        headers = {}
+        if isinstance(exc, EmbedderUnavailableError):
+            headers["Retry-After"] = str(exc.retry_after)
+        elif exc.status_code == 503:
+            headers["Retry-After"] = "5"
+        if exc.status_code >= 500:
+            logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
+        return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=headers)
+
+
+class BodySizeLimitMiddleware:
+    """Answers 413 as soon as a request body passes `max_bytes`, before it is read into memory.
+
+    A declared Content-Length is checked up front; a chunked body is counted while it streams.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(send)
+            return
+        received = 0
+        exceeded = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if not exceeded:  # whatever the app answers to the cut body is replaced by the 413
+                await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyTooLarge:
+            pass
+        if exceeded:
+            await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        body = json.dumps({"detail": f"the request body exceeds {self.max_bytes} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def api_key_valid(provided: str | None, accepted: Sequence[SecretStr]) -> bool:
+    """True when no keys are configured, or `provided` matches one (in constant time)."""
+    if not accepted:
+        return True
+    if not provided:
+        return False
+    return any(secrets.compare_digest(provided.encode(), key.get_secret_value().encode()) for key in accepted)
+
+
+async def verify_api_key(request: Request) -> None:
+    """Dependency guarding search and embed routes when `CBIR_API_KEYS` is set."""
+    if not api_key_valid(request.headers.get("x-api-key"), request.app.state.settings.api_keys):
+        raise HTTPException(401, "missing or invalid X-API-Key header", headers={"WWW-Authenticate": "ApiKey"})
+
+
+def install_cors(app: FastAPI, origins: Sequence[str]) -> None:
+    """CORS stays closed unless origins are configured."""
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST"],
+                           allow_headers=["X-API-Key", "Content-Type"])

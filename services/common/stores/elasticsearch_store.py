@@ -1,0 +1,486 @@
+"""The cluster store: image documents in one Elasticsearch index, searched exactly
+(`script_score` over every vector) or approximately (HNSW `knn`), scored like the FAISS store.
+
+Elasticsearch does the sharding, replication and persistence; this module only states the
+mapping, writes through the bulk helper, and turns every client error into a `StoreError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from elasticsearch import (
+    ApiError,
+    AsyncElasticsearch,
+    BadRequestError,
+    ConnectionTimeout,
+    NotFoundError,
+    TransportError,
+    UnsupportedProductError,
+)
+from elasticsearch.helpers import async_streaming_bulk
+
+from services.common.documents import ImageDocument, StoredImage, StoreHit
+from services.common.errors import (
+    IndexNotReadyError,
+    StoreError,
+    StoreMismatchError,
+    StoreUnavailableError,
+)
+from services.common.scoring import ES_SCRIPT_SOURCE, score_from_es_knn
+from services.common.settings import EsSearchMode, StoreSettings
+from services.common.stores.base import StoreInfo, VectorStore, check_compatible
+
+logger = logging.getLogger(__name__)
+
+VECTOR_FIELD = "features"  # ES_SCRIPT_SOURCE names this field too
+HIT_FIELDS = ["id", "filename", "path", "label"]
+STORED_FIELDS = [*HIT_FIELDS, "model_version"]
+
+BULK_CHUNK = 500  # documents per _bulk request: ~0.5 MB with 74-dim vectors
+MGET_CHUNK = 1000  # ids per _mget request of the resume check
+MAX_RESULT_WINDOW = 10_000  # index.max_result_window, and the ceiling of knn num_candidates
+MAX_BACKOFF_S = 60.0
+FAILURES_SHOWN = 10  # failed ids spelled out in an error message; all are on `.failures`
+
+# Statuses that mean "not now" rather than "never": the caller may retry later (503).
+UNAVAILABLE_STATUSES = frozenset({429, 502, 503, 504})
+
+
+class BulkWriteError(StoreError):
+    """Elasticsearch refused some documents of a write; the others were written.
+
+    `failures` maps every refused document id to Elasticsearch's reason.
+    """
+
+    def __init__(self, message: str, *, failures: dict[str, str]) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+
+class ElasticsearchStore(VectorStore):
+    """One Elasticsearch index of `ImageDocument`s, searched by cosine similarity.
+
+    >>> store = ElasticsearchStore.from_settings(StoreSettings())
+    >>> await store.open(dims=74, model_version="abc")
+    >>> await store.upsert(documents); await store.flush()
+    >>> hits = await store.search(query_vector, k=10)
+    >>> await store.close()
+
+    Writes become visible to `count` and `search` after `flush` (an index refresh); `get` and
+    `existing_ids` see them at once.
+    """
+
+    name = "elasticsearch"
+
+    def __init__(
+        self,
+        client: AsyncElasticsearch,
+        *,
+        index: str,
+        url: str,
+        shards: int = 30,
+        replicas: int = 0,
+        search_mode: EsSearchMode = EsSearchMode.exact,
+        num_candidates: int = 200,
+        max_retries: int = 3,
+        initial_backoff_s: float = 1.0,
+    ) -> None:
+        self._client = client
+        self.index = index
+        self.url = url  # for messages only: never holds credentials
+        self.shards = shards
+        self.replicas = replicas
+        self.search_mode = EsSearchMode(search_mode)
+        self.num_candidates = num_candidates
+        self.max_retries = max_retries
+        self.initial_backoff_s = initial_backoff_s
+        self._dims: int | None = None
+        self._model_version: str | None = None
+
+    @classmethod
+    def from_settings(
+        cls, settings: StoreSettings, *, initial_backoff_s: float = 1.0
+    ) -> ElasticsearchStore:
+        """A store with its own `AsyncElasticsearch` client, configured from `CBIR_ES_*`."""
+        url = settings.es_url
+        auth: dict[str, Any] = {}
+        if settings.es_api_key is not None:
+            auth["api_key"] = settings.es_api_key.get_secret_value()
+        elif settings.es_username is not None:
+            password = settings.es_password.get_secret_value() if settings.es_password else ""
+            auth["basic_auth"] = (settings.es_username, password)
+        client = AsyncElasticsearch(
+            hosts=[str(url)],
+            request_timeout=settings.es_timeout_s,
+            retry_on_timeout=True,
+            max_retries=settings.es_max_retries,
+            # 429s are left to the bulk helper, which backs off; the transport would not.
+            retry_on_status=(502, 503, 504),
+            **auth,
+        )
+        return cls(
+            client,
+            index=settings.es_index,
+            url=f"{url.scheme}://{url.host}:{url.port}{(url.path or '').rstrip('/')}",
+            shards=settings.es_shards,
+            replicas=settings.es_replicas,
+            search_mode=settings.es_search_mode,
+            num_candidates=settings.es_num_candidates,
+            max_retries=settings.es_max_retries,
+            initial_backoff_s=initial_backoff_s,
+        )
+
+    # -- the index ----------------------------------------------------------------------------
+
+    async def open(self, *, dims: int, model_version: str, create: bool = True) -> None:
+        mapping = await self._read_mapping()
+        if mapping is None:
+            if not create:
+                raise StoreError(f"no index {self._where}; build one with `cbir index`")
+            if await self._create_index(dims=dims, model_version=model_version):
+                self._dims, self._model_version = dims, model_version
+                return
+            mapping = await self._read_mapping()  # another process created it first
+            if mapping is None:
+                raise StoreError(f"{self._where} was created and deleted while opening it")
+        _check_vector_mapping(mapping, where=self._where)
+        info = await self._info_from(mapping)
+        check_compatible(info, dims=dims, model_version=model_version, where=self._where)
+        if info.model_version != model_version:
+            # An empty index left by another model: claim it, as the FAISS store does.
+            with self._translated("recording the model version"):
+                await self._client.indices.put_mapping(
+                    index=self.index, meta={"model_version": model_version}
+                )
+        self._dims, self._model_version = dims, model_version
+
+    async def info(self) -> StoreInfo:
+        mapping = await self._read_mapping()
+        if mapping is None:
+            return StoreInfo(dims=None, model_version=None, count=0)
+        return await self._info_from(mapping)
+
+    async def flush(self) -> None:
+        with self._translated("refreshing the index"):
+            await self._client.indices.refresh(index=self.index)
+
+    async def reset(self) -> None:
+        """Delete the index, and create it empty again when the store is open.
+
+        Before `open` this only deletes, so `reset(); open(...)` rebuilds for a new model.
+        """
+        with self._translated("deleting the index"):
+            await self._client.options(ignore_status=404).indices.delete(index=self.index)
+        logger.info("deleted %s", self._where)
+        if self._dims is not None and self._model_version is not None:
+            await self._create_index(dims=self._dims, model_version=self._model_version)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    # -- documents ----------------------------------------------------------------------------
+
+    async def upsert(self, documents: Sequence[ImageDocument]) -> None:
+        if not documents:
+            return
+        model_version = self._require_open()
+        for doc in documents:
+            if doc.model_version != model_version:
+                raise StoreError(
+                    f"document {doc.id} is from model {doc.model_version!r}, "
+                    f"the index holds {model_version!r}"
+                )
+        items = await self._bulk((self._index_action(doc) for doc in documents), "indexing")
+        failures = {item["_id"]: _reason(item) for item in items if not _ok(item)}
+        if failures:
+            raise BulkWriteError(
+                f"{self._where} refused {len(failures)} of {len(documents)} documents: "
+                + _summary(failures),
+                failures=failures,
+            )
+
+    async def delete(self, ids: Sequence[str]) -> int:
+        unique = list(dict.fromkeys(ids))
+        if not unique:
+            return 0
+        actions = ({"_op_type": "delete", "_index": self.index, "_id": i} for i in unique)
+        items = await self._bulk(actions, "deleting documents")
+        # A delete of a missing document answers 404 "not_found": not an error, just not counted.
+        failures = {
+            item["_id"]: _reason(item)
+            for item in items
+            if not _ok(item) and item.get("result") != "not_found"
+        }
+        if failures:
+            raise BulkWriteError(
+                f"{self._where} failed to delete {len(failures)} documents: " + _summary(failures),
+                failures=failures,
+            )
+        return sum(item.get("result") == "deleted" for item in items)
+
+    async def count(self) -> int:
+        with self._translated("counting documents"):
+            response = await self._client.count(index=self.index)
+        return int(response["count"])
+
+    async def get(self, id: str) -> StoredImage | None:
+        with self._translated("reading a document"):
+            try:
+                response = await self._client.get(
+                    index=self.index, id=id, source_includes=STORED_FIELDS
+                )
+            except NotFoundError as exc:
+                if exc.body.get("found") is False:  # the document is missing, not the index
+                    return None
+                raise
+        source = response["_source"]
+        return StoredImage(
+            id=source["id"],
+            filename=source["filename"],
+            path=source["path"],
+            label=source["label"],
+            model_version=source["model_version"],
+        )
+
+    async def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), MGET_CHUNK):
+            with self._translated("checking which documents exist"):
+                response = await self._client.mget(
+                    index=self.index, ids=unique[start : start + MGET_CHUNK], source=False
+                )
+            for doc in response["docs"]:
+                if "error" in doc:
+                    raise StoreError(f"{self._where} could not look up {doc['_id']}: {_reason(doc)}")
+                if doc.get("found"):
+                    found.add(doc["_id"])
+        return found
+
+    async def search(self, vector: np.ndarray, k: int) -> list[StoreHit]:
+        if k <= 0:
+            return []
+        k = min(k, MAX_RESULT_WINDOW)
+        query_vector = np.asarray(vector, dtype=np.float32).ravel().tolist()
+        request, to_score = self._search_request(query_vector, k)
+        with self._translated(f"searching ({self.search_mode.value})"):
+            response = await self._client.search(
+                index=self.index, size=k, source=HIT_FIELDS, **request
+            )
+        return [
+            StoreHit(
+                id=hit["_source"]["id"],
+                filename=hit["_source"]["filename"],
+                path=hit["_source"]["path"],
+                label=hit["_source"]["label"],
+                score=to_score(hit["_score"]),
+            )
+            for hit in response["hits"]["hits"]
+        ]
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @property
+    def _where(self) -> str:
+        return f"Elasticsearch index {self.index!r} at {self.url}"
+
+    def _require_open(self) -> str:
+        if self._model_version is None:
+            raise StoreError(f"{self._where} is not open; call open() first")
+        return self._model_version
+
+    def _index_body(self, *, dims: int, model_version: str) -> dict[str, Any]:
+        keyword = {"type": "keyword"}
+        return {
+            "settings": {"number_of_shards": self.shards, "number_of_replicas": self.replicas},
+            "mappings": {
+                "dynamic": "strict",  # a typo in a field name fails loudly instead of mapping
+                "_meta": {"model_version": model_version},  # info() works on an empty index
+                "properties": {
+                    "id": keyword,
+                    "filename": keyword,
+                    "path": {"type": "keyword", "index": False},  # returned, never queried
+                    "label": keyword,
+                    "model_version": keyword,
+                    VECTOR_FIELD: {
+                        "type": "dense_vector",
+                        "dims": dims,
+                        "similarity": "cosine",
+                        "index": True,
+                        # Plain float HNSW: the default int8 quantisation (8.14+) would make kNN
+                        # scores drift ~1e-3 from the exact cosine the FAISS store reports.
+                        "index_options": {"type": "hnsw"},
+                    },
+                },
+            },
+        }
+
+    async def _create_index(self, *, dims: int, model_version: str) -> bool:
+        """Create the index; False when it already existed (a concurrent creator won)."""
+        body = self._index_body(dims=dims, model_version=model_version)
+        with self._translated("creating the index"):
+            try:
+                await self._client.indices.create(index=self.index, **body)
+            except BadRequestError as exc:
+                if _error_type(exc) != "resource_already_exists_exception":
+                    raise
+                return False
+        logger.info(
+            "created %s: %d shards, %d replicas, %d-dim cosine vectors of model %s",
+            self._where, self.shards, self.replicas, dims, model_version,
+        )  # fmt: skip
+        return True
+
+    async def _read_mapping(self) -> dict[str, Any] | None:
+        """The index's mapping, or None when there is no such index."""
+        with self._translated("reading the mapping"):
+            response = await self._client.options(ignore_status=404).indices.get_mapping(
+                index=self.index
+            )
+        if response.meta.status == 404:
+            return None
+        # Keyed by the concrete index name, which differs from self.index behind an alias.
+        return next(iter(response.body.values()))["mappings"]
+
+    async def _info_from(self, mapping: dict[str, Any]) -> StoreInfo:
+        vector = mapping.get("properties", {}).get(VECTOR_FIELD, {})
+        return StoreInfo(
+            dims=vector.get("dims"),
+            model_version=mapping.get("_meta", {}).get("model_version"),
+            count=await self.count(),
+        )
+
+    def _index_action(self, doc: ImageDocument) -> dict[str, Any]:
+        return {
+            "_op_type": "index",  # index, not create: re-indexing an id overwrites it
+            "_index": self.index,
+            "_id": doc.id,
+            "_source": {
+                "id": doc.id,
+                "filename": doc.filename,
+                "path": doc.path,
+                "label": doc.label,
+                "model_version": doc.model_version,
+                VECTOR_FIELD: np.asarray(doc.vector, dtype=np.float32).ravel().tolist(),
+            },
+        }
+
+    async def _bulk(self, actions: Iterable[dict[str, Any]], doing: str) -> list[dict[str, Any]]:
+        """Send `actions` in chunks; the per-document results, 429s retried with backoff."""
+        items: list[dict[str, Any]] = []
+        with self._translated(doing):
+            async for _, result in async_streaming_bulk(
+                self._client,
+                actions,
+                chunk_size=BULK_CHUNK,
+                max_retries=self.max_retries,
+                initial_backoff=self.initial_backoff_s,
+                max_backoff=MAX_BACKOFF_S,
+                raise_on_error=False,  # collected below; raising would also stop 429 retries
+            ):
+                (item,) = result.values()
+                items.append(item)
+        logger.debug("%s: %d documents sent to %s", doing, len(items), self._where)
+        return items
+
+    def _search_request(
+        self, query_vector: list[float], k: int
+    ) -> tuple[dict[str, Any], Callable[[float], float]]:
+        """The search body for the configured mode, and how to turn its `_score` into ours."""
+        if self.search_mode is EsSearchMode.knn:
+            knn = {
+                "field": VECTOR_FIELD,
+                "query_vector": query_vector,
+                "k": k,
+                "num_candidates": min(max(k, self.num_candidates), MAX_RESULT_WINDOW),
+            }
+            return {"knn": knn}, score_from_es_knn
+        script_score = {
+            "query": {"match_all": {}},
+            "script": {"source": ES_SCRIPT_SOURCE, "params": {"query_vector": query_vector}},
+        }
+        # ES_SCRIPT_SOURCE already scores on the service's scale.
+        return {"query": {"script_score": script_score}}, float
+
+    @contextlib.contextmanager
+    def _translated(self, doing: str) -> Iterator[None]:
+        """Turn the client's exceptions into `StoreError`s that name the cluster and the action."""
+        try:
+            yield
+        except ConnectionTimeout as exc:
+            raise StoreUnavailableError(
+                f"Elasticsearch at {self.url} did not answer in time while {doing}: {exc}"
+            ) from exc
+        except UnsupportedProductError as exc:
+            raise StoreError(f"the server at {self.url} is not Elasticsearch: {exc}") from exc
+        except TransportError as exc:
+            raise StoreUnavailableError(
+                f"cannot reach Elasticsearch at {self.url} while {doing}: {exc}"
+            ) from exc
+        except ApiError as exc:
+            raise self._api_error(exc, doing) from exc
+
+    def _api_error(self, exc: ApiError, doing: str) -> StoreError:
+        status, kind = exc.meta.status, _error_type(exc)
+        detail = f"{status} {kind}: {_reason(_body(exc))}"
+        if kind == "index_not_found_exception":
+            return IndexNotReadyError(f"no index {self._where}; build one with `cbir index`")
+        if status in UNAVAILABLE_STATUSES:
+            return StoreUnavailableError(
+                f"Elasticsearch at {self.url} is overloaded or down while {doing} ({detail})"
+            )
+        if status in (401, 403):
+            return StoreError(
+                f"Elasticsearch at {self.url} refused the credentials while {doing} ({detail}); "
+                "set CBIR_ES_API_KEY, or CBIR_ES_USERNAME and CBIR_ES_PASSWORD"
+            )
+        return StoreError(f"{self._where} refused {doing}: {detail}")
+
+
+def _check_vector_mapping(mapping: dict[str, Any], *, where: str) -> None:
+    vector = mapping.get("properties", {}).get(VECTOR_FIELD)
+    if not vector or vector.get("type") != "dense_vector" or vector.get("similarity") != "cosine":
+        raise StoreMismatchError(
+            f"{where} has no cosine dense_vector field {VECTOR_FIELD!r} (found {vector!r}); "
+            "delete it or set CBIR_ES_INDEX to another name"
+        )
+
+
+def _body(exc: BaseException | None) -> Any:
+    return getattr(exc, "body", None)
+
+
+def _error_type(exc: BaseException | None) -> str | None:
+    body = _body(exc)
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return body["error"].get("type")
+    return None
+
+
+def _ok(item: dict[str, Any]) -> bool:
+    return 200 <= int(item.get("status", 500)) < 300
+
+
+def _reason(entry: Any) -> str:
+    """`type: reason` of an ES error, from an error body, a bulk item or an mget doc."""
+    error = entry.get("error") if isinstance(entry, dict) else entry
+    if isinstance(error, dict):
+        reason = f"{error.get('type', 'error')}: {error.get('reason', '')}"
+        caused_by = error.get("caused_by")
+        if isinstance(caused_by, dict) and caused_by.get("reason"):
+            reason += f" (caused by {caused_by.get('type')}: {caused_by['reason']})"
+        return reason
+    if isinstance(entry, dict) and "status" in entry:
+        return f"status {entry['status']}"
+    return str(error)
+
+
+def _summary(failures: dict[str, str]) -> str:
+    shown = [f"{doc_id} ({reason})" for doc_id, reason in list(failures.items())[:FAILURES_SHOWN]]
+    more = len(failures) - len(shown)
+    return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")

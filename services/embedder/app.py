@@ -1,0 +1,140 @@
+"""The embedder service: `POST /embed` turns uploaded images into search vectors.
+
+    POST /embed   multipart `files` (one or more images) → vector, label, confidence per image
+    GET  /info    bundle metadata and vector settings
+    GET  /healthz 200 once the model is loaded and warmed up
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, File, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel
+
+from services.common.errors import ImageError, ModelNotLoadedError
+from services.common.http import (
+    ERROR_RESPONSES,
+    BodySizeLimitMiddleware,
+    install_cors,
+    install_error_handlers,
+    verify_api_key,
+)
+from services.common.images import decode_image
+from services.embedder.bundle import DEFAULT_BUNDLE_DIR, load_bundle
+from services.embedder.runtime import Embedder, LocalEmbeddingService
+from services.common.settings import ModelSettings
+from services.embedder.settings import EmbedderSettings
+
+logger = logging.getLogger(__name__)
+
+
+class ImageEmbedding(BaseModel):
+    vector: list[float]
+    label: str
+    confidence: float
+
+
+class EmbedResponse(BaseModel):
+    model_version: str
+    dims: int
+    embeddings: list[ImageEmbedding]
+
+
+class InfoResponse(BaseModel):
+    model_version: str
+    dims: int
+    classes: list[str]
+    device: str
+    pca_dims: int
+    onehot_weight: float
+    bundle: dict
+
+
+def create_service(settings: ModelSettings) -> LocalEmbeddingService:
+    """Load the bundle named by the settings; `BundleError` if it is missing or corrupt."""
+    bundle = load_bundle(settings.model_dir or DEFAULT_BUNDLE_DIR)
+    embedder = Embedder(bundle, device=settings.device, pca_dims=settings.pca_dims,
+                        onehot_weight=settings.onehot_weight, max_batch=settings.max_batch)
+    return LocalEmbeddingService(embedder, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
+
+
+def create_app(settings: EmbedderSettings | None = None, *,
+               service: LocalEmbeddingService | None = None) -> FastAPI:
+    settings = settings or EmbedderSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        local = service or create_service(settings)
+        await run_in_threadpool(local.start)
+        app.state.service = local
+        logger.info("embedder ready: %s", local.embedder.model_version)
+        try:
+            yield
+        finally:
+            await local.close()
+
+    app = FastAPI(title="cbir embedder", version="0.1.0", lifespan=lifespan,
+                  summary="Images in, VGG-16 search vectors out.")
+    app.state.settings = settings
+    app.state.service = None
+    install_error_handlers(app)
+    install_cors(app, settings.cors_origins)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.include_router(router)
+    return app
+
+
+def get_service(request: Request) -> LocalEmbeddingService:
+    service = request.app.state.service
+    if service is None:
+        raise ModelNotLoadedError("the model is still loading")
+    return service
+
+
+ServiceDep = Annotated[LocalEmbeddingService, Depends(get_service)]
+
+
+router = APIRouter(tags=["embedder"])
+
+@router.post("/embed", response_model=EmbedResponse, responses=ERROR_RESPONSES,
+             dependencies=[Depends(verify_api_key)])
+async def embed(request: Request, service: ServiceDep,
+                files: Annotated[list[UploadFile], File(description="one or more images")]) -> EmbedResponse:
+    """Embed one or more uploaded images (JPEG, PNG, GIF, WebP, BMP, TIFF)."""
+    settings: EmbedderSettings = request.app.state.settings
+    if len(files) > settings.max_images_per_request:
+        raise ImageError(f"{len(files)} images in one request; the limit is {settings.max_images_per_request}")
+    images = []
+    for position, upload in enumerate(files):
+        data = await upload.read()
+        try:
+            images.append(await run_in_threadpool(decode_image, data, max_bytes=settings.max_upload_bytes,
+                                                  max_pixels=settings.max_image_pixels))
+        except ImageError as exc:
+            exc.message = f"file {position} ({upload.filename}): {exc.message}"
+            raise
+    embeddings = await service.embed(np.stack(images))
+    return EmbedResponse(
+        model_version=service.embedder.model_version,
+        dims=service.embedder.dims,
+        embeddings=[ImageEmbedding(vector=e.vector.tolist(), label=e.label, confidence=e.confidence)
+                    for e in embeddings],
+    )
+
+@router.get("/info", response_model=InfoResponse)
+async def info(service: ServiceDep) -> InfoResponse:
+    """The model bundle's metadata and the vector settings in force."""
+    details = service.embedder.info()
+    return InfoResponse(model_version=details.model_version, dims=details.dims, classes=details.classes,
+                        **details.metadata)
+
+@router.get("/healthz")
+async def healthz(service: ServiceDep) -> dict[str, str]:
+    """200 once the model is loaded and warmed up, else 503."""
+    return {"status": "ok", "model_version": service.embedder.model_version}

@@ -1,0 +1,198 @@
+"""The embedder at run time: pre (uint8 → tensor), core (batched forward pass), post (vectors).
+
+`Embedder` is synchronous and thread-confined; `MicroBatcher` runs it on one worker thread fed
+by a bounded queue, so the event loop never waits on the model and concurrent requests share
+forward passes; `LocalEmbeddingService` is the in-process `EmbeddingService`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from services.common.embedding import EmbedderInfo, Embedding
+from services.common.errors import EmbedderUnavailableError, ModelNotLoadedError
+from services.embedder.bundle import Bundle
+from services.embedder.inference import forward_batch, pick_device, to_model_input
+from services.embedder.vectors import build_vectors, check_vector_config
+
+logger = logging.getLogger(__name__)
+
+
+class Embedder:
+    """A loaded bundle that turns uint8 images into search vectors.
+
+    >>> embedder = Embedder(load_bundle(path))
+    >>> embedder.embed_batch(images)[0].label
+    'cat'
+    """
+
+    def __init__(self, bundle: Bundle, *, device: str = "auto", pca_dims: int | None = None,
+                 onehot_weight: float | None = None, max_batch: int = 64) -> None:
+        self.bundle = bundle
+        self.device = pick_device(device)
+        self.pca_dims = int(pca_dims or bundle.vector_defaults["pca_dims"])
+        self.onehot_weight = float(
+            bundle.vector_defaults["onehot_weight"] if onehot_weight is None else onehot_weight)
+        check_vector_config(pca_dims=self.pca_dims, num_classes=len(bundle.classes),
+                            max_pca_dims=bundle.projection.max_dims)
+        self.max_batch = max_batch
+        self.flip_tta = bool(bundle.preprocessing.get("flip_tta", False))
+        # bf16 pays off on CUDA and on CPUs with bf16 units; float32 elsewhere would be the safe
+        # choice, but every bundle is measured with bf16 inference, so keep the numbers identical.
+        self.use_bf16 = True
+        self.model = bundle.model.to(self.device, memory_format=torch.channels_last).eval()
+
+    @property
+    def dims(self) -> int:
+        return self.pca_dims + len(self.bundle.classes)
+
+    @property
+    def model_version(self) -> str:
+        """Identifies the vectors: the bundle plus every setting that changes them."""
+        tta = "-flip" if self.flip_tta else ""
+        return f"{self.bundle.version}-d{self.pca_dims}-w{self.onehot_weight:g}{tta}"
+
+    def info(self) -> EmbedderInfo:
+        return EmbedderInfo(model_version=self.model_version, dims=self.dims, classes=self.bundle.classes,
+                            metadata={"bundle": self.bundle.metadata, "device": self.device.type,
+                                      "pca_dims": self.pca_dims, "onehot_weight": self.onehot_weight})
+
+    def embed_batch(self, images: np.ndarray) -> list[Embedding]:
+        """Vectors for `(N, 32, 32, 3)` uint8 images, in chunks of at most `max_batch`."""
+        results: list[Embedding] = []
+        classes = self.bundle.classes
+        pre = self.bundle.preprocessing
+        for start in range(0, len(images), self.max_batch):
+            chunk = images[start:start + self.max_batch]
+            inputs = to_model_input(chunk, mean=tuple(pre["mean"]), std=tuple(pre["std"]), device=self.device)
+            embeddings, probabilities = forward_batch(self.model, inputs, flip_tta=self.flip_tta,
+                                                      use_bf16=self.use_bf16)
+            predicted = probabilities.argmax(axis=1)
+            vectors = build_vectors(embeddings, predicted, projection=self.bundle.projection,
+                                    pca_dims=self.pca_dims, onehot_weight=self.onehot_weight,
+                                    num_classes=len(classes))
+            results += [
+                Embedding(vector=vector, label=classes[label], confidence=float(probs[label]))
+                for vector, label, probs in zip(vectors, predicted, probabilities, strict=True)
+            ]
+        return results
+
+    def warm_up(self) -> None:
+        self.embed_batch(np.zeros((2, 32, 32, 3), dtype=np.uint8))
+
+
+@dataclass
+class _Request:
+    images: np.ndarray
+    future: asyncio.Future[list[Embedding]]
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher:
+    """Batches concurrent `embed` calls into shared forward passes on one worker thread.
+
+    The queue is bounded: when `max_queue` requests are already waiting, `embed` fails fast with
+    `EmbedderUnavailableError` (503 + Retry-After) instead of letting latency grow without bound.
+    """
+
+    def __init__(self, embedder: Embedder, *, max_batch: int = 64, max_wait_ms: float = 2.0,
+                 max_queue: int = 1024) -> None:
+        self.embedder = embedder
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
+        self._queue: queue.Queue[_Request | None] = queue.Queue(maxsize=max_queue)
+        self._thread = threading.Thread(target=self._run, name="embedder-batcher", daemon=True)
+        self._started = False
+
+    def start(self) -> None:
+        if not self._started:
+            self._thread.start()
+            self._started = True
+
+    async def embed(self, images: np.ndarray) -> list[Embedding]:
+        if not self._started:
+            raise ModelNotLoadedError("the model is not loaded yet")
+        loop = asyncio.get_running_loop()
+        request = _Request(images=images, future=loop.create_future(), loop=loop)
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full:
+            raise EmbedderUnavailableError("the embedder is overloaded; retry shortly", retry_after=1) from None
+        return await request.future
+
+    def stop(self) -> None:
+        if self._started:
+            self._queue.put(None)
+            self._thread.join(timeout=10)
+            self._started = False
+
+    def _run(self) -> None:
+        while (first := self._queue.get()) is not None:
+            pending, size = [first], len(first.images)
+            deadline = time.perf_counter() + self.max_wait
+            while size < self.max_batch:
+                try:
+                    extra = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                except queue.Empty:
+                    break
+                if extra is None:
+                    self._queue.put(None)  # stop once this batch is done
+                    break
+                pending.append(extra)
+                size += len(extra.images)
+            self._process(pending)
+
+    def _process(self, batch: list[_Request]) -> None:
+        try:
+            embeddings = self.embedder.embed_batch(np.concatenate([r.images for r in batch]))
+        except Exception as exc:  # noqa: BLE001 - delivered to every waiting caller
+            logger.exception("forward pass failed")
+            for request in batch:
+                request.loop.call_soon_threadsafe(_set_exception, request.future, exc)
+            return
+        offset = 0
+        for request in batch:
+            part = embeddings[offset:offset + len(request.images)]
+            offset += len(request.images)
+            request.loop.call_soon_threadsafe(_set_result, request.future, part)
+
+
+def _set_result(future: asyncio.Future, value: list[Embedding]) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+class LocalEmbeddingService:
+    """The model in this process, behind the same interface as the HTTP embedder client."""
+
+    def __init__(self, embedder: Embedder, *, max_wait_ms: float = 2.0, max_queue: int = 1024) -> None:
+        self.embedder = embedder
+        self.batcher = MicroBatcher(embedder, max_batch=embedder.max_batch, max_wait_ms=max_wait_ms,
+                                    max_queue=max_queue)
+
+    def start(self) -> None:
+        self.embedder.warm_up()
+        self.batcher.start()
+
+    async def info(self) -> EmbedderInfo:
+        return self.embedder.info()
+
+    async def embed(self, images: np.ndarray) -> list[Embedding]:
+        return await self.batcher.embed(images)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.batcher.stop)

@@ -1,0 +1,1 @@
+"""The indexer: streams an image collection through the embedder into a store."""

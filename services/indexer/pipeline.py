@@ -1,0 +1,157 @@
+"""Indexing as three stages, as in clip-retrieval: reader (list + decode) → mapper (embed) → writer.
+
+Document ids are derived from the image's path, so a re-run overwrites rather than duplicates;
+images already in the store are skipped, so an interrupted run resumes where it stopped; the
+store is flushed every few batches, so a crash loses at most those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from services.common.collection import CollectionImage, iter_images
+from services.common.documents import ImageDocument
+from services.common.embedding import EmbeddingService
+from services.common.errors import ImageError, StoreMismatchError
+from services.common.images import decode_image
+from services.common.stores.base import VectorStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexReport:
+    """What an indexing run did; `failed` lists each skipped file with the reason."""
+
+    total: int = 0
+    indexed: int = 0
+    already_indexed: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "embed": 0.0, "write": 0.0})
+    documents: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.indexed / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.stage_seconds.items())
+        return (f"indexed {self.indexed}, already indexed {self.already_indexed}, skipped {len(self.failed)} "
+                f"undecodable, {self.documents} documents in the store; {self.seconds:.1f} s, "
+                f"{self.images_per_second:.0f} images/s ({stages})")
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    batch_size: int = 256
+    concurrency: int = 2
+    flush_every: int = 20  # batches
+    rebuild: bool = False  # drop an index built by another model instead of refusing
+    progress: bool = True
+
+
+async def open_store_for(embedder: EmbeddingService, store: VectorStore, *, rebuild: bool) -> str:
+    """Open (or create) the store for the embedder's vectors; returns the model version."""
+    info = await embedder.info()
+    try:
+        await store.open(dims=info.dims, model_version=info.model_version, create=True)
+    except StoreMismatchError as exc:
+        if not rebuild:
+            raise
+        logger.warning("%s; rebuilding the index", exc.message)
+        await store.reset()
+        await store.open(dims=info.dims, model_version=info.model_version, create=True)
+    return info.model_version
+
+
+async def index_collection(root: Path, split: str, embedder: EmbeddingService, store: VectorStore,
+                           options: IndexOptions = IndexOptions()) -> IndexReport:
+    """Index every image of `root/split` that the store does not hold yet."""
+    started = time.perf_counter()
+    report = IndexReport()
+    model_version = await open_store_for(embedder, store, rebuild=options.rebuild)
+    images = list(iter_images(root, split))
+    report.total = len(images)
+    present: set[str] = set()
+    for start in range(0, len(images), 5000):
+        present |= await store.existing_ids([image.id for image in images[start:start + 5000]])
+    todo = [image for image in images if image.id not in present]
+    report.already_indexed = len(images) - len(todo)
+    logger.info("%s/%s: %d images, %d already indexed, %d to index", root, split, len(images),
+                report.already_indexed, len(todo))
+
+    batches = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
+    progress = tqdm(total=len(todo), desc="indexing", unit="img", disable=not options.progress)
+    slots = asyncio.Semaphore(options.concurrency)
+    write_lock = asyncio.Lock()
+    written_batches = 0
+
+    async def run_batch(batch: list[CollectionImage]) -> None:
+        nonlocal written_batches
+        async with slots:
+            t0 = time.perf_counter()
+            decoded, failed = await asyncio.to_thread(_read_batch, root, batch)
+            t1 = time.perf_counter()
+            report.failed += failed
+            embeddings = await embedder.embed(np.stack([pixels for _, pixels in decoded])) if decoded else []
+            t2 = time.perf_counter()
+            documents = [
+                ImageDocument(id=image.id, filename=image.filename, path=image.path, label=image.label,
+                              model_version=model_version, vector=embedding.vector)
+                for (image, _), embedding in zip(decoded, embeddings, strict=True)
+            ]
+            async with write_lock:
+                await store.upsert(documents)
+                written_batches += 1
+                if written_batches % options.flush_every == 0:
+                    await store.flush()
+            t3 = time.perf_counter()
+            report.indexed += len(documents)
+            for stage, seconds in zip(("read", "embed", "write"), (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                report.stage_seconds[stage] += seconds
+            progress.update(len(batch))
+            if report.failed:
+                progress.set_postfix(skipped=len(report.failed))
+
+    try:
+        await _gather_all([run_batch(batch) for batch in batches])
+    finally:
+        progress.close()
+        await store.flush()  # keep what was written, also when a batch failed
+    report.documents = await store.count()
+    report.seconds = time.perf_counter() - started
+    for path, reason in report.failed:
+        logger.warning("skipped %s: %s", path, reason)
+    return report
+
+
+async def _gather_all(coroutines: Sequence) -> None:
+    """Run all; on the first failure cancel the rest and raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _read_batch(root: Path, batch: list[CollectionImage]) -> tuple[list[tuple[CollectionImage, np.ndarray]],
+                                                                   list[tuple[str, str]]]:
+    decoded, failed = [], []
+    for image in batch:
+        try:
+            decoded.append((image, decode_image((root / image.path).read_bytes())))
+        except (ImageError, OSError) as exc:
+            failed.append((image.path, getattr(exc, "message", str(exc))))
+    return decoded, failed

@@ -1,0 +1,59 @@
+"""What a search does: decode the upload, embed it, ask the store, shape the hits."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from services.common.collection import resolve_inside
+from services.common.embedding import Embedding, EmbeddingService
+from services.common.errors import IndexNotReadyError
+from services.common.stores.base import StoreHit, VectorStore
+
+logger = logging.getLogger(__name__)
+
+
+class SearchEngine:
+    """Joins an embedding service and a store; ready once both agree on the model version.
+
+    Readiness is re-checked on every call until it succeeds, so the gateway recovers by itself
+    when the embedder or the store comes back.
+    """
+
+    def __init__(self, embedder: EmbeddingService, store: VectorStore, *, data_dir: Path | None) -> None:
+        self.embedder = embedder
+        self.store = store
+        self.data_dir = data_dir
+        self.model_version: str | None = None
+        self._lock = asyncio.Lock()
+
+    async def ensure_ready(self) -> str:
+        if self.model_version is not None:
+            return self.model_version
+        async with self._lock:
+            if self.model_version is None:
+                info = await self.embedder.info()
+                await self.store.open(dims=info.dims, model_version=info.model_version, create=False)
+                if await self.store.count() == 0:
+                    raise IndexNotReadyError("the index is empty; build it with `cbir index`")
+                self.model_version = info.model_version
+                logger.info("search ready: model %s, %s store", info.model_version, self.store.name)
+        return self.model_version
+
+    async def search(self, image: np.ndarray, k: int) -> tuple[Embedding, list[StoreHit]]:
+        """The query's embedding and its `k` nearest indexed images, best first."""
+        await self.ensure_ready()
+        [embedding] = await self.embedder.embed(image[np.newaxis])
+        return embedding, await self.store.search(embedding.vector, k)
+
+    async def image_path(self, id: str) -> Path | None:
+        """The file of an indexed image, never a path outside the collection."""
+        if self.data_dir is None:
+            return None
+        document = await self.store.get(id)
+        if document is None:
+            return None
+        return resolve_inside(self.data_dir, document.path)

@@ -1,0 +1,115 @@
+"""Shared fixtures: a small real CIFAR-10 collection, a tiny bundle trained on it, running apps.
+
+The bundle is a real (narrow) VGG-16 trained for a few epochs inside the test session, so the
+API tests exercise the real model code end to end in seconds.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.common.collection import REPO_ROOT
+from services.embedder.bundle import Bundle, load_bundle
+from services.embedder.train import get_args_parser, train
+
+CIFAR10 = REPO_ROOT.parent / "shared" / "cifar10"
+TRAIN_PER_CLASS = 50
+TEST_PER_CLASS = 5
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir() -> Path:
+    if not (CIFAR10 / "train").is_dir():
+        pytest.fail(f"CIFAR-10 is expected at {CIFAR10} (see its README)")
+    return CIFAR10
+
+
+@pytest.fixture(scope="session")
+def mini_collection(tmp_path_factory: pytest.TempPathFactory, cifar10_dir: Path) -> Path:
+    """50 train and 5 test images per class, copied from the real CIFAR-10 folders."""
+    root = tmp_path_factory.mktemp("collection")
+    for split, per_class in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
+        for class_dir in sorted((cifar10_dir / split).iterdir()):
+            target = root / split / class_dir.name
+            target.mkdir(parents=True)
+            for source in sorted(class_dir.iterdir())[:per_class]:
+                shutil.copyfile(source, target / source.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tmp_path_factory: pytest.TempPathFactory, mini_collection: Path) -> Path:
+    """A narrow VGG-16 trained for a few epochs on the mini collection (a few seconds)."""
+    work = tmp_path_factory.mktemp("bundle")
+    args = get_args_parser().parse_args([
+        "--data-dir", str(mini_collection), "--output", str(work / "bundle"),
+        "--checkpoint-dir", str(work / "train"), "--epochs", "4", "--batch-size", "50",
+        "--lr", "0.05", "--width-mult", "0.125", "--embedding-dim", "64", "--pca-components", "32",
+        "--pca-dims", "16", "--quiet", "--seed", "1",
+    ])
+    train(args)
+    return work / "bundle"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_bundle_dir: Path) -> Bundle:
+    return load_bundle(tiny_bundle_dir)
+
+
+@pytest.fixture
+def cbir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_bundle_dir: Path, mini_collection: Path) -> Path:
+    """CBIR_* settings pointing at the tiny bundle, the mini collection and a fresh state dir."""
+    for name, value in (("CBIR_MODEL_DIR", tiny_bundle_dir), ("CBIR_DATA_DIR", mini_collection),
+                        ("CBIR_STATE_DIR", tmp_path / "state"), ("CBIR_BACKEND", "faiss")):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.delenv("CBIR_EMBEDDER_URL", raising=False)
+    monkeypatch.delenv("CBIR_API_KEYS", raising=False)
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def indexed_state(cbir_env: Path, mini_collection: Path) -> Path:
+    """The mini collection's train split indexed into the embedded store."""
+    from services.cli import main
+
+    main(["index", "--no-progress"])
+    return cbir_env
+
+
+@pytest.fixture
+async def search_client(indexed_state: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """The real search gateway (model in-process, FAISS store) with its lifespan running."""
+    from services.search.app import create_app
+
+    app = create_app()
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://search"
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+async def embedder_client(cbir_env: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """The real embedder service with its lifespan running."""
+    from services.embedder.app import create_app
+
+    app = create_app()
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://embedder"
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+def test_image(mini_collection: Path) -> Iterator[bytes]:
+    yield (mini_collection / "test" / "cat" / "0000.jpg").read_bytes()
