@@ -141,7 +141,7 @@ class ElasticsearchStore(VectorStore):
         mapping = await self._read_mapping()
         if mapping is None:
             if not create:
-                raise StoreError(f"no index {self._where}; build one with `cbir index`")
+                raise StoreError(f"there is no {self._where}; build one with `cbir index`")
             if await self._create_index(dims=dims, model_version=model_version):
                 self._dims, self._model_version = dims, model_version
                 return
@@ -429,7 +429,7 @@ class ElasticsearchStore(VectorStore):
         status, kind = exc.meta.status, _error_type(exc)
         detail = f"{status} {kind}: {_reason(_body(exc))}"
         if kind == "index_not_found_exception":
-            return IndexNotReadyError(f"no index {self._where}; build one with `cbir index`")
+            return IndexNotReadyError(f"there is no {self._where}; build one with `cbir index`")
         if status in UNAVAILABLE_STATUSES:
             return StoreUnavailableError(
                 f"Elasticsearch at {self.url} is overloaded or down while {doing} ({detail})"

@@ -1,0 +1,312 @@
+"""`ElasticsearchStore` through the `VectorStore` interface, against an HTTP double of Elasticsearch.
+
+The real `AsyncElasticsearch` client talks HTTP to the double (tests/es_double.py), which checks
+requests as Elasticsearch does. The parity tests hold the store to the FAISS store's answers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+from elasticsearch import ApiError, AsyncElasticsearch
+from es_double import EsDouble
+
+from services.common.documents import ImageDocument, StoredImage
+from services.common.errors import IndexNotReadyError, StoreError, StoreMismatchError, StoreUnavailableError
+from services.common.settings import EsSearchMode
+from services.common.stores.elasticsearch_store import BulkWriteError, ElasticsearchStore
+from services.common.stores.faiss_store import FaissStore
+
+if TYPE_CHECKING:
+    from es_fixtures import MakeEsStore
+
+pytest_plugins = ["es_fixtures"]
+pytestmark = pytest.mark.anyio
+
+DIMS = 16
+MODEL = "model-a"
+LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def unit_vectors(count: int, dims: int = DIMS, *, seed: int = 0) -> np.ndarray:
+    vectors = np.random.default_rng(seed).normal(size=(count, dims)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def documents(count: int, *, dims: int = DIMS, seed: int = 0, model: str = MODEL) -> list[ImageDocument]:
+    return [
+        ImageDocument(
+            id=f"doc-{i:04d}",
+            filename=f"{i:04d}.png",
+            path=f"train/{LABELS[i % 10]}/{i:04d}.png",
+            label=LABELS[i % 10],
+            model_version=model,
+            vector=vector,
+        )
+        for i, vector in enumerate(unit_vectors(count, dims, seed=seed))
+    ]
+
+
+async def test_elasticsearch_open_creates_the_index_once_with_its_mapping(
+    es_double: EsDouble, es_store: ElasticsearchStore, make_es_store: MakeEsStore
+) -> None:
+    await es_store.open(dims=DIMS, model_version=MODEL)
+    await es_store.open(dims=DIMS, model_version=MODEL)
+    await make_es_store().open(dims=DIMS, model_version=MODEL)
+
+    assert es_double.calls(f"/{es_store.index}", method="PUT") == 1
+    index = es_double.indices[es_store.index]
+    assert index.settings["index.number_of_shards"] == "30"
+    assert index.settings["index.number_of_replicas"] == "0"
+    features = index.mappings["properties"]["features"]
+    assert features == {
+        "type": "dense_vector", "dims": DIMS, "similarity": "cosine", "index": True,
+        "index_options": {"type": "hnsw"},
+    }  # fmt: skip
+    assert all(index.mappings["properties"][f]["type"] == "keyword" for f in ("id", "label", "model_version"))
+    info = await es_store.info()
+    assert (info.dims, info.model_version, info.count) == (DIMS, MODEL, 0)
+
+
+async def test_elasticsearch_open_without_create_refuses_a_missing_index(es_store: ElasticsearchStore) -> None:
+    with pytest.raises(StoreError, match="there is no Elasticsearch index 'cbir-test'.*cbir index"):
+        await es_store.open(dims=DIMS, model_version=MODEL, create=False)
+    assert (await es_store.info()).dims is None
+
+
+async def test_elasticsearch_upsert_is_idempotent_by_document_id(es_store: ElasticsearchStore) -> None:
+    await es_store.open(dims=DIMS, model_version=MODEL)
+    docs = documents(25)
+    await es_store.upsert(docs)
+    await es_store.flush()
+    assert await es_store.count() == 25
+
+    relabelled = [replace(doc, label="cat") for doc in docs[:5]]
+    await es_store.upsert(docs)
+    await es_store.upsert(relabelled)
+    await es_store.flush()
+    assert await es_store.count() == 25
+    stored = await es_store.get(docs[0].id)
+    assert stored is not None and stored.label == "cat"
+
+
+async def test_elasticsearch_bulk_partial_failure_names_every_refused_document(
+    es_store: ElasticsearchStore,
+) -> None:
+    await es_store.open(dims=DIMS, model_version=MODEL)
+    good = documents(6)
+    bad = [replace(doc, id=f"bad-{i}", vector=doc.vector[:8]) for i, doc in enumerate(documents(2, seed=9))]
+
+    with pytest.raises(BulkWriteError) as caught:
+        await es_store.upsert([*good[:3], *bad, *good[3:]])
+
+    assert set(caught.value.failures) == {"bad-0", "bad-1"}
+    assert "bad-0" in caught.value.message and "bad-1" in caught.value.message
+    assert "different number of dimensions [8] than defined in the mapping [16]" in caught.value.failures["bad-0"]
+    assert isinstance(caught.value, StoreError)
+    await es_store.flush()
+    assert await es_store.count() == len(good)  # the valid documents were written, none dropped silently
+
+
+async def test_elasticsearch_bulk_429s_are_retried_until_accepted(
+    es_double: EsDouble, es_store: ElasticsearchStore
+) -> None:
+    await es_store.open(dims=DIMS, model_version=MODEL)
+    es_double.reject_bulk_requests = 1  # the whole first request
+    es_double.reject_bulk_items = 4  # then four items of the next one
+    await es_store.upsert(documents(30))
+    await es_store.flush()
+
+    assert await es_store.count() == 30
+    assert es_double.calls("/_bulk") == 3
+
+
+async def test_elasticsearch_bulk_429s_beyond_the_retries_are_reported(
+    es_double: EsDouble, es_store: ElasticsearchStore
+) -> None:
+    await es_store.open(dims=DIMS, model_version=MODEL)
+    es_double.reject_bulk_items = 1_000
+
+    with pytest.raises(BulkWriteError, match="es_rejected_execution_exception") as caught:
+        await es_store.upsert(documents(5))
+    assert len(caught.value.failures) == 5
+    assert es_double.calls("/_bulk") == 1 + es_store.max_retries
+
+
+@pytest.mark.parametrize("mode", [EsSearchMode.exact, EsSearchMode.knn])
+async def test_elasticsearch_search_ranks_and_scores_like_faiss(
+    make_es_store: MakeEsStore, tmp_path: Path, mode: EsSearchMode
+) -> None:
+    docs = documents(300, seed=1)
+    faiss_store = FaissStore(tmp_path / "index.npz")
+    es_store = make_es_store(es_search_mode=mode)
+    for store in (faiss_store, es_store):
+        await store.open(dims=DIMS, model_version=MODEL)
+        await store.upsert(docs)
+        await store.flush()
+
+    for query in unit_vectors(5, seed=2):
+        for k in (1, 10, 400):  # 400 > the 300 documents: both return all of them
+            expected = await faiss_store.search(query, k)
+            got = await es_store.search(query, k)
+            assert [hit.id for hit in got] == [hit.id for hit in expected]
+            np.testing.assert_allclose([hit.score for hit in got], [hit.score for hit in expected], atol=1e-4)
+            assert got == [replace(hit, score=g.score) for hit, g in zip(expected, got, strict=True)]
+    assert len(expected) == 300
+
+
+async def test_elasticsearch_search_of_a_stored_vector_finds_it_first_with_score_two(
+    es_store: ElasticsearchStore,
+) -> None:
+    await es_store.open(dims=DIMS, model_version=MODEL)
+    docs = documents(40, seed=3)
+    await es_store.upsert(docs)
+    await es_store.flush()
+
+    hits = await es_store.search(docs[7].vector, k=3)
+    assert hits[0].id == docs[7].id
+    assert hits[0].score == pytest.approx(2.0, abs=1e-5)
+    assert hits[0].score >= hits[1].score >= hits[2].score
+
+
+async def test_elasticsearch_delete_get_and_existing_ids(es_store: ElasticsearchStore) -> None:
+    await es_store.open(dims=DIMS, model_version=MODEL)
+    docs = documents(10)
+    await es_store.upsert(docs)
+    # Lookups by id are realtime: no flush needed.
+    assert await es_store.existing_ids([docs[0].id, docs[9].id, "nope"]) == {docs[0].id, docs[9].id}
+    assert await es_store.get(docs[4].id) == StoredImage(
+        id=docs[4].id, filename=docs[4].filename, path=docs[4].path, label=docs[4].label, model_version=MODEL
+    )
+
+    assert await es_store.delete([docs[1].id, docs[2].id, docs[2].id, "nope"]) == 2
+    await es_store.flush()
+    assert await es_store.count() == 8
+    assert await es_store.get(docs[1].id) is None
+    assert await es_store.existing_ids([d.id for d in docs[:3]]) == {docs[0].id}
+    assert await es_store.delete([]) == 0
+
+
+async def test_elasticsearch_open_refuses_an_index_of_other_dims(
+    es_store: ElasticsearchStore, make_es_store: MakeEsStore
+) -> None:
+    await es_store.open(dims=DIMS, model_version=MODEL)  # empty: dims alone must still match
+    with pytest.raises(StoreMismatchError, match="holds 16-dimensional vectors but the model produces 8"):
+        await make_es_store().open(dims=8, model_version=MODEL)
+
+
+async def test_elasticsearch_open_refuses_an_index_of_another_model_version(
+    es_store: ElasticsearchStore, make_es_store: MakeEsStore
+) -> None:
+    await es_store.open(dims=DIMS, model_version=MODEL)
+    other = make_es_store()
+    await other.open(dims=DIMS, model_version="model-b")  # an empty index is claimed by the new model
+    assert (await other.info()).model_version == "model-b"
+    await other.upsert(documents(3, model="model-b"))
+    await other.flush()
+
+    with pytest.raises(StoreMismatchError, match="built by model version 'model-b'"):
+        await es_store.open(dims=DIMS, model_version=MODEL)
+    with pytest.raises(StoreError, match="is from model 'model-a'"):
+        await other.upsert(documents(1))
+
+
+async def test_elasticsearch_reset_drops_every_document_and_keeps_the_index(es_store: ElasticsearchStore) -> None:
+    await es_store.open(dims=DIMS, model_version=MODEL)
+    await es_store.upsert(documents(12))
+    await es_store.flush()
+    await es_store.reset()
+    info = await es_store.info()
+    assert (info.dims, info.model_version, info.count) == (DIMS, MODEL, 0)
+    assert await es_store.search(unit_vectors(1)[0], 5) == []
+
+
+async def test_elasticsearch_reset_before_open_lets_another_model_rebuild(
+    es_store: ElasticsearchStore, make_es_store: MakeEsStore
+) -> None:
+    await es_store.open(dims=DIMS, model_version=MODEL)
+    await es_store.upsert(documents(4))
+    await es_store.flush()
+    rebuild = make_es_store()
+    await rebuild.reset()
+    await rebuild.open(dims=8, model_version="model-b")
+    info = await rebuild.info()
+    assert (info.dims, info.model_version, info.count) == (8, "model-b", 0)
+
+
+async def test_elasticsearch_down_is_unavailable_quickly(es_double: EsDouble, make_es_store: MakeEsStore) -> None:
+    store = make_es_store(es_timeout_s=0.5, es_max_retries=1)
+    es_double.go_down()
+    started = time.perf_counter()
+    with pytest.raises(StoreUnavailableError, match=f"cannot reach Elasticsearch at {es_double.url}"):
+        await store.open(dims=DIMS, model_version=MODEL)
+    assert time.perf_counter() - started < 3.0
+
+
+async def test_elasticsearch_that_does_not_answer_times_out_as_unavailable(
+    es_double: EsDouble, make_es_store: MakeEsStore
+) -> None:
+    store = make_es_store(es_timeout_s=0.2, es_max_retries=1)
+    es_double.stall_s = 2.0
+    started = time.perf_counter()
+    with pytest.raises(StoreUnavailableError, match="did not answer in time while counting"):
+        await store.count()
+    assert time.perf_counter() - started < 1.5  # two attempts of 0.2 s, not the 2 s stall
+    es_double.stall_s = 0.0
+
+
+async def test_elasticsearch_index_deleted_under_the_store_is_not_ready(
+    es_double: EsDouble, es_store: ElasticsearchStore
+) -> None:
+    await es_store.open(dims=DIMS, model_version=MODEL)
+    del es_double.indices[es_store.index]
+    with pytest.raises(IndexNotReadyError):
+        await es_store.search(unit_vectors(1)[0], 3)
+
+
+async def test_elasticsearch_double_validates_requests_like_elasticsearch(es_double: EsDouble) -> None:
+    """The double must refuse what Elasticsearch refuses, or the store tests prove nothing."""
+    client = AsyncElasticsearch(es_double.url, max_retries=0)
+    vector = {"type": "dense_vector", "dims": 3, "similarity": "cosine"}
+    try:
+        await _expect(client.indices.create(index="v", mappings={"properties": {"f": {**vector, "dim": 3}}}),
+                      400, "mapper_parsing_exception", "unknown parameter [dim] on mapper [f]")  # fmt: skip
+        await _expect(client.indices.create(index="v", mappings={"properties": {"f": {"type": "dense_vector"}}}),
+                      400, "mapper_parsing_exception", "Missing required parameter [dims]")  # fmt: skip
+        await client.indices.create(index="v", mappings={"properties": {"f": vector}})
+        await _expect(client.indices.create(index="v"), 400, "resource_already_exists_exception", "already exists")
+        await _expect(client.search(index="missing"), 404, "index_not_found_exception", "no such index [missing]")
+
+        await client.bulk(operations=[{"index": {"_index": "v", "_id": "a"}}, {"f": [1.0, 0.0, 0.0]}])
+        await client.indices.refresh(index="v")
+        knn = {"field": "f", "query_vector": [0.0, 1.0, 0.0]}
+        await _expect(client.search(index="v", knn={**knn, "k": 5, "num_candidates": 3}),
+                      400, "illegal_argument_exception", "[num_candidates] cannot be less than [k]")  # fmt: skip
+        await _expect(client.search(index="v", knn={**knn, "k": 5, "num_candidates": 10_001}),
+                      400, "illegal_argument_exception", "[num_candidates] cannot exceed [10000]")  # fmt: skip
+        await _expect(client.search(index="v", query={"script_score": {"query": {"match_all": {}}}}),
+                      400, "parsing_exception", "requires 'script'")  # fmt: skip
+        orthogonal = await client.search(index="v", knn={**knn, "k": 1, "num_candidates": 1})
+        assert orthogonal["hits"]["hits"][0]["_score"] == pytest.approx(0.5)  # (1 + cos 90°) / 2
+    finally:
+        await client.close()
+
+
+async def _expect(call: object, status: int, error_type: str, reason: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        await call  # type: ignore[misc]
+    assert caught.value.meta.status == status
+    error = caught.value.body["error"]
+    assert error["type"] == error_type and error["root_cause"][0]["type"] == error_type
+    assert reason in error["reason"]
+    assert caught.value.body["status"] == status
