@@ -101,7 +101,11 @@ def _serve(args: argparse.Namespace) -> None:
         app = create_app(settings, embedder=service, store=store)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
         logger.info("search ready at http://%s:%d/ (API docs at /docs)", args.host, args.port)
-        await server.serve()
+        try:
+            await server.serve()
+        finally:
+            await store.close()
+            await service.close()
 
     asyncio.run(run())
 

@@ -70,14 +70,17 @@ def create_app(settings: EmbedderSettings | None = None, *,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The app closes only what it created; a service handed in belongs to the caller.
         local = service or create_service(settings)
-        await run_in_threadpool(local.start)
+        if service is None:
+            await run_in_threadpool(local.start)
         app.state.service = local
         logger.info("embedder ready: %s", local.embedder.model_version)
         try:
             yield
         finally:
-            await local.close()
+            if service is None:
+                await local.close()
 
     app = FastAPI(title="cbir embedder", version="0.1.0", lifespan=lifespan,
                   summary="Images in, VGG-16 search vectors out.")

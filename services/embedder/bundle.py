@@ -133,10 +133,10 @@ def load_bundle(directory: Path) -> Bundle:
         arrays = load_numpy(str(directory / PCA_FILE))
     except (OSError, SafetensorError) as exc:
         raise BundleError(f"the model bundle at {directory} is corrupt ({exc}); {_HOW_TO_GET_ONE}") from exc
-    model = build_model(metadata["architecture"], num_classes)
     try:
+        model = build_model(metadata["architecture"], num_classes)
         model.load_state_dict({name: t.float() if t.is_floating_point() else t for name, t in weights.items()})
-    except RuntimeError as exc:
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
         raise BundleError(
             f"the weights in {directory} do not match the architecture in its {METADATA_FILE}: {exc}"
         ) from exc

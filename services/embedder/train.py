@@ -150,7 +150,7 @@ def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, s
     total = args.epochs * steps_per_epoch
     if args.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total,
-                                                   pct_start=0.25, div_factor=10, final_div_factor=100)
+                                                   pct_start=max(0.25, 2 / total), div_factor=10, final_div_factor=100)
     warmup = steps_per_epoch
 
     def factor(step: int) -> float:

@@ -73,9 +73,11 @@ def create_app(settings: SearchSettings | None = None, *, embedder: EmbeddingSer
             logger.warning("not ready yet: %s", exc.message)
         try:
             yield
-        finally:
-            await vectors.close()
-            await service.close()
+        finally:  # close only what this app created; what was handed in belongs to the caller
+            if store is None:
+                await vectors.close()
+            if embedder is None:
+                await service.close()
 
     app = FastAPI(title="cbir search", version="0.1.0", lifespan=lifespan,
                   summary="Upload an image, get the most similar indexed images.")

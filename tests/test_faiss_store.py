@@ -1,0 +1,114 @@
+"""The embedded FAISS store: round trip, upsert idempotence, persistence, delete, mismatch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.common.documents import ImageDocument
+from services.common.errors import IndexNotReadyError, StoreMismatchError
+from services.common.stores.faiss_store import FaissStore
+
+pytestmark = pytest.mark.anyio
+DIMS = 12
+
+
+def make_documents(count: int, *, seed: int = 0, version: str = "v1", prefix: str = "doc") -> list[ImageDocument]:
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(count, DIMS)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return [ImageDocument(id=f"{prefix}{i}", filename=f"{i:04d}.jpg", path=f"train/c{i % 3}/{i:04d}.jpg",
+                          label=f"c{i % 3}", model_version=version, vector=vectors[i]) for i in range(count)]
+
+
+async def open_store(path: Path, version: str = "v1") -> FaissStore:
+    store = FaissStore(path)
+    await store.open(dims=DIMS, model_version=version)
+    return store
+
+
+async def test_round_trip_returns_exact_cosine_ranking(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "index.npz")
+    documents = make_documents(50)
+    await store.upsert(documents)
+    query = documents[7].vector
+    hits = await store.search(query, 5)
+    cosines = np.stack([d.vector for d in documents]) @ query
+    expected = np.argsort(-cosines)[:5]
+    assert [hit.id for hit in hits] == [f"doc{i}" for i in expected]
+    assert hits[0].id == "doc7"
+    assert hits[0].score == pytest.approx(2.0, abs=1e-5)
+    assert [hit.score for hit in hits] == pytest.approx([c + 1.0 for c in cosines[expected]], abs=1e-5)
+    assert hits[0].label == "c1" and hits[0].path == "train/c1/0007.jpg"
+
+
+async def test_upsert_is_idempotent_and_overwrites(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "index.npz")
+    await store.upsert(make_documents(20))
+    await store.upsert(make_documents(20))
+    assert await store.count() == 20
+    moved = make_documents(20, seed=9)[0]
+    await store.upsert([moved])
+    assert await store.count() == 20
+    hits = await store.search(moved.vector, 1)
+    assert hits[0].id == "doc0" and hits[0].score == pytest.approx(2.0, abs=1e-5)
+
+
+async def test_persists_across_restart(tmp_path: Path) -> None:
+    path = tmp_path / "index.npz"
+    store = await open_store(path)
+    documents = make_documents(30)
+    await store.upsert(documents)
+    await store.flush()
+    reopened = await open_store(path)
+    assert await reopened.count() == 30
+    assert await reopened.existing_ids(["doc1", "doc29", "nope"]) == {"doc1", "doc29"}
+    assert (await reopened.get("doc3")).filename == "0003.jpg"
+    before = await store.search(documents[4].vector, 10)
+    after = await reopened.search(documents[4].vector, 10)
+    assert [h.id for h in before] == [h.id for h in after]
+
+
+async def test_unflushed_writes_are_not_on_disk(tmp_path: Path) -> None:
+    path = tmp_path / "index.npz"
+    store = await open_store(path)
+    await store.upsert(make_documents(10))
+    await store.flush()
+    await store.upsert(make_documents(5, prefix="late"))
+    assert await (await open_store(path)).count() == 10
+
+
+async def test_delete_removes_documents(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "index.npz")
+    documents = make_documents(10)
+    await store.upsert(documents)
+    assert await store.delete(["doc2", "doc5", "missing"]) == 2
+    assert await store.count() == 8
+    assert await store.get("doc2") is None
+    hits = await store.search(documents[2].vector, 10)
+    assert "doc2" not in {hit.id for hit in hits} and len(hits) == 8
+    assert (await store.get("doc9")).path == "train/c0/0009.jpg"
+
+
+async def test_k_larger_than_the_index_returns_everything(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "index.npz")
+    await store.upsert(make_documents(4))
+    assert len(await store.search(make_documents(1)[0].vector, 100)) == 4
+
+
+async def test_other_model_version_or_dims_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "index.npz"
+    store = await open_store(path)
+    await store.upsert(make_documents(3))
+    await store.flush()
+    with pytest.raises(StoreMismatchError, match="model version"):
+        await open_store(path, version="v2")
+    with pytest.raises(StoreMismatchError, match="dimensional"):
+        await FaissStore(path).open(dims=DIMS + 1, model_version="v1")
+
+
+async def test_missing_index_without_create_is_not_ready(tmp_path: Path) -> None:
+    with pytest.raises(IndexNotReadyError, match="cbir index"):
+        await FaissStore(tmp_path / "none.npz").open(dims=DIMS, model_version="v1", create=False)

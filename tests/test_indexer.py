@@ -1,0 +1,88 @@
+"""The indexer: every image once, resumable, idempotent, corrupt files skipped and listed."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.common.collection import iter_images
+from services.common.embedding import HttpEmbeddingClient
+from services.common.images import decode_image
+from services.common.stores.faiss_store import FaissStore
+from services.embedder.runtime import Embedder, LocalEmbeddingService
+from services.indexer.pipeline import IndexOptions, index_collection
+
+pytestmark = pytest.mark.anyio
+OPTIONS = IndexOptions(batch_size=64, concurrency=2, flush_every=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def local_service(tiny_bundle) -> LocalEmbeddingService:
+    service = LocalEmbeddingService(Embedder(tiny_bundle))
+    service.start()
+    yield service
+    service.batcher.stop()
+
+
+@pytest.fixture
+def collection(tmp_path: Path, mini_collection: Path) -> Path:
+    root = tmp_path / "collection"
+    shutil.copytree(mini_collection / "train", root / "train")
+    return root
+
+
+async def test_indexes_every_image_once_and_reruns_add_nothing(collection: Path, tmp_path: Path,
+                                                                local_service: LocalEmbeddingService) -> None:
+    store = FaissStore(tmp_path / "index.npz")
+    report = await index_collection(collection, "train", local_service, store, OPTIONS)
+    assert (report.indexed, report.already_indexed, report.failed) == (500, 0, [])
+    again = await index_collection(collection, "train", local_service, FaissStore(tmp_path / "index.npz"), OPTIONS)
+    assert (again.indexed, again.already_indexed, again.documents) == (0, 500, 500)
+
+
+async def test_resumes_where_an_interrupted_run_stopped(collection: Path, tmp_path: Path,
+                                                        local_service: LocalEmbeddingService) -> None:
+    # An earlier run that got through two classes only.
+    partial = tmp_path / "partial"
+    for label in ("airplane", "automobile"):
+        shutil.copytree(collection / "train" / label, partial / "train" / label)
+    await index_collection(partial, "train", local_service, FaissStore(tmp_path / "index.npz"), OPTIONS)
+    store = FaissStore(tmp_path / "index.npz")
+    report = await index_collection(collection, "train", local_service, store, OPTIONS)
+    assert (report.already_indexed, report.indexed, report.documents) == (100, 400, 500)
+    ids = {image.id for image in iter_images(collection, "train")}
+    assert await store.existing_ids(sorted(ids)) == ids
+
+
+async def test_corrupt_files_are_skipped_and_listed(collection: Path, tmp_path: Path,
+                                                    local_service: LocalEmbeddingService) -> None:
+    (collection / "train" / "cat" / "zz-broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (collection / "train" / "dog" / "zz-empty.png").write_bytes(b"")
+    report = await index_collection(collection, "train", local_service, FaissStore(tmp_path / "i.npz"), OPTIONS)
+    assert report.indexed == 500
+    assert sorted(path for path, _ in report.failed) == ["train/cat/zz-broken.jpg", "train/dog/zz-empty.png"]
+    assert "skipped 2 undecodable" in report.summary()
+
+
+async def test_indexes_through_the_embedder_service_over_http(collection: Path, tmp_path: Path, cbir_env: Path,
+                                                              local_service: LocalEmbeddingService) -> None:
+    from services.embedder.app import create_app
+
+    app = create_app(service=local_service)
+    async with app.router.lifespan_context(app):
+        client = HttpEmbeddingClient("http://embedder", transport=httpx.ASGITransport(app=app))
+        store = FaissStore(tmp_path / "http.npz")
+        report = await index_collection(collection, "train", client, store, OPTIONS)
+        await client.close()
+    assert report.indexed == 500
+    # The same vectors as in-process: the query image finds itself first with score 2.
+    local_store = FaissStore(tmp_path / "local.npz")
+    await index_collection(collection, "train", local_service, local_store, OPTIONS)
+    probe = next(iter_images(collection, "train"))
+    [embedding] = await local_service.embed(decode_image((collection / probe.path).read_bytes())[None])
+    http_hits, local_hits = await store.search(embedding.vector, 5), await local_store.search(embedding.vector, 5)
+    assert [h.id for h in http_hits] == [h.id for h in local_hits]
+    assert http_hits[0].id == probe.id and http_hits[0].score == pytest.approx(2.0, abs=1e-4)

@@ -1,0 +1,95 @@
+"""The VGG-16 model, the bundle format, and `cbir train`'s checkpoint and resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from services.common.errors import BundleError
+from services.embedder.bundle import load_bundle
+from services.embedder.model import CifarVGG16
+from services.embedder.runtime import Embedder
+from services.embedder.train import batch_hard_triplet_loss, get_args_parser, train
+
+
+def test_forward_returns_embedding_and_logits() -> None:
+    model = CifarVGG16(width_mult=0.125, embedding_dim=32).eval()
+    embedding, logits = model(torch.randn(3, 3, 32, 32))
+    assert embedding.shape == (3, 32) and logits.shape == (3, 10)
+    assert (embedding >= 0).all()  # taken after the ReLU
+
+
+def test_full_width_is_torchvision_vgg16_bn_features() -> None:
+    from torchvision.models import vgg16_bn
+
+    ours = CifarVGG16().features.state_dict()
+    theirs = vgg16_bn(weights=None).features.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(ours[name].shape == theirs[name].shape for name in ours)
+
+
+def test_bundle_round_trip_gives_the_trained_predictions(tiny_bundle_dir: Path, mini_collection: Path) -> None:
+    bundle = load_bundle(tiny_bundle_dir)
+    metadata = json.loads((tiny_bundle_dir / "bundle.json").read_text())
+    assert metadata["version"] == bundle.version
+    assert metadata["classes"][0] == "airplane" and len(metadata["classes"]) == 10
+    assert {"test_accuracy", "test_accuracy_flip_tta"} <= metadata["metrics"].keys()
+    assert metadata["training"]["command"].startswith("cbir train")
+    embedder = Embedder(bundle)
+    images = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    first, again = embedder.embed_batch(images), Embedder(load_bundle(tiny_bundle_dir)).embed_batch(images)
+    np.testing.assert_allclose(first[0].vector, again[0].vector, atol=1e-6)
+    assert embedder.dims == 26 and first[0].vector.shape == (26,)
+
+
+@pytest.mark.parametrize("damage", ["missing_dir", "truncated_weights", "bad_json", "wrong_architecture",
+                                    "missing_pca"])
+def test_broken_bundle_is_refused_with_a_clear_message(tmp_path: Path, tiny_bundle_dir: Path, damage: str) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_dir, bundle)
+    if damage == "missing_dir":
+        shutil.rmtree(bundle)
+    elif damage == "truncated_weights":
+        data = (bundle / "model.safetensors").read_bytes()
+        (bundle / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "bad_json":
+        (bundle / "bundle.json").write_text("{not json")
+    elif damage == "wrong_architecture":
+        metadata = json.loads((bundle / "bundle.json").read_text())
+        metadata["architecture"]["embedding_dim"] = 128
+        (bundle / "bundle.json").write_text(json.dumps(metadata))
+    elif damage == "missing_pca":
+        (bundle / "pca.safetensors").unlink()
+    with pytest.raises(BundleError, match="cbir train|do not match"):
+        load_bundle(bundle)
+
+
+def test_training_resumes_from_its_checkpoint(tmp_path: Path, mini_collection: Path) -> None:
+    common = ["--data-dir", str(mini_collection), "--checkpoint-dir", str(tmp_path / "ckpt"), "--epochs", "2",
+              "--batch-size", "100", "--width-mult", "0.125", "--embedding-dim", "32", "--pca-components", "16",
+              "--pca-dims", "8", "--quiet", "--limit-per-class", "20", "--no-flip-tta"]
+    first = get_args_parser().parse_args([*common, "--output", str(tmp_path / "a")])
+    train(first)
+    checkpoint = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["epoch"] == 1 and len(checkpoint["history"]) == 2
+    # Resuming a finished run trains no more epochs and writes the same bundle.
+    resumed = get_args_parser().parse_args([*common, "--output", str(tmp_path / "b"), "--resume"])
+    train(resumed)
+    assert load_bundle(tmp_path / "a").version == load_bundle(tmp_path / "b").version
+    changed = get_args_parser().parse_args([*common, "--output", str(tmp_path / "c"), "--resume",
+                                            "--batch-size", "50"])
+    with pytest.raises(SystemExit, match="batch_size"):
+        train(changed)
+
+
+def test_batch_hard_triplet_loss_is_zero_for_separated_classes() -> None:
+    labels = torch.tensor([0, 0, 1, 1])
+    separated = torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [0.01, 1.0]])
+    assert batch_hard_triplet_loss(separated, labels, margin=0.2).item() == pytest.approx(0.0)
+    mixed = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.01], [0.01, 1.0]])
+    assert batch_hard_triplet_loss(mixed, labels, margin=0.2).item() > 0.5
