@@ -1,0 +1,186 @@
+"""docker-compose.yml and the deploy/ files, checked against the settings the services really read.
+
+Docker is not needed: the compose file is parsed as YAML and `${VAR:-default}` resolved by hand.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic_settings import BaseSettings
+
+from services.common import settings as common_settings
+from services.common.settings import StoreSettings
+from services.embedder.settings import EmbedderSettings
+from services.indexer.settings import IndexerSettings
+from services.search.settings import SearchSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+GPU_OVERRIDE = ROOT / "deploy" / "compose.gpu.yml"
+SERVICE_SETTINGS: dict[str, type[BaseSettings]] = {
+    "embedder": EmbedderSettings,
+    "indexer": IndexerSettings,
+    "search": SearchSettings,
+}
+INTERPOLATION = re.compile(r"\$\{(\w+)(?::?([-?])([^}]*))?\}")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def env_names(settings_class: type[BaseSettings]) -> set[str]:
+    """The environment variables a settings class reads: its prefix + each field name, upper-cased."""
+    prefix = settings_class.model_config.get("env_prefix", "")
+    return {f"{prefix}{name}".upper() for name in settings_class.model_fields}
+
+
+def common_env_names() -> set[str]:
+    classes = [
+        cls for _, cls in inspect.getmembers(common_settings, inspect.isclass)
+        if issubclass(cls, BaseSettings) and cls.__module__ == common_settings.__name__
+    ]  # fmt: skip
+    return set().union(*(env_names(cls) for cls in classes))
+
+
+def resolved(value: Any) -> str:
+    """A compose value with `${VAR:-default}` as its default and `${VAR:?message}` as 'required'."""
+    return INTERPOLATION.sub(lambda m: "required" if m.group(2) == "?" else (m.group(3) or ""), str(value))
+
+
+def cbir_env(service: dict[str, Any]) -> dict[str, str]:
+    return {name: resolved(value) for name, value in service.get("environment", {}).items() if name.startswith("CBIR_")}
+
+
+def test_compose_sets_only_variables_the_settings_classes_read(compose: dict[str, Any]) -> None:
+    known = common_env_names()
+    assert "CBIR_ES_URL" in known and "CBIR_EMBEDDER_URL" in known
+    for name, service in compose["services"].items():
+        unknown = set(cbir_env(service)) - known
+        assert not unknown, f"{name} sets {sorted(unknown)}, which no class in services/common/settings.py reads"
+
+
+@pytest.mark.parametrize("service_name", sorted(SERVICE_SETTINGS))
+def test_compose_environment_is_valid_for_each_service(compose: dict[str, Any], service_name: str) -> None:
+    """Each service reads what it is given, and its settings class accepts the values."""
+    settings_class = SERVICE_SETTINGS[service_name]
+    env = cbir_env(compose["services"][service_name])
+    assert set(env) <= env_names(settings_class), f"{service_name} does not read {set(env) - env_names(settings_class)}"
+    prefix = settings_class.model_config["env_prefix"]
+    fields = {name.removeprefix(prefix).lower(): value for name, value in env.items()}
+    fields = {k: yaml.safe_load(v) if k == "api_keys" else v for k, v in fields.items()}
+    settings_class(_env_file=None, **fields)  # type: ignore[call-arg]
+
+
+def test_compose_search_is_published_on_8000_and_embedder_stays_internal(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert "8000:8000" in [str(port) for port in services["search"]["ports"]]
+    assert "ports" not in services["embedder"] and "8001" in [str(p) for p in services["embedder"]["expose"]]
+    assert services["search"]["command"] == ["cbir", "gateway", "--host", "0.0.0.0", "--port", "8000"]
+    assert services["embedder"]["command"] == ["cbir", "embedder", "--host", "0.0.0.0", "--port", "8001"]
+    assert services["indexer"]["command"][:2] == ["cbir", "index"]
+
+
+def test_compose_healthchecks_probe_the_right_endpoints(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    probes = {name: " ".join(services[name]["healthcheck"]["test"]) for name in ("elasticsearch", "embedder", "search")}
+    assert "_cluster/health?wait_for_status=yellow" in probes["elasticsearch"]
+    assert "http://localhost:8001/healthz" in probes["embedder"]
+    assert "http://localhost:8000/healthz" in probes["search"]
+
+
+def test_compose_start_order_waits_for_health_and_a_finished_index(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    conditions = {name: {dep: spec["condition"] for dep, spec in services[name]["depends_on"].items()}
+                  for name in ("indexer", "search")}  # fmt: skip
+    assert conditions["indexer"] == {"elasticsearch": "service_healthy", "embedder": "service_healthy"}
+    assert conditions["search"] == {
+        "elasticsearch": "service_healthy",
+        "embedder": "service_healthy",
+        "indexer": "service_completed_successfully",
+    }
+    assert services["indexer"]["restart"] == "no"
+
+
+def test_compose_services_reach_each_other_by_service_name(compose: dict[str, Any]) -> None:
+    for name in ("indexer", "search"):
+        env = cbir_env(compose["services"][name])
+        assert env["CBIR_BACKEND"] == "elasticsearch"
+        assert env["CBIR_ES_URL"] == "http://elasticsearch:9200"
+        assert env["CBIR_EMBEDDER_URL"] == "http://embedder:8001"
+        assert env["CBIR_DATA_DIR"] == "/data/cifar10"
+        volume = compose["services"][name]["volumes"][0]
+        assert volume.startswith("${CBIR_DATA_HOST_DIR:?") and volume.endswith(":/data/cifar10:ro")
+
+
+def test_compose_index_layout_defaults_match_the_store_settings(compose: dict[str, Any]) -> None:
+    """30 shards and 0 replicas come from CBIR_ES_SHARDS / CBIR_ES_REPLICAS, defaulting as the settings do."""
+    defaults = StoreSettings.model_fields
+    assert defaults["es_shards"].default == 30 and defaults["es_replicas"].default == 0
+    env = cbir_env(compose["services"]["indexer"])
+    assert int(env["CBIR_ES_SHARDS"]) == defaults["es_shards"].default
+    assert int(env["CBIR_ES_REPLICAS"]) == defaults["es_replicas"].default
+
+
+def test_compose_elasticsearch_is_a_pinned_single_node_8x(compose: dict[str, Any]) -> None:
+    es = compose["services"]["elasticsearch"]
+    image, tag = es["image"].rsplit(":", 1)
+    assert image == "docker.elastic.co/elasticsearch/elasticsearch"
+    assert re.fullmatch(r"8\.\d+\.\d+", tag), f"pin an exact 8.x version, not {tag!r}"
+    env = es["environment"]
+    assert env["discovery.type"] == "single-node"
+    assert env["xpack.security.enabled"] == "false"
+    assert re.search(r"-Xms(\d+[gm]) -Xmx\1", env["ES_JAVA_OPTS"]), "heap: -Xms equal to -Xmx"
+    assert any(v.startswith("./deploy/elasticsearch.yml:") for v in es["volumes"])
+    assert "es-data" in compose["volumes"]
+    assert yaml.safe_load((ROOT / "deploy" / "elasticsearch.yml").read_text())["network.host"] == "0.0.0.0"
+
+
+def test_compose_gpu_override_reserves_an_nvidia_gpu_for_the_embedder() -> None:
+    embedder = yaml.safe_load(GPU_OVERRIDE.read_text())["services"]["embedder"]
+    (device,) = embedder["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert embedder["environment"]["CBIR_DEVICE"] == "cuda"
+    assert "CBIR_DEVICE" in env_names(EmbedderSettings)
+
+
+@pytest.mark.parametrize("service_name", ["embedder", "indexer", "search"])
+def test_compose_dockerfiles_run_as_non_root(compose: dict[str, Any], service_name: str) -> None:
+    dockerfile = ROOT / compose["services"][service_name]["build"]["dockerfile"]
+    lines = [line.strip() for line in dockerfile.read_text().splitlines()]
+    users = [line.split(maxsplit=1)[1] for line in lines if line.startswith("USER ")]
+    assert users, f"{dockerfile.name} never leaves root"
+    assert users[-1].split(":")[0] not in ("root", "0")
+    assert any(line.startswith("FROM python:3.11-slim") for line in lines)
+    assert "RUN pip install --no-deps ." in lines
+
+
+def test_compose_images_pin_the_dependencies_pyproject_names() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    required = {re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0].lower() for dep in project["dependencies"]}
+    lock_lines = [line for line in (ROOT / "deploy" / "requirements.lock").read_text().splitlines()
+                  if line and not line.startswith("#")]  # fmt: skip
+    assert all(re.fullmatch(r"[a-z0-9-]+==[\w.]+", line) for line in lock_lines), "only exact pins"
+    locked = {line.split("==")[0] for line in lock_lines}
+    torch_pins = {dep.split("==")[0]: dep.split("==")[1] for dep in project["dependencies"] if dep.startswith("torch")}
+    assert required - locked == set(torch_pins)  # torch comes from the device's own index
+    for name in ("embedder", "search"):
+        dockerfile = (ROOT / "deploy" / f"{name}.Dockerfile").read_text()
+        assert f"ARG TORCH_VERSION={torch_pins['torch']}" in dockerfile
+        assert f"ARG TORCHVISION_VERSION={torch_pins['torchvision']}" in dockerfile
+        assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
+        assert "COPY models/vgg16-cifar10 models/vgg16-cifar10" in dockerfile
+
+
+def test_compose_build_context_leaves_out_state_data_and_secrets() -> None:
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".git", ".env", "state/", "data/", "runs/", ".pytest_cache/"} <= ignored
+    assert not {"models/", "services/", "deploy/"} & ignored
