@@ -270,8 +270,12 @@ async def test_elasticsearch_index_deleted_under_the_store_is_not_ready(
 ) -> None:
     await es_store.open(dims=DIMS, model_version=MODEL)
     del es_double.indices[es_store.index]
-    with pytest.raises(IndexNotReadyError):
+    with pytest.raises(IndexNotReadyError, match="there is no Elasticsearch index 'cbir-test'"):
         await es_store.search(unit_vectors(1)[0], 3)
+    with pytest.raises(IndexNotReadyError):
+        await es_store.get("doc-0000")
+    with pytest.raises(IndexNotReadyError):
+        await es_store.existing_ids(["doc-0000"])
 
 
 async def test_elasticsearch_double_validates_requests_like_elasticsearch(es_double: EsDouble) -> None:

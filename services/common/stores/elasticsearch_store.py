@@ -235,7 +235,7 @@ class ElasticsearchStore(VectorStore):
                     index=self.index, id=id, source_includes=STORED_FIELDS
                 )
             except NotFoundError as exc:
-                if exc.body.get("found") is False:  # the document is missing, not the index
+                if isinstance(exc.body, dict) and exc.body.get("found") is False:  # no such document
                     return None
                 raise
         source = response["_source"]
@@ -256,6 +256,8 @@ class ElasticsearchStore(VectorStore):
                     index=self.index, ids=unique[start : start + MGET_CHUNK], source=False
                 )
             for doc in response["docs"]:
+                if _error_type(doc) == "index_not_found_exception":
+                    raise IndexNotReadyError(f"there is no {self._where}; build one with `cbir index`")
                 if "error" in doc:
                     raise StoreError(f"{self._where} could not look up {doc['_id']}: {_reason(doc)}")
                 if doc.get("found"):
@@ -455,8 +457,9 @@ def _body(exc: BaseException | None) -> Any:
     return getattr(exc, "body", None)
 
 
-def _error_type(exc: BaseException | None) -> str | None:
-    body = _body(exc)
+def _error_type(source: BaseException | dict[str, Any] | None) -> str | None:
+    """The `error.type` of an API error, or of an mget doc / bulk item that carries one."""
+    body = source if isinstance(source, dict) else _body(source)
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         return body["error"].get("type")
     return None
