@@ -1,13 +1,16 @@
-"""The HTTP edge shared by the services: one error envelope, the body-size limit, API keys."""
+"""The HTTP edge shared by the services: one error envelope, the body-size limit, API keys, CORS."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
 from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, SecretStr
@@ -24,16 +27,29 @@ class ErrorResponse(BaseModel):
     detail: str
 
 
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(ErrorResponse):
+    """A 422: `detail` sums up every problem in one line; `errors` lists them one by one."""
+
+    errors: list[FieldError]
+
+
 ERROR_RESPONSES: dict[int | str, dict] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
         (400, "Empty or unusable upload"),
         (401, "Missing or wrong API key"),
+        (409, "The index was built by another model; re-index"),
         (413, "Upload or image too large"),
         (415, "Not a supported image"),
-        (503, "Model, embedder or index not ready"),
+        (503, "Model, embedder or index not ready (see Retry-After)"),
     )
-}
+} | {422: {"model": ValidationErrorResponse, "description": "Missing or invalid field or parameter"}}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -47,6 +63,18 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code >= 500:
             logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
         return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 carries a list in `detail` (and echoes the input); keep the one envelope.
+        errors = [_field_error(error) for error in exc.errors()]
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors) or "invalid request"
+        return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
+
+
+def _field_error(error: dict[str, Any]) -> dict[str, Any]:
+    return {"loc": [part if isinstance(part, int) else str(part) for part in error.get("loc", ())],
+            "msg": str(error.get("msg", "invalid")), "type": str(error.get("type", "value_error"))}
 
 
 class BodySizeLimitMiddleware:
@@ -84,10 +112,8 @@ class BodySizeLimitMiddleware:
             if not exceeded:  # whatever the app answers to the cut body is replaced by the 413
                 await send(message)
 
-        try:
+        with contextlib.suppress(_BodyTooLarge):
             await self.app(scope, limited_receive, guarded_send)
-        except _BodyTooLarge:
-            pass
         if exceeded:
             await self._reject(send)
 
