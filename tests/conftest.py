@@ -6,17 +6,25 @@ API tests exercise the real model code end to end in seconds.
 
 from __future__ import annotations
 
+import os
+
+# The test models are tiny: one thread per process runs them as fast as two, and keeps test
+# processes and the servers they start from fighting over the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from services.common.collection import REPO_ROOT
 from services.embedder.bundle import Bundle, load_bundle
 from services.embedder.train import get_args_parser, train
 
+torch.set_num_threads(1)
 CIFAR10 = REPO_ROOT.parent / "shared" / "cifar10"
 TRAIN_PER_CLASS = 50
 TEST_PER_CLASS = 5

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ logger = logging.getLogger("cbir.train")
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Arguments that must not change when a run is resumed.
-_RESUME_FIXED = ("embedding_dim", "width_mult", "batch_size", "epochs", "schedule", "limit_per_class")
+_RESUME_FIXED = ("embedding_dim", "width_mult", "batch_size", "schedule", "limit_per_class")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -202,9 +203,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                              "use the same values or start afresh")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         history, start_epoch = state["history"], state["epoch"] + 1
+        if state["args"]["epochs"] == args.epochs:
+            scheduler.load_state_dict(state["scheduler"])
+        else:  # a longer or shorter run: re-plan the schedule and move it to where training stands
+            logger.warning("re-planning the %s schedule for %d epochs instead of %d", args.schedule, args.epochs,
+                           state["args"]["epochs"])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # stepping the schedule without optimizer steps
+                for _ in range(min(start_epoch, args.epochs) * steps_per_epoch):
+                    scheduler.step()
         logger.info("resumed from %s after epoch %d", checkpoint_path, start_epoch)
 
     train_images = torch.from_numpy(train_x)
