@@ -1,0 +1,37 @@
+"""The README matches the code: its two commands, CI, and every setting documented."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from services.embedder.settings import EmbedderSettings
+from services.indexer.settings import IndexerSettings
+from services.search.settings import SearchSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def readme_commands() -> list[str]:
+    block = re.search(r"```bash\n(.*?)```", README, re.S).group(1)
+    return [line.split("#")[0].strip() for line in block.strip().splitlines()]
+
+
+def test_readme_opens_with_the_run_and_test_commands() -> None:
+    run, test = readme_commands()
+    assert run.endswith("cbir serve") and "pip install" in run
+    assert "pytest" in test and "[test]" in test
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    _, test = readme_commands()
+    assert test in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("settings", [SearchSettings, IndexerSettings, EmbedderSettings])
+def test_every_setting_is_documented(settings: type) -> None:
+    missing = [f"CBIR_{name.upper()}" for name in settings.model_fields if f"`CBIR_{name.upper()}`" not in README]
+    assert not missing, f"README lacks {missing}"
