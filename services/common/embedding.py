@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -67,6 +69,7 @@ class HttpEmbeddingClient:
     def __init__(self, base_url: str, *, timeout_s: float = 10.0, retries: int = 2,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
         self.retries = retries
         self._client = httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(timeout_s),
                                          transport=transport)
@@ -74,19 +77,25 @@ class HttpEmbeddingClient:
 
     async def info(self) -> EmbedderInfo:
         if self._info is None:
-            body = (await self._request("GET", "/info")).json()
-            self._info = EmbedderInfo(model_version=body["model_version"], dims=body["dims"],
-                                      classes=body["classes"], metadata=body)
+            response = await self._request("GET", "/info")
+            with self._expecting_a_valid_answer("/info"):
+                body = response.json()
+                self._info = EmbedderInfo(model_version=str(body["model_version"]), dims=int(body["dims"]),
+                                          classes=list(body["classes"]), metadata=body)
         return self._info
 
     async def embed(self, images: np.ndarray) -> list[Embedding]:
         files = [("files", (f"{i}.png", encode_png(image), "image/png")) for i, image in enumerate(images)]
-        body = (await self._request("POST", "/embed", files=files)).json()
-        return [
-            Embedding(vector=np.asarray(item["vector"], dtype=np.float32), label=item["label"],
-                      confidence=item["confidence"])
-            for item in body["embeddings"]
-        ]
+        response = await self._request("POST", "/embed", files=files)
+        with self._expecting_a_valid_answer("/embed"):
+            embeddings = [
+                Embedding(vector=np.asarray(item["vector"], dtype=np.float32), label=str(item["label"]),
+                          confidence=float(item["confidence"]))
+                for item in response.json()["embeddings"]
+            ]
+            if len(embeddings) != len(images):
+                raise ValueError(f"{len(embeddings)} embeddings for {len(images)} images")
+        return embeddings
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -95,22 +104,47 @@ class HttpEmbeddingClient:
         delay = 0.25
         for attempt in range(self.retries + 1):
             try:
-                response = await self._client.request(method, path, **kwargs)
+                # httpx times each read separately; this bounds the whole call, so a trickling
+                # embedder cannot hold a request for longer than `timeout_s`.
+                async with asyncio.timeout(self.timeout_s):
+                    response = await self._client.request(method, path, **kwargs)
+            except TimeoutError:
+                problem = f"no complete answer within {self.timeout_s:g} s"
             except httpx.TransportError as exc:
                 problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
             else:
                 if response.status_code < 400:
                     return response
-                if 400 <= response.status_code < 500:
-                    error = ImageError(f"the embedder refused the request: {_detail(response)}")
+                if response.status_code in _IMAGE_REFUSALS:
+                    error = ImageError(f"the embedder refused the image: {_detail(response)}")
                     error.status_code = response.status_code
                     raise error
                 problem = f"HTTP {response.status_code}: {_detail(response)}"
+                if response.status_code < 500 and response.status_code != 429:
+                    # A wrong URL, a missing API key or a malformed call: retrying will not help, and
+                    # it is not the caller's fault either.
+                    raise EmbedderUnavailableError(
+                        f"the embedder at {self.base_url} refused {method} {path} ({problem}); "
+                        "check CBIR_EMBEDDER_URL and the embedder's settings")
             if attempt < self.retries:
                 logger.warning("embedder %s%s failed (%s); retry %d", self.base_url, path, problem, attempt + 1)
                 await asyncio.sleep(delay)
                 delay *= 2
         raise EmbedderUnavailableError(f"the embedder at {self.base_url} is unavailable ({problem})")
+
+    @contextmanager
+    def _expecting_a_valid_answer(self, path: str) -> Iterator[None]:
+        try:
+            yield
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EmbedderUnavailableError(
+                f"the embedder at {self.base_url} answered {path} with an unexpected body ({exc!r}); "
+                "check CBIR_EMBEDDER_URL"
+            ) from exc
+
+
+# What the embedder answers when the image itself is at fault; passed on to the caller as is.
+_IMAGE_REFUSALS = {400, 413, 415}
 
 
 def _detail(response: httpx.Response) -> str:

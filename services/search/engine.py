@@ -10,7 +10,7 @@ import numpy as np
 
 from services.common.collection import resolve_inside
 from services.common.embedding import Embedding, EmbeddingService
-from services.common.errors import IndexNotReadyError
+from services.common.errors import IndexNotReadyError, StoreError
 from services.common.stores.base import StoreHit, VectorStore
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,13 @@ class SearchEngine:
         async with self._lock:
             if self.model_version is None:
                 info = await self.embedder.info()
-                await self.store.open(dims=info.dims, model_version=info.model_version, create=False)
+                try:
+                    await self.store.open(dims=info.dims, model_version=info.model_version, create=False)
+                except StoreError as exc:
+                    if type(exc) is not StoreError:  # mismatched (409) or unavailable (503) as they are
+                        raise
+                    # An unreadable index is one that is not ready: 503 and how to rebuild it, not a 500.
+                    raise IndexNotReadyError(exc.message) from exc
                 if await self.store.count() == 0:
                     raise IndexNotReadyError("the index is empty; build it with `cbir index`")
                 self.model_version = info.model_version
