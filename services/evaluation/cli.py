@@ -250,9 +250,8 @@ def _search(args: argparse.Namespace, collection: Collection, vectors: LocalVect
         return asyncio.run(search_store(StoreSettings(state_dir=state_dir).faiss_path, vectors.queries, predicted,
                                         dims=vectors.queries.shape[1], model_version=model_version, doc_rows=rows,
                                         k=args.k, progress=not args.quiet))
-    started = time.perf_counter()
     hits, scores = exact_search(vectors.queries, vectors.documents, args.k)
-    return Ranking(hits=hits, scores=scores, predicted=predicted, seconds=time.perf_counter() - started)
+    return Ranking(hits=hits, scores=scores, predicted=predicted)
 
 
 def _score(collection: Collection, ranking: Ranking, vectors: LocalVectors | None,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 # The original study: ImageNet VGG-16, softmax retrained on CIFAR-10, trec_eval `map` on a 100-deep run.
-STUDY = {"accuracy": 0.85, "map_at_100": 0.0088}
+STUDY = {"accuracy": 0.85, "map_at_100": 0.0088, "map_at_100_ceiling": 100 / 5000}
 # Within this fraction of the best variant, a default counts as supported by an ablation.
 SUPPORT_TOLERANCE = 0.01
 
@@ -51,7 +51,8 @@ def headline_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         {"metric": "classification accuracy", "study": STUDY["accuracy"], "cbir": metrics["accuracy"]},
         {"metric": "MAP@100 (trec_eval `map`, run cut at 100)", "study": STUDY["map_at_100"],
          "cbir": metrics["map_at_100"]},
-        {"metric": f"MAP@100 as a share of its ceiling {ceiling:.4g}", "study": STUDY["map_at_100"] / 0.02,
+        {"metric": f"MAP@100 as a share of its ceiling ({ceiling:.4g}; the study's 0.02)",
+         "study": STUDY["map_at_100"] / STUDY["map_at_100_ceiling"],
          "cbir": metrics["map_at_100"] / ceiling if ceiling else None},
         {"metric": "P@10", "study": None, "cbir": metrics["P_10"]},
         {"metric": "P@100", "study": None, "cbir": metrics["P_100"]},

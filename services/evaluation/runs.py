@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from services.common.documents import document_id
+from services.common.errors import CbirError
 from services.common.scoring import score_from_cosine
 from services.common.stores.faiss_store import FaissStore
 
@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 _score = np.vectorize(score_from_cosine, otypes=[np.float64])
 
 
-class SearchApiError(RuntimeError):
-    """A query the search API did not answer, after retries; names the image and the reason."""
+class SearchApiError(CbirError):
+    """The search API is not ready, or did not answer a query after retries; names the image and the reason."""
 
 
 @dataclass
@@ -40,7 +40,6 @@ class Ranking:
     hits: np.ndarray
     scores: np.ndarray
     predicted: np.ndarray
-    seconds: float
     unknown_hits: int = 0
 
 
@@ -64,7 +63,6 @@ async def search_store(store_path: Path, query_vectors: np.ndarray, predicted: n
     index the indexer wrote; `model_version` must be the one it was built with."""
     store = FaissStore(store_path)
     await store.open(dims=dims, model_version=model_version, create=False)
-    started = time.perf_counter()
     hits = np.full((len(query_vectors), k), -1, dtype=np.int64)
     scores = np.zeros((len(query_vectors), k))
     unknown = 0
@@ -77,8 +75,7 @@ async def search_store(store_path: Path, query_vectors: np.ndarray, predicted: n
             scores[i, :len(rows)] = [hit.score for hit in found]
     finally:
         await store.close()
-    return Ranking(hits=hits, scores=scores, predicted=predicted, seconds=time.perf_counter() - started,
-                   unknown_hits=unknown)
+    return Ranking(hits=hits, scores=scores, predicted=predicted, unknown_hits=unknown)
 
 
 @dataclass(frozen=True)
@@ -106,7 +103,6 @@ async def search_api(url: str, query_files: Sequence[Path], *, classes: list[str
     slots = asyncio.Semaphore(options.concurrency)
     bar = tqdm(total=len(query_files), desc="API search", unit="q", disable=not progress)
     unknown = 0
-    started = time.perf_counter()
 
     async def one(client: httpx.AsyncClient, i: int, path: Path) -> None:
         nonlocal unknown
@@ -125,12 +121,11 @@ async def search_api(url: str, query_files: Sequence[Path], *, classes: list[str
             async with asyncio.TaskGroup() as group:
                 for i, path in enumerate(query_files):
                     group.create_task(one(client, i, path))
-        except* SearchApiError as failures:
+        except* Exception as failures:  # the first failure, as itself rather than in a group
             raise failures.exceptions[0] from None
         finally:
             bar.close()
-    return Ranking(hits=hits, scores=scores, predicted=predicted, seconds=time.perf_counter() - started,
-                   unknown_hits=unknown)
+    return Ranking(hits=hits, scores=scores, predicted=predicted, unknown_hits=unknown)
 
 
 async def _post_search(client: httpx.AsyncClient, path: Path, k: int, retries: int) -> dict:
