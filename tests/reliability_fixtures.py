@@ -24,6 +24,8 @@ import numpy as np
 import uvicorn
 from PIL import Image
 
+from services.common.embedding import EmbedderInfo, Embedding
+
 # ---------------------------------------------------------------------------------------------
 # Images
 
@@ -98,6 +100,23 @@ def odd_images(photo: Image.Image) -> dict[str, bytes]:
 
 # ---------------------------------------------------------------------------------------------
 # Apps on localhost
+
+
+class FixedEmbedder:
+    """An `EmbeddingService` without a model: every image gets the same unit vector."""
+
+    def __init__(self, *, dims: int = 26, model_version: str = "fixed-model") -> None:
+        self.dims, self.model_version = dims, model_version
+        self.vector = np.eye(dims, dtype=np.float32)[0]
+
+    async def info(self) -> EmbedderInfo:
+        return EmbedderInfo(model_version=self.model_version, dims=self.dims, classes=["cat", "dog"], metadata={})
+
+    async def embed(self, images: np.ndarray) -> list[Embedding]:
+        return [Embedding(vector=self.vector, label="cat", confidence=1.0) for _ in images]
+
+    async def close(self) -> None:
+        pass
 
 
 def free_port() -> int:

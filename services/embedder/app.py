@@ -26,9 +26,9 @@ from services.common.http import (
     verify_api_key,
 )
 from services.common.images import decode_image
+from services.common.settings import ModelSettings
 from services.embedder.bundle import DEFAULT_BUNDLE_DIR, load_bundle
 from services.embedder.runtime import Embedder, LocalEmbeddingService
-from services.common.settings import ModelSettings
 from services.embedder.settings import EmbedderSettings
 
 logger = logging.getLogger(__name__)
@@ -87,8 +87,8 @@ def create_app(settings: EmbedderSettings | None = None, *,
     app.state.settings = settings
     app.state.service = None
     install_error_handlers(app)
-    install_cors(app, settings.cors_origins)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    install_cors(app, settings.cors_origins)  # outermost, so refusals (a 413 too) carry CORS headers
     app.include_router(router)
     return app
 

@@ -83,8 +83,8 @@ def create_app(settings: SearchSettings | None = None, *, embedder: EmbeddingSer
                   summary="Upload an image, get the most similar indexed images.")
     app.state.settings = settings
     install_error_handlers(app)
-    install_cors(app, settings.cors_origins)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    install_cors(app, settings.cors_origins)  # outermost, so refusals (a 413 too) carry CORS headers
     app.include_router(router)
     return app
 

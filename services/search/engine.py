@@ -62,4 +62,8 @@ class SearchEngine:
         document = await self.store.get(id)
         if document is None:
             return None
-        return resolve_inside(self.data_dir, document.path)
+        try:
+            return resolve_inside(self.data_dir, document.path)
+        except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, name too long, symlink loop
+            logger.warning("image %s has an unusable stored path %r: %s", id, document.path[:200], exc)
+            return None
