@@ -1,0 +1,70 @@
+"""A short load run against a real `cbir serve`: no errors, some throughput, bounded memory growth."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from reliability_fixtures import cbir_env, free_port, stop_process, wait_for_http
+
+from services.common.collection import REPO_ROOT
+
+MAX_RSS_GROWTH = 100 * 2**20
+
+
+def load_bench() -> ModuleType:
+    """bench/load.py, which is a script rather than part of the installed package."""
+    if "bench_load" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_load", REPO_ROOT / "bench" / "load.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+        spec.loader.exec_module(module)
+    return sys.modules["bench_load"]
+
+
+@pytest.fixture
+def served(tmp_path: Path, tiny_bundle_dir: Path, mini_collection: Path):
+    """`cbir serve` (tiny bundle, mini collection) as a subprocess on a free localhost port."""
+    port, log = free_port(), tmp_path / "serve.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=cbir_env(tiny_bundle_dir, mini_collection, tmp_path / "state"), cwd=tmp_path,
+            stdout=output, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for_http(f"{url}/healthz", timeout_s=180, process=process)
+        except (RuntimeError, TimeoutError) as exc:
+            pytest.fail(f"{exc}\n{log.read_text()[-3000:]}")
+        yield url, process, log
+    finally:
+        stop_process(process)
+
+
+def test_short_load_run_has_no_errors_and_bounded_memory(served, mini_collection: Path) -> None:
+    url, process, log = served
+    bench = load_bench()
+    result = bench.main(["--url", url, "--clients", "4", "--duration", "3", "--pid", str(process.pid),
+                         "--images", str(mini_collection / "test")])
+    assert result.errors == 0, result.error_kinds
+    assert result.requests > 0 and result.qps > 0
+    assert not math.isnan(result.percentile(99))
+    assert result.rss_before and result.rss_after
+    assert result.rss_growth < MAX_RSS_GROWTH, result.summary()
+    stop_process(process)
+    assert process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+    output = log.read_text()
+    assert "Application shutdown complete" in output and "Traceback" not in output
+
+
+def test_bench_refuses_other_hosts() -> None:
+    bench = load_bench()
+    with pytest.raises(SystemExit, match="loopback"):
+        bench.main(["--url", "http://example.com:8000", "--duration", "1"])
