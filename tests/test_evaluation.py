@@ -115,9 +115,8 @@ def test_trec_eval_wrapper_agrees_with_the_numpy_metrics_across_chunks() -> None
     doc_labels, query_labels = rng.integers(0, 4, 400), rng.integers(0, 4, 30)
     hits = np.stack([rng.permutation(400)[:100] for _ in range(30)])
     hits[0, 90:] = -1  # a query with fewer hits than k
-    scores = np.tile(np.linspace(2, 1, 100), (30, 1))
     doc_ids = [f"train/{i}" for i in range(400)]
-    measured = trec_eval([f"test/{q}" for q in range(30)], query_labels, hits, scores, doc_ids, doc_labels, chunk=7)
+    measured = trec_eval([f"test/{q}" for q in range(30)], query_labels, hits, doc_ids, doc_labels, chunk=7)
     ours = retrieval_metrics(relevance(hits, doc_labels, query_labels), relevant_counts(doc_labels, query_labels))
     for name in ("map", "P_10", "P_100"):
         assert measured[name] == pytest.approx(ours[name], abs=1e-12), name
@@ -174,6 +173,16 @@ def test_evaluate_writes_json_report_figures_and_trec_run(cbir_env: Path, tmp_pa
     qid, q0, docno, rank, _score, _tag = run_lines[0].split()
     assert (qid, q0, rank) == ("test/airplane/0000.jpg", "Q0", "1") and docno.startswith("train/")
     assert len((reports / result["files"]["qrels"]).read_text().splitlines()) == 50 * 50
+    # the files alone reproduce trec_eval's number: the run, and qrels rebuilt from the compact labels
+    run: dict[str, dict[str, float]] = {}
+    for line in run_lines:
+        qid, _, docno, _, score, _ = line.split()
+        run.setdefault(qid, {})[docno] = float(score)
+    labels = dict(line.split("\t") for line in (reports / result["files"]["labels"]).read_text().splitlines())
+    qrels = {qid: {doc: 1 for doc, label in labels.items() if doc.startswith("train/") and label == labels[qid]}
+             for qid in run}
+    measured = trec(qrels, run, {"map"})
+    assert np.mean([m["map"] for m in measured.values()]) == pytest.approx(metrics["map_at_100"], abs=1e-12)
 
 
 @contextmanager
@@ -234,7 +243,7 @@ async def test_search_api_retries_busy_answers_and_maps_hit_ids(tmp_path: Path) 
                                k=3, transport=httpx.MockTransport(answer))
     assert len(calls) == 2 and calls[1].url.params["k"] == "3"
     assert ranking.hits.tolist() == [[1, -1, -1]] and ranking.unknown_hits == 1
-    assert ranking.scores[0, 0] == pytest.approx(1.9) and ranking.predicted.tolist() == [1]
+    assert ranking.predicted.tolist() == [1]
 
 
 @pytest.mark.anyio

@@ -70,7 +70,7 @@ def measure_variant(data: AblationData, variant: Variant) -> dict[str, Any]:
     started = time.perf_counter()
     queries = fuse(data.bundle, data.test, pca_dims=variant.pca_dims, onehot_weight=variant.onehot_weight)
     documents = fuse(data.bundle, data.train, pca_dims=variant.pca_dims, onehot_weight=variant.onehot_weight)
-    hits, _ = exact_search(queries, documents, data.k)
+    hits = exact_search(queries, documents, data.k)
     metrics = retrieval_metrics(relevance(hits, data.train_labels, data.test_labels),
                                 relevant_counts(data.train_labels, data.test_labels))
     everything = full_ranking(queries, data.test_labels, documents, data.train_labels)

@@ -44,7 +44,7 @@ from services.evaluation.metrics import (
     retrieval_metrics,
     trec_eval,
 )
-from services.evaluation.report import console_summary, write_json, write_markdown
+from services.evaluation.report import STUDY, console_summary, write_json, write_markdown
 from services.evaluation.runs import (
     ApiOptions,
     Ranking,
@@ -250,8 +250,7 @@ def _search(args: argparse.Namespace, collection: Collection, vectors: LocalVect
         return asyncio.run(search_store(StoreSettings(state_dir=state_dir).faiss_path, vectors.queries, predicted,
                                         dims=vectors.queries.shape[1], model_version=model_version, doc_rows=rows,
                                         k=args.k, progress=not args.quiet))
-    hits, scores = exact_search(vectors.queries, vectors.documents, args.k)
-    return Ranking(hits=hits, scores=scores, predicted=predicted)
+    return Ranking(hits=exact_search(vectors.queries, vectors.documents, args.k), predicted=predicted)
 
 
 def _score(collection: Collection, ranking: Ranking, vectors: LocalVectors | None,
@@ -262,7 +261,7 @@ def _score(collection: Collection, ranking: Ranking, vectors: LocalVectors | Non
     num_relevant = relevant_counts(train.labels, test.labels)
     ours = retrieval_metrics(relevant, num_relevant)
     with _timed(timings, "trec_eval"):
-        trec = trec_eval(test.paths, test.labels, ranking.hits, ranking.scores, train.paths, train.labels)
+        trec = trec_eval(test.paths, test.labels, ranking.hits, train.paths, train.labels)
     full = None
     if vectors is not None:
         with _timed(timings, "full_ranking"):
@@ -335,8 +334,7 @@ def _write_outputs(args: argparse.Namespace, collection: Collection, ranking: Ra
     """The TREC files under `trec/<name>/` and the figures; their paths, relative to the report, go in `result`."""
     out, train, test = args.output_dir, collection.train, collection.test
     trec_dir = out / "trec" / args.name
-    write_run(trec_dir / "run.trec", test.paths, ranking.hits, ranking.scores, train.paths,
-              tag=f"cbir-{result['config']['mode']}")
+    write_run(trec_dir / "run.trec", test.paths, ranking.hits, train.paths, tag=f"cbir-{result['config']['mode']}")
     write_labels(trec_dir / "labels.tsv", [(test.paths, test.labels), (train.paths, train.labels)], collection.classes)
     files = {"run": trec_dir / "run.trec", "labels": trec_dir / "labels.tsv"}
     if args.write_qrels:
@@ -359,7 +357,8 @@ def _draw(args: argparse.Namespace, collection: Collection, ranking: Ranking, re
     drawn["per_class_ap"] = figures.per_class_ap(
         Path(f"{prefix}-per-class-ap.png"), classes, np.array([per_class[c]["map"] for c in classes]),
         None if full is None else np.array([per_class[c]["map_all"] for c in classes]),
-        ceiling=result["metrics"]["map_at_100_ceiling"])
+        ceiling=result["metrics"]["map_at_100_ceiling"],
+        study=STUDY["map_at_100"] if result["metrics"]["relevant_per_query"] == 5000 else None)
     drawn["confusion"] = figures.confusion(Path(f"{prefix}-confusion.png"), result["confusion_matrix"], classes)
     picks = _example_queries(collection.test.labels, args.examples, len(classes))
     if picks.size:

@@ -31,13 +31,16 @@ def precision_recall(path: Path, recall: np.ndarray, precision: np.ndarray, *, t
 
 
 def per_class_ap(path: Path, classes: list[str], ap_at_100: np.ndarray, ap_all: np.ndarray | None,
-                 *, ceiling: float) -> Path:
-    """Per-class MAP@100 (trec, left axis with its ceiling) and mAP@ALL (right), one bar pair per class."""
+                 *, ceiling: float, study: float | None = None) -> Path:
+    """Per-class MAP@100 (trec, left axis, with its ceiling and the study's overall MAP@100 when
+    comparable) and mAP@ALL (right axis), one bar pair per class."""
     figure = Figure(figsize=(8, 3.6))
     axes = figure.add_subplot()
     x = np.arange(len(classes))
     axes.bar(x - 0.2, ap_at_100, width=0.4, color="#2c7bb6", label="MAP@100 (trec_eval)")
     axes.axhline(ceiling, color="#555555", linestyle="--", linewidth=1, label=f"MAP@100 ceiling {ceiling:.3g}")
+    if study is not None:
+        axes.axhline(study, color="#d73027", linestyle=":", linewidth=1.5, label=f"study's MAP@100 {study:g}")
     axes.set(ylabel="MAP@100", ylim=(0, ceiling * 1.1), xticks=x)
     axes.set_xticklabels(classes, rotation=30, ha="right")
     handles, labels = axes.get_legend_handles_labels()

@@ -107,8 +107,8 @@ def retrieval_metrics(relevant: np.ndarray, num_relevant: np.ndarray) -> dict[st
     }
 
 
-def trec_eval(query_ids: Sequence[str], query_labels: np.ndarray, hits: np.ndarray, scores: np.ndarray,
-              doc_ids: Sequence[str], doc_labels: np.ndarray, *, chunk: int = 250) -> dict[str, np.ndarray]:
+def trec_eval(query_ids: Sequence[str], query_labels: np.ndarray, hits: np.ndarray, doc_ids: Sequence[str],
+              doc_labels: np.ndarray, *, chunk: int = 250) -> dict[str, np.ndarray]:
     """trec_eval's per-query measures (`TREC_MEASURES`) through pytrec_eval, in order of `query_ids`.
 
     Qrels list every same-class document (10k queries × 5k = 50M judgements), too many to hold at
@@ -120,7 +120,7 @@ def trec_eval(query_ids: Sequence[str], query_labels: np.ndarray, hits: np.ndarr
     for start in range(0, len(query_ids), chunk):
         ids = query_ids[start:start + chunk]
         qrels = {qid: judged[int(label)] for qid, label in zip(ids, query_labels[start:start + chunk], strict=True)}
-        run = {qid: run_entries(hits[start + i], scores[start + i], doc_ids) for i, qid in enumerate(ids)}
+        run = {qid: run_entries(hits[start + i], doc_ids) for i, qid in enumerate(ids)}
         results = pytrec_eval.RelevanceEvaluator(qrels, set(TREC_MEASURES)).evaluate(run)
         for qid in ids:
             measures = results.get(qid, {})
@@ -129,9 +129,13 @@ def trec_eval(query_ids: Sequence[str], query_labels: np.ndarray, hits: np.ndarr
     return {measure: np.asarray(values) for measure, values in per_query.items()}
 
 
-def run_entries(hits: np.ndarray, scores: np.ndarray, doc_ids: Sequence[str]) -> dict[str, float]:
-    """One query's run as trec_eval reads it: docno → score (unknown hits are left out)."""
-    return {doc_ids[i]: float(s) for i, s in zip(hits, scores, strict=True) if i >= 0}
+def run_entries(hits: np.ndarray, doc_ids: Sequence[str]) -> dict[str, float]:
+    """One query's run as trec_eval reads it, best first: docno → score (unknown hits left out).
+
+    trec_eval re-sorts each run by score held as a 32-bit float, ties broken by docno, so cosines
+    closer than ~1e-7 would swap; a score of k − position keeps the system's order exactly.
+    """
+    return {doc_ids[hit]: float(len(hits) - position) for position, hit in enumerate(hits) if hit >= 0}
 
 
 def confusion_matrix(true: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:

@@ -110,6 +110,12 @@ def _summary_section(result: dict[str, Any]) -> str:
         "a 100-deep run, every one of the 5,000 same-class train images relevant, so at most 100 / 5,000 = 0.02).",
         table(headline_rows(metrics), (("metric", "metric"), ("study", "study"), ("cbir", "cbir"))),
     ]
+    weight = config.get("onehot_weight")
+    if weight is not None and weight > 2 ** 0.5:
+        lines.append(
+            f"With a one-hot weight of {weight:g} (> √2) every image of the predicted class outranks every other, "
+            f"so retrieval follows classification: P@100 = {metrics['P_100']:.4f} next to an accuracy of "
+            f"{metrics['accuracy']:.4f}, and the embedding only orders images within the predicted class.")
     return "\n\n".join(lines)
 
 
@@ -127,7 +133,9 @@ def _protocol_section(result: dict[str, Any]) -> str:
         "(the deep-hashing literature's mAP@k); **mAP@ALL** ranks all train images for every query.",
         f"- **P@k**: trec_eval's `P_10`, `P_100`. numpy re-implementations used for the ablations {agreement} "
         "with trec_eval on this run.",
-        f"- **Files**: the run is `{files['run']}` (TREC format); qrels would be 50M lines for CIFAR-10, so by "
+        f"- **Files**: the run is `{files['run']}` (TREC format) in the system's order, with score k − position: "
+        "trec_eval re-sorts by a 32-bit score, which would swap cosines closer than ~1e-7. Qrels would be 50M lines "
+        "for CIFAR-10, so by "
         f"default they are written compactly as `{files['labels']}` (`id<TAB>class`; relevant = same class) — "
         "`--write-qrels` writes the full TREC qrels. Neither is committed.",
     ])
@@ -180,7 +188,7 @@ def _timings_section(result: dict[str, Any]) -> str:
 
 def console_summary(result: dict[str, Any]) -> list[str]:
     """The headline table as plain lines, for the log."""
-    lines = [f"{'metric':48} {'study':>8} {'cbir':>8}"]
+    lines = [f"{'metric':64} {'study':>8} {'cbir':>8}"]
     for row in headline_rows(result["metrics"]):
-        lines.append(f"{row['metric'][:48]:48} {_cell(row['study']):>8} {_cell(row['cbir']):>8}")
+        lines.append(f"{row['metric'][:64]:64} {_cell(row['study']):>8} {_cell(row['cbir']):>8}")
     return lines

@@ -20,12 +20,10 @@ from tqdm import tqdm
 
 from services.common.documents import document_id
 from services.common.errors import CbirError
-from services.common.scoring import score_from_cosine
 from services.common.stores.faiss_store import FaissStore
+from services.evaluation.metrics import run_entries
 
 logger = logging.getLogger(__name__)
-
-_score = np.vectorize(score_from_cosine, otypes=[np.float64])
 
 
 class SearchApiError(CbirError):
@@ -35,26 +33,19 @@ class SearchApiError(CbirError):
 @dataclass
 class Ranking:
     """The top k of every query: `hits` (Q, k) index the documents (-1: no hit, or one not in the
-    collection); `scores` are on the service's scale; `predicted` is each query's predicted class."""
+    collection), best first; `predicted` is each query's predicted class."""
 
     hits: np.ndarray
-    scores: np.ndarray
     predicted: np.ndarray
     unknown_hits: int = 0
 
 
-def exact_search(query_vectors: np.ndarray, doc_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k by exact inner product (cosine, the vectors being unit length), scores as cosine + 1."""
+def exact_search(query_vectors: np.ndarray, doc_vectors: np.ndarray, k: int) -> np.ndarray:
+    """Top-k rows of `doc_vectors` by exact inner product (cosine: the vectors are unit length), as FaissStore."""
     index = faiss.IndexFlatIP(doc_vectors.shape[1])
     index.add(np.ascontiguousarray(doc_vectors, dtype=np.float32))
-    cosines, hits = index.search(np.ascontiguousarray(query_vectors, dtype=np.float32), min(k, len(doc_vectors)))
-    return _pad(hits, k, -1), _pad(_score(cosines), k, 0.0)
-
-
-def _pad(matrix: np.ndarray, k: int, fill: float) -> np.ndarray:
-    if matrix.shape[1] >= k:
-        return matrix
-    return np.pad(matrix, ((0, 0), (0, k - matrix.shape[1])), constant_values=fill)
+    _, hits = index.search(np.ascontiguousarray(query_vectors, dtype=np.float32), min(k, len(doc_vectors)))
+    return np.pad(hits, ((0, 0), (0, max(0, k - hits.shape[1]))), constant_values=-1)
 
 
 async def search_store(store_path: Path, query_vectors: np.ndarray, predicted: np.ndarray, *, dims: int,
@@ -64,7 +55,6 @@ async def search_store(store_path: Path, query_vectors: np.ndarray, predicted: n
     store = FaissStore(store_path)
     await store.open(dims=dims, model_version=model_version, create=False)
     hits = np.full((len(query_vectors), k), -1, dtype=np.int64)
-    scores = np.zeros((len(query_vectors), k))
     unknown = 0
     try:
         for i, vector in enumerate(tqdm(query_vectors, desc="store search", unit="q", disable=not progress)):
@@ -72,10 +62,9 @@ async def search_store(store_path: Path, query_vectors: np.ndarray, predicted: n
             rows = [doc_rows.get(hit.id, -1) for hit in found]
             unknown += rows.count(-1)
             hits[i, :len(rows)] = rows
-            scores[i, :len(rows)] = [hit.score for hit in found]
     finally:
         await store.close()
-    return Ranking(hits=hits, scores=scores, predicted=predicted, unknown_hits=unknown)
+    return Ranking(hits=hits, predicted=predicted, unknown_hits=unknown)
 
 
 @dataclass(frozen=True)
@@ -98,7 +87,6 @@ async def search_api(url: str, query_files: Sequence[Path], *, classes: list[str
     headers = {"X-API-Key": options.api_key} if options.api_key else {}
     timeout = httpx.Timeout(options.timeout_s, connect=min(options.timeout_s, 10.0))
     hits = np.full((len(query_files), k), -1, dtype=np.int64)
-    scores = np.zeros((len(query_files), k))
     predicted = np.zeros(len(query_files), dtype=np.int64)
     slots = asyncio.Semaphore(options.concurrency)
     bar = tqdm(total=len(query_files), desc="API search", unit="q", disable=not progress)
@@ -112,7 +100,6 @@ async def search_api(url: str, query_files: Sequence[Path], *, classes: list[str
         rows = [doc_rows.get(hit["id"], -1) for hit in body["hits"][:k]]
         unknown += rows.count(-1)
         hits[i, :len(rows)] = rows
-        scores[i, :len(rows)] = [hit["score"] for hit in body["hits"][:k]]
         bar.update()
 
     async with httpx.AsyncClient(base_url=url.rstrip("/"), timeout=timeout, headers=headers,
@@ -125,7 +112,7 @@ async def search_api(url: str, query_files: Sequence[Path], *, classes: list[str
             raise failures.exceptions[0] from None
         finally:
             bar.close()
-    return Ranking(hits=hits, scores=scores, predicted=predicted, unknown_hits=unknown)
+    return Ranking(hits=hits, predicted=predicted, unknown_hits=unknown)
 
 
 async def _post_search(client: httpx.AsyncClient, path: Path, k: int, retries: int) -> dict:
@@ -155,17 +142,13 @@ def document_rows(paths: Sequence[str]) -> dict[str, int]:
     return {document_id(path): row for row, path in enumerate(paths)}
 
 
-def write_run(path: Path, query_ids: Sequence[str], hits: np.ndarray, scores: np.ndarray,
-              doc_ids: Sequence[str], *, tag: str) -> None:
-    """A TREC run file: `qid Q0 docno rank score tag`, best first (unknown hits are left out)."""
+def write_run(path: Path, query_ids: Sequence[str], hits: np.ndarray, doc_ids: Sequence[str], *, tag: str) -> None:
+    """A TREC run file, `qid Q0 docno rank score tag`, holding exactly what `trec_eval` evaluated."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as file:
-        for qid, row_hits, row_scores in zip(query_ids, hits, scores, strict=True):
-            rank = 0
-            for hit, score in zip(row_hits, row_scores, strict=True):
-                if hit >= 0:
-                    rank += 1
-                    file.write(f"{qid} Q0 {doc_ids[hit]} {rank} {score:.6f} {tag}\n")
+        for qid, row in zip(query_ids, hits, strict=True):
+            for rank, (docno, score) in enumerate(run_entries(row, doc_ids).items(), start=1):
+                file.write(f"{qid} Q0 {docno} {rank} {score:g} {tag}\n")
 
 
 def write_labels(path: Path, splits: Sequence[tuple[Sequence[str], np.ndarray]], classes: list[str]) -> None:
