@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     collection = _load(args, timings)
     pca_dims, onehot_weight = _vector_settings(args, collection.bundle)
     ranking, model_version, local = _rank(args, collection, timings, pca_dims, onehot_weight)
-    result = _score(collection, ranking, local, timings)
-    relevant, full = result.pop("_relevant"), result.pop("_full")
+    result, relevant, full = _score(collection, ranking, local, timings)
     if args.ablations:
         with _timed(timings, "ablations"):
             result["ablations"] = run_ablations(_ablation_data(collection, args.k), pca_dims=pca_dims,
@@ -254,8 +253,9 @@ def _search(args: argparse.Namespace, collection: Collection, vectors: LocalVect
 
 
 def _score(collection: Collection, ranking: Ranking, vectors: LocalVectors | None,
-           timings: dict[str, float]) -> dict[str, Any]:
-    """trec_eval's measures, their numpy twins, mAP@ALL, accuracy, per class; what the JSON holds."""
+           timings: dict[str, float]) -> tuple[dict[str, Any], np.ndarray, FullRanking | None]:
+    """trec_eval's measures, their numpy twins, mAP@ALL, accuracy, per class (what the JSON holds),
+    with the relevance of every hit and the full ranking, for the figures."""
     train, test, classes = collection.train, collection.test, collection.classes
     relevant = relevance(ranking.hits, train.labels, test.labels)
     num_relevant = relevant_counts(train.labels, test.labels)
@@ -280,10 +280,10 @@ def _score(collection: Collection, ranking: Ranking, vectors: LocalVectors | Non
         "numpy_vs_trec_eval_max_diff": float(max(np.abs(ours[m] - trec[m]).max() for m in ("map", "P_10", "P_100"))),
         "unknown_hits": ranking.unknown_hits,
     }
-    return {"metrics": metrics, "per_class": _per_class(classes, test.labels, ranking.predicted, trec, full),
-            "confusion_matrix": confusion_matrix(test.labels, ranking.predicted, len(classes)),
-            "precision_recall": None if full is None else {"recall": full.recall, "precision": full.precision},
-            "_relevant": relevant, "_full": full}
+    result = {"metrics": metrics, "per_class": _per_class(classes, test.labels, ranking.predicted, trec, full),
+              "confusion_matrix": confusion_matrix(test.labels, ranking.predicted, len(classes)),
+              "precision_recall": None if full is None else {"recall": full.recall, "precision": full.precision}}
+    return result, relevant, full
 
 
 def _per_class(classes: list[str], labels: np.ndarray, predicted: np.ndarray, trec: dict[str, np.ndarray],
