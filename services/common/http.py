@@ -50,6 +50,9 @@ ERROR_RESPONSES: dict[int | str, dict] = {
         (503, "Model, embedder or index not ready (see Retry-After)"),
     )
 } | {422: {"model": ValidationErrorResponse, "description": "Missing or invalid field or parameter"}}
+ERROR_RESPONSES[503]["headers"] = {
+    "Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}
+}
 
 
 def install_error_handlers(app: FastAPI) -> None:

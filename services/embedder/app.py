@@ -130,14 +130,14 @@ async def embed(request: Request, service: ServiceDep,
                     for e in embeddings],
     )
 
-@router.get("/info", response_model=InfoResponse)
+@router.get("/info", response_model=InfoResponse, responses={503: ERROR_RESPONSES[503]})
 async def info(service: ServiceDep) -> InfoResponse:
     """The model bundle's metadata and the vector settings in force."""
     details = service.embedder.info()
     return InfoResponse(model_version=details.model_version, dims=details.dims, classes=details.classes,
                         **details.metadata)
 
-@router.get("/healthz")
+@router.get("/healthz", responses={503: ERROR_RESPONSES[503]})
 async def healthz(service: ServiceDep) -> dict[str, str]:
     """200 once the model is loaded and warmed up, else 503."""
     return {"status": "ok", "model_version": service.embedder.model_version}

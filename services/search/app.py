@@ -26,6 +26,7 @@ from services.common.errors import CbirError
 from services.common.http import (
     ERROR_RESPONSES,
     BodySizeLimitMiddleware,
+    ErrorResponse,
     install_cors,
     install_error_handlers,
     verify_api_key,
@@ -121,7 +122,9 @@ async def search(
 
 
 @router.get("/images/{id}", name="get_image", tags=["search"], response_class=FileResponse,
-            responses={404: {"description": "No such indexed image"}})
+            responses={200: {"description": "The image file", "content": {"image/*": {}}},
+                       404: {"model": ErrorResponse, "description": "No such indexed image"},
+                       422: ERROR_RESPONSES[422]})
 async def get_image(id: str, engine: EngineDep) -> FileResponse:
     """An indexed image by its document id."""
     path = await engine.image_path(id)
@@ -131,7 +134,7 @@ async def get_image(id: str, engine: EngineDep) -> FileResponse:
 
 
 @router.get("/healthz", response_model=HealthResponse, tags=["ops"],
-            responses={503: {"description": "model or store not ready"}})
+            responses={503: ERROR_RESPONSES[503]})
 async def healthz(request: Request, engine: EngineDep) -> HealthResponse | JSONResponse:
     """200 only when the model and the store are ready."""
     try:
