@@ -115,6 +115,23 @@ async def test_slow_embedder_is_503_within_the_timeout(gateway_factory, test_ima
             assert slow.connections >= 1
 
 
+async def test_concurrent_searches_do_not_queue_behind_a_slow_embedder(gateway_factory, test_image: bytes) -> None:
+    # Readiness is checked once for all waiting requests, not once per request in turn.
+    with StallingServer(mode="silent") as slow:
+        async with gateway_factory(slow.url) as gateway:
+            results: list[tuple[httpx.Response, float]] = []
+
+            async def one() -> None:
+                results.append(await timed_search(gateway, test_image))
+
+            async with anyio.create_task_group() as group:
+                for _ in range(8):
+                    group.start_soon(one)
+    for response, seconds in results:
+        assert_unavailable(response, "unavailable")
+        assert seconds < WORST_CASE_S, [round(s, 1) for _, s in results]
+
+
 def not_an_embedder(kind: str) -> FastAPI:
     """Something else listening where the embedder should be."""
     app = FastAPI()

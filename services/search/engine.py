@@ -28,25 +28,31 @@ class SearchEngine:
         self.store = store
         self.data_dir = data_dir
         self.model_version: str | None = None
-        self._lock = asyncio.Lock()
+        self._readiness: asyncio.Task[str] | None = None
 
     async def ensure_ready(self) -> str:
         if self.model_version is not None:
             return self.model_version
-        async with self._lock:
-            if self.model_version is None:
-                info = await self.embedder.info()
-                try:
-                    await self.store.open(dims=info.dims, model_version=info.model_version, create=False)
-                except StoreError as exc:
-                    if type(exc) is not StoreError:  # mismatched (409) or unavailable (503) as they are
-                        raise
-                    # An unreadable index is one that is not ready: 503 and how to rebuild it, not a 500.
-                    raise IndexNotReadyError(exc.message) from exc
-                if await self.store.count() == 0:
-                    raise IndexNotReadyError("the index is empty; build it with `cbir index`")
-                self.model_version = info.model_version
-                logger.info("search ready: model %s, %s store", info.model_version, self.store.name)
+        # Requests arriving while a check runs share its outcome instead of queueing for checks of
+        # their own, so with the embedder down each still gets its 503 within one embedder timeout.
+        if self._readiness is None or self._readiness.done():
+            self._readiness = asyncio.create_task(self._check_ready())
+            self._readiness.add_done_callback(_consume_exception)
+        return await asyncio.shield(self._readiness)
+
+    async def _check_ready(self) -> str:
+        info = await self.embedder.info()
+        try:
+            await self.store.open(dims=info.dims, model_version=info.model_version, create=False)
+        except StoreError as exc:
+            if type(exc) is not StoreError:  # mismatched (409) or unavailable (503) as they are
+                raise
+            # An unreadable index is one that is not ready: 503 and how to rebuild it, not a 500.
+            raise IndexNotReadyError(exc.message) from exc
+        if await self.store.count() == 0:
+            raise IndexNotReadyError("the index is empty; build it with `cbir index`")
+        self.model_version = info.model_version
+        logger.info("search ready: model %s, %s store", info.model_version, self.store.name)
         return self.model_version
 
     async def search(self, image: np.ndarray, k: int) -> tuple[Embedding, list[StoreHit]]:
@@ -67,3 +73,10 @@ class SearchEngine:
         except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, name too long, symlink loop
             logger.warning("image %s has an unusable stored path %r: %s", id, document.path[:200], exc)
             return None
+
+
+def _consume_exception(task: asyncio.Task) -> None:
+    # Every waiting request re-raises the failure; this only keeps asyncio from reporting it as
+    # "never retrieved" when all of them went away first.
+    if not task.cancelled():
+        task.exception()
