@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import random
+import select
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import anyio
 import httpx
 import pytest
 from PIL import Image
-from reliability_fixtures import asgi_client, encode, odd_images, png_bomb, png_bytes
+from reliability_fixtures import asgi_client, encode, odd_images, png_bomb, png_bytes, serve_in_thread
 
 pytestmark = pytest.mark.anyio
 
@@ -200,6 +202,47 @@ async def test_upload_just_under_the_cap_is_accepted(small_limit_clients: dict[s
     assert len(data) < SMALL_LIMIT - 1024
     response = await post_image(small_limit_clients[endpoint], endpoint, "ok.bmp", data, "image/bmp")
     assert response.status_code == 200, response.text
+
+
+def test_live_server_refuses_oversized_bodies_without_reading_them(indexed_state: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through uvicorn and a real socket: 413 arrives before the body is sent (declared) or while
+    it is still streaming (chunked)."""
+    from services.search.app import create_app
+
+    monkeypatch.setenv("CBIR_MAX_UPLOAD_BYTES", str(SMALL_LIMIT))
+    head = (b"POST /search HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: multipart/form-data; boundary=cbir-test-boundary\r\n")
+    with serve_in_thread(create_app()) as url:
+        address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        with socket.create_connection(address, timeout=10) as sock:
+            sock.sendall(head + b"Content-Length: 50000000\r\n\r\n")  # and not one byte of the body
+            assert read_reply(sock).startswith(b"HTTP/1.1 413")
+
+        with socket.create_connection(address, timeout=10) as sock:
+            sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n"
+                         + http_chunk(multipart_head("/search", "cbir-test-boundary")))
+            sent = 0
+            while not select.select([sock], [], [], 0.002)[0]:
+                assert sent < 50_000_000, "no answer while 50 MB streamed in"
+                sock.sendall(http_chunk(b"\x00" * 16384))
+                sent += 16384
+            assert read_reply(sock).startswith(b"HTTP/1.1 413")
+            assert sent < SMALL_LIMIT + 2**20, f"{sent} bytes went in before the 413"  # 64 KiB here
+
+
+def http_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def read_reply(sock: socket.socket) -> bytes:
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        data = sock.recv(4096)
+        if not data:
+            break
+        reply += data
+    return reply
 
 
 # --- odd but valid images ---------------------------------------------------------------------
