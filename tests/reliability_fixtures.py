@@ -24,6 +24,7 @@ import numpy as np
 import uvicorn
 from PIL import Image
 
+from services.common.collection import REPO_ROOT
 from services.common.embedding import EmbedderInfo, Embedding
 
 # ---------------------------------------------------------------------------------------------
@@ -229,11 +230,12 @@ def wait_for_http(url: str, *, timeout_s: float, process: subprocess.Popen | Non
     raise TimeoutError(f"{url} did not answer 200 within {timeout_s} s (last: {last})")
 
 
-def cbir_env(model_dir: Path, data_dir: Path, state_dir: Path, **extra: str) -> dict[str, str]:
+def subprocess_env(model_dir: Path, data_dir: Path, state_dir: Path, **extra: str) -> dict[str, str]:
     """The environment of a `cbir` subprocess: this one's, with CBIR_* pointing at test data."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("CBIR_")}
     env.update(CBIR_MODEL_DIR=str(model_dir), CBIR_DATA_DIR=str(data_dir), CBIR_STATE_DIR=str(state_dir),
                CBIR_BACKEND="faiss", PYTHONUNBUFFERED="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
 
 

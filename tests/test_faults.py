@@ -26,11 +26,11 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from reliability_fixtures import (
     StallingServer,
     asgi_client,
-    cbir_env,
     free_port,
     read_index,
     serve_in_thread,
     stop_process,
+    subprocess_env,
 )
 
 from services.common.collection import REPO_ROOT, iter_images
@@ -260,7 +260,7 @@ def test_indexer_killed_mid_run_loses_and_duplicates_nothing(
         process = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "index", "--no-progress", "--batch-size", "8",
              "--concurrency", "1"],
-            env=cbir_env_for(tiny_bundle_dir, thousand_images, cbir_env), cwd=cbir_env.parent,
+            env=subprocess_env(tiny_bundle_dir, thousand_images, cbir_env), cwd=cbir_env.parent,
             stdout=output, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
@@ -287,12 +287,6 @@ def test_indexer_killed_mid_run_loses_and_duplicates_nothing(
     assert set(ids) == {image.id for image in iter_images(thousand_images, "train")}
     assert arrays["vectors"].shape == (1000, 26)
     np.testing.assert_allclose(np.linalg.norm(arrays["vectors"], axis=1), 1.0, atol=1e-3)
-
-
-def cbir_env_for(model_dir: Path, data_dir: Path, state_dir: Path) -> dict[str, str]:
-    env = cbir_env(model_dir, data_dir, state_dir)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return env
 
 
 # --- (d) corrupt files in the collection --------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from reliability_fixtures import cbir_env, free_port, stop_process, wait_for_http
+from reliability_fixtures import free_port, stop_process, subprocess_env, wait_for_http
 
 from services.common.collection import REPO_ROOT
 
@@ -35,7 +35,7 @@ def served(tmp_path: Path, tiny_bundle_dir: Path, mini_collection: Path):
     with log.open("wb") as output:
         process = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=cbir_env(tiny_bundle_dir, mini_collection, tmp_path / "state"), cwd=tmp_path,
+            env=subprocess_env(tiny_bundle_dir, mini_collection, tmp_path / "state"), cwd=tmp_path,
             stdout=output, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
