@@ -42,6 +42,7 @@ async def gallery(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
     paths = {
         "ok": "train/cat/ok.jpg",
         "dotdot": "../secret.txt",
+        "etc-passwd": "../../etc/passwd",
         "dotdot-deep": UP_TO_ROOT + "etc/passwd",
         "dotdot-inside": "train/cat/../../../secret.txt",
         "absolute": "/etc/passwd",
@@ -81,8 +82,8 @@ async def test_indexed_image_inside_the_collection_is_served(gallery_client: htt
     assert response.headers["content-type"] == "image/jpeg"
 
 
-TRAPS = ["dotdot", "dotdot-deep", "dotdot-inside", "absolute", "absolute-secret", "symlink-file", "symlink-dir",
-         "symlink-loop", "directory", "collection-root", "nul-byte", "too-long", "backslashes"]
+TRAPS = ["dotdot", "etc-passwd", "dotdot-deep", "dotdot-inside", "absolute", "absolute-secret", "symlink-file",
+         "symlink-dir", "symlink-loop", "directory", "collection-root", "nul-byte", "too-long", "backslashes"]
 
 
 @pytest.mark.parametrize("id", TRAPS)
