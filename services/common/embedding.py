@@ -66,13 +66,17 @@ class HttpEmbeddingClient:
     >>> vectors = await client.embed(images)
     """
 
-    def __init__(self, base_url: str, *, timeout_s: float = 10.0, retries: int = 2,
+    # The embedder takes at most 512 images a request (CBIR_MAX_IMAGES_PER_REQUEST); stay well below.
+    max_images_per_request = 256
+
+    def __init__(self, base_url: str, *, timeout_s: float = 10.0, retries: int = 2, api_key: str | None = None,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.retries = retries
+        headers = {"X-API-Key": api_key} if api_key else {}
         self._client = httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(timeout_s),
-                                         transport=transport)
+                                         headers=headers, transport=transport)
         self._info: EmbedderInfo | None = None
 
     async def info(self) -> EmbedderInfo:
@@ -85,6 +89,9 @@ class HttpEmbeddingClient:
         return self._info
 
     async def embed(self, images: np.ndarray) -> list[Embedding]:
+        step = self.max_images_per_request
+        if len(images) > step:
+            return [e for start in range(0, len(images), step) for e in await self.embed(images[start:start + step])]
         files = [("files", (f"{i}.png", encode_png(image), "image/png")) for i, image in enumerate(images)]
         response = await self._request("POST", "/embed", files=files)
         with self._expecting_a_valid_answer("/embed"):

@@ -88,6 +88,7 @@ class EmbedderClientSettings(BaseCbirSettings):
     )
     embedder_timeout_s: float = Field(10.0, gt=0, description="timeout of one call to the embedder")
     embedder_retries: int = Field(2, ge=0, le=10, description="retries of a failed embedder call")
+    embedder_api_key: SecretStr | None = Field(None, description="X-API-Key sent to an embedder that requires one")
 
 
 class CollectionSettings(BaseCbirSettings):

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_numpy
@@ -137,8 +136,10 @@ def load_bundle(directory: Path) -> Bundle:
         model = build_model(metadata["architecture"], num_classes)
         model.load_state_dict({name: t.float() if t.is_floating_point() else t for name, t in weights.items()})
     except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BundleError(
-            f"the weights in {directory} do not match the architecture in its {METADATA_FILE}: {exc}"
+            f"the weights in {directory} do not match the architecture in its {METADATA_FILE} "
+            f"({first_line}); {_HOW_TO_GET_ONE}"
         ) from exc
     try:
         projection = PcaProjection(mean=arrays["mean"], components=arrays["components"])

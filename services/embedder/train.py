@@ -180,9 +180,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.pretrained == "imagenet":
         model.load_imagenet_features()
     model = model.to(device, memory_format=torch.channels_last)
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if param.ndim <= 1 else decay).append(param)
+    # No weight decay on biases and batch-norm parameters.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
                                 lr=args.lr, momentum=args.momentum, nesterov=True)

@@ -44,8 +44,9 @@ logger = logging.getLogger(__name__)
 def create_embedding_service(settings: SearchSettings) -> EmbeddingService:
     """The embedder named by `CBIR_EMBEDDER_URL`, or the model in this process."""
     if settings.embedder_url is not None:
+        api_key = settings.embedder_api_key.get_secret_value() if settings.embedder_api_key else None
         return HttpEmbeddingClient(str(settings.embedder_url), timeout_s=settings.embedder_timeout_s,
-                                   retries=settings.embedder_retries)
+                                   retries=settings.embedder_retries, api_key=api_key)
     from services.embedder.app import create_service
 
     service = create_service(settings)

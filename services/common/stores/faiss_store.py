@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,6 +51,8 @@ class FaissStore(VectorStore):
         self._dirty = False
 
     async def open(self, *, dims: int, model_version: str, create: bool = True) -> None:
+        for leftover in self.path.parent.glob(self.path.name + ".*.tmp"):  # from a save that was killed
+            leftover.unlink(missing_ok=True)
         if self.path.exists():
             await asyncio.to_thread(self._load)
         elif not create:
@@ -83,7 +86,7 @@ class FaissStore(VectorStore):
                 if row is None:
                     self._rows[doc.id] = len(self._rows)
                     new_rows.append(vector)
-                    for field, value in zip(_FIELDS, (doc.id, doc.filename, doc.path, doc.label)):
+                    for field, value in zip(_FIELDS, (doc.id, doc.filename, doc.path, doc.label), strict=True):
                         self._columns[field].append(value)
                 else:
                     self._vectors[row] = vector
@@ -195,7 +198,7 @@ class FaissStore(VectorStore):
                 vectors = data["vectors"].astype(np.float32)
                 columns = {field: data[field].tolist() for field in _FIELDS}
                 model_version = str(data["model_version"]) or None
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise StoreError(
                 f"the index at {self.path} is unreadable ({exc}); delete it and run `cbir index`"
             ) from exc
