@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import pytrec_eval
 import uvicorn
+from fastapi import FastAPI
 
 from services.common.documents import document_id
 from services.evaluation import cli as evaluate
@@ -186,7 +187,7 @@ def test_evaluate_writes_json_report_figures_and_trec_run(cbir_env: Path, tmp_pa
 
 
 @contextmanager
-def serve(app) -> Iterator[str]:
+def serve(app: FastAPI) -> Iterator[str]:
     """The app under uvicorn on a free localhost port, in a thread; yields its base URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 DPI = 80
@@ -93,7 +94,7 @@ def example_queries(path: Path, queries: np.ndarray, query_labels: list[str], re
     return _save(figure, path)
 
 
-def _show(axes, image: np.ndarray, frame: str) -> None:
+def _show(axes: Axes, image: np.ndarray, frame: str) -> None:
     axes.imshow(image, interpolation="nearest")
     axes.set_xticks([])
     axes.set_yticks([])
