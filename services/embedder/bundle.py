@@ -106,6 +106,8 @@ def save_bundle(directory: Path, model: torch.nn.Module, projection: PcaProjecti
             "metrics": spec.metrics,
         }
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        for path in staging.iterdir():
+            path.chmod(0o644)
         if directory.exists():
             backup = directory.with_name(directory.name + ".old")
             shutil.rmtree(backup, ignore_errors=True)
