@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import pytest
 
@@ -57,3 +59,13 @@ async def test_embed_returns_one_vector_per_image(embedder_client: httpx.AsyncCl
     info = (await embedder_client.get("/info")).json()
     assert info["model_version"] == body["model_version"]
     assert len(info["classes"]) == 10
+
+
+async def test_metrics_count_requests_per_route_template(search_client: httpx.AsyncClient, test_image: bytes) -> None:
+    await search_client.post("/search", files={"file": ("q.jpg", test_image, "image/jpeg")})
+    response = await search_client.get("/metrics", follow_redirects=True)
+    assert response.status_code == 200
+    text = response.text
+    assert 'cbir_http_requests_total{method="POST",route="/search",service="search",status="200"}' in text
+    assert "cbir_embedder_batch_images_bucket" in text
+    assert not re.search(r'route="/images/[0-9a-f]+"', text)  # ids never become label values

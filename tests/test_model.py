@@ -93,3 +93,18 @@ def test_batch_hard_triplet_loss_is_zero_for_separated_classes() -> None:
     assert batch_hard_triplet_loss(separated, labels, margin=0.2).item() == pytest.approx(0.0)
     mixed = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.01], [0.01, 1.0]])
     assert batch_hard_triplet_loss(mixed, labels, margin=0.2).item() > 0.5
+
+
+def test_training_can_start_from_a_bundle(tmp_path: Path, mini_collection: Path, tiny_bundle_dir: Path) -> None:
+    args = get_args_parser().parse_args([
+        "--data-dir", str(mini_collection), "--checkpoint-dir", str(tmp_path / "ckpt"), "--epochs", "1",
+        "--batch-size", "100", "--lr", "0.0001", "--width-mult", "0.125", "--embedding-dim", "64",
+        "--pca-components", "32", "--pca-dims", "16", "--quiet", "--init-bundle", str(tiny_bundle_dir),
+        "--output", str(tmp_path / "bundle"),
+    ])
+    train(args)
+    start = load_bundle(tiny_bundle_dir).model.features[0].weight
+    continued = load_bundle(args.output).model.features[0].weight
+    # A tiny learning rate moves the weights a little: continued from the bundle, not from scratch.
+    assert torch.allclose(start, continued, atol=1e-2)
+    assert not torch.equal(start, continued)

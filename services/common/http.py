@@ -1,4 +1,5 @@
-"""The HTTP edge shared by the services: one error envelope, the body-size limit, API keys, CORS."""
+"""The HTTP edge shared by the services: one error envelope, the body-size limit, API keys, CORS,
+Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,12 +15,17 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from prometheus_client import Counter, Histogram, make_asgi_app
 from pydantic import BaseModel, SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.errors import CbirError, EmbedderUnavailableError
 
 logger = logging.getLogger(__name__)
+
+REQUESTS = Counter("cbir_http_requests_total", "HTTP requests answered", ["service", "method", "route", "status"])
+LATENCY = Histogram("cbir_http_request_seconds", "HTTP request latency", ["service", "method", "route"],
+                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 
 
 class ErrorResponse(BaseModel):
@@ -152,3 +159,45 @@ def install_cors(app: FastAPI, origins: Sequence[str]) -> None:
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST"],
                            allow_headers=["X-API-Key", "Content-Type"])
+
+
+def install_http_edge(app: FastAPI, *, service: str, max_upload_bytes: int, cors_origins: Sequence[str]) -> None:
+    """Everything between the network and a service's routes, in the right order.
+
+    From the outside in: CORS (so refusals carry its headers too), metrics, the body-size limit,
+    then FastAPI with the one error envelope. `GET /metrics` serves Prometheus metrics.
+    """
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, service=service)
+    install_cors(app, cors_origins)
+    app.mount("/metrics", make_asgi_app())
+
+
+class MetricsMiddleware:
+    """Counts requests and times them per route template (never per raw path: ids would explode it)."""
+
+    def __init__(self, app: ASGIApp, *, service: str) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"]
+            REQUESTS.labels(self.service, method, route, str(status)).inc()
+            LATENCY.labels(self.service, method, route).observe(time.perf_counter() - started)

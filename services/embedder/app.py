@@ -20,9 +20,7 @@ from pydantic import BaseModel
 from services.common.errors import ImageError, ModelNotLoadedError
 from services.common.http import (
     ERROR_RESPONSES,
-    BodySizeLimitMiddleware,
-    install_cors,
-    install_error_handlers,
+    install_http_edge,
     verify_api_key,
 )
 from services.common.images import decode_image
@@ -86,9 +84,8 @@ def create_app(settings: EmbedderSettings | None = None, *,
                   summary="Images in, VGG-16 search vectors out.")
     app.state.settings = settings
     app.state.service = None
-    install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    install_cors(app, settings.cors_origins)  # outermost, so refusals (a 413 too) carry CORS headers
+    install_http_edge(app, service="embedder", max_upload_bytes=settings.max_upload_bytes,
+                      cors_origins=settings.cors_origins)
     app.include_router(router)
     return app
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from prometheus_client import Histogram
 
 from services.common.embedding import EmbedderInfo, Embedding
 from services.common.errors import EmbedderUnavailableError, ModelNotLoadedError
@@ -24,6 +25,10 @@ from services.embedder.inference import forward_batch, pick_device, to_model_inp
 from services.embedder.vectors import build_vectors, check_vector_config
 
 logger = logging.getLogger(__name__)
+
+BATCH_IMAGES = Histogram("cbir_embedder_batch_images", "images per forward pass of the micro-batcher",
+                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+FORWARD_SECONDS = Histogram("cbir_embedder_forward_seconds", "time of one micro-batch forward pass")
 
 
 class Embedder:
@@ -152,8 +157,11 @@ class MicroBatcher:
             self._process(pending)
 
     def _process(self, batch: list[_Request]) -> None:
+        images = np.concatenate([r.images for r in batch])
+        BATCH_IMAGES.observe(len(images))
         try:
-            embeddings = self.embedder.embed_batch(np.concatenate([r.images for r in batch]))
+            with FORWARD_SECONDS.time():
+                embeddings = self.embedder.embed_batch(images)
         except Exception as exc:  # noqa: BLE001 - delivered to every waiting caller
             logger.exception("forward pass failed")
             for request in batch:

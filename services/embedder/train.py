@@ -62,6 +62,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="scale of every convolution's width (1.0 = VGG-16)")
     parser.add_argument("--pretrained", choices=("none", "imagenet"), default="none",
                         help="start the convolutions from torchvision's ImageNet weights (downloads)")
+    parser.add_argument("--init-bundle", type=Path, default=None,
+                        help="start from the weights of this bundle (e.g. continue the shipped model with a "
+                        "new schedule); its architecture must match")
     parser.add_argument("--metric-loss", choices=("none", "triplet"), default="none",
                         help="add a batch-hard triplet loss on the normalised embedding")
     parser.add_argument("--metric-weight", type=float, default=0.5, help="weight of the metric loss")
@@ -179,6 +182,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(architecture, len(classes))
     if args.pretrained == "imagenet":
         model.load_imagenet_features()
+    if args.init_bundle is not None and not args.resume:
+        from services.embedder.bundle import load_bundle
+
+        model.load_state_dict(load_bundle(args.init_bundle).model.state_dict())
+        logger.info("starting from the weights of %s", args.init_bundle)
     model = model.to(device, memory_format=torch.channels_last)
     # No weight decay on biases and batch-norm parameters.
     decay = [p for p in model.parameters() if p.ndim > 1]

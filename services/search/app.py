@@ -25,10 +25,8 @@ from services.common.embedding import EmbeddingService, HttpEmbeddingClient
 from services.common.errors import CbirError
 from services.common.http import (
     ERROR_RESPONSES,
-    BodySizeLimitMiddleware,
     ErrorResponse,
-    install_cors,
-    install_error_handlers,
+    install_http_edge,
     verify_api_key,
 )
 from services.common.images import decode_image
@@ -84,9 +82,8 @@ def create_app(settings: SearchSettings | None = None, *, embedder: EmbeddingSer
     app = FastAPI(title="cbir search", version="0.1.0", lifespan=lifespan,
                   summary="Upload an image, get the most similar indexed images.")
     app.state.settings = settings
-    install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    install_cors(app, settings.cors_origins)  # outermost, so refusals (a 413 too) carry CORS headers
+    install_http_edge(app, service="search", max_upload_bytes=settings.max_upload_bytes,
+                      cors_origins=settings.cors_origins)
     app.include_router(router)
     return app
 
