@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from reliability_fixtures import asgi_client
 
 from services.common.collection import REPO_ROOT
 from services.embedder.bundle import Bundle, load_bundle
@@ -99,10 +100,7 @@ async def search_client(indexed_state: Path) -> AsyncIterator[httpx.AsyncClient]
     """The real search gateway (model in-process, FAISS store) with its lifespan running."""
     from services.search.app import create_app
 
-    app = create_app()
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://search"
-    ) as client:
+    async with asgi_client(create_app(), base_url="http://search") as client:
         yield client
 
 
@@ -111,10 +109,7 @@ async def embedder_client(cbir_env: Path) -> AsyncIterator[httpx.AsyncClient]:
     """The real embedder service with its lifespan running."""
     from services.embedder.app import create_app
 
-    app = create_app()
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://embedder"
-    ) as client:
+    async with asgi_client(create_app(), base_url="http://embedder") as client:
         yield client
 
 

@@ -8,19 +8,13 @@ and through the real search API served by uvicorn on a free local port.
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import pytrec_eval
-import uvicorn
-from fastapi import FastAPI
+from reliability_fixtures import serve_in_thread
 
 from services.common.documents import document_id
 from services.evaluation import cli as evaluate
@@ -186,34 +180,13 @@ def test_evaluate_writes_json_report_figures_and_trec_run(cbir_env: Path, tmp_pa
     assert np.mean([m["map"] for m in measured.values()]) == pytest.approx(metrics["map_at_100"], abs=1e-12)
 
 
-@contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """The app under uvicorn on a free localhost port, in a thread; yields its base URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the search app did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 @pytest.mark.slow
 def test_search_api_and_store_give_the_direct_path_metrics(indexed_state: Path, tmp_path: Path) -> None:
     from services.search.app import create_app
 
     direct = run_evaluate(tmp_path, "direct")
     store = run_evaluate(tmp_path, "store", "--against-store")
-    with serve(create_app()) as url:
+    with serve_in_thread(create_app()) as url:
         api = run_evaluate(tmp_path, "api", "--url", url, "--concurrency", "4")
     assert api["config"]["model_version"] == direct["config"]["model_version"]
     for result in (store, api):
