@@ -10,6 +10,7 @@ import pytest
 
 from services.common.collection import iter_images
 from services.common.embedding import HttpEmbeddingClient
+from services.common.errors import StoreMismatchError
 from services.common.images import decode_image
 from services.common.stores.faiss_store import FaissStore
 from services.embedder.runtime import Embedder, LocalEmbeddingService
@@ -86,3 +87,22 @@ async def test_indexes_through_the_embedder_service_over_http(collection: Path, 
     http_hits, local_hits = await store.search(embedding.vector, 5), await local_store.search(embedding.vector, 5)
     assert [h.id for h in http_hits] == [h.id for h in local_hits]
     assert http_hits[0].id == probe.id and http_hits[0].score == pytest.approx(2.0, abs=1e-4)
+
+
+async def test_an_index_of_another_model_is_refused_or_rebuilt(collection: Path, tmp_path: Path, tiny_bundle,
+                                                               local_service: LocalEmbeddingService) -> None:
+    path = tmp_path / "index.npz"
+    await index_collection(collection, "train", local_service, FaissStore(path), OPTIONS)
+    other = LocalEmbeddingService(Embedder(tiny_bundle, pca_dims=8))  # other dims, other model version
+    other.start()
+    try:
+        with pytest.raises(StoreMismatchError, match="--rebuild"):
+            await index_collection(collection, "train", other, FaissStore(path), OPTIONS)
+        rebuilt = await index_collection(collection, "train", other, FaissStore(path),
+                                         IndexOptions(**{**OPTIONS.__dict__, "rebuild": True}))
+    finally:
+        other.batcher.stop()
+    assert (rebuilt.indexed, rebuilt.documents) == (500, 500)
+    reopened = FaissStore(path)
+    await reopened.open(dims=18, model_version=(await other.info()).model_version, create=False)
+    assert await reopened.count() == 500

@@ -49,16 +49,20 @@ class FaissStore(VectorStore):
         self._rows: dict[str, int] = {}
         self._index: faiss.Index | None = None
         self._dirty = False
+        self._loaded = False
 
     async def open(self, *, dims: int, model_version: str, create: bool = True) -> None:
-        for leftover in self.path.parent.glob(self.path.name + ".*.tmp"):  # from a save that was killed
-            leftover.unlink(missing_ok=True)
-        if self.path.exists():
-            await asyncio.to_thread(self._load)
-        elif not create:
-            raise IndexNotReadyError(f"no index at {self.path}; build one with `cbir index`")
+        # Once loaded (or reset), memory is the truth: opening again must not bring back the file.
+        if not self._loaded:
+            for leftover in self.path.parent.glob(self.path.name + ".*.tmp"):  # from a save that was killed
+                leftover.unlink(missing_ok=True)
+            if self.path.exists():
+                await asyncio.to_thread(self._load)
+            elif not create:
+                raise IndexNotReadyError(f"no index at {self.path}; build one with `cbir index`")
         check_compatible(await self.info(), dims=dims, model_version=model_version, where=str(self.path))
         self._dims, self._model_version = dims, model_version
+        self._loaded = True
         if self._vectors.shape[1] != dims:
             self._vectors = np.zeros((0, dims), dtype=np.float32)
 
@@ -156,10 +160,12 @@ class FaissStore(VectorStore):
     async def reset(self) -> None:
         async with self._lock:
             self._columns = {field: [] for field in _FIELDS}
-            self._vectors = np.zeros((0, self._dims or 0), dtype=np.float32)
+            self._vectors = np.zeros((0, 0), dtype=np.float32)
             self._rows = {}
             self._index = None
             self._dirty = True
+            self._dims = self._model_version = None
+            self._loaded = True
 
     def _build_index(self) -> faiss.Index:
         index = faiss.IndexFlatIP(self._vectors.shape[1])
