@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -99,7 +99,6 @@ class _Request:
     images: np.ndarray
     future: asyncio.Future[list[Embedding]]
     loop: asyncio.AbstractEventLoop
-    enqueued: float = field(default_factory=time.perf_counter)
 
 
 class MicroBatcher:

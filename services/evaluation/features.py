@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from services.common.collection import iter_images, list_classes
-from services.common.documents import document_id
 from services.common.settings import ModelSettings
 from services.embedder.bundle import Bundle
 from services.embedder.inference import pick_device
@@ -41,9 +40,6 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.paths)
-
-    def document_ids(self) -> list[str]:
-        return [document_id(path) for path in self.paths]
 
 
 @dataclass

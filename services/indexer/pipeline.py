@@ -45,9 +45,9 @@ class IndexReport:
 
     def summary(self) -> str:
         stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.stage_seconds.items())
-        return (f"indexed {self.indexed}, already indexed {self.already_indexed}, skipped {len(self.failed)} "
-                f"undecodable, {self.documents} documents in the store; {self.seconds:.1f} s, "
-                f"{self.images_per_second:.0f} images/s ({stages})")
+        return (f"{self.total} images: indexed {self.indexed}, already indexed {self.already_indexed}, "
+                f"skipped {len(self.failed)} undecodable, {self.documents} documents in the store; "
+                f"{self.seconds:.1f} s, {self.images_per_second:.0f} images/s ({stages})")
 
 
 @dataclass(frozen=True)
