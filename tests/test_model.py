@@ -14,7 +14,7 @@ from services.common.errors import BundleError
 from services.embedder.bundle import load_bundle
 from services.embedder.model import CifarVGG16
 from services.embedder.runtime import Embedder
-from services.embedder.train import batch_hard_triplet_loss, get_args_parser, train
+from services.embedder.train import batch_hard_triplet_loss, get_args_parser, make_scheduler, train
 
 
 def test_forward_returns_embedding_and_logits() -> None:
@@ -108,3 +108,19 @@ def test_training_can_start_from_a_bundle(tmp_path: Path, mini_collection: Path,
     # A tiny learning rate moves the weights a little: continued from the bundle, not from scratch.
     assert torch.allclose(start, continued, atol=1e-2)
     assert not torch.equal(start, continued)
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 7, 8, 20])
+def test_schedule_works_for_short_runs(schedule: str, steps: int) -> None:
+    # A quick run on a few images can have a single step per epoch; OneCycleLR alone fails below ~8 steps.
+    args = get_args_parser().parse_args(["--epochs", "1", "--lr", "0.1", "--schedule", schedule])
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
+    scheduler = make_scheduler(args, optimizer, steps_per_epoch=steps)
+    rates = []
+    for _ in range(steps):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert all(0 < rate <= args.lr + 1e-12 for rate in rates)
+    assert max(rates) > args.lr / 4

@@ -150,9 +150,15 @@ def predict(model: nn.Module, images: np.ndarray, device: torch.device, *, flip_
     return np.concatenate(embeddings), np.concatenate(probabilities)
 
 
+ONECYCLE_MIN_STEPS = 8
+
+
 def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     total = args.epochs * steps_per_epoch
-    if args.schedule == "onecycle":
+    if args.schedule == "onecycle" and total < ONECYCLE_MIN_STEPS:
+        # OneCycleLR divides by the length of each phase, which is zero for a run this short.
+        logger.warning("%d steps are too few for a one-cycle schedule; using warm-up + cosine", total)
+    elif args.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total,
                                                    pct_start=max(0.25, 2 / total), div_factor=10, final_div_factor=100)
     warmup = steps_per_epoch
