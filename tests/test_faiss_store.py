@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from services.common.documents import ImageDocument
-from services.common.errors import IndexNotReadyError, StoreMismatchError
+from services.common.errors import IndexNotReadyError, StoreError, StoreMismatchError
 from services.common.stores.faiss_store import FaissStore
 
 pytestmark = pytest.mark.anyio
@@ -112,3 +113,20 @@ async def test_other_model_version_or_dims_is_refused(tmp_path: Path) -> None:
 async def test_missing_index_without_create_is_not_ready(tmp_path: Path) -> None:
     with pytest.raises(IndexNotReadyError, match="cbir index"):
         await FaissStore(tmp_path / "none.npz").open(dims=DIMS, model_version="v1", create=False)
+
+
+async def test_a_second_writer_is_refused_until_the_first_closes(tmp_path: Path) -> None:
+    path = tmp_path / "index.npz"
+    first = await open_store(path)
+    await first.upsert(make_documents(5))
+    await first.flush()
+    reader = await open_store(path)  # reading takes no lock
+    assert await reader.count() == 5
+    second = await open_store(path)
+    for write in (lambda: second.upsert(make_documents(3, prefix="other")), second.reset, lambda: second.delete(["doc1"])):
+        with pytest.raises(StoreError, match=rf"another process \(pid {os.getpid()}\) is writing"):
+            await write()
+    await first.close()
+    await second.upsert(make_documents(3, prefix="other"))
+    await second.flush()
+    assert await (await open_store(path)).count() == 8  # nothing the first writer stored was lost

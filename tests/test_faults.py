@@ -189,6 +189,7 @@ async def write_index(path: Path, *, dims: int, model_version: str, documents: i
                                       model_version=model_version, vector=vectors[i % dims])
                         for i in range(documents)])
     await store.flush()
+    await store.close()
 
 
 async def search_app_answers(image: bytes) -> tuple[httpx.Response, httpx.Response]:
@@ -391,7 +392,8 @@ async def saved_store(tmp_path: Path) -> tuple[FaissStore, Path, bytes]:
 def assert_previous_index_intact(path: Path, before: bytes) -> None:
     assert path.read_bytes() == before
     assert read_index(path)["ids"].tolist() == [f"doc-{i}" for i in range(5)]
-    assert [p.name for p in path.parent.iterdir()] == ["index.npz"]  # no temporary file left behind
+    # No temporary file left behind; only the writer's lock file stays beside the index.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["index.npz", "index.npz.lock"]
 
 
 async def test_failure_while_writing_leaves_the_previous_index(saved_store, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -468,7 +470,7 @@ async def test_process_killed_while_saving_leaves_the_previous_index(tmp_path: P
     finally:
         stop_process(process)
     assert path.read_bytes() == before
-    leftovers = [p.name for p in path.parent.iterdir() if p.name != "index.npz"]
+    leftovers = [p.name for p in path.parent.iterdir() if p.name not in ("index.npz", "index.npz.lock")]
     assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")  # the half-written file never replaced it
     reopened = FaissStore(path)
     await reopened.open(dims=8, model_version="v1", create=False)

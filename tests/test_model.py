@@ -108,6 +108,9 @@ def test_training_can_start_from_a_bundle(tmp_path: Path, mini_collection: Path,
     # A tiny learning rate moves the weights a little: continued from the bundle, not from scratch.
     assert torch.allclose(start, continued, atol=1e-2)
     assert not torch.equal(start, continued)
+    parent = load_bundle(args.output).metadata["training"]["parent"]
+    assert parent["version"] == load_bundle(tiny_bundle_dir).version
+    assert parent["command"].startswith("cbir train") and parent["epochs"] >= 1
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])

@@ -298,12 +298,22 @@ def finish(args, model, device, classes, architecture, train_x, test_x, test_y, 
                        "resize": "lanczos", "flip_tta": args.flip_tta},
         vector={"pca_dims": min(args.pca_dims, projection.max_dims), "onehot_weight": args.onehot_weight},
         training={"command": "cbir train " + " ".join(_command_line(args)), "recipe": _jsonable(vars(args)),
-                  "history": history},
+                  "history": history, **({"parent": parent_record(args.init_bundle)} if args.init_bundle else {})},
         metrics=metrics,
     )
     version = save_bundle(args.output, model.cpu(), projection, spec)
     logger.info("wrote bundle %s to %s: %s", version, args.output, json.dumps(metrics))
     return {"version": version, **metrics}
+
+
+def parent_record(directory: Path) -> dict[str, Any]:
+    """What a bundle continued with `--init-bundle` started from: the parent's version, command, epochs and
+    metrics, and its own parent in turn, so the metadata tells the whole recipe."""
+    metadata = json.loads((Path(directory) / "bundle.json").read_text())
+    training = metadata.get("training", {})
+    record = {"version": metadata["version"], "command": training.get("command"),
+              "epochs": len(training.get("history", [])), "metrics": metadata.get("metrics")}
+    return {**record, "parent": training["parent"]} if "parent" in training else record
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -2,12 +2,16 @@
 
 The vectors are L2-normalised, so inner product is cosine. Everything lives in memory; `flush`
 writes a single `.npz` file through a temporary file and an atomic rename, so a crash during
-a save leaves the previous index intact.
+a save leaves the previous index intact. The first write takes an exclusive lock on a `.lock`
+file beside the index, held until `close` (or the process ends), so two writers (say, `cbir index`
+while `cbir serve` is indexing the same state directory) cannot overwrite each other's work;
+readers take no lock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import tempfile
@@ -50,12 +54,15 @@ class FaissStore(VectorStore):
         self._index: faiss.Index | None = None
         self._dirty = False
         self._loaded = False
+        self._writer_lock: int | None = None  # file descriptor holding the flock, once this store writes
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
 
     async def open(self, *, dims: int, model_version: str, create: bool = True) -> None:
         # Once loaded (or reset), memory is the truth: opening again must not bring back the file.
         if not self._loaded:
-            for leftover in self.path.parent.glob(self.path.name + ".*.tmp"):  # from a save that was killed
-                leftover.unlink(missing_ok=True)
             if self.path.exists():
                 await asyncio.to_thread(self._load)
             elif not create:
@@ -78,6 +85,7 @@ class FaissStore(VectorStore):
         vectors = np.stack([np.asarray(doc.vector, dtype=np.float32) for doc in documents])
         if vectors.shape[1] != self._dims:
             raise StoreError(f"vectors have {vectors.shape[1]} dims; this index holds {self._dims}")
+        self._acquire_writer_lock()
         async with self._lock:
             new_rows = []
             for doc, vector in zip(documents, vectors, strict=True):
@@ -103,6 +111,7 @@ class FaissStore(VectorStore):
             self._dirty = True
 
     async def delete(self, ids: Sequence[str]) -> int:
+        self._acquire_writer_lock()
         async with self._lock:
             doomed = sorted({self._rows[i] for i in ids if i in self._rows})
             if not doomed:
@@ -154,10 +163,12 @@ class FaissStore(VectorStore):
         async with self._lock:
             if not self._dirty and self.path.exists():
                 return
+            self._acquire_writer_lock()
             await asyncio.to_thread(self._save)
             self._dirty = False
 
     async def reset(self) -> None:
+        self._acquire_writer_lock()
         async with self._lock:
             self._columns = {field: [] for field in _FIELDS}
             self._vectors = np.zeros((0, 0), dtype=np.float32)
@@ -166,6 +177,35 @@ class FaissStore(VectorStore):
             self._dirty = True
             self._dims = self._model_version = None
             self._loaded = True
+
+    async def close(self) -> None:
+        self._release_writer_lock()
+
+    def __del__(self) -> None:  # a dropped store lets go of the lock, as an ended process does
+        self._release_writer_lock()
+
+    def _release_writer_lock(self) -> None:
+        if getattr(self, "_writer_lock", None) is not None:
+            os.close(self._writer_lock)  # closing the descriptor releases the flock
+            self._writer_lock = None
+
+    def _acquire_writer_lock(self) -> None:
+        if self._writer_lock is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreError(f"another process (pid {holder}) is writing the index at {self.path}; "
+                             "wait for it to finish or use another CBIR_STATE_DIR") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._writer_lock = fd
+        for leftover in self.path.parent.glob(self.path.name + ".*.tmp"):  # from a save that was killed
+            leftover.unlink(missing_ok=True)
 
     def _build_index(self) -> faiss.Index:
         index = faiss.IndexFlatIP(self._vectors.shape[1])
