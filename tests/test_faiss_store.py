@@ -123,7 +123,8 @@ async def test_a_second_writer_is_refused_until_the_first_closes(tmp_path: Path)
     reader = await open_store(path)  # reading takes no lock
     assert await reader.count() == 5
     second = await open_store(path)
-    for write in (lambda: second.upsert(make_documents(3, prefix="other")), second.reset, lambda: second.delete(["doc1"])):
+    writes = (lambda: second.upsert(make_documents(3, prefix="other")), second.reset, lambda: second.delete(["doc1"]))
+    for write in writes:
         with pytest.raises(StoreError, match=rf"another process \(pid {os.getpid()}\) is writing"):
             await write()
     await first.close()
