@@ -14,7 +14,7 @@ from services.common.errors import BundleError
 from services.embedder.bundle import load_bundle
 from services.embedder.model import CifarVGG16
 from services.embedder.runtime import Embedder
-from services.embedder.train import batch_hard_triplet_loss, get_args_parser, make_scheduler, train
+from services.embedder.train import augment, batch_hard_triplet_loss, get_args_parser, make_scheduler, train
 
 
 def test_forward_returns_embedding_and_logits() -> None:
@@ -127,3 +127,24 @@ def test_schedule_works_for_short_runs(schedule: str, steps: int) -> None:
         scheduler.step()
     assert all(0 < rate <= args.lr + 1e-12 for rate in rates)
     assert max(rates) > args.lr / 4
+
+
+@pytest.mark.parametrize("side", [1, 8, 16])
+def test_cutout_zeroes_one_square_per_image_clipped_at_the_border(side: int) -> None:
+    batch = torch.ones(64, 3, 32, 32)
+    out = augment(batch, torch.Generator().manual_seed(0), pad=0, cutout=side)
+    erased = out == 0
+    # The same pixels are erased in every channel, and the square is at most side × side.
+    assert torch.equal(erased.all(dim=1), erased.any(dim=1))
+    counts = erased[:, 0].sum(dim=(1, 2))
+    assert counts.max().item() == side * side  # some square lies wholly inside
+    assert counts.min().item() >= ((side + 1) // 2) ** 2 > 0  # a corner centre keeps at least a quarter
+    rows = erased[:, 0].any(dim=2).sum(dim=1)
+    cols = erased[:, 0].any(dim=1).sum(dim=1)
+    assert torch.equal(counts, rows * cols)  # a rectangle: clipped, never wrapped around
+    assert len({tuple(m.nonzero()[0].tolist()) for m in erased[:, 0]}) > 1  # a different place per image
+
+
+def test_no_cutout_erases_nothing() -> None:
+    out = augment(torch.ones(16, 3, 32, 32), torch.Generator().manual_seed(0), pad=0)
+    assert bool((out == 1).all())

@@ -1,6 +1,6 @@
 """`cbir train`: train the VGG-16 embedder on a `<root>/<split>/<class>/<image>` collection.
 
-bf16 autocast and channels_last on CPU or CUDA, random-crop + flip augmentation, one-cycle or
+bf16 autocast and channels_last on CPU or CUDA, random-crop + flip (+ optional Cutout) augmentation, one-cycle or
 cosine schedule, label smoothing, an optional batch-hard triplet loss on the embedding, a
 checkpoint every epoch (`--resume` continues from it), then PCA on the train embeddings and a
 bundle written to `--output`.
@@ -53,6 +53,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=256, help="images per step")
     parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate (SGD, Nesterov)")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    parser.add_argument("--cutout", type=int, default=0,
+                        help="side of the square each training image loses (Cutout; 0 = off, 16 is usual for CIFAR)")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
     parser.add_argument("--schedule", choices=("onecycle", "cosine"), default="onecycle",
@@ -115,14 +117,26 @@ def load_split(root: Path, split: str, classes: list[str], *, limit_per_class: i
     return array, label_array
 
 
-def augment(batch: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip on a normalised NCHW batch."""
+def augment(batch: torch.Tensor, generator: torch.Generator, pad: int = 4, cutout: int = 0) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip on a normalised NCHW batch.
+
+    With `cutout > 0`, each image also loses a `cutout`×`cutout` square (zero, the dataset mean after
+    normalisation) centred anywhere in the image and clipped at its border (DeVries & Taylor, 2017).
+    """
     n, _, h, w = batch.shape
     padded = F.pad(batch, (pad, pad, pad, pad))
     offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator).tolist()
     crops = torch.stack([padded[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(offsets)])
     flip = torch.rand(n, generator=generator) < 0.5
     crops[flip] = crops[flip].flip(3)
+    if cutout > 0:
+        centre_y = torch.randint(0, h, (n, 1, 1), generator=generator)
+        centre_x = torch.randint(0, w, (n, 1, 1), generator=generator)
+        top, left = centre_y - cutout // 2, centre_x - cutout // 2
+        rows = torch.arange(h).view(1, h, 1)
+        cols = torch.arange(w).view(1, 1, w)
+        inside = (rows >= top) & (rows < top + cutout) & (cols >= left) & (cols < left + cutout)
+        crops = crops * ~inside.unsqueeze(1).to(crops.device)
     return crops.contiguous(memory_format=torch.channels_last)
 
 
@@ -243,7 +257,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             index = order[step * args.batch_size:(step + 1) * args.batch_size]
             labels = train_labels[index].to(device)
             inputs = augment(to_model_input(train_images[index], mean=CIFAR10_MEAN, std=CIFAR10_STD,
-                                            device=device), generator)
+                                            device=device), generator, cutout=args.cutout)
             with autocast(device, args.bf16):
                 embedding, logits = model(inputs)
                 loss = criterion(logits.float(), labels)
