@@ -6,10 +6,13 @@ crash or a hang. Odd but valid images are searched like any other.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import random
 import select
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -258,3 +261,51 @@ async def test_odd_images_are_searched(search_client: httpx.AsyncClient, photo: 
     assert len(hits) == 5
     scores = [hit["score"] for hit in hits]
     assert scores == sorted(scores, reverse=True)
+
+
+@pytest.fixture
+def decode_probe(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Slows `decode_image` down a little and records the most decodes ever in flight at once."""
+    from services.common import images
+
+    real, lock, state = images.decode_image, threading.Lock(), {"in_flight": 0, "peak": 0, "calls": 0}
+
+    def probed(data: bytes, **kwargs: object):
+        with lock:
+            state["in_flight"] += 1
+            state["calls"] += 1
+            state["peak"] = max(state["peak"], state["in_flight"])
+        try:
+            time.sleep(0.05)
+            return real(data, **kwargs)
+        finally:
+            with lock:
+                state["in_flight"] -= 1
+
+    monkeypatch.setattr(images, "decode_image", probed)
+    return state
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+async def test_upload_decoder_keeps_decodes_in_flight_within_its_limit(decode_probe: dict[str, int],
+                                                                      test_image: bytes, limit: int) -> None:
+    from services.common.images import UploadDecoder
+
+    decoder = UploadDecoder(limit)
+    with anyio.fail_after(REQUEST_TIMEOUT_S):
+        arrays = await asyncio.gather(*(decoder.decode(test_image) for _ in range(8)))
+    assert all(array.shape == (32, 32, 3) for array in arrays)
+    assert decode_probe["calls"] == 8
+    assert decode_probe["peak"] == limit  # reached, never passed
+
+
+async def test_search_decodes_at_most_the_configured_uploads_at_once(indexed_state: Path, decode_probe: dict[str, int],
+                                                                    test_image: bytes) -> None:
+    from services.search.app import create_app
+    from services.search.settings import SearchSettings
+
+    async with asgi_client(create_app(SearchSettings(max_concurrent_decodes=2)), base_url="http://search") as client:
+        responses = await asyncio.gather(*(post_image(client, "/search", "cat.jpg", test_image, "image/jpeg", k=3)
+                                           for _ in range(6)))
+    assert [r.status_code for r in responses] == [200] * 6
+    assert decode_probe["peak"] == 2

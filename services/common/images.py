@@ -6,6 +6,7 @@ any mode converted to RGB, resized with antialiasing. Normalisation belongs to t
 
 from __future__ import annotations
 
+import asyncio
 import io
 import warnings
 
@@ -18,6 +19,7 @@ IMAGE_SIZE = 32
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_CONCURRENT_DECODES = 4
 
 _HIGH_BIT_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
@@ -65,6 +67,27 @@ def decode_image(
         ) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"the image could not be decoded: {exc}") from exc
+
+
+class UploadDecoder:
+    """Decodes uploads in worker threads, at most `limit` at a time.
+
+    A large image can take a few hundred MB while it decodes (a 40-MP PNG is 120 MB of RGB before
+    the resize), so the number of decodes in flight, not the number of requests, bounds that memory.
+    Requests over the limit wait their turn.
+    """
+
+    def __init__(self, limit: int = DEFAULT_MAX_CONCURRENT_DECODES) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        self.limit = limit
+        self._slots = asyncio.Semaphore(limit)
+
+    async def decode(self, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """`decode_image` off the event loop, once a slot is free."""
+        async with self._slots:
+            return await asyncio.to_thread(decode_image, data, max_bytes=max_bytes, max_pixels=max_pixels)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

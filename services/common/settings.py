@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.common.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from services.common.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_CONCURRENT_DECODES, DEFAULT_MAX_PIXELS
 
 
 class Backend(StrEnum):
@@ -68,6 +68,9 @@ class ModelSettings(BaseCbirSettings):
 class UploadSettings(BaseCbirSettings):
     max_upload_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1024, description="largest request body (413)")
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest image in pixels (413)")
+    max_concurrent_decodes: int = Field(
+        DEFAULT_MAX_CONCURRENT_DECODES, ge=1, description="uploads decoded at once; bounds decode memory"
+    )
     api_keys: list[SecretStr] = Field(
         default_factory=list, description="accepted X-API-Key values (JSON list); empty = no auth"
     )

@@ -23,7 +23,7 @@ from services.common.http import (
     install_http_edge,
     verify_api_key,
 )
-from services.common.images import decode_image
+from services.common.images import UploadDecoder
 from services.common.settings import ModelSettings
 from services.embedder.bundle import DEFAULT_BUNDLE_DIR, load_bundle
 from services.embedder.runtime import Embedder, LocalEmbeddingService
@@ -83,6 +83,7 @@ def create_app(settings: EmbedderSettings | None = None, *,
     app = FastAPI(title="cbir embedder", version="0.1.0", lifespan=lifespan,
                   summary="Images in, VGG-16 search vectors out.")
     app.state.settings = settings
+    app.state.decoder = UploadDecoder(settings.max_concurrent_decodes)
     app.state.service = None
     install_http_edge(app, service="embedder", max_upload_bytes=settings.max_upload_bytes,
                       cors_origins=settings.cors_origins)
@@ -114,8 +115,8 @@ async def embed(request: Request, service: ServiceDep,
     for position, upload in enumerate(files):
         data = await upload.read()
         try:
-            images.append(await run_in_threadpool(decode_image, data, max_bytes=settings.max_upload_bytes,
-                                                  max_pixels=settings.max_image_pixels))
+            images.append(await request.app.state.decoder.decode(data, max_bytes=settings.max_upload_bytes,
+                                                                 max_pixels=settings.max_image_pixels))
         except ImageError as exc:
             exc.message = f"file {position} ({upload.filename}): {exc.message}"
             raise

@@ -29,7 +29,7 @@ from services.common.http import (
     install_http_edge,
     verify_api_key,
 )
-from services.common.images import decode_image
+from services.common.images import UploadDecoder
 from services.common.stores.base import VectorStore
 from services.common.stores.factory import create_store
 from services.search.engine import SearchEngine
@@ -82,6 +82,7 @@ def create_app(settings: SearchSettings | None = None, *, embedder: EmbeddingSer
     app = FastAPI(title="cbir search", version="0.1.0", lifespan=lifespan,
                   summary="Upload an image, get the most similar indexed images.")
     app.state.settings = settings
+    app.state.decoder = UploadDecoder(settings.max_concurrent_decodes)
     install_http_edge(app, service="search", max_upload_bytes=settings.max_upload_bytes,
                       cors_origins=settings.cors_origins)
     app.include_router(router)
@@ -107,8 +108,8 @@ async def search(
     """Find the `k` indexed images most similar to the uploaded one."""
     started = time.perf_counter()
     settings: SearchSettings = request.app.state.settings
-    image = await run_in_threadpool(decode_image, await file.read(), max_bytes=settings.max_upload_bytes,
-                                    max_pixels=settings.max_image_pixels)
+    image = await request.app.state.decoder.decode(await file.read(), max_bytes=settings.max_upload_bytes,
+                                                   max_pixels=settings.max_image_pixels)
     embedding, hits = await engine.search(image, k)
     return SearchResponse(
         query=QueryPrediction(predicted_label=embedding.label, confidence=embedding.confidence),
