@@ -129,6 +129,15 @@ def test_confusion_matrix_and_per_class_means() -> None:
 # --- the command, end to end ---------------------------------------------------------------------
 
 
+def ranked_lists(run_file: Path) -> dict[str, list[str]]:
+    """query → its documents in rank order, from a TREC run file."""
+    ranked: dict[str, list[str]] = {}
+    for line in run_file.read_text().splitlines():
+        qid, _, docno, _, _, _ = line.split()
+        ranked.setdefault(qid, []).append(docno)
+    return ranked
+
+
 def run_evaluate(tmp_path: Path, name: str, *extra: str) -> dict:
     evaluate.main(["--output-dir", str(tmp_path / "reports"), "--cache-dir", str(tmp_path / "cache"),
                    "--name", name, "--quiet", *extra])
@@ -189,9 +198,19 @@ def test_search_api_and_store_give_the_direct_path_metrics(indexed_state: Path, 
     with serve_in_thread(create_app()) as url:
         api = run_evaluate(tmp_path, "api", "--url", url, "--concurrency", "4")
     assert api["config"]["model_version"] == direct["config"]["model_version"]
+    direct_run = ranked_lists(tmp_path / "reports" / direct["files"]["run"])
     for result in (store, api):
-        for name in ("accuracy", "map_at_100", "P_10", "P_100", "map_at_100_normalised", "map_all"):
-            assert result["metrics"][name] == pytest.approx(direct["metrics"][name], abs=1e-9), name
+        mode = result["config"]["mode"]
+        assert result["metrics"]["accuracy"] == direct["metrics"]["accuracy"], mode
+        # The same rankings, up to swaps of near-tied neighbours: the direct path scores all queries in
+        # one FAISS call (a BLAS matrix product), the store and the API one query at a time, and the two
+        # can round a float32 cosine differently in its last bit on some CPUs.
+        run = ranked_lists(tmp_path / "reports" / result["files"]["run"])
+        assert run.keys() == direct_run.keys()
+        moved = sum(a != b for q in run for a, b in zip(run[q], direct_run[q], strict=True))
+        assert moved <= 0.01 * len(run) * 100, (mode, moved)
+        for name in ("map_at_100", "P_10", "P_100", "map_at_100_normalised", "map_all"):
+            assert result["metrics"][name] == pytest.approx(direct["metrics"][name], abs=1e-4), (name, mode)
         assert result["metrics"]["unknown_hits"] == 0
     assert api["config"]["mode"] == "api" and store["config"]["mode"] == "store"
 
