@@ -72,9 +72,9 @@ def decode_image(
 class UploadDecoder:
     """Decodes uploads in worker threads, at most `limit` at a time.
 
-    A large image can take a few hundred MB while it decodes (a 40-MP PNG is 120 MB of RGB before
-    the resize), so the number of decodes in flight, not the number of requests, bounds that memory.
-    Requests over the limit wait their turn.
+    A large image takes hundreds of MB while it decodes (a 36-MP PNG peaks at about 530 MB:
+    `bench/decode_memory.py`), so the number of decodes in flight, not the number of requests,
+    bounds that memory. Requests over the limit wait their turn.
     """
 
     def __init__(self, limit: int = DEFAULT_MAX_CONCURRENT_DECODES) -> None:

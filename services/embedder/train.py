@@ -1,8 +1,8 @@
 """`cbir train`: train the VGG-16 embedder on a `<root>/<split>/<class>/<image>` collection.
 
-bf16 autocast and channels_last on CPU or CUDA, random-crop + flip (+ optional Cutout) augmentation, one-cycle or
-cosine schedule, label smoothing, an optional batch-hard triplet loss on the embedding, a
-checkpoint every epoch (`--resume` continues from it), then PCA on the train embeddings and a
+bf16 autocast and channels_last on CPU or CUDA, random-crop + flip augmentation (optionally
+Cutout), one-cycle or cosine schedule, label smoothing, an optional batch-hard triplet loss on the
+embedding, a checkpoint every epoch (`--resume` continues from it), then PCA on the train embeddings and a
 bundle written to `--output`.
 """
 
