@@ -2,8 +2,8 @@
 
 bf16 autocast and channels_last on CPU or CUDA, random-crop + flip augmentation (optionally
 Cutout), one-cycle or cosine schedule, label smoothing, an optional batch-hard triplet loss on the
-embedding, a checkpoint every epoch (`--resume` continues from it), then PCA on the train embeddings and a
-bundle written to `--output`.
+embedding, a checkpoint every epoch (`--resume` continues from it), then PCA on the train
+embeddings and a bundle written to `--output`.
 """
 
 from __future__ import annotations
