@@ -129,13 +129,13 @@ def test_confusion_matrix_and_per_class_means() -> None:
 # --- the command, end to end ---------------------------------------------------------------------
 
 
-def ranked_lists(run_file: Path) -> dict[str, list[str]]:
-    """query → its documents in rank order, from a TREC run file."""
-    ranked: dict[str, list[str]] = {}
+def read_run(run_file: Path) -> dict[str, dict[str, float]]:
+    """query → {document: score}, documents in the file's (rank) order, from a TREC run file."""
+    run: dict[str, dict[str, float]] = {}
     for line in run_file.read_text().splitlines():
-        qid, _, docno, _, _, _ = line.split()
-        ranked.setdefault(qid, []).append(docno)
-    return ranked
+        qid, _, docno, _, score, _ = line.split()
+        run.setdefault(qid, {})[docno] = float(score)
+    return run
 
 
 def run_evaluate(tmp_path: Path, name: str, *extra: str) -> dict:
@@ -178,10 +178,7 @@ def test_evaluate_writes_json_report_figures_and_trec_run(cbir_env: Path, tmp_pa
     assert (qid, q0, rank) == ("test/airplane/0000.jpg", "Q0", "1") and docno.startswith("train/")
     assert len((reports / result["files"]["qrels"]).read_text().splitlines()) == 50 * 50
     # the files alone reproduce trec_eval's number: the run, and qrels rebuilt from the compact labels
-    run: dict[str, dict[str, float]] = {}
-    for line in run_lines:
-        qid, _, docno, _, score, _ = line.split()
-        run.setdefault(qid, {})[docno] = float(score)
+    run = read_run(reports / result["files"]["run"])
     labels = dict(line.split("\t") for line in (reports / result["files"]["labels"]).read_text().splitlines())
     qrels = {qid: {doc: 1 for doc, label in labels.items() if doc.startswith("train/") and label == labels[qid]}
              for qid in run}
@@ -198,16 +195,16 @@ def test_search_api_and_store_give_the_direct_path_metrics(indexed_state: Path, 
     with serve_in_thread(create_app()) as url:
         api = run_evaluate(tmp_path, "api", "--url", url, "--concurrency", "4")
     assert api["config"]["model_version"] == direct["config"]["model_version"]
-    direct_run = ranked_lists(tmp_path / "reports" / direct["files"]["run"])
+    direct_run = read_run(tmp_path / "reports" / direct["files"]["run"])
     for result in (store, api):
         mode = result["config"]["mode"]
         assert result["metrics"]["accuracy"] == direct["metrics"]["accuracy"], mode
         # The same rankings, up to swaps of near-tied neighbours: the direct path scores all queries in
         # one FAISS call (a BLAS matrix product), the store and the API one query at a time, and the two
         # can round a float32 cosine differently in its last bit on some CPUs.
-        run = ranked_lists(tmp_path / "reports" / result["files"]["run"])
+        run = read_run(tmp_path / "reports" / result["files"]["run"])
         assert run.keys() == direct_run.keys()
-        moved = sum(a != b for q in run for a, b in zip(run[q], direct_run[q], strict=True))
+        moved = sum(a != b for q in run for a, b in zip(run[q], direct_run[q], strict=True))  # by rank
         assert moved <= 0.01 * len(run) * 100, (mode, moved)
         for name in ("map_at_100", "P_10", "P_100", "map_at_100_normalised", "map_all"):
             assert result["metrics"][name] == pytest.approx(direct["metrics"][name], abs=1e-4), (name, mode)

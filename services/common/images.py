@@ -80,7 +80,6 @@ class UploadDecoder:
     def __init__(self, limit: int = DEFAULT_MAX_CONCURRENT_DECODES) -> None:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
-        self.limit = limit
         self._slots = asyncio.Semaphore(limit)
 
     async def decode(self, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
