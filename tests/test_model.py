@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from services.common.errors import BundleError
+from services.embedder import train as train_module
 from services.embedder.bundle import load_bundle
 from services.embedder.model import CifarVGG16
 from services.embedder.runtime import Embedder
@@ -81,10 +82,59 @@ def test_training_resumes_from_its_checkpoint(tmp_path: Path, mini_collection: P
     resumed = get_args_parser().parse_args([*common, "--output", str(tmp_path / "b"), "--resume"])
     train(resumed)
     assert load_bundle(tmp_path / "a").version == load_bundle(tmp_path / "b").version
+    # Resuming with more epochs re-plans the schedule, and the bundle says so next to its command.
+    longer = get_args_parser().parse_args([*common, "--output", str(tmp_path / "d"), "--resume", "--epochs", "3"])
+    train(longer)
+    training = json.loads((tmp_path / "d" / "bundle.json").read_text())["training"]
+    assert training["replans"] == [{"after_epoch": 2, "planned_epochs": 2, "epochs": 3}]
+    assert len(training["history"]) == 3
+    assert "replans" not in json.loads((tmp_path / "a" / "bundle.json").read_text())["training"]
     changed = get_args_parser().parse_args([*common, "--output", str(tmp_path / "c"), "--resume",
                                             "--batch-size", "50"])
     with pytest.raises(SystemExit, match="batch_size"):
         train(changed)
+
+
+def test_swa_ships_the_average_of_its_epochs_and_resumes_mid_average(
+        tmp_path: Path, mini_collection: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    common = ["--data-dir", str(mini_collection), "--epochs", "3", "--swa-epochs", "2", "--swa-lr", "0.02",
+              "--batch-size", "100", "--width-mult", "0.125", "--embedding-dim", "32", "--pca-components", "16",
+              "--pca-dims", "8", "--quiet", "--limit-per-class", "20", "--no-flip-tta"]
+    averaged: list[dict[str, torch.Tensor]] = []
+    update = torch.optim.swa_utils.AveragedModel.update_parameters
+
+    def record(self, model):
+        averaged.append({k: v.detach().clone() for k, v in model.named_parameters()})
+        return update(self, model)
+
+    monkeypatch.setattr(torch.optim.swa_utils.AveragedModel, "update_parameters", record)
+    train(get_args_parser().parse_args([*common, "--output", str(tmp_path / "a"),
+                                        "--checkpoint-dir", str(tmp_path / "ck-a")]))
+    assert len(averaged) == 2  # the ends of epochs 2 and 3
+    shipped = dict(load_bundle(tmp_path / "a").model.named_parameters())
+    for name, value in averaged[0].items():
+        expected = (value + averaged[1][name]) / 2
+        torch.testing.assert_close(shipped[name].float(), expected, rtol=2e-3, atol=2e-3)  # fp16 in the bundle
+    training = json.loads((tmp_path / "a" / "bundle.json").read_text())["training"]
+    assert [epoch["lr"] for epoch in training["history"]][1:] == [0.02, 0.02]
+
+    # Stopped after epoch 2 (mid-average) and resumed: the same bundle as the run that went through.
+    saves = []
+    real_save = train_module._save_checkpoint
+
+    def save_then_stop(path, state):
+        real_save(path, state)
+        saves.append(state["epoch"])
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_stop)
+    resumable = [*common, "--output", str(tmp_path / "b"), "--checkpoint-dir", str(tmp_path / "ck-b")]
+    with pytest.raises(KeyboardInterrupt):
+        train(get_args_parser().parse_args(resumable))
+    train(get_args_parser().parse_args([*resumable, "--resume"]))
+    assert saves == [0, 1, 2]
+    assert load_bundle(tmp_path / "b").version == load_bundle(tmp_path / "a").version
 
 
 def test_batch_hard_triplet_loss_is_zero_for_separated_classes() -> None:

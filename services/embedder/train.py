@@ -2,8 +2,9 @@
 
 bf16 autocast and channels_last on CPU or CUDA, random-crop + flip augmentation (optionally
 Cutout), one-cycle or cosine schedule, label smoothing, an optional batch-hard triplet loss on the
-embedding, a checkpoint every epoch (`--resume` continues from it), then PCA on the train
-embeddings and a bundle written to `--output`.
+embedding, a checkpoint every `--checkpoint-every` epochs (`--resume` continues from it, and
+re-plans the schedule for a new `--epochs`), then PCA on the train embeddings and a bundle written
+to `--output`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ logger = logging.getLogger("cbir.train")
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Arguments that must not change when a run is resumed.
-_RESUME_FIXED = ("embedding_dim", "width_mult", "batch_size", "schedule", "limit_per_class")
+_RESUME_FIXED = ("embedding_dim", "width_mult", "batch_size", "schedule", "limit_per_class", "swa_epochs")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -49,6 +50,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-dir", type=Path, default=Path("state/train"),
                         help="where the per-epoch checkpoint and the decoded-image cache live")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    parser.add_argument("--checkpoint-every", type=int, default=1,
+                        help="write the checkpoint every this many epochs (and after the last)")
     parser.add_argument("--epochs", type=int, default=40, help="total epochs of the schedule")
     parser.add_argument("--batch-size", type=int, default=256, help="images per step")
     parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate (SGD, Nesterov)")
@@ -58,7 +61,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
     parser.add_argument("--schedule", choices=("onecycle", "cosine"), default="onecycle",
-                        help="learning-rate schedule over the whole run")
+                        help="learning-rate schedule over the run's epochs before the SWA ones")
+    parser.add_argument("--swa-epochs", type=int, default=0,
+                        help="the last this many epochs run at the constant --swa-lr and the bundle gets the "
+                        "average of the weights at their ends (stochastic weight averaging; 0 = off)")
+    parser.add_argument("--swa-lr", type=float, default=0.01, help="learning rate of the SWA epochs")
     parser.add_argument("--embedding-dim", type=int, default=512, help="width of the hidden FC layer")
     parser.add_argument("--width-mult", type=float, default=1.0,
                         help="scale of every convolution's width (1.0 = VGG-16)")
@@ -124,11 +131,17 @@ def augment(batch: torch.Tensor, generator: torch.Generator, pad: int = 4, cutou
     normalisation) centred anywhere in the image and clipped at its border (DeVries & Taylor, 2017).
     """
     n, _, h, w = batch.shape
+    device = batch.device
     padded = F.pad(batch, (pad, pad, pad, pad))
-    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator).tolist()
-    crops = torch.stack([padded[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(offsets)])
-    flip = torch.rand(n, generator=generator) < 0.5
-    crops[flip] = crops[flip].flip(3)
+    # The random draws come from the CPU generator (the same stream on every device); the crop is one
+    # gather: image i reads rows y_i..y_i+h and columns x_i..x_i+w of its padded copy.
+    offsets = _to_device(torch.randint(0, 2 * pad + 1, (n, 2), generator=generator), device)
+    flip = _to_device(torch.rand(n, generator=generator) < 0.5, device)
+    rows = (offsets[:, 0, None] + torch.arange(h, device=device)).view(n, 1, h, 1)
+    cols = offsets[:, 1, None] + torch.arange(w, device=device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols).view(n, 1, 1, w)
+    crops = padded[torch.arange(n, device=device).view(n, 1, 1, 1), torch.arange(padded.shape[1], device=device)
+                   .view(1, -1, 1, 1), rows, cols]
     if cutout > 0:
         centre_y = torch.randint(0, h, (n, 1, 1), generator=generator)
         centre_x = torch.randint(0, w, (n, 1, 1), generator=generator)
@@ -136,8 +149,16 @@ def augment(batch: torch.Tensor, generator: torch.Generator, pad: int = 4, cutou
         rows = torch.arange(h).view(1, h, 1)
         cols = torch.arange(w).view(1, 1, w)
         inside = (rows >= top) & (rows < top + cutout) & (cols >= left) & (cols < left + cutout)
-        crops = crops * ~inside.unsqueeze(1).to(crops.device)
+        crops = crops * ~_to_device(inside, device).unsqueeze(1)
     return crops.contiguous(memory_format=torch.channels_last)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host → device without making the host wait: from pageable memory a CUDA copy waits for the GPU's
+    queue to drain, so every step would stall; from pinned memory it is queued like a kernel."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def batch_hard_triplet_loss(embedding: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
@@ -168,7 +189,10 @@ ONECYCLE_MIN_STEPS = 8
 
 
 def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    total = args.epochs * steps_per_epoch
+    """The schedule of the epochs before the SWA ones (`None` when every epoch is an SWA one)."""
+    total = (args.epochs - args.swa_epochs) * steps_per_epoch
+    if total == 0:
+        return None
     if args.schedule == "onecycle" and total < ONECYCLE_MIN_STEPS:
         # OneCycleLR divides by the length of each phase, which is zero for a run this short.
         logger.warning("%d steps are too few for a one-cycle schedule; using warm-up + cosine", total)
@@ -186,10 +210,16 @@ def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, s
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
+    if args.checkpoint_every < 1:
+        raise SystemExit("--checkpoint-every must be at least 1")
+    if not 0 <= args.swa_epochs <= args.epochs:
+        raise SystemExit("--swa-epochs must be between 0 and --epochs")
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     root = find_data_dir(args.data_dir or _env_path("CBIR_DATA_DIR"))
     classes = list_classes(root, "train")
     cache_dir = args.checkpoint_dir / "cache"
@@ -216,9 +246,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                 lr=args.lr, momentum=args.momentum, nesterov=True)
     steps_per_epoch = len(train_x) // args.batch_size or 1
     scheduler = make_scheduler(args, optimizer, steps_per_epoch)
+    swa_start = args.epochs - args.swa_epochs
+    swa_model = torch.optim.swa_utils.AveragedModel(model) if args.swa_epochs else None
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     generator = torch.Generator().manual_seed(args.seed)
     history: list[dict[str, Any]] = []
+    replans: list[dict[str, int]] = []  # resumes that changed --epochs, which the recorded command cannot say
     start_epoch = 0
     checkpoint_path = args.checkpoint_dir / CHECKPOINT_FILE
     if args.resume:
@@ -231,31 +264,49 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                              "use the same values or start afresh")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
+        generator.set_state(state["generator"].cpu())  # map_location moved it to the device
+        if "torch_rng" in state:  # dropout's masks (checkpoints before it was saved lack it)
+            torch.set_rng_state(state["torch_rng"].cpu())
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         history, start_epoch = state["history"], state["epoch"] + 1
-        if state["args"]["epochs"] == args.epochs:
+        replans = state.get("replans", [])
+        if swa_model is not None and state.get("swa_model") is not None:
+            swa_model.load_state_dict(state["swa_model"])
+        if scheduler is None:
+            pass
+        elif state["args"]["epochs"] == args.epochs:
             scheduler.load_state_dict(state["scheduler"])
         else:  # a longer or shorter run: re-plan the schedule and move it to where training stands
             logger.warning("re-planning the %s schedule for %d epochs instead of %d", args.schedule, args.epochs,
                            state["args"]["epochs"])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # stepping the schedule without optimizer steps
-                for _ in range(min(start_epoch, args.epochs) * steps_per_epoch):
+                for _ in range(min(start_epoch, swa_start) * steps_per_epoch):
                     scheduler.step()
+            replans.append({"after_epoch": start_epoch, "planned_epochs": state["args"]["epochs"],
+                            "epochs": args.epochs})
         logger.info("resumed from %s after epoch %d", checkpoint_path, start_epoch)
 
-    train_images = torch.from_numpy(train_x)
-    train_labels = torch.from_numpy(train_y)
+    # The whole split lives on the device (150 MB for CIFAR-10), so a step copies nothing from the host.
+    train_images = torch.from_numpy(train_x).to(device)
+    train_labels = torch.from_numpy(train_y).to(device)
     for epoch in range(start_epoch, args.epochs):
         model.train()
         started = time.perf_counter()
-        order = torch.randperm(len(train_x), generator=generator)
-        total_loss, correct, seen = 0.0, 0, 0
+        if epoch >= swa_start:
+            for group in optimizer.param_groups:
+                group["lr"] = args.swa_lr
+        order = torch.randperm(len(train_x), generator=generator).to(device)
+        # Running sums stay on the device: reading them every step would stall the GPU's queue.
+        total_loss = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", unit="step",
                    disable=args.quiet, leave=False)
         for step in bar:
             index = order[step * args.batch_size:(step + 1) * args.batch_size]
-            labels = train_labels[index].to(device)
+            labels = train_labels[index]
             inputs = augment(to_model_input(train_images[index], mean=CIFAR10_MEAN, std=CIFAR10_STD,
                                             device=device), generator, cutout=args.cutout)
             with autocast(device, args.bf16):
@@ -267,11 +318,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            scheduler.step()
-            total_loss += loss.item() * len(index)
-            correct += (logits.argmax(1) == labels).sum().item()
+            if epoch < swa_start:
+                scheduler.step()
+            total_loss += loss.detach().float() * len(index)
+            correct += (logits.argmax(1) == labels).sum()
             seen += len(index)
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}", lr=f"{scheduler.get_last_lr()[0]:.4f}")
+            if step % 20 == 0 and not args.quiet:
+                bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
+        total_loss, correct = total_loss.item(), correct.item()
+        if epoch >= swa_start:
+            swa_model.update_parameters(model)
         seconds = time.perf_counter() - started
         _, probabilities = predict(model, test_x, device, flip_tta=False, bf16=args.bf16)
         record = {
@@ -279,21 +335,42 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "loss": round(total_loss / max(seen, 1), 4),
             "train_accuracy": round(correct / max(seen, 1), 4),
             "test_accuracy": round(float((probabilities.argmax(1) == test_y).mean()), 4),
+            "lr": round(optimizer.param_groups[0]["lr"], 6),
             "images_per_second": round(seen / seconds, 1),
             "seconds": round(seconds, 1),
         }
         history.append(record)
         logger.info("epoch %(epoch)d: loss %(loss).4f, train acc %(train_accuracy).4f, "
                     "test acc %(test_accuracy).4f, %(images_per_second).1f img/s, %(seconds).0f s", record)
+        if (epoch + 1) % args.checkpoint_every and epoch + 1 < args.epochs:
+            continue
         _save_checkpoint(checkpoint_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-            "epoch": epoch, "history": history, "args": _jsonable(vars(args)),
+            "scheduler": scheduler and scheduler.state_dict(), "generator": generator.get_state(),
+            "swa_model": swa_model and swa_model.state_dict(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "epoch": epoch, "history": history, "replans": replans, "args": _jsonable(vars(args)),
         })
-    return finish(args, model, device, classes, architecture, train_x, test_x, test_y, history)
+    if swa_model is not None:
+        model = averaged_model(swa_model, train_x, device, bf16=args.bf16)
+    return finish(args, model, device, classes, architecture, train_x, test_x, test_y, history, replans)
 
 
-def finish(args, model, device, classes, architecture, train_x, test_x, test_y, history) -> dict[str, Any]:
+def averaged_model(swa_model: torch.optim.swa_utils.AveragedModel, images: np.ndarray, device: torch.device, *,
+                   bf16: bool, batch_size: int = 500) -> nn.Module:
+    """The SWA average with batch-norm statistics recomputed for it over `images` (unaugmented): the running
+    statistics of the averaged runs do not describe the averaged weights."""
+    batches = (to_model_input(images[start:start + batch_size], mean=CIFAR10_MEAN, std=CIFAR10_STD, device=device)
+               for start in range(0, len(images), batch_size))
+    with torch.no_grad(), autocast(device, bf16):
+        torch.optim.swa_utils.update_bn(batches, swa_model, device=device)
+    logger.info("SWA: averaged %d epochs' weights and recomputed batch-norm statistics",
+                int(swa_model.n_averaged.item()))
+    return swa_model.module
+
+
+def finish(args, model, device, classes, architecture, train_x, test_x, test_y, history,
+           replans=()) -> dict[str, Any]:
     """Measure the trained model, fit PCA on the train embeddings and write the bundle."""
     _, plain = predict(model, test_x, device, flip_tta=False, bf16=args.bf16)
     _, flipped = predict(model, test_x, device, flip_tta=True, bf16=args.bf16)
@@ -312,7 +389,8 @@ def finish(args, model, device, classes, architecture, train_x, test_x, test_y, 
                        "resize": "lanczos", "flip_tta": args.flip_tta},
         vector={"pca_dims": min(args.pca_dims, projection.max_dims), "onehot_weight": args.onehot_weight},
         training={"command": "cbir train " + " ".join(_command_line(args)), "recipe": _jsonable(vars(args)),
-                  "history": history, **({"parent": parent_record(args.init_bundle)} if args.init_bundle else {})},
+                  "history": history, **({"replans": list(replans)} if replans else {}),
+                  **({"parent": parent_record(args.init_bundle)} if args.init_bundle else {})},
         metrics=metrics,
     )
     version = save_bundle(args.output, model.cpu(), projection, spec)
@@ -345,7 +423,7 @@ def _command_line(args: argparse.Namespace) -> list[str]:
     defaults = vars(get_args_parser().parse_args([]))
     words = []
     for key, value in vars(args).items():
-        if key in ("resume", "quiet", "threads") or value == defaults.get(key):
+        if key in ("resume", "quiet", "threads", "checkpoint_every") or value == defaults.get(key):
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):

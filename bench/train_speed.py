@@ -1,0 +1,82 @@
+"""Training throughput of `cbir train`'s step on this machine, and what an epoch will cost.
+
+    python bench/train_speed.py --batch-size 256 --steps 50
+
+Runs the real step (augment with Cutout, bf16 autocast forward, cross-entropy, backward, Nesterov
+SGD) of the full-width VGG-16 on random uint8 images held on the device, after `--warmup` untimed
+steps (cuDNN autotuning, allocator growth). Prints images per second and the seconds one epoch of
+`--train-images` takes at that rate, as JSON; per-epoch extras (the test-set check, checkpoints)
+come on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch import nn
+
+from services.embedder.bundle import build_model
+from services.embedder.inference import autocast, pick_device, to_model_input
+from services.embedder.model import CIFAR10_MEAN, CIFAR10_STD
+from services.embedder.train import augment
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=50, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    parser.add_argument("--train-images", type=int, default=50_000, help="images per epoch")
+    parser.add_argument("--cutout", type=int, default=16)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = build_model({"name": "CifarVGG16", "embedding_dim": 512, "width_mult": 1.0}, 10)
+    model = model.to(device, memory_format=torch.channels_last).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.batch_size * 4, 32, 32, 3), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (args.batch_size * 4,), device=device)
+
+    def step(i: int) -> None:
+        index = torch.arange(args.batch_size, device=device) + (i % 4) * args.batch_size
+        inputs = augment(to_model_input(images[index], mean=CIFAR10_MEAN, std=CIFAR10_STD, device=device),
+                         generator, cutout=args.cutout)
+        with autocast(device):
+            _, logits = model(inputs)
+            loss = criterion(logits.float(), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for i in range(args.warmup):
+        step(i)
+    synchronize()
+    started = time.perf_counter()
+    for i in range(args.steps):
+        step(i)
+    synchronize()
+    seconds = time.perf_counter() - started
+    rate = args.steps * args.batch_size / seconds
+    print(json.dumps({
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "batch_size": args.batch_size, "steps": args.steps,
+        "images_per_second": round(rate, 1), "epoch_seconds": round(args.train_images / rate, 2),
+    }))
+
+
+if __name__ == "__main__":
+    main()
