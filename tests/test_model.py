@@ -137,6 +137,25 @@ def test_swa_ships_the_average_of_its_epochs_and_resumes_mid_average(
     assert load_bundle(tmp_path / "b").version == load_bundle(tmp_path / "a").version
 
 
+def test_swa_batch_norm_statistics_describe_the_whole_split_even_when_it_is_stored_class_by_class() -> None:
+    torch.manual_seed(0)
+    model = CifarVGG16(width_mult=0.125, embedding_dim=32).to(memory_format=torch.channels_last)
+    # Two "classes" of very different brightness, stored one after the other like a decoded split.
+    images = torch.cat([torch.full((100, 32, 32, 3), 20, dtype=torch.uint8),
+                        torch.full((100, 32, 32, 3), 230, dtype=torch.uint8)])
+
+    def first_bn_variance(batch_size: int) -> torch.Tensor:
+        swa = torch.optim.swa_utils.AveragedModel(model)
+        swa.update_parameters(model)
+        averaged = train_module.averaged_model(swa, images, torch.Generator().manual_seed(0), bf16=False,
+                                               cutout=0, batch_size=batch_size)
+        return averaged.features[1].running_var
+
+    whole = first_bn_variance(batch_size=200)  # one batch: the split's own statistics
+    ratio = first_bn_variance(batch_size=20) / whole
+    assert 0.8 < ratio.median().item() < 1.2  # single-class batches would give a fraction of it
+
+
 def test_batch_hard_triplet_loss_is_zero_for_separated_classes() -> None:
     labels = torch.tensor([0, 0, 1, 1])
     separated = torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [0.01, 1.0]])

@@ -352,18 +352,29 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "epoch": epoch, "history": history, "replans": replans, "args": _jsonable(vars(args)),
         })
     if swa_model is not None:
-        model = averaged_model(swa_model, train_x, device, bf16=args.bf16)
+        model = averaged_model(swa_model, train_images, generator, bf16=args.bf16, cutout=args.cutout,
+                               batch_size=args.batch_size)
     return finish(args, model, device, classes, architecture, train_x, test_x, test_y, history, replans)
 
 
-def averaged_model(swa_model: torch.optim.swa_utils.AveragedModel, images: np.ndarray, device: torch.device, *,
-                   bf16: bool, batch_size: int = 500) -> nn.Module:
-    """The SWA average with batch-norm statistics recomputed for it over `images` (unaugmented): the running
-    statistics of the averaged runs do not describe the averaged weights."""
-    batches = (to_model_input(images[start:start + batch_size], mean=CIFAR10_MEAN, std=CIFAR10_STD, device=device)
+def averaged_model(swa_model: torch.optim.swa_utils.AveragedModel, images: torch.Tensor,
+                   generator: torch.Generator, *, bf16: bool, cutout: int, batch_size: int) -> nn.Module:
+    """The SWA average with batch-norm statistics recomputed for it: the running statistics of the
+    averaged runs do not describe the averaged weights.
+
+    The pass must see what training saw, or the statistics do not fit the weights: shuffled batches
+    (a split stored class by class gives single-class batches, whose variance is far too small) with
+    the training augmentation. Measured on the shipped bundle, recomputing its own statistics: 91.58%
+    test accuracy this way (its trained statistics: 91.56%), 90.01% without the augmentation, 89.0%
+    in stored order.
+    """
+    device = images.device
+    order = torch.randperm(len(images), generator=generator).to(device)
+    batches = (augment(to_model_input(images[order[start:start + batch_size]], mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                                      device=device), generator, cutout=cutout)
                for start in range(0, len(images), batch_size))
     with torch.no_grad(), autocast(device, bf16):
-        torch.optim.swa_utils.update_bn(batches, swa_model, device=device)
+        torch.optim.swa_utils.update_bn(batches, swa_model)
     logger.info("SWA: averaged %d epochs' weights and recomputed batch-norm statistics",
                 int(swa_model.n_averaged.item()))
     return swa_model.module
