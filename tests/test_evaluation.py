@@ -243,3 +243,13 @@ async def test_search_api_names_the_query_it_could_not_search(tmp_path: Path) ->
     transport = httpx.MockTransport(lambda request: httpx.Response(415, json={"detail": "not an image"}))
     with pytest.raises(SearchApiError, match="broken.jpg.*HTTP 415"):
         await search_api("http://search", [query], classes=["cat"], doc_rows={}, k=5, transport=transport)
+
+
+def test_report_cells_keep_four_significant_digits_below_a_tenth() -> None:
+    from services.evaluation.report import _cell
+
+    # MAP@100 just under the 0.0185 must not print as 0.0185.
+    assert _cell(0.018478) == "0.01848"
+    assert _cell(0.92516) == "0.9252"
+    assert _cell(0.0) == "0.0000"
+    assert _cell(None) == "n/a"

@@ -78,7 +78,7 @@ def measure_variant(data: AblationData, variant: Variant) -> dict[str, Any]:
            "dims": int(queries.shape[1]), **{name: float(values.mean()) for name, values in metrics.items()},
            "map_all": float(everything.average_precision.mean()),
            "seconds": round(time.perf_counter() - started, 1)}
-    logger.info("ablation %s: MAP@100 %.4f, mAP@ALL %.4f, P@100 %.4f", variant.name, row["map"],
+    logger.info("ablation %s: MAP@100 %.5f, mAP@ALL %.4f, P@100 %.4f", variant.name, row["map"],
                 row["map_all"], row["P_100"])
     return row
 

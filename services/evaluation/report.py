@@ -40,7 +40,9 @@ def _cell(value: Any) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return f"{value:.4f}"
+        # Four significant digits below 0.1: MAP@100 lives under its 0.02 ceiling, and 0.01848 shown as
+        # "0.0185" would read as a target met.
+        return f"{value:.4f}" if value == 0 or abs(value) >= 0.1 else f"{value:.4g}"
     return str(value)
 
 
@@ -68,12 +70,12 @@ def verdict(rows: Sequence[dict[str, Any]], *, key: str, is_default: dict[str, A
     best = max(rows, key=lambda row: row[key])
     default = next((row for row in rows if all(row[k] == v for k, v in is_default.items())), None)
     if default is None:
-        return f"By {metric}, the best is {best['variant']} ({best[key]:.4f})."
+        return f"By {metric}, the best is {best['variant']} ({_cell(best[key])})."
     if default[key] >= best[key] * (1 - SUPPORT_TOLERANCE):
-        return (f"By {metric}, this supports the default {default['variant']} ({default[key]:.4f}; "
-                f"best {best['variant']}, {best[key]:.4f}).")
-    return (f"By {metric}, this does not support the default {default['variant']} ({default[key]:.4f}): "
-            f"{best['variant']} reaches {best[key]:.4f}.")
+        return (f"By {metric}, this supports the default {default['variant']} ({_cell(default[key])}; "
+                f"best {best['variant']}, {_cell(best[key])}).")
+    return (f"By {metric}, this does not support the default {default['variant']} ({_cell(default[key])}): "
+            f"{best['variant']} reaches {_cell(best[key])}.")
 
 
 METRIC_COLUMNS = (("map", "MAP@100 (trec)"), ("map_normalised", "mAP@100 norm."), ("P_10", "P@10"),
