@@ -2,8 +2,9 @@
 
     python bench/train_speed.py --batch-size 256 --steps 50
 
-Runs the real step (augment with Cutout, bf16 autocast forward, cross-entropy, backward, Nesterov
-SGD) of the full-width VGG-16 on random uint8 images held on the device, after `--warmup` untimed
+Runs `cbir train`'s own step (`train_step`: augment with Cutout, bf16 autocast forward, label-smoothed
+cross-entropy, backward, Nesterov SGD from `make_optimizer`) of the full-width VGG-16 with
+`cbir train`'s defaults, on random uint8 images held on the device, after `--warmup` untimed
 steps (cuDNN autotuning, allocator growth). Prints images per second and the seconds one epoch of
 `--train-images` takes at that rate, as JSON; per-epoch extras (the test-set check, checkpoints)
 come on top.
@@ -19,9 +20,8 @@ import torch
 from torch import nn
 
 from services.embedder.bundle import build_model
-from services.embedder.inference import autocast, pick_device, to_model_input
-from services.embedder.model import CIFAR10_MEAN, CIFAR10_STD
-from services.embedder.train import augment
+from services.embedder.inference import pick_device
+from services.embedder.train import get_args_parser, make_optimizer, train_step
 
 
 def main() -> None:
@@ -39,24 +39,19 @@ def main() -> None:
     device = pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    model = build_model({"name": "CifarVGG16", "embedding_dim": 512, "width_mult": 1.0}, 10)
+    recipe = get_args_parser().parse_args(["--batch-size", str(args.batch_size), "--cutout", str(args.cutout)])
+    model = build_model({"name": "CifarVGG16", "embedding_dim": recipe.embedding_dim,
+                         "width_mult": recipe.width_mult}, 10)
     model = model.to(device, memory_format=torch.channels_last).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    optimizer = make_optimizer(model, recipe)
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.batch_size * 4, 32, 32, 3), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (args.batch_size * 4,), device=device)
 
     def step(i: int) -> None:
         index = torch.arange(args.batch_size, device=device) + (i % 4) * args.batch_size
-        inputs = augment(to_model_input(images[index], mean=CIFAR10_MEAN, std=CIFAR10_STD, device=device),
-                         generator, cutout=args.cutout)
-        with autocast(device):
-            _, logits = model(inputs)
-            loss = criterion(logits.float(), labels[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(model, optimizer, criterion, images[index], labels[index], generator, recipe)
 
     def synchronize() -> None:
         if device.type == "cuda":

@@ -188,6 +188,35 @@ def predict(model: nn.Module, images: np.ndarray, device: torch.device, *, flip_
 ONECYCLE_MIN_STEPS = 8
 
 
+def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """Nesterov SGD, with no weight decay on biases and batch-norm parameters."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}],
+                           lr=args.lr, momentum=args.momentum, nesterov=True)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, images: torch.Tensor,
+               labels: torch.Tensor, generator: torch.Generator, args: argparse.Namespace
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a uint8 `(N, H, W, 3)` batch already on the model's device: augment,
+    bf16 forward, loss (+ the triplet term), backward, update. Returns the detached loss and the logits;
+    nothing here waits for the GPU."""
+    device = images.device
+    inputs = augment(to_model_input(images, mean=CIFAR10_MEAN, std=CIFAR10_STD, device=device), generator,
+                     cutout=args.cutout)
+    with autocast(device, args.bf16):
+        embedding, logits = model(inputs)
+        loss = criterion(logits.float(), labels)
+        if args.metric_loss == "triplet":
+            loss = loss + args.metric_weight * batch_hard_triplet_loss(embedding, labels, args.triplet_margin)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits
+
+
 def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     """The schedule of the epochs before the SWA ones (`None` when every epoch is an SWA one)."""
     total = (args.epochs - args.swa_epochs) * steps_per_epoch
@@ -238,12 +267,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         model.load_state_dict(load_bundle(args.init_bundle).model.state_dict())
         logger.info("starting from the weights of %s", args.init_bundle)
     model = model.to(device, memory_format=torch.channels_last)
-    # No weight decay on biases and batch-norm parameters.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=args.lr, momentum=args.momentum, nesterov=True)
+    optimizer = make_optimizer(model, args)
     steps_per_epoch = len(train_x) // args.batch_size or 1
     scheduler = make_scheduler(args, optimizer, steps_per_epoch)
     swa_start = args.epochs - args.swa_epochs
@@ -258,7 +282,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if not checkpoint_path.exists():
             raise SystemExit(f"--resume: no checkpoint at {checkpoint_path}")
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        defaults = vars(get_args_parser().parse_args([]))  # for options newer than the checkpoint
+        defaults = _defaults()  # for options newer than the checkpoint
         changed = [k for k in _RESUME_FIXED if state["args"].get(k, defaults[k]) != getattr(args, k)]
         if changed:
             raise SystemExit(f"--resume: {', '.join(changed)} differ from the checkpoint's run; "
@@ -306,20 +330,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         for step in bar:
             index = order[step * args.batch_size:(step + 1) * args.batch_size]
             labels = train_labels[index]
-            inputs = augment(to_model_input(train_images[index], mean=CIFAR10_MEAN, std=CIFAR10_STD,
-                                            device=device), generator, cutout=args.cutout)
-            with autocast(device, args.bf16):
-                embedding, logits = model(inputs)
-                loss = criterion(logits.float(), labels)
-                if args.metric_loss == "triplet":
-                    loss = loss + args.metric_weight * batch_hard_triplet_loss(
-                        embedding, labels, args.triplet_margin)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, logits = train_step(model, optimizer, criterion, train_images[index], labels, generator, args)
             if epoch < swa_start:
                 scheduler.step()
-            total_loss += loss.detach().float() * len(index)
+            total_loss += loss.float() * len(index)
             correct += (logits.argmax(1) == labels).sum()
             seen += len(index)
             if step % 20 == 0 and not args.quiet:
@@ -430,7 +444,7 @@ def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _command_line(args: argparse.Namespace) -> list[str]:
-    defaults = vars(get_args_parser().parse_args([]))
+    defaults = _defaults()
     words = []
     for key, value in vars(args).items():
         if key in ("resume", "quiet", "threads", "checkpoint_every") or value == defaults.get(key):
@@ -441,6 +455,10 @@ def _command_line(args: argparse.Namespace) -> list[str]:
         else:
             words += [flag, str(value)]
     return words
+
+
+def _defaults() -> dict[str, Any]:
+    return vars(get_args_parser().parse_args([]))
 
 
 def _env_path(name: str) -> Path | None:
