@@ -1,0 +1,56 @@
+"""bench/label_options.py: its shifted views and its nearest-neighbour vote."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+from services.common.collection import REPO_ROOT
+from services.embedder.bundle import load_bundle
+from services.evaluation.features import embed_split, load_collection_split
+
+
+def load_script() -> ModuleType:
+    if "bench_label_options" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_label_options", REPO_ROOT / "bench" / "label_options.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["bench_label_options"] = module
+    return sys.modules["bench_label_options"]
+
+
+def test_shifted_moves_pixels_and_fills_with_zeros() -> None:
+    batch = torch.zeros(1, 3, 8, 8)
+    batch[0, :, 5, 6] = 1.0  # row 5, column 6
+    left = load_script().shifted(batch, dx=2, dy=0)  # the window moves right, the content left
+    assert left.shape == batch.shape
+    assert left[0, 0, 5, 4] == 1.0 and left.sum() == 3.0
+    down = load_script().shifted(batch, dx=0, dy=-2)
+    assert down[0, 0, 7, 6] == 1.0 and down.sum() == 3.0
+    assert load_script().shifted(batch, dx=-2, dy=0)[0, 0, 5].sum() == 0.0  # column 8 is off the frame
+
+
+def test_prints_every_option_and_the_one_nearest_neighbour_vote(
+    tiny_bundle_dir: Path, mini_collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    load_script().main(["--model-dir", str(tiny_bundle_dir), "--data-dir", str(mini_collection),
+                        "--cache-dir", str(tmp_path), "--batch-size", "20"])
+    rows = dict(line.split(" | ", 1) for line in capsys.readouterr().out.splitlines() if " | " in line)
+    views = load_script().VIEW_SETS
+    assert all(0.0 <= float(rows[name]) <= 1.0 for name in views)
+
+    # k = 1: the class of the train image with the most similar raw embedding, computed here.
+    bundle = load_bundle(tiny_bundle_dir)
+    test, train = (load_collection_split(mini_collection, split, bundle.classes, cache_dir=tmp_path)
+                   for split in ("test", "train"))
+    query, document = (embed_split(bundle, split, cache_dir=tmp_path).embeddings for split in (test, train))
+    query, document = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (query, document))
+    nearest = train.labels[(query @ document.T).argmax(axis=1)]
+    assert float(rows["1"].split(" | ")[0]) == pytest.approx((nearest == test.labels).mean(), abs=1e-4)
+    assert {"5", "10", "20", "50", "100"} <= rows.keys()
