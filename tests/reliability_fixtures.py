@@ -5,18 +5,21 @@ Imported by the test modules (`from reliability_fixtures import ...`); nothing h
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import httpx
@@ -254,3 +257,14 @@ def read_index(path: Path) -> Mapping[str, np.ndarray]:
     """The arrays of a FAISS store file, read directly (no store code involved)."""
     with np.load(path, allow_pickle=False) as data:
         return {name: data[name] for name in data.files}
+
+
+def load_bench_script(name: str) -> ModuleType:
+    """bench/<name>.py, which is a script rather than part of the installed package (loaded once)."""
+    module_name = f"bench_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, REPO_ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses look their module up while it executes
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
+from reliability_fixtures import load_bench_script
 
-from services.common.collection import REPO_ROOT
 from services.embedder.bundle import load_bundle
 from services.evaluation.features import embed_split, load_collection_split
 
 
 def load_script() -> ModuleType:
-    if "bench_label_options" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_label_options", REPO_ROOT / "bench" / "label_options.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules["bench_label_options"] = module
-    return sys.modules["bench_label_options"]
+    return load_bench_script("label_options")
 
 
 def test_shifted_moves_pixels_and_fills_with_zeros() -> None:

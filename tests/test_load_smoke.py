@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
-from reliability_fixtures import free_port, stop_process, subprocess_env, wait_for_http
-
-from services.common.collection import REPO_ROOT
+from reliability_fixtures import free_port, load_bench_script, stop_process, subprocess_env, wait_for_http
 
 MAX_RSS_GROWTH = 100 * 2**20
-
-
-def load_bench() -> ModuleType:
-    """bench/load.py, which is a script rather than part of the installed package."""
-    if "bench_load" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_load", REPO_ROOT / "bench" / "load.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-        spec.loader.exec_module(module)
-    return sys.modules["bench_load"]
 
 
 @pytest.fixture
@@ -50,7 +36,7 @@ def served(tmp_path: Path, tiny_bundle_dir: Path, mini_collection: Path):
 
 def test_short_load_run_has_no_errors_and_bounded_memory(served, mini_collection: Path) -> None:
     url, process, log = served
-    bench = load_bench()
+    bench = load_bench_script("load")
     result = bench.main(["--url", url, "--clients", "4", "--duration", "3", "--pid", str(process.pid),
                          "--images", str(mini_collection / "test")])
     assert result.errors == 0, result.error_kinds
@@ -65,6 +51,6 @@ def test_short_load_run_has_no_errors_and_bounded_memory(served, mini_collection
 
 
 def test_bench_refuses_other_hosts() -> None:
-    bench = load_bench()
+    bench = load_bench_script("load")
     with pytest.raises(SystemExit, match="loopback"):
         bench.main(["--url", "http://example.com:8000", "--duration", "1"])
