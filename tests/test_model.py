@@ -15,7 +15,14 @@ from services.embedder import train as train_module
 from services.embedder.bundle import load_bundle
 from services.embedder.model import CifarVGG16
 from services.embedder.runtime import Embedder
-from services.embedder.train import augment, batch_hard_triplet_loss, get_args_parser, make_scheduler, train
+from services.embedder.train import (
+    augment,
+    batch_hard_triplet_loss,
+    distillation_loss,
+    get_args_parser,
+    make_scheduler,
+    train,
+)
 
 
 def test_forward_returns_embedding_and_logits() -> None:
@@ -93,6 +100,66 @@ def test_training_resumes_from_its_checkpoint(tmp_path: Path, mini_collection: P
                                             "--batch-size", "50"])
     with pytest.raises(SystemExit, match="batch_size"):
         train(changed)
+
+
+def test_distillation_loss_is_the_scaled_kl_to_the_teachers_averaged_softened_probabilities() -> None:
+    torch.manual_seed(0)
+    student, first, second = torch.randn(3, 4, 10).unbind(0)
+    temperature = 4.0
+    # No loss when the student already says what its one teacher says.
+    assert distillation_loss(first, [first], temperature).item() == pytest.approx(0.0, abs=1e-6)
+    # Two teachers: the target is the mean of their probabilities at the temperature, not of their logits.
+    target = ((first / temperature).softmax(1) + (second / temperature).softmax(1)) / 2
+    student_probabilities = (student / temperature).softmax(1)
+    expected = (target * (target.log() - student_probabilities.log())).sum(1).mean() * temperature ** 2
+    assert distillation_loss(student, [first, second], temperature).item() == pytest.approx(expected.item(), rel=1e-5)
+    # Its gradient moves the student towards the teachers.
+    logits = student.clone().requires_grad_()
+    distillation_loss(logits, [first, second], temperature).backward()
+    stepped = (logits - 10.0 * logits.grad).detach()
+    assert distillation_loss(stepped, [first, second], temperature) < distillation_loss(student, [first, second],
+                                                                                        temperature)
+
+
+def test_training_distils_from_teacher_bundles_and_records_them(
+        tmp_path: Path, mini_collection: Path, tiny_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    common = ["--data-dir", str(mini_collection), "--checkpoint-dir", str(tmp_path / "ckpt"), "--epochs", "1",
+              "--batch-size", "100", "--width-mult", "0.125", "--embedding-dim", "32", "--pca-components", "16",
+              "--pca-dims", "8", "--quiet", "--limit-per-class", "20", "--no-flip-tta", "--distill-weight", "0.5"]
+    teachers = ["--teacher", str(tiny_bundle_dir), "--teacher", str(tiny_bundle_dir)]
+    calls = []
+    real_loss = train_module.distillation_loss
+
+    def spy(student_logits, teacher_logits, temperature):
+        calls.append((len(teacher_logits), temperature))
+        return real_loss(student_logits, teacher_logits, temperature)
+
+    monkeypatch.setattr(train_module, "distillation_loss", spy)
+    train(get_args_parser().parse_args([*common, *teachers, "--output", str(tmp_path / "a")]))
+    assert calls == [(2, 4.0)] * 2  # 200 images, batches of 100: both teachers in every step
+    training = json.loads((tmp_path / "a" / "bundle.json").read_text())["training"]
+    teacher_version = load_bundle(tiny_bundle_dir).version
+    assert [t["version"] for t in training["teachers"]] == [teacher_version, teacher_version]
+    assert f"--teacher {tiny_bundle_dir} --teacher {tiny_bundle_dir}" in training["command"]
+    assert training["recipe"]["teacher"] == [str(tiny_bundle_dir)] * 2
+
+    # A resumed run must distil from the same teachers.
+    fewer = [*common, *teachers[:2], "--output", str(tmp_path / "b"), "--resume"]
+    with pytest.raises(SystemExit, match="teacher"):
+        train(get_args_parser().parse_args(fewer))
+
+
+def test_a_teacher_with_other_classes_is_refused(tmp_path: Path, mini_collection: Path, tiny_bundle_dir: Path) -> None:
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_bundle_dir, teacher)
+    metadata = json.loads((teacher / "bundle.json").read_text())
+    metadata["classes"] = list(reversed(metadata["classes"]))
+    (teacher / "bundle.json").write_text(json.dumps(metadata))
+    args = get_args_parser().parse_args([
+        "--data-dir", str(mini_collection), "--checkpoint-dir", str(tmp_path / "ckpt"), "--output", str(tmp_path / "a"),
+        "--epochs", "1", "--width-mult", "0.125", "--quiet", "--limit-per-class", "5", "--teacher", str(teacher)])
+    with pytest.raises(SystemExit, match="classes"):
+        train(args)
 
 
 def test_swa_ships_the_average_of_its_epochs_and_resumes_mid_average(

@@ -2,9 +2,9 @@
 
 bf16 autocast and channels_last on CPU or CUDA, random-crop + flip augmentation (optionally
 Cutout), one-cycle or cosine schedule, label smoothing, an optional batch-hard triplet loss on the
-embedding, a checkpoint every `--checkpoint-every` epochs (`--resume` continues from it, and
-re-plans the schedule for a new `--epochs`), then PCA on the train embeddings and a bundle written
-to `--output`.
+embedding, optional distillation from teacher bundles (`--teacher`), a checkpoint every
+`--checkpoint-every` epochs (`--resume` continues from it, and re-plans the schedule for a new
+`--epochs`), then PCA on the train embeddings and a bundle written to `--output`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ logger = logging.getLogger("cbir.train")
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Arguments that must not change when a run is resumed.
-_RESUME_FIXED = ("embedding_dim", "width_mult", "batch_size", "schedule", "limit_per_class", "swa_epochs")
+_RESUME_FIXED = ("embedding_dim", "width_mult", "batch_size", "schedule", "limit_per_class", "swa_epochs",
+                 "teacher", "distill_weight", "distill_temperature")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -78,6 +79,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="add a batch-hard triplet loss on the normalised embedding")
     parser.add_argument("--metric-weight", type=float, default=0.5, help="weight of the metric loss")
     parser.add_argument("--triplet-margin", type=float, default=0.2, help="triplet margin (cosine distance)")
+    parser.add_argument("--teacher", type=Path, action="append", default=None, metavar="BUNDLE",
+                        help="distil from this bundle (repeat for an ensemble: their softened probabilities are "
+                        "averaged); each teacher sees the student's augmented batch")
+    parser.add_argument("--distill-weight", type=float, default=0.9,
+                        help="with --teacher: weight of the distillation term; the cross-entropy gets 1 minus it")
+    parser.add_argument("--distill-temperature", type=float, default=4.0,
+                        help="with --teacher: softmax temperature of teachers and student in the distillation term")
     parser.add_argument("--pca-components", type=int, default=256, help="PCA components kept in the bundle")
     parser.add_argument("--pca-dims", type=int, default=64, help="default PCA dims of the search vector")
     parser.add_argument("--onehot-weight", type=float, default=2.0,
@@ -97,7 +105,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def load_split(root: Path, split: str, classes: list[str], *, limit_per_class: int | None,
-               cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+               cache_dir: Path | None = None, quiet: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Decode a split once into `(N, 32, 32, 3)` uint8 and `(N,)` labels, cached as `.npz`."""
     cache = None
     if cache_dir is not None:
@@ -116,7 +124,7 @@ def load_split(root: Path, split: str, classes: list[str], *, limit_per_class: i
         labels.append(classes.index(image.label))
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         images = list(tqdm(pool.map(lambda p: decode_image(p.read_bytes()), files, chunksize=256),
-                           total=len(files), desc=f"decode {split}", unit="img", leave=False))
+                           total=len(files), desc=f"decode {split}", unit="img", leave=False, disable=quiet))
     array, label_array = np.stack(images), np.asarray(labels, dtype=np.int64)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -171,6 +179,15 @@ def batch_hard_triplet_loss(embedding: torch.Tensor, labels: torch.Tensor, margi
     return F.relu(hardest_positive - hardest_negative + margin).mean()
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: list[torch.Tensor],
+                      temperature: float) -> torch.Tensor:
+    """Hinton et al. (2015): KL divergence from the teachers' averaged softened probabilities to the
+    student's, times T² so its gradients keep their scale as the temperature changes."""
+    target = torch.stack([(t.float() / temperature).softmax(dim=1) for t in teacher_logits]).mean(dim=0)
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    return F.kl_div(log_student, target, reduction="batchmean") * temperature ** 2
+
+
 def predict(model: nn.Module, images: np.ndarray, device: torch.device, *, flip_tta: bool, bf16: bool,
             batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings and probabilities for uint8 images, in eval mode."""
@@ -198,17 +215,23 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Op
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, images: torch.Tensor,
-               labels: torch.Tensor, generator: torch.Generator, args: argparse.Namespace
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               labels: torch.Tensor, generator: torch.Generator, args: argparse.Namespace,
+               teachers: list[nn.Module] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a uint8 `(N, H, W, 3)` batch already on the model's device: augment,
-    bf16 forward, loss (+ the triplet term), backward, update. Returns the detached loss and the logits;
-    nothing here waits for the GPU."""
+    bf16 forward, loss (+ the triplet and distillation terms), backward, update. Returns the detached loss
+    and the logits; nothing here waits for the GPU."""
     device = images.device
     inputs = augment(to_model_input(images, mean=CIFAR10_MEAN, std=CIFAR10_STD, device=device), generator,
                      cutout=args.cutout)
     with autocast(device, args.bf16):
+        if teachers:
+            with torch.no_grad():
+                teacher_logits = [teacher(inputs)[1] for teacher in teachers]
         embedding, logits = model(inputs)
         loss = criterion(logits.float(), labels)
+        if teachers:
+            loss = (1 - args.distill_weight) * loss + args.distill_weight * distillation_loss(
+                logits, teacher_logits, args.distill_temperature)
         if args.metric_loss == "triplet":
             loss = loss + args.metric_weight * batch_hard_triplet_loss(embedding, labels, args.triplet_margin)
     optimizer.zero_grad(set_to_none=True)
@@ -252,8 +275,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     root = find_data_dir(args.data_dir or _env_path("CBIR_DATA_DIR"))
     classes = list_classes(root, "train")
     cache_dir = args.checkpoint_dir / "cache"
-    train_x, train_y = load_split(root, "train", classes, limit_per_class=args.limit_per_class, cache_dir=cache_dir)
-    test_x, test_y = load_split(root, "test", classes, limit_per_class=args.test_limit_per_class, cache_dir=cache_dir)
+    train_x, train_y = load_split(root, "train", classes, limit_per_class=args.limit_per_class, cache_dir=cache_dir,
+                                  quiet=args.quiet)
+    test_x, test_y = load_split(root, "test", classes, limit_per_class=args.test_limit_per_class, cache_dir=cache_dir,
+                                quiet=args.quiet)
     logger.info("data: %s, %d train and %d test images, %d classes, device %s",
                 root, len(train_x), len(test_x), len(classes), device)
 
@@ -267,6 +292,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         model.load_state_dict(load_bundle(args.init_bundle).model.state_dict())
         logger.info("starting from the weights of %s", args.init_bundle)
     model = model.to(device, memory_format=torch.channels_last)
+    teachers = load_teachers(args.teacher or [], classes, device)
     optimizer = make_optimizer(model, args)
     steps_per_epoch = len(train_x) // args.batch_size or 1
     scheduler = make_scheduler(args, optimizer, steps_per_epoch)
@@ -283,7 +309,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"--resume: no checkpoint at {checkpoint_path}")
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         defaults = _defaults()  # for options newer than the checkpoint
-        changed = [k for k in _RESUME_FIXED if state["args"].get(k, defaults[k]) != getattr(args, k)]
+        current = _jsonable(vars(args))
+        changed = [k for k in _RESUME_FIXED if state["args"].get(k, defaults[k]) != current[k]]
         if changed:
             raise SystemExit(f"--resume: {', '.join(changed)} differ from the checkpoint's run; "
                              "use the same values or start afresh")
@@ -330,7 +357,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         for step in bar:
             index = order[step * args.batch_size:(step + 1) * args.batch_size]
             labels = train_labels[index]
-            loss, logits = train_step(model, optimizer, criterion, train_images[index], labels, generator, args)
+            loss, logits = train_step(model, optimizer, criterion, train_images[index], labels, generator, args,
+                                      teachers)
             if epoch < swa_start:
                 scheduler.step()
             total_loss += loss.float() * len(index)
@@ -368,6 +396,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         model = averaged_model(swa_model, train_images, generator, bf16=args.bf16, cutout=args.cutout,
                                batch_size=args.batch_size)
     return finish(args, model, device, classes, architecture, train_x, test_x, test_y, history, replans)
+
+
+def load_teachers(directories: list[Path], classes: list[str], device: torch.device) -> list[nn.Module]:
+    """The `--teacher` bundles' networks in eval mode on `device`; their classes must be the collection's."""
+    from services.embedder.bundle import load_bundle
+
+    if not directories:
+        return []
+    teachers = []
+    for directory in directories:
+        bundle = load_bundle(directory)
+        if bundle.classes != classes:
+            raise SystemExit(f"--teacher {directory}: its classes {bundle.classes} are not the collection's {classes}")
+        teachers.append(bundle.model.eval().to(device, memory_format=torch.channels_last))
+        logger.info("distilling from %s (%s)", directory, bundle.version)
+    return teachers
 
 
 def averaged_model(swa_model: torch.optim.swa_utils.AveragedModel, images: torch.Tensor,
@@ -414,7 +458,8 @@ def finish(args, model, device, classes, architecture, train_x, test_x, test_y, 
         vector={"pca_dims": min(args.pca_dims, projection.max_dims), "onehot_weight": args.onehot_weight},
         training={"command": "cbir train " + " ".join(_command_line(args)), "recipe": _jsonable(vars(args)),
                   "history": history, **({"replans": list(replans)} if replans else {}),
-                  **({"parent": parent_record(args.init_bundle)} if args.init_bundle else {})},
+                  **({"parent": parent_record(args.init_bundle)} if args.init_bundle else {}),
+                  **({"teachers": [parent_record(t) for t in args.teacher]} if args.teacher else {})},
         metrics=metrics,
     )
     version = save_bundle(args.output, model.cpu(), projection, spec)
@@ -440,7 +485,12 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+    def plain(value: Any) -> Any:
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+
+    return {k: plain(v) for k, v in values.items()}
 
 
 def _command_line(args: argparse.Namespace) -> list[str]:
@@ -452,6 +502,9 @@ def _command_line(args: argparse.Namespace) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             words.append({"flip_tta": "--no-flip-tta", "bf16": "--no-bf16"}.get(key, flag))
+        elif isinstance(value, list):
+            for item in value:
+                words += [flag, str(item)]
         else:
             words += [flag, str(value)]
     return words
