@@ -1,6 +1,6 @@
 """Can the query's predicted class get better without retraining? Two levers, measured.
 
-    python bench/label_options.py --model-dir models/vgg16-cifar10
+    python bench/label_options.py --model-dir models/vgg16-cifar10 [--with-bundle DIR ...]
 
 1. More test-time views: the classifier's probabilities averaged over the image, its mirror and
    copies shifted by 1 or 2 pixels (zero padding, as the training crops). The service uses 2
@@ -8,6 +8,9 @@
 2. A vote of the nearest indexed images: the k nearest train images by cosine of the raw
    embedding (before the one-hot fusion, which would only echo the classifier) vote for their
    true class; the vote alone, and added to the classifier's probabilities with weight λ.
+3. An ensemble (with `--with-bundle`, repeatable): the served probabilities (each bundle with its
+   own flip TTA) of other bundles averaged with this one's, for every combination of two or more.
+   Each member is a whole network's forward passes per query and per indexed image.
 
 All 10,000 CIFAR-10 test images against the 50,000 train images; prints the test accuracy of
 each option. Decoded images and embeddings are cached under `--cache-dir`, as `cbir evaluate`
@@ -17,6 +20,7 @@ caches them.
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +51,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", type=Path, default=Path("state/evaluation"),
                         help="decoded images and embeddings are cached here")
     parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
+    parser.add_argument("--with-bundle", type=Path, action="append", default=[], metavar="DIR",
+                        help="another bundle to ensemble with (repeatable)")
     return parser
 
 
@@ -105,6 +111,18 @@ def main(argv: list[str] | None = None) -> None:
     for k in (1, 5, 10, 20, 50, 100):
         votes = torch.zeros_like(served).scatter_add_(1, neighbours[:, :k], torch.ones(len(truth), k)) / k
         print(f"{k} | {accuracy(votes)} | " + " | ".join(accuracy(served + lam * votes) for lam in lambdas))
+
+    if args.with_bundle:
+        members = {bundle.version: served}
+        for directory in args.with_bundle:
+            other = load_bundle(directory)
+            if other.classes != bundle.classes:
+                raise SystemExit(f"{directory} predicts {other.classes}, not {bundle.classes}")
+            members[other.version] = torch.from_numpy(embed_split(other, test, cache_dir=args.cache_dir).probabilities)
+        print("\nensemble (served probabilities averaged) | accuracy")
+        for size in range(1, len(members) + 1):
+            for names in itertools.combinations(members, size):
+                print(f"{' + '.join(names)} | {accuracy(sum(members[name] for name in names))}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 from reliability_fixtures import load_bench_script
 
 from services.embedder.bundle import load_bundle
+from services.embedder.train import get_args_parser, train
 from services.evaluation.features import embed_split, load_collection_split
 
 
@@ -47,3 +48,24 @@ def test_prints_every_option_and_the_one_nearest_neighbour_vote(
     nearest = train.labels[(query @ document.T).argmax(axis=1)]
     assert float(rows["1"].split(" | ")[0]) == pytest.approx((nearest == test.labels).mean(), abs=1e-4)
     assert {"5", "10", "20", "50", "100"} <= rows.keys()
+
+
+def test_ensembles_every_combination_of_the_bundles(
+    tiny_bundle_dir: Path, mini_collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other"  # a second network: the tiny bundle's recipe with another seed
+    train(get_args_parser().parse_args([
+        "--data-dir", str(mini_collection), "--output", str(other), "--checkpoint-dir", str(tmp_path / "train"),
+        "--epochs", "2", "--batch-size", "50", "--width-mult", "0.125", "--embedding-dim", "64",
+        "--pca-components", "32", "--pca-dims", "16", "--quiet", "--seed", "2"]))
+    load_script().main(["--model-dir", str(tiny_bundle_dir), "--data-dir", str(mini_collection),
+                        "--cache-dir", str(tmp_path / "cache"), "--with-bundle", str(other)])
+    out = capsys.readouterr().out
+    rows = dict(line.split(" | ", 1) for line in out.split("ensemble", 1)[1].splitlines()[1:] if " | " in line)
+    bundles = [load_bundle(path) for path in (tiny_bundle_dir, other)]
+    assert list(rows) == [bundles[0].version, bundles[1].version, f"{bundles[0].version} + {bundles[1].version}"]
+
+    test = load_collection_split(mini_collection, "test", bundles[0].classes, cache_dir=tmp_path)
+    served = [embed_split(bundle, test, cache_dir=tmp_path).probabilities for bundle in bundles]
+    expected = ((served[0] + served[1]).argmax(axis=1) == test.labels).mean()
+    assert float(rows[f"{bundles[0].version} + {bundles[1].version}"]) == pytest.approx(expected, abs=1e-4)
