@@ -149,7 +149,8 @@ def test_training_distils_from_teacher_bundles_and_records_them(
         train(get_args_parser().parse_args(fewer))
 
 
-def test_a_teacher_with_other_classes_is_refused(tmp_path: Path, mini_collection: Path, tiny_bundle_dir: Path) -> None:
+def test_missing_or_unfit_teachers_and_bad_distillation_options_are_refused(
+        tmp_path: Path, mini_collection: Path, tiny_bundle_dir: Path) -> None:
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_bundle_dir, teacher)
     metadata = json.loads((teacher / "bundle.json").read_text())
@@ -159,6 +160,15 @@ def test_a_teacher_with_other_classes_is_refused(tmp_path: Path, mini_collection
         "--data-dir", str(mini_collection), "--checkpoint-dir", str(tmp_path / "ckpt"), "--output", str(tmp_path / "a"),
         "--epochs", "1", "--width-mult", "0.125", "--quiet", "--limit-per-class", "5", "--teacher", str(teacher)])
     with pytest.raises(SystemExit, match="classes"):
+        train(args)
+    args.teacher = [tmp_path / "no-such-bundle"]
+    with pytest.raises(SystemExit, match="--teacher .*no model bundle"):
+        train(args)
+    args.teacher, args.distill_weight = [tiny_bundle_dir], 1.5
+    with pytest.raises(SystemExit, match="--distill-weight"):
+        train(args)
+    args.distill_weight, args.init_bundle = 0.9, tmp_path / "no-such-bundle"
+    with pytest.raises(SystemExit, match="--init-bundle .*no model bundle"):
         train(args)
 
 

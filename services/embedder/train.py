@@ -28,8 +28,9 @@ from torch import nn
 from tqdm import tqdm
 
 from services.common.collection import find_data_dir, iter_images, list_classes
+from services.common.errors import BundleError
 from services.common.images import decode_image
-from services.embedder.bundle import DEFAULT_BUNDLE_DIR, BundleSpec, build_model, save_bundle
+from services.embedder.bundle import DEFAULT_BUNDLE_DIR, BundleSpec, build_model, load_bundle, save_bundle
 from services.embedder.inference import autocast, forward_batch, pick_device, to_model_input
 from services.embedder.model import CIFAR10_MEAN, CIFAR10_STD
 from services.embedder.vectors import PcaProjection
@@ -266,6 +267,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--checkpoint-every must be at least 1")
     if not 0 <= args.swa_epochs <= args.epochs:
         raise SystemExit("--swa-epochs must be between 0 and --epochs")
+    if not 0 <= args.distill_weight <= 1 or args.distill_temperature <= 0:
+        raise SystemExit("--distill-weight must be between 0 and 1 and --distill-temperature above 0")
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -287,9 +290,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.pretrained == "imagenet":
         model.load_imagenet_features()
     if args.init_bundle is not None and not args.resume:
-        from services.embedder.bundle import load_bundle
-
-        model.load_state_dict(load_bundle(args.init_bundle).model.state_dict())
+        try:
+            model.load_state_dict(load_bundle(args.init_bundle).model.state_dict())
+        except BundleError as exc:
+            raise SystemExit(f"--init-bundle {args.init_bundle}: {exc}") from exc
         logger.info("starting from the weights of %s", args.init_bundle)
     model = model.to(device, memory_format=torch.channels_last)
     teachers = load_teachers(args.teacher or [], classes, device)
@@ -400,13 +404,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def load_teachers(directories: list[Path], classes: list[str], device: torch.device) -> list[nn.Module]:
     """The `--teacher` bundles' networks in eval mode on `device`; their classes must be the collection's."""
-    from services.embedder.bundle import load_bundle
-
-    if not directories:
-        return []
     teachers = []
     for directory in directories:
-        bundle = load_bundle(directory)
+        try:
+            bundle = load_bundle(directory)
+        except BundleError as exc:
+            raise SystemExit(f"--teacher {directory}: {exc}") from exc
         if bundle.classes != classes:
             raise SystemExit(f"--teacher {directory}: its classes {bundle.classes} are not the collection's {classes}")
         teachers.append(bundle.model.eval().to(device, memory_format=torch.channels_last))
