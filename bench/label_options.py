@@ -1,4 +1,4 @@
-"""Can the query's predicted class get better without retraining? Two levers, measured.
+"""Can the query's predicted class get better without retraining? Three levers, measured.
 
     python bench/label_options.py --model-dir models/vgg16-cifar10 [--with-bundle DIR ...]
 

@@ -19,11 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from reliability_fixtures import asgi_client
+from reliability_fixtures import asgi_client, train_tiny_bundle
 
 from services.common.collection import REPO_ROOT
 from services.embedder.bundle import Bundle, load_bundle
-from services.embedder.train import get_args_parser, train
 
 torch.set_num_threads(1)
 CIFAR10 = REPO_ROOT.parent / "shared" / "cifar10"
@@ -59,15 +58,7 @@ def mini_collection(tmp_path_factory: pytest.TempPathFactory, cifar10_dir: Path)
 @pytest.fixture(scope="session")
 def tiny_bundle_dir(tmp_path_factory: pytest.TempPathFactory, mini_collection: Path) -> Path:
     """A narrow VGG-16 trained for a few epochs on the mini collection (a few seconds)."""
-    work = tmp_path_factory.mktemp("bundle")
-    args = get_args_parser().parse_args([
-        "--data-dir", str(mini_collection), "--output", str(work / "bundle"),
-        "--checkpoint-dir", str(work / "train"), "--epochs", "4", "--batch-size", "50",
-        "--lr", "0.05", "--width-mult", "0.125", "--embedding-dim", "64", "--pca-components", "32",
-        "--pca-dims", "16", "--quiet", "--seed", "1",
-    ])
-    train(args)
-    return work / "bundle"
+    return train_tiny_bundle(mini_collection, tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,7 @@ from PIL import Image
 
 from services.common.collection import REPO_ROOT
 from services.common.embedding import EmbedderInfo, Embedding
+from services.embedder.train import get_args_parser, train
 
 # ---------------------------------------------------------------------------------------------
 # Images
@@ -268,3 +269,13 @@ def load_bench_script(name: str) -> ModuleType:
         sys.modules[module_name] = module  # dataclasses look their module up while it executes
         spec.loader.exec_module(module)
     return sys.modules[module_name]
+
+
+def train_tiny_bundle(collection: Path, work: Path, *, epochs: int = 4, seed: int = 1) -> Path:
+    """A narrow VGG-16 trained on `collection` for a few epochs (seconds); returns its bundle directory."""
+    train(get_args_parser().parse_args([
+        "--data-dir", str(collection), "--output", str(work / "bundle"), "--checkpoint-dir", str(work / "train"),
+        "--epochs", str(epochs), "--batch-size", "50", "--lr", "0.05", "--width-mult", "0.125",
+        "--embedding-dim", "64", "--pca-components", "32", "--pca-dims", "16", "--quiet", "--seed", str(seed),
+    ]))
+    return work / "bundle"

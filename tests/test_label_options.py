@@ -1,4 +1,4 @@
-"""bench/label_options.py: its shifted views and its nearest-neighbour vote."""
+"""bench/label_options.py: its shifted views, its nearest-neighbour vote and its ensembles."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
-from reliability_fixtures import load_bench_script
+from reliability_fixtures import load_bench_script, train_tiny_bundle
 
 from services.embedder.bundle import load_bundle
-from services.embedder.train import get_args_parser, train
 from services.evaluation.features import embed_split, load_collection_split
 
 
@@ -53,11 +52,7 @@ def test_prints_every_option_and_the_one_nearest_neighbour_vote(
 def test_ensembles_every_combination_of_the_bundles(
     tiny_bundle_dir: Path, mini_collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    other = tmp_path / "other"  # a second network: the tiny bundle's recipe with another seed
-    train(get_args_parser().parse_args([
-        "--data-dir", str(mini_collection), "--output", str(other), "--checkpoint-dir", str(tmp_path / "train"),
-        "--epochs", "2", "--batch-size", "50", "--width-mult", "0.125", "--embedding-dim", "64",
-        "--pca-components", "32", "--pca-dims", "16", "--quiet", "--seed", "2"]))
+    other = train_tiny_bundle(mini_collection, tmp_path / "other", epochs=2, seed=2)  # a second network
     load_script().main(["--model-dir", str(tiny_bundle_dir), "--data-dir", str(mini_collection),
                         "--cache-dir", str(tmp_path / "cache"), "--with-bundle", str(other)])
     out = capsys.readouterr().out

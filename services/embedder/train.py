@@ -17,6 +17,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,7 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Op
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, images: torch.Tensor,
                labels: torch.Tensor, generator: torch.Generator, args: argparse.Namespace,
-               teachers: list[nn.Module] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+               teachers: Sequence[nn.Module] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a uint8 `(N, H, W, 3)` batch already on the model's device: augment,
     bf16 forward, loss (+ the triplet and distillation terms), backward, update. Returns the detached loss
     and the logits; nothing here waits for the GPU."""
