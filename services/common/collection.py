@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.documents import document_id
+from services.common.errors import CollectionError
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +31,6 @@ class CollectionImage:
     @classmethod
     def from_relative(cls, relative: str, label: str) -> CollectionImage:
         return cls(id=document_id(relative), path=relative, filename=relative.rsplit("/", 1)[-1], label=label)
-
-
-class CollectionError(ValueError):
-    """The collection root or split does not exist or holds no images."""
 
 
 def find_data_dir(configured: Path | None) -> Path:

@@ -20,9 +20,9 @@ from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, Req
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-from services.common.collection import CollectionError, find_data_dir
+from services.common.collection import find_data_dir
 from services.common.embedding import EmbeddingService, HttpEmbeddingClient
-from services.common.errors import CbirError
+from services.common.errors import CbirError, CollectionError
 from services.common.http import (
     ERROR_RESPONSES,
     ErrorResponse,
