@@ -1,6 +1,6 @@
 """The `cbir` command: train, index, serve, and run each service on its own.
 
-    cbir serve              one machine: index if needed, then the gateway with the model in-process
+    cbir serve              one machine: the gateway with the model in-process, indexing in the background
     cbir train              train the VGG-16 embedder and write a model bundle
     cbir index              index a collection (in-process, or through CBIR_EMBEDDER_URL)
     cbir embedder           run the embedder service
@@ -14,10 +14,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
+from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.common.errors import CbirError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 logger = logging.getLogger("cbir")
 
@@ -33,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         command, rest = args.command, args
     try:
         if command == "train":
-            from services.embedder.train import get_args_parser, train
+            from services.training import get_args_parser, train
 
             train(get_args_parser().parse_args(rest))
         elif command == "evaluate":
@@ -45,8 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             {"serve": _serve, "index": _index, "embedder": _embedder, "gateway": _gateway,
              "download-cifar10": _download}[command](rest)
-    except (CbirError, ValueError) as exc:
-        logger.error("%s", getattr(exc, "message", exc))
+    except CbirError as exc:  # anything else is a bug: its traceback shows
+        logger.error("%s", exc.message)
         raise SystemExit(2) from exc
 
 
@@ -56,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("train", help="train the embedder (cbir train --help)", add_help=False)
     commands.add_parser("evaluate", help="evaluate retrieval (cbir evaluate --help)", add_help=False)
-    for name, help_text, port in (("serve", "index if needed, then serve search on one machine", 8000),
+    for name, help_text, port in (("serve", "serve search on one machine, indexing in the background if needed", 8000),
                                   ("embedder", "run the embedder service", 8001),
                                   ("gateway", "run the search gateway only", 8000)):
         sub = commands.add_parser(name, help=help_text)
@@ -78,78 +84,76 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    import uvicorn
+    from services.wiring import OneMachineSettings, create_one_machine_app
 
-    from services.common.collection import find_data_dir
-    from services.common.stores.factory import create_store
-    from services.embedder.app import create_service
-    from services.indexer.pipeline import IndexOptions, index_collection
-    from services.search.app import create_app
-    from services.search.settings import SearchSettings
-
-    settings = SearchSettings()
-    service = create_service(settings)
-    service.start()
-    store = create_store(settings)
-
-    async def run() -> None:
-        if not args.no_index:
-            data_dir = find_data_dir(settings.data_dir)
-            report = await index_collection(data_dir, settings.index_split, service, store,
-                                            IndexOptions(rebuild=True))
-            logger.info("index: %s", report.summary())
-        app = create_app(settings, embedder=service, store=store)
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
-        logger.info("search ready at http://%s:%d/ (API docs at /docs)", args.host, args.port)
-        try:
-            await server.serve()
-        finally:
-            await store.close()
-            await service.close()
-
-    asyncio.run(run())
+    app = create_one_machine_app(OneMachineSettings.load(), index=not args.no_index)
+    _run_server(app, args.host, args.port,
+                ready_note="" if args.no_index else "; indexing runs in the background, /healthz shows its progress")
 
 
 def _index(args: argparse.Namespace) -> None:
+    from services import wiring
     from services.common.collection import find_data_dir
-    from services.common.stores.factory import create_store
-    from services.indexer.pipeline import IndexOptions, index_collection
+    from services.indexer.pipeline import index_collection
     from services.indexer.settings import IndexerSettings
-    from services.search.app import create_embedding_service
 
-    settings = IndexerSettings()
+    settings = IndexerSettings.load()
     data_dir = find_data_dir(args.data_dir or settings.data_dir)
-    options = IndexOptions(batch_size=args.batch_size or settings.index_batch_size,
-                           concurrency=args.concurrency or settings.index_concurrency,
-                           rebuild=args.rebuild, progress=not args.no_progress)
+    options = wiring.index_options(settings, rebuild=args.rebuild, progress_bar=not args.no_progress,
+                                   batch_size=args.batch_size, concurrency=args.concurrency)
 
     async def run() -> None:
-        service = create_embedding_service(settings)
-        store = create_store(settings)
-        try:
+        async with AsyncExitStack() as resources:
+            service = await asyncio.to_thread(wiring.build_embedding_service, settings)
+            resources.push_async_callback(service.close)
+            store = wiring.build_store(settings)
+            resources.push_async_callback(store.close)
             report = await index_collection(data_dir, args.split or settings.index_split, service, store, options)
-        finally:
-            await store.close()
-            await service.close()
         logger.info("%s", report.summary())
 
     asyncio.run(run())
 
 
 def _embedder(args: argparse.Namespace) -> None:
-    import uvicorn
-
     from services.embedder.app import create_app
 
-    uvicorn.run(create_app(), host=args.host, port=args.port)
+    _run_server(create_app(), args.host, args.port)
 
 
 def _gateway(args: argparse.Namespace) -> None:
-    import uvicorn
-
     from services.search.app import create_app
 
-    uvicorn.run(create_app(), host=args.host, port=args.port)
+    _run_server(create_app(), args.host, args.port)
+
+
+def _run_server(app: FastAPI, host: str, port: int, *, ready_note: str = "") -> None:
+    """Serve `app` with uvicorn, its lifespan entered here rather than by uvicorn, so that a start-up
+    failure (a broken bundle, an unusable setting) ends the command with its one-line message instead
+    of uvicorn's traceback. The lifespan loads the model, then the server listens within seconds."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="off"))
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            if not server.should_exit:
+                logger.info("serving http://%s:%d/ (API docs at /docs)%s", host, port, ready_note)
+                await server.serve()
+
+    def stop(signum: int, frame: object) -> None:
+        server.should_exit = True
+
+    # uvicorn handles SIGINT/SIGTERM while it serves, then raises the signal again once it has stopped,
+    # which would end the process before the lifespan does (a background indexing run saves what it
+    # wrote on the way out). These handlers take that second signal, and one that comes while the model
+    # loads keeps the server from starting.
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        asyncio.run(run())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    logger.info("stopped: every resource closed")
 
 
 def _download(args: argparse.Namespace) -> None:

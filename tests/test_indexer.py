@@ -17,7 +17,7 @@ from services.embedder.runtime import Embedder, LocalEmbeddingService
 from services.indexer.pipeline import IndexOptions, index_collection
 
 pytestmark = pytest.mark.anyio
-OPTIONS = IndexOptions(batch_size=64, concurrency=2, flush_every=2, progress=False)
+OPTIONS = IndexOptions(batch_size=64, concurrency=2, flush_every=2, rebuild=False, progress_bar=False)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,11 @@ async def test_indexes_through_the_embedder_service_over_http(collection: Path, 
                                                               local_service: LocalEmbeddingService) -> None:
     from services.embedder.app import create_app
 
-    app = create_app(service=local_service)
+    local_store = FaissStore(tmp_path / "local.npz")
+    await index_collection(collection, "train", local_service, local_store, OPTIONS)
+    probe = next(iter_images(collection, "train"))
+    [embedding] = await local_service.embed(decode_image((collection / probe.path).read_bytes())[None])
+    app = create_app()  # its own model, loaded from CBIR_MODEL_DIR (the same tiny bundle)
     async with app.router.lifespan_context(app):
         client = HttpEmbeddingClient("http://embedder", transport=httpx.ASGITransport(app=app))
         store = FaissStore(tmp_path / "http.npz")
@@ -80,10 +84,6 @@ async def test_indexes_through_the_embedder_service_over_http(collection: Path, 
         await client.close()
     assert report.indexed == 500
     # The same vectors as in-process: the query image finds itself first with score 2.
-    local_store = FaissStore(tmp_path / "local.npz")
-    await index_collection(collection, "train", local_service, local_store, OPTIONS)
-    probe = next(iter_images(collection, "train"))
-    [embedding] = await local_service.embed(decode_image((collection / probe.path).read_bytes())[None])
     http_hits, local_hits = await store.search(embedding.vector, 5), await local_store.search(embedding.vector, 5)
     assert [h.id for h in http_hits] == [h.id for h in local_hits]
     assert http_hits[0].id == probe.id and http_hits[0].score == pytest.approx(2.0, abs=1e-4)

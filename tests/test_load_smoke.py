@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,9 +44,9 @@ def test_short_load_run_has_no_errors_and_bounded_memory(served, mini_collection
     assert result.rss_before and result.rss_after
     assert result.rss_growth < MAX_RSS_GROWTH, result.summary()
     stop_process(process)
-    assert process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+    assert process.returncode == 0  # the lifespan ended: cbir takes the signal uvicorn raises again
     output = log.read_text()
-    assert "Application shutdown complete" in output and "Traceback" not in output
+    assert "stopped: every resource closed" in output and "Traceback" not in output
 
 
 def test_bench_refuses_other_hosts() -> None:

@@ -72,7 +72,7 @@ async def gallery_client(gallery, cbir_env: Path) -> httpx.AsyncClient:
 
     state, root, _ = gallery
     settings = SearchSettings(state_dir=state, data_dir=root)
-    async with asgi_client(create_app(settings, embedder=FixedEmbedder())) as client:
+    async with asgi_client(create_app(settings, embedder_factory=FixedEmbedder)) as client:
         yield client
 
 
@@ -186,7 +186,7 @@ def cors_client(tmp_path: Path, origins: list[str]):
     from services.search.app import create_app
 
     settings = SearchSettings(state_dir=tmp_path / "state", cors_origins=origins, max_upload_bytes=4096)
-    return asgi_client(create_app(settings, embedder=FixedEmbedder()))
+    return asgi_client(create_app(settings, embedder_factory=FixedEmbedder))
 
 
 async def test_cors_is_closed_by_default(tmp_path: Path, cbir_env: Path) -> None:

@@ -1,30 +1,44 @@
-"""Domain errors, mapped to one JSON error envelope at the HTTP edge.
+"""Every error cbir raises on purpose, mapped to one JSON error envelope at the HTTP edge.
 
     CbirError
+    ├── ConfigError                a setting is invalid; the message names the variable
+    ├── CollectionError            the collection root or split is missing or holds no images
     ├── ImageError                 (4xx: the caller sent something we cannot use)
     │   ├── EmptyImageError        400
     │   ├── ImageDecodeError       415
     │   └── ImageTooLargeError     413
     ├── BundleError                (start-up: the model bundle is missing, corrupt or mismatched)
+    ├── TrainingError              `cbir train` cannot run as asked; the message names the option
     ├── ModelNotLoadedError        503
     ├── EmbedderUnavailableError   503, with Retry-After
-    ├── IndexNotReadyError         503 (store missing, empty or still being built)
+    ├── IndexNotReadyError         503 (index missing, empty or still being built)
+    ├── SearchApiError             `cbir evaluate --url`: the search API is not ready or failed a query
     └── StoreError                 (a store refused an operation)
         ├── StoreMismatchError     409 (index built for other dims or another model version)
-        └── StoreUnavailableError  503
+        ├── StoreUnavailableError  503 (unreachable, overloaded or timed out: try again later)
+        ├── StoreAuthError         500 (the store refused our credentials: fix the settings)
+        └── BulkWriteError         some documents of a write were refused; `failures` says which
 """
 
 from __future__ import annotations
 
 
 class CbirError(Exception):
-    """Base of every error this project raises on purpose."""
+    """Base of every error this project raises on purpose; `message` is meant for the user."""
 
     status_code: int = 500
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class ConfigError(CbirError):
+    """A setting is invalid (a bad `CBIR_*` value, an unknown device); the message names it."""
+
+
+class CollectionError(CbirError):
+    """The collection root or split does not exist or holds no images."""
 
 
 class ImageError(CbirError):
@@ -47,6 +61,10 @@ class BundleError(CbirError):
     """The model bundle cannot be used; the message says why and how to get one."""
 
 
+class TrainingError(CbirError):
+    """`cbir train` cannot run with these options or inputs; the message names the bad one."""
+
+
 class ModelNotLoadedError(CbirError):
     status_code = 503
 
@@ -60,7 +78,20 @@ class EmbedderUnavailableError(CbirError):
 
 
 class IndexNotReadyError(CbirError):
+    """503: search cannot answer yet. `status` says why in the API's vocabulary (`empty` when the index is
+    missing or has no documents, `indexing` while a run fills it, with its `progress`, `failed` when that
+    run failed); both go into the JSON body beside `detail`."""
+
     status_code = 503
+
+    def __init__(self, message: str, *, status: str = "empty", progress: dict[str, int | None] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.progress = progress or {}
+
+
+class SearchApiError(CbirError):
+    """The search API is not ready, or did not answer a query after retries; names the image and the reason."""
 
 
 class StoreError(CbirError):
@@ -73,3 +104,20 @@ class StoreMismatchError(StoreError):
 
 class StoreUnavailableError(StoreError):
     status_code = 503
+
+
+class StoreAuthError(StoreError):
+    """The store refused the credentials (HTTP 401/403): a configuration problem, not a passing one."""
+
+    status_code = 500
+
+
+class BulkWriteError(StoreError):
+    """The store refused some documents of a write; the others were written.
+
+    `failures` maps every refused document id to the store's reason.
+    """
+
+    def __init__(self, message: str, *, failures: dict[str, str]) -> None:
+        super().__init__(message)
+        self.failures = failures

@@ -19,7 +19,7 @@ from prometheus_client import Counter, Histogram, make_asgi_app
 from pydantic import BaseModel, SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.common.errors import CbirError, EmbedderUnavailableError
+from services.common.errors import CbirError, EmbedderUnavailableError, IndexNotReadyError
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,15 @@ class ErrorResponse(BaseModel):
     """Every error this service returns: `{"detail": "what was wrong"}`."""
 
     detail: str
+
+
+class NotReadyResponse(ErrorResponse):
+    """A 503: `detail` says why; `status` is `indexing` (with `indexed` of `total` images so far),
+    `empty` or `failed`."""
+
+    status: str | None = None
+    indexed: int | None = None
+    total: int | None = None
 
 
 class FieldError(BaseModel):
@@ -54,9 +63,11 @@ ERROR_RESPONSES: dict[int | str, dict] = {
         (409, "The index was built by another model; re-index"),
         (413, "Upload or image too large"),
         (415, "Not a supported image"),
-        (503, "Model, embedder or index not ready (see Retry-After)"),
     )
-} | {422: {"model": ValidationErrorResponse, "description": "Missing or invalid field or parameter"}}
+} | {
+    422: {"model": ValidationErrorResponse, "description": "Missing or invalid field or parameter"},
+    503: {"model": NotReadyResponse, "description": "Model, embedder or index not ready (see Retry-After)"},
+}
 ERROR_RESPONSES[503]["headers"] = {
     "Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}
 }
@@ -72,7 +83,7 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["Retry-After"] = "5"
         if exc.status_code >= 500:
             logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
-        return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=headers)
+        return JSONResponse(error_body(exc), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -80,6 +91,13 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = [_field_error(error) for error in exc.errors()]
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors) or "invalid request"
         return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
+
+
+def error_body(exc: CbirError) -> dict[str, Any]:
+    """The JSON body of a domain error: `detail`, and for a not-ready index its status and progress."""
+    if isinstance(exc, IndexNotReadyError):
+        return {"detail": exc.message, "status": exc.status, **exc.progress}
+    return {"detail": exc.message}
 
 
 def _field_error(error: dict[str, Any]) -> dict[str, Any]:

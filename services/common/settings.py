@@ -1,17 +1,20 @@
 """Settings shared by the services, read from `CBIR_*` environment variables (pydantic-settings).
 
 Each service has one `Settings` class built from these pieces; `cbir` commands and the apps
-read them once at start-up, so a bad value fails fast with the variable's name.
+read them once at start-up with `load()`, so a bad value fails fast with the variable's name.
+Every default lives here, once.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal, Self
 
-from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
+from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.errors import ConfigError
 from services.common.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_CONCURRENT_DECODES, DEFAULT_MAX_PIXELS
 
 
@@ -29,6 +32,19 @@ class BaseCbirSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CBIR_", env_file=".env", extra="ignore")
 
     environment: str = Field("development", description="development or production")
+
+    @classmethod
+    def load(cls) -> Self:
+        """The settings from the environment and `.env`; `ConfigError` naming each bad variable.
+
+        >>> SearchSettings.load().backend
+        <Backend.faiss: 'faiss'>
+        """
+        try:
+            return cls()
+        except ValidationError as exc:
+            problems = "; ".join(_describe(cls, error) for error in exc.errors())
+            raise ConfigError(f"invalid settings: {problems}") from exc
 
 
 class StoreSettings(BaseCbirSettings):
@@ -57,7 +73,7 @@ class ModelSettings(BaseCbirSettings):
     """Which bundle embeds images, where, and how its vectors are built."""
 
     model_dir: Path | None = Field(None, description="model bundle directory (default: the shipped one)")
-    device: str = Field("auto", description="auto (CUDA when present), cpu or cuda")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (CUDA when present), cpu or cuda")
     pca_dims: int | None = Field(None, ge=1, description="PCA dims of the vector (default: the bundle's)")
     onehot_weight: float | None = Field(None, ge=0, description="one-hot weight (default: the bundle's)")
     max_batch: int = Field(64, ge=1, le=1024, description="largest micro-batch of the forward pass")
@@ -94,8 +110,28 @@ class EmbedderClientSettings(BaseCbirSettings):
     embedder_api_key: SecretStr | None = Field(None, description="X-API-Key sent to an embedder that requires one")
 
 
+class EmbeddingSettings(ModelSettings, EmbedderClientSettings):
+    """How a service reaches the model: the embedder service at `CBIR_EMBEDDER_URL`, else in-process."""
+
+
+class IndexingSettings(BaseCbirSettings):
+    index_batch_size: int = Field(256, ge=1, le=4096, description="images per embed call")
+    index_concurrency: int = Field(2, ge=1, le=64, description="embed calls in flight")
+
+
 class CollectionSettings(BaseCbirSettings):
     data_dir: Path | None = Field(
         None, description="collection root (<split>/<class>/<image>); default data/cifar10, else ../shared/cifar10"
     )
     index_split: str = Field("train", description="the split that is indexed")
+
+
+def _describe(cls: type[BaseSettings], error: dict) -> str:
+    """One validation error as `CBIR_NAME: what is wrong (got 'value')`; secrets are never echoed."""
+    if not error.get("loc"):  # a model validator: its message names the variable itself
+        return str(error["msg"]).removeprefix("Value error, ")
+    name = str(error["loc"][0])
+    field = cls.model_fields.get(name)
+    secret = field is not None and "SecretStr" in str(field.annotation)
+    got = "" if secret or "input" not in error else f" (got {error['input']!r})"
+    return f"CBIR_{name.upper()}: {error['msg']}{got}"

@@ -7,16 +7,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Request, UploadFile
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
+from services import wiring
 from services.common.errors import ImageError, ModelNotLoadedError
 from services.common.http import (
     ERROR_RESPONSES,
@@ -24,9 +26,8 @@ from services.common.http import (
     verify_api_key,
 )
 from services.common.images import UploadDecoder
-from services.common.settings import ModelSettings
-from services.embedder.bundle import DEFAULT_BUNDLE_DIR, load_bundle
-from services.embedder.runtime import Embedder, LocalEmbeddingService
+from services.common.status import Status
+from services.embedder.runtime import LocalEmbeddingService
 from services.embedder.settings import EmbedderSettings
 
 logger = logging.getLogger(__name__)
@@ -54,31 +55,23 @@ class InfoResponse(BaseModel):
     bundle: dict
 
 
-def create_service(settings: ModelSettings) -> LocalEmbeddingService:
-    """Load the bundle named by the settings; `BundleError` if it is missing or corrupt."""
-    bundle = load_bundle(settings.model_dir or DEFAULT_BUNDLE_DIR)
-    embedder = Embedder(bundle, device=settings.device, pca_dims=settings.pca_dims,
-                        onehot_weight=settings.onehot_weight, max_batch=settings.max_batch)
-    return LocalEmbeddingService(embedder, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
-
-
 def create_app(settings: EmbedderSettings | None = None, *,
-               service: LocalEmbeddingService | None = None) -> FastAPI:
-    settings = settings or EmbedderSettings()
+               service_factory: Callable[[], LocalEmbeddingService] | None = None) -> FastAPI:
+    """The embedder service. Its lifespan loads the model (through `services.wiring`, or `service_factory`)
+    and stops it on shutdown; `/healthz` is 200 once the model is warmed up."""
+    settings = settings or EmbedderSettings.load()
+    service_factory = service_factory or partial(wiring.build_local_embedding_service, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # The app closes only what it created; a service handed in belongs to the caller.
-        local = service or create_service(settings)
-        if service is None:
-            await run_in_threadpool(local.start)
-        app.state.service = local
-        logger.info("embedder ready: %s", local.embedder.model_version)
+        service = await asyncio.to_thread(service_factory)
+        app.state.service = service
+        logger.info("embedder ready: %s", service.embedder.model_version)
         try:
             yield
         finally:
-            if service is None:
-                await local.close()
+            app.state.service = None
+            await service.close()
 
     app = FastAPI(title="cbir embedder", version="0.1.0", lifespan=lifespan,
                   summary="Images in, VGG-16 search vectors out.")
@@ -138,4 +131,4 @@ async def info(service: ServiceDep) -> InfoResponse:
 @router.get("/healthz", responses={503: ERROR_RESPONSES[503]})
 async def healthz(service: ServiceDep) -> dict[str, str]:
     """200 once the model is loaded and warmed up, else 503."""
-    return {"status": "ok", "model_version": service.embedder.model_version}
+    return {"status": Status.ready, "model_version": service.embedder.model_version}

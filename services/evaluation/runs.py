@@ -19,15 +19,11 @@ import numpy as np
 from tqdm import tqdm
 
 from services.common.documents import document_id
-from services.common.errors import CbirError
+from services.common.errors import SearchApiError
 from services.common.stores.faiss_store import FaissStore
 from services.evaluation.metrics import run_entries
 
 logger = logging.getLogger(__name__)
-
-
-class SearchApiError(CbirError):
-    """The search API is not ready, or did not answer a query after retries; names the image and the reason."""
 
 
 @dataclass

@@ -22,6 +22,7 @@ from services.common.documents import ImageDocument
 from services.common.embedding import EmbeddingService
 from services.common.errors import ImageError, StoreMismatchError
 from services.common.images import decode_image
+from services.common.status import IndexProgress
 from services.common.stores.base import VectorStore
 
 logger = logging.getLogger(__name__)
@@ -50,13 +51,15 @@ class IndexReport:
                 f"{self.seconds:.1f} s, {self.images_per_second:.0f} images/s ({stages})")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class IndexOptions:
-    batch_size: int = 256
-    concurrency: int = 2
-    flush_every: int = 20  # batches
-    rebuild: bool = False  # drop an index built by another model instead of refusing
-    progress: bool = True
+    """How a run batches and reports; `services.wiring.index_options` builds it from the settings."""
+
+    batch_size: int
+    concurrency: int
+    rebuild: bool  # drop an index built by another model instead of refusing
+    progress_bar: bool  # a tqdm bar on the terminal
+    flush_every: int = 20  # batches between saves: what a crash can lose at most
 
 
 async def open_store_for(embedder: EmbeddingService, store: VectorStore, *, rebuild: bool) -> str:
@@ -74,23 +77,28 @@ async def open_store_for(embedder: EmbeddingService, store: VectorStore, *, rebu
 
 
 async def index_collection(root: Path, split: str, embedder: EmbeddingService, store: VectorStore,
-                           options: IndexOptions = IndexOptions()) -> IndexReport:
-    """Index every image of `root/split` that the store does not hold yet."""
+                           options: IndexOptions, *, progress: IndexProgress | None = None) -> IndexReport:
+    """Index every image of `root/split` that the store does not hold yet.
+
+    `progress`, when given, is kept up to date for whoever reports on the run (the gateway's `/healthz`).
+    """
     started = time.perf_counter()
     report = IndexReport()
+    progress = progress if progress is not None else IndexProgress()
     model_version = await open_store_for(embedder, store, rebuild=options.rebuild)
-    images = list(iter_images(root, split))
+    images = await asyncio.to_thread(lambda: list(iter_images(root, split)))
     report.total = len(images)
     present: set[str] = set()
     for start in range(0, len(images), 5000):
         present |= await store.existing_ids([image.id for image in images[start:start + 5000]])
     todo = [image for image in images if image.id not in present]
     report.already_indexed = len(images) - len(todo)
+    progress.indexed, progress.total = report.already_indexed, report.total
     logger.info("%s/%s: %d images, %d already indexed, %d to index", root, split, len(images),
                 report.already_indexed, len(todo))
 
     batches = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
-    progress = tqdm(total=len(todo), desc="indexing", unit="img", disable=not options.progress)
+    bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not options.progress_bar)
     slots = asyncio.Semaphore(options.concurrency)
     write_lock = asyncio.Lock()
     written_batches = 0
@@ -118,14 +126,15 @@ async def index_collection(root: Path, split: str, embedder: EmbeddingService, s
             report.indexed += len(documents)
             for stage, seconds in zip(("read", "embed", "write"), (t1 - t0, t2 - t1, t3 - t2), strict=True):
                 report.stage_seconds[stage] += seconds
-            progress.update(len(batch))
+            progress.indexed += len(batch)
+            bar.update(len(batch))
             if report.failed:
-                progress.set_postfix(skipped=len(report.failed))
+                bar.set_postfix(skipped=len(report.failed))
 
     try:
         await _gather_all([run_batch(batch) for batch in batches])
     finally:
-        progress.close()
+        bar.close()
         await store.flush()  # keep what was written, also when a batch failed
     report.documents = await store.count()
     report.seconds = time.perf_counter() - started

@@ -3,81 +3,77 @@
     POST /search        multipart `file`, query `k` (1–1000) → prediction + ranked hits
     GET  /images/{id}   an indexed image (never anything outside the collection)
     GET  /              a small web page to try it
-    GET  /healthz       200 only when the model and the store are ready
+    GET  /healthz       200 `ready`, or 503 `indexing` (with progress), `empty` or `failed`
     GET  /docs          OpenAPI explorer
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from importlib.resources import files
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-from services.common.collection import find_data_dir
-from services.common.embedding import EmbeddingService, HttpEmbeddingClient
-from services.common.errors import CbirError, CollectionError
+from services import wiring
+from services.common.collection import CollectionError, find_data_dir
+from services.common.embedding import EmbeddingService
+from services.common.errors import CbirError
 from services.common.http import (
     ERROR_RESPONSES,
     ErrorResponse,
+    error_body,
     install_http_edge,
     verify_api_key,
 )
 from services.common.images import UploadDecoder
+from services.common.status import Status
 from services.common.stores.base import VectorStore
-from services.common.stores.factory import create_store
-from services.search.engine import SearchEngine
+from services.search.engine import IndexingJob, SearchEngine
 from services.search.schemas import HealthResponse, QueryPrediction, SearchHit, SearchResponse
 from services.search.settings import SearchSettings
 
 logger = logging.getLogger(__name__)
 
 
-def create_embedding_service(settings: SearchSettings) -> EmbeddingService:
-    """The embedder named by `CBIR_EMBEDDER_URL`, or the model in this process."""
-    if settings.embedder_url is not None:
-        api_key = settings.embedder_api_key.get_secret_value() if settings.embedder_api_key else None
-        return HttpEmbeddingClient(str(settings.embedder_url), timeout_s=settings.embedder_timeout_s,
-                                   retries=settings.embedder_retries, api_key=api_key)
-    from services.embedder.app import create_service
-
-    service = create_service(settings)
-    service.start()
-    return service
-
-
-def create_app(settings: SearchSettings | None = None, *, embedder: EmbeddingService | None = None,
-               store: VectorStore | None = None) -> FastAPI:
-    """The gateway; `embedder` and `store` may be handed in (one-machine mode and tests)."""
-    settings = settings or SearchSettings()
+def create_app(settings: SearchSettings | None = None, *,
+               embedder_factory: Callable[[], EmbeddingService] | None = None,
+               store_factory: Callable[[], VectorStore] | None = None,
+               background: IndexingJob | None = None) -> FastAPI:
+    """The gateway. Its lifespan builds the embedding service and the store (by default as the settings
+    say, through `services.wiring`; tests pass factories), runs `background` (one-machine indexing) as a
+    task while the server already answers, and closes all of it on shutdown."""
+    settings = settings or SearchSettings.load()
+    embedder_factory = embedder_factory or partial(wiring.build_embedding_service, settings)
+    store_factory = store_factory or partial(wiring.build_store, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = embedder or await run_in_threadpool(create_embedding_service, settings)
-        vectors = store or create_store(settings)
-        try:
-            data_dir = find_data_dir(settings.data_dir)
-        except CollectionError as exc:
-            logger.warning("images will not be served: %s", exc)
-            data_dir = None
-        app.state.engine = SearchEngine(service, vectors, data_dir=data_dir)
-        try:
-            await app.state.engine.ensure_ready()
-        except CbirError as exc:
-            logger.warning("not ready yet: %s", exc.message)
-        try:
+        async with AsyncExitStack() as resources:
+            embedder = await asyncio.to_thread(embedder_factory)  # loading a model takes seconds
+            resources.push_async_callback(embedder.close)
+            store = store_factory()
+            resources.push_async_callback(store.close)
+            try:
+                data_dir = find_data_dir(settings.data_dir)
+            except CollectionError as exc:
+                logger.warning("images will not be served: %s", exc.message)
+                data_dir = None
+            app.state.engine = engine = SearchEngine(embedder, store, data_dir=data_dir)
+            if background is not None:
+                # Closed before the store and the embedder it uses (the stack unwinds last in, first out).
+                resources.push_async_callback(_cancel, engine.start_indexing(background))
+            else:
+                with contextlib.suppress(CbirError):  # logged by the engine; /healthz says why
+                    await engine.ensure_ready()
             yield
-        finally:  # close only what this app created; what was handed in belongs to the caller
-            if store is None:
-                await vectors.close()
-            if embedder is None:
-                await service.close()
 
     app = FastAPI(title="cbir search", version="0.1.0", lifespan=lifespan,
                   summary="Upload an image, get the most similar indexed images.")
@@ -87,6 +83,13 @@ def create_app(settings: SearchSettings | None = None, *, embedder: EmbeddingSer
                       cors_origins=settings.cors_origins)
     app.include_router(router)
     return app
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Stop a background run on shutdown; it flushes what it wrote before it ends."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def get_engine(request: Request) -> SearchEngine:
@@ -134,14 +137,18 @@ async def get_image(id: str, engine: EngineDep) -> FileResponse:
 
 @router.get("/healthz", response_model=HealthResponse, tags=["ops"],
             responses={503: ERROR_RESPONSES[503]})
-async def healthz(request: Request, engine: EngineDep) -> HealthResponse | JSONResponse:
-    """200 only when the model and the store are ready."""
+async def healthz(engine: EngineDep) -> HealthResponse | JSONResponse:
+    """200 `ready` when the model and the index are; else 503 with `status` `indexing` (and `indexed` of
+    `total` images so far), `empty` or `failed`, and `detail` saying why."""
     try:
         model_version = await engine.ensure_ready()
         documents = await engine.store.count()
     except CbirError as exc:
-        return JSONResponse({"detail": exc.message}, status_code=503, headers={"Retry-After": "5"})
-    return HealthResponse(status="ok", model_version=model_version, backend=engine.store.name, documents=documents)
+        body = {"status": Status.failed} | error_body(exc)  # an unavailable embedder or store is `failed`
+        retry_after = "2" if body["status"] == Status.indexing else "5"
+        return JSONResponse(body, status_code=503, headers={"Retry-After": retry_after})
+    return HealthResponse(status=Status.ready, model_version=model_version, backend=engine.store.name,
+                          documents=documents)
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -1,26 +1,36 @@
-"""What a search does: decode the upload, embed it, ask the store, shape the hits."""
+"""What a search does: embed the decoded upload, ask the store, shape the hits; and whether it can yet.
+
+Readiness is one status (`services.common.status.Status`): `indexing` while a background run fills
+the index, `empty` without documents, `failed` when indexing failed or a dependency is down, `ready`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
 
 from services.common.collection import resolve_inside
 from services.common.embedding import Embedding, EmbeddingService
-from services.common.errors import IndexNotReadyError, StoreError
+from services.common.errors import CbirError, IndexNotReadyError, StoreError
+from services.common.status import IndexProgress, Status
 from services.common.stores.base import StoreHit, VectorStore
 
 logger = logging.getLogger(__name__)
+
+
+# A background job: fills `store` with `embedder`'s vectors, keeping the progress up to date.
+IndexingJob = Callable[[EmbeddingService, VectorStore, IndexProgress], Awaitable[object]]
 
 
 class SearchEngine:
     """Joins an embedding service and a store; ready once both agree on the model version.
 
     Readiness is re-checked on every call until it succeeds, so the gateway recovers by itself
-    when the embedder or the store comes back.
+    when the embedder or the store comes back, and becomes ready by itself when indexing ends.
     """
 
     def __init__(self, embedder: EmbeddingService, store: VectorStore, *, data_dir: Path | None) -> None:
@@ -29,8 +39,44 @@ class SearchEngine:
         self.data_dir = data_dir
         self.model_version: str | None = None
         self._readiness: asyncio.Task[str] | None = None
+        self._indexing: IndexProgress | None = None  # set while a background run goes
+        self._indexing_failure: str | None = None
+
+    def start_indexing(self, job: IndexingJob) -> asyncio.Task[None]:
+        """Run `job` in the background; until it ends, searches and `/healthz` answer 503 `indexing`.
+
+        The caller owns the task (the gateway's lifespan cancels it on shutdown). A failed run leaves
+        the engine `failed` with the reason, and the process up.
+        """
+        progress = IndexProgress()
+        self._indexing, self._indexing_failure, self.model_version = progress, None, None
+        return asyncio.create_task(self._run_indexing(job, progress), name="indexing")
+
+    async def _run_indexing(self, job: IndexingJob, progress: IndexProgress) -> None:
+        try:
+            await job(self.embedder, self.store, progress)
+        except CbirError as exc:
+            self._indexing_failure = f"indexing failed: {exc.message}"
+            logger.error("%s", self._indexing_failure)
+        except Exception as exc:  # a bug: keep serving, say so in /healthz, keep the traceback in the log
+            self._indexing_failure = f"indexing failed: {type(exc).__name__}: {exc}"
+            logger.exception("indexing failed")
+        finally:
+            self._indexing = None
+        if self._indexing_failure is None:
+            try:
+                await self.ensure_ready()
+            except CbirError as exc:
+                logger.warning("indexing finished, but search is not ready: %s", exc.message)
 
     async def ensure_ready(self) -> str:
+        """The model version searched; raises the reason (503 or 409) while search cannot answer."""
+        if self._indexing is not None:
+            progress = self._indexing
+            raise IndexNotReadyError(progress.describe(), status=Status.indexing,
+                                     progress={"indexed": progress.indexed, "total": progress.total})
+        if self._indexing_failure is not None:
+            raise IndexNotReadyError(self._indexing_failure, status=Status.failed)
         if self.model_version is not None:
             return self.model_version
         # Requests arriving while a check runs share its outcome instead of queueing for checks of

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-from services.common.settings import (
-    CollectionSettings,
-    EmbedderClientSettings,
-    ModelSettings,
-    StoreSettings,
-    UploadSettings,
-)
+from services.common.settings import CollectionSettings, EmbeddingSettings, StoreSettings, UploadSettings
 
 
-class SearchSettings(StoreSettings, ModelSettings, UploadSettings, EmbedderClientSettings, CollectionSettings):
+class SearchSettings(StoreSettings, EmbeddingSettings, UploadSettings, CollectionSettings):
     """Everything the gateway reads; `CBIR_EMBEDDER_URL` unset runs the model in-process."""
