@@ -23,9 +23,9 @@ from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, Req
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 from services import wiring
-from services.common.collection import CollectionError, find_data_dir
+from services.common.collection import find_data_dir
 from services.common.embedding import EmbeddingService
-from services.common.errors import CbirError
+from services.common.errors import CbirError, CollectionError
 from services.common.http import (
     ERROR_RESPONSES,
     ErrorResponse,
