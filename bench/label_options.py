@@ -29,8 +29,7 @@ import torch.nn.functional as F
 
 from services.common.collection import find_data_dir
 from services.embedder.bundle import load_bundle
-from services.embedder.inference import autocast, to_model_input
-from services.embedder.model import CIFAR10_MEAN, CIFAR10_STD
+from services.embedder.inference import Preprocessing, autocast, to_model_input
 from services.evaluation.features import embed_split, load_collection_split
 
 SHIFTS = {1: [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)], 2: [(0, 0), (2, 0), (-2, 0), (0, 2), (0, -2)]}
@@ -63,16 +62,17 @@ def shifted(batch: torch.Tensor, dx: int, dy: int, pad: int = 2) -> torch.Tensor
     return padded[:, :, pad + dy:pad + dy + batch.shape[2], pad + dx:pad + dx + batch.shape[3]]
 
 
-def view_probabilities(model: torch.nn.Module, images: np.ndarray, batch_size: int
+def view_probabilities(model: torch.nn.Module, images: np.ndarray, batch_size: int, preprocessing: Preprocessing
                        ) -> dict[tuple[tuple[int, int], bool], torch.Tensor]:
-    """Softmax probabilities of every view any set uses, bf16 on the CPU as the embedder runs."""
+    """Softmax probabilities of every view any set uses, bf16 on the CPU as the embedder runs,
+    normalised as the bundle's `preprocessing` says."""
     views = list(dict.fromkeys(view for views in VIEW_SETS.values() for view in views))
     out: dict = {view: [] for view in views}
     device = torch.device("cpu")
     with torch.inference_mode(), autocast(device, True):
         for start in range(0, len(images), batch_size):
-            batch = to_model_input(images[start:start + batch_size], mean=CIFAR10_MEAN, std=CIFAR10_STD,
-                                   device=device)
+            batch = to_model_input(images[start:start + batch_size], mean=preprocessing.mean,
+                                   std=preprocessing.std, device=device)
             for (dx, dy), mirror in views:
                 view = shifted(batch, dx, dy) if (dx, dy) != (0, 0) else batch
                 view = view.flip(3) if mirror else view
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     bundle = load_bundle(args.model_dir)
     root = find_data_dir(args.data_dir)
-    train = load_collection_split(root, "train", bundle.classes, cache_dir=args.cache_dir)
-    test = load_collection_split(root, "test", bundle.classes, cache_dir=args.cache_dir)
+    train, test = (load_collection_split(root, split, bundle.classes, preprocessing=bundle.preprocessing,
+                                         cache_dir=args.cache_dir) for split in ("train", "test"))
     truth = torch.from_numpy(test.labels)
     print(f"{bundle.version}: {len(test)} test queries, {len(train)} train images")
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         return f"{(scores.argmax(dim=1) == truth).float().mean().item():.4f}"
 
     model = bundle.model.eval().to(memory_format=torch.channels_last)
-    probabilities = view_probabilities(model, test.images, args.batch_size)
+    probabilities = view_probabilities(model, test.images, args.batch_size, bundle.preprocessing)
     print("\ntest-time views | accuracy")
     for name, views in VIEW_SETS.items():
         print(f"{name} | {accuracy(sum(probabilities[view] for view in views))}")
@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
             other = load_bundle(directory)
             if other.classes != bundle.classes:
                 raise SystemExit(f"{directory} predicts {other.classes}, not {bundle.classes}")
+            decoded_as = (other.preprocessing.image_size, other.preprocessing.resize)
+            if decoded_as != (bundle.preprocessing.image_size, bundle.preprocessing.resize):
+                raise SystemExit(f"{directory} takes images decoded as {decoded_as}, not as {args.model_dir}")
             members[other.version] = torch.from_numpy(embed_split(other, test, cache_dir=args.cache_dir).probabilities)
         print("\nensemble (served probabilities averaged) | accuracy")
         for size in range(1, len(members) + 1):

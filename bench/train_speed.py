@@ -19,9 +19,11 @@ import time
 import torch
 from torch import nn
 
-from services.embedder.bundle import build_model
-from services.embedder.inference import pick_device
-from services.embedder.train import get_args_parser, make_optimizer, train_step
+from services.embedder.inference import Preprocessing, pick_device
+from services.embedder.model import build_model
+from services.training import get_args_parser
+from services.training.loop import make_optimizer, train_step
+from services.training.trainer import ARCHITECTURE
 
 
 def main() -> None:
@@ -40,18 +42,21 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     recipe = get_args_parser().parse_args(["--batch-size", str(args.batch_size), "--cutout", str(args.cutout)])
-    model = build_model({"name": "CifarVGG16", "embedding_dim": recipe.embedding_dim,
+    model = build_model({"name": ARCHITECTURE, "embedding_dim": recipe.embedding_dim,
                          "width_mult": recipe.width_mult}, 10)
+    preprocessing = Preprocessing()  # CIFAR-10's mean and std, as `cbir train` normalises
     model = model.to(device, memory_format=torch.channels_last).train()
     optimizer = make_optimizer(model, recipe)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (args.batch_size * 4, 32, 32, 3), dtype=torch.uint8, device=device)
+    size = preprocessing.image_size
+    images = torch.randint(0, 256, (args.batch_size * 4, size, size, 3), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (args.batch_size * 4,), device=device)
 
     def step(i: int) -> None:
         index = torch.arange(args.batch_size, device=device) + (i % 4) * args.batch_size
-        train_step(model, optimizer, criterion, images[index], labels[index], generator, recipe)
+        train_step(model, optimizer, criterion, images[index], labels[index], generator, recipe,
+                   preprocessing=preprocessing)
 
     def synchronize() -> None:
         if device.type == "cuda":

@@ -5,6 +5,7 @@ Imported by the test modules (`from reliability_fixtures import ...`); nothing h
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import io
 import os
@@ -29,7 +30,7 @@ from PIL import Image
 
 from services.common.collection import REPO_ROOT
 from services.common.embedding import EmbedderInfo, Embedding
-from services.embedder.train import get_args_parser, train
+from services.training import get_args_parser, train
 
 # ---------------------------------------------------------------------------------------------
 # Images
@@ -271,11 +272,21 @@ def load_bench_script(name: str) -> ModuleType:
     return sys.modules[module_name]
 
 
-def train_tiny_bundle(collection: Path, work: Path, *, epochs: int = 4, seed: int = 1) -> Path:
+def tiny_training_args(collection: Path, work: Path, *extra: str, epochs: int = 4, seed: int = 1,
+                       output: Path | None = None) -> argparse.Namespace:
+    """`cbir train` options for a narrow VGG-16 on `collection` (seconds): the one tiny recipe of the
+    tests. `work` holds the checkpoint; the bundle goes to `output` (default `work/bundle`); `extra`
+    options come last, so they override the recipe's."""
+    return get_args_parser().parse_args([
+        "--data-dir", str(collection), "--output", str(output or work / "bundle"),
+        "--checkpoint-dir", str(work / "train"), "--epochs", str(epochs), "--batch-size", "50", "--lr", "0.05",
+        "--width-mult", "0.125", "--embedding-dim", "64", "--pca-components", "32", "--pca-dims", "16", "--quiet",
+        "--seed", str(seed), *extra,
+    ])
+
+
+def train_tiny_bundle(collection: Path, work: Path, *extra: str, epochs: int = 4, seed: int = 1) -> Path:
     """A narrow VGG-16 trained on `collection` for a few epochs (seconds); returns its bundle directory."""
-    train(get_args_parser().parse_args([
-        "--data-dir", str(collection), "--output", str(work / "bundle"), "--checkpoint-dir", str(work / "train"),
-        "--epochs", str(epochs), "--batch-size", "50", "--lr", "0.05", "--width-mult", "0.125",
-        "--embedding-dim", "64", "--pca-components", "32", "--pca-dims", "16", "--quiet", "--seed", str(seed),
-    ]))
-    return work / "bundle"
+    args = tiny_training_args(collection, work, *extra, epochs=epochs, seed=seed)
+    train(args)
+    return args.output

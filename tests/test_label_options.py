@@ -40,8 +40,8 @@ def test_prints_every_option_and_the_one_nearest_neighbour_vote(
 
     # k = 1: the class of the train image with the most similar raw embedding, computed here.
     bundle = load_bundle(tiny_bundle_dir)
-    test, train = (load_collection_split(mini_collection, split, bundle.classes, cache_dir=tmp_path)
-                   for split in ("test", "train"))
+    test, train = (load_collection_split(mini_collection, split, bundle.classes, preprocessing=bundle.preprocessing,
+                                         cache_dir=tmp_path) for split in ("test", "train"))
     query, document = (embed_split(bundle, split, cache_dir=tmp_path).embeddings for split in (test, train))
     query, document = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (query, document))
     nearest = train.labels[(query @ document.T).argmax(axis=1)]
@@ -60,7 +60,8 @@ def test_ensembles_every_combination_of_the_bundles(
     bundles = [load_bundle(path) for path in (tiny_bundle_dir, other)]
     assert list(rows) == [bundles[0].version, bundles[1].version, f"{bundles[0].version} + {bundles[1].version}"]
 
-    test = load_collection_split(mini_collection, "test", bundles[0].classes, cache_dir=tmp_path)
+    test = load_collection_split(mini_collection, "test", bundles[0].classes, preprocessing=bundles[0].preprocessing,
+                                 cache_dir=tmp_path)
     served = [embed_split(bundle, test, cache_dir=tmp_path).probabilities for bundle in bundles]
     expected = ((served[0] + served[1]).argmax(axis=1) == test.labels).mean()
     assert float(rows[f"{bundles[0].version} + {bundles[1].version}"]) == pytest.approx(expected, abs=1e-4)

@@ -1,4 +1,4 @@
-"""The VGG-16 model, the bundle format, and `cbir train`'s checkpoint and resume."""
+"""The VGG-16 model, the backbone registry, the bundle format, and `cbir train`'s checkpoint and resume."""
 
 from __future__ import annotations
 
@@ -9,20 +9,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reliability_fixtures import tiny_training_args
 
-from services.common.errors import BundleError
-from services.embedder import train as train_module
+from services.common.errors import BundleError, TrainingError
 from services.embedder.bundle import load_bundle
-from services.embedder.model import CifarVGG16
+from services.embedder.inference import Preprocessing
+from services.embedder.model import BACKBONES, CifarVGG16, build_model
 from services.embedder.runtime import Embedder
-from services.embedder.train import (
-    augment,
-    batch_hard_triplet_loss,
-    distillation_loss,
-    get_args_parser,
-    make_scheduler,
-    train,
-)
+from services.training import get_args_parser, loop, train, trainer
+from services.training.augment import augment
+from services.training.loop import make_scheduler
+from services.training.losses import batch_hard_triplet_loss, distillation_loss
+
+
+def quick_args(collection: Path, work: Path, *extra: str, epochs: int, output: Path):
+    """The tests' tiny recipe on 20 images a class, in batches of 100, without flip TTA."""
+    return tiny_training_args(collection, work, "--batch-size", "100", "--embedding-dim", "32", "--pca-components",
+                              "16", "--pca-dims", "8", "--limit-per-class", "20", "--no-flip-tta", *extra,
+                              epochs=epochs, output=output)
 
 
 def test_forward_returns_embedding_and_logits() -> None:
@@ -78,27 +82,20 @@ def test_broken_bundle_is_refused_with_a_clear_message(tmp_path: Path, tiny_bund
 
 
 def test_training_resumes_from_its_checkpoint(tmp_path: Path, mini_collection: Path) -> None:
-    common = ["--data-dir", str(mini_collection), "--checkpoint-dir", str(tmp_path / "ckpt"), "--epochs", "2",
-              "--batch-size", "100", "--width-mult", "0.125", "--embedding-dim", "32", "--pca-components", "16",
-              "--pca-dims", "8", "--quiet", "--limit-per-class", "20", "--no-flip-tta"]
-    first = get_args_parser().parse_args([*common, "--output", str(tmp_path / "a")])
-    train(first)
-    checkpoint = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=False)
+    train(quick_args(mini_collection, tmp_path, epochs=2, output=tmp_path / "a"))
+    checkpoint = torch.load(tmp_path / "train" / "checkpoint.pt", weights_only=False)
     assert checkpoint["epoch"] == 1 and len(checkpoint["history"]) == 2
     # Resuming a finished run trains no more epochs and writes the same bundle.
-    resumed = get_args_parser().parse_args([*common, "--output", str(tmp_path / "b"), "--resume"])
-    train(resumed)
+    train(quick_args(mini_collection, tmp_path, "--resume", epochs=2, output=tmp_path / "b"))
     assert load_bundle(tmp_path / "a").version == load_bundle(tmp_path / "b").version
     # Resuming with more epochs re-plans the schedule, and the bundle says so next to its command.
-    longer = get_args_parser().parse_args([*common, "--output", str(tmp_path / "d"), "--resume", "--epochs", "3"])
-    train(longer)
+    train(quick_args(mini_collection, tmp_path, "--resume", epochs=3, output=tmp_path / "d"))
     training = json.loads((tmp_path / "d" / "bundle.json").read_text())["training"]
     assert training["replans"] == [{"after_epoch": 2, "planned_epochs": 2, "epochs": 3}]
     assert len(training["history"]) == 3
     assert "replans" not in json.loads((tmp_path / "a" / "bundle.json").read_text())["training"]
-    changed = get_args_parser().parse_args([*common, "--output", str(tmp_path / "c"), "--resume",
-                                            "--batch-size", "50"])
-    with pytest.raises(SystemExit, match="batch_size"):
+    changed = quick_args(mini_collection, tmp_path, "--resume", "--batch-size", "50", epochs=2, output=tmp_path / "c")
+    with pytest.raises(TrainingError, match="--resume: batch_size differ"):
         train(changed)
 
 
@@ -123,19 +120,16 @@ def test_distillation_loss_is_the_scaled_kl_to_the_teachers_averaged_softened_pr
 
 def test_training_distils_from_teacher_bundles_and_records_them(
         tmp_path: Path, mini_collection: Path, tiny_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    common = ["--data-dir", str(mini_collection), "--checkpoint-dir", str(tmp_path / "ckpt"), "--epochs", "1",
-              "--batch-size", "100", "--width-mult", "0.125", "--embedding-dim", "32", "--pca-components", "16",
-              "--pca-dims", "8", "--quiet", "--limit-per-class", "20", "--no-flip-tta", "--distill-weight", "0.5"]
     teachers = ["--teacher", str(tiny_bundle_dir), "--teacher", str(tiny_bundle_dir)]
     calls = []
-    real_loss = train_module.distillation_loss
+    real_loss = loop.distillation_loss
 
     def spy(student_logits, teacher_logits, temperature):
         calls.append((len(teacher_logits), temperature))
         return real_loss(student_logits, teacher_logits, temperature)
 
-    monkeypatch.setattr(train_module, "distillation_loss", spy)
-    train(get_args_parser().parse_args([*common, *teachers, "--output", str(tmp_path / "a")]))
+    monkeypatch.setattr(loop, "distillation_loss", spy)
+    train(quick_args(mini_collection, tmp_path, "--distill-weight", "0.5", *teachers, epochs=1, output=tmp_path / "a"))
     assert calls == [(2, 4.0)] * 2  # 200 images, batches of 100: both teachers in every step
     training = json.loads((tmp_path / "a" / "bundle.json").read_text())["training"]
     teacher_version = load_bundle(tiny_bundle_dir).version
@@ -144,9 +138,10 @@ def test_training_distils_from_teacher_bundles_and_records_them(
     assert training["recipe"]["teacher"] == [str(tiny_bundle_dir)] * 2
 
     # A resumed run must distil from the same teachers.
-    fewer = [*common, *teachers[:2], "--output", str(tmp_path / "b"), "--resume"]
-    with pytest.raises(SystemExit, match="teacher"):
-        train(get_args_parser().parse_args(fewer))
+    fewer = quick_args(mini_collection, tmp_path, "--distill-weight", "0.5", *teachers[:2], "--resume", epochs=1,
+                       output=tmp_path / "b")
+    with pytest.raises(TrainingError, match="--resume: teacher differ"):
+        train(fewer)
 
 
 def test_missing_or_unfit_teachers_and_bad_distillation_options_are_refused(
@@ -156,27 +151,33 @@ def test_missing_or_unfit_teachers_and_bad_distillation_options_are_refused(
     metadata = json.loads((teacher / "bundle.json").read_text())
     metadata["classes"] = list(reversed(metadata["classes"]))
     (teacher / "bundle.json").write_text(json.dumps(metadata))
-    args = get_args_parser().parse_args([
-        "--data-dir", str(mini_collection), "--checkpoint-dir", str(tmp_path / "ckpt"), "--output", str(tmp_path / "a"),
-        "--epochs", "1", "--width-mult", "0.125", "--quiet", "--limit-per-class", "5", "--teacher", str(teacher)])
-    with pytest.raises(SystemExit, match="classes"):
+    args = tiny_training_args(mini_collection, tmp_path, "--limit-per-class", "5", "--teacher", str(teacher), epochs=1)
+    with pytest.raises(TrainingError, match="--teacher .*classes"):
         train(args)
     args.teacher = [tmp_path / "no-such-bundle"]
-    with pytest.raises(SystemExit, match="--teacher .*no model bundle"):
+    with pytest.raises(TrainingError, match="--teacher .*no model bundle"):
         train(args)
     args.teacher, args.distill_weight = [tiny_bundle_dir], 1.5
-    with pytest.raises(SystemExit, match="--distill-weight"):
+    with pytest.raises(TrainingError, match="--distill-weight"):
         train(args)
     args.distill_weight, args.init_bundle = 0.9, tmp_path / "no-such-bundle"
-    with pytest.raises(SystemExit, match="--init-bundle .*no model bundle"):
+    with pytest.raises(TrainingError, match="--init-bundle .*no model bundle"):
         train(args)
+    args.init_bundle, args.device = None, "tpu"
+    with pytest.raises(TrainingError, match="--device: device 'tpu' is not one of: auto, cpu, cuda"):
+        train(args)
+    args.device, args.checkpoint_every = "cpu", 0
+    with pytest.raises(TrainingError, match="--checkpoint-every"):
+        train(args)
+    assert not args.output.exists()
 
 
 def test_swa_ships_the_average_of_its_epochs_and_resumes_mid_average(
         tmp_path: Path, mini_collection: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    common = ["--data-dir", str(mini_collection), "--epochs", "3", "--swa-epochs", "2", "--swa-lr", "0.02",
-              "--batch-size", "100", "--width-mult", "0.125", "--embedding-dim", "32", "--pca-components", "16",
-              "--pca-dims", "8", "--quiet", "--limit-per-class", "20", "--no-flip-tta"]
+    def swa_args(name: str, *extra: str):
+        return quick_args(mini_collection, tmp_path / name, "--swa-epochs", "2", "--swa-lr", "0.02", *extra,
+                          epochs=3, output=tmp_path / name / "bundle")
+
     averaged: list[dict[str, torch.Tensor]] = []
     update = torch.optim.swa_utils.AveragedModel.update_parameters
 
@@ -185,19 +186,18 @@ def test_swa_ships_the_average_of_its_epochs_and_resumes_mid_average(
         return update(self, model)
 
     monkeypatch.setattr(torch.optim.swa_utils.AveragedModel, "update_parameters", record)
-    train(get_args_parser().parse_args([*common, "--output", str(tmp_path / "a"),
-                                        "--checkpoint-dir", str(tmp_path / "ck-a")]))
+    train(swa_args("a"))
     assert len(averaged) == 2  # the ends of epochs 2 and 3
-    shipped = dict(load_bundle(tmp_path / "a").model.named_parameters())
+    shipped = dict(load_bundle(tmp_path / "a" / "bundle").model.named_parameters())
     for name, value in averaged[0].items():
         expected = (value + averaged[1][name]) / 2
         torch.testing.assert_close(shipped[name].float(), expected, rtol=2e-3, atol=2e-3)  # fp16 in the bundle
-    training = json.loads((tmp_path / "a" / "bundle.json").read_text())["training"]
+    training = json.loads((tmp_path / "a" / "bundle" / "bundle.json").read_text())["training"]
     assert [epoch["lr"] for epoch in training["history"]][1:] == [0.02, 0.02]
 
     # Stopped after epoch 2 (mid-average) and resumed: the same bundle as the run that went through.
     saves = []
-    real_save = train_module._save_checkpoint
+    real_save = trainer.save_checkpoint
 
     def save_then_stop(path, state):
         real_save(path, state)
@@ -205,13 +205,12 @@ def test_swa_ships_the_average_of_its_epochs_and_resumes_mid_average(
         if state["epoch"] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_stop)
-    resumable = [*common, "--output", str(tmp_path / "b"), "--checkpoint-dir", str(tmp_path / "ck-b")]
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        train(get_args_parser().parse_args(resumable))
-    train(get_args_parser().parse_args([*resumable, "--resume"]))
+        train(swa_args("b"))
+    train(swa_args("b", "--resume"))
     assert saves == [0, 1, 2]
-    assert load_bundle(tmp_path / "b").version == load_bundle(tmp_path / "a").version
+    assert load_bundle(tmp_path / "b" / "bundle").version == load_bundle(tmp_path / "a" / "bundle").version
 
 
 def test_swa_batch_norm_statistics_describe_the_whole_split_even_when_it_is_stored_class_by_class() -> None:
@@ -224,8 +223,8 @@ def test_swa_batch_norm_statistics_describe_the_whole_split_even_when_it_is_stor
     def first_bn_variance(batch_size: int) -> torch.Tensor:
         swa = torch.optim.swa_utils.AveragedModel(model)
         swa.update_parameters(model)
-        averaged = train_module.averaged_model(swa, images, torch.Generator().manual_seed(0), bf16=False,
-                                               cutout=0, batch_size=batch_size)
+        averaged = loop.averaged_model(swa, images, torch.Generator().manual_seed(0), bf16=False, cutout=0,
+                                       batch_size=batch_size, preprocessing=Preprocessing())
         return averaged.features[1].running_var
 
     whole = first_bn_variance(batch_size=200)  # one batch: the split's own statistics
@@ -242,12 +241,8 @@ def test_batch_hard_triplet_loss_is_zero_for_separated_classes() -> None:
 
 
 def test_training_can_start_from_a_bundle(tmp_path: Path, mini_collection: Path, tiny_bundle_dir: Path) -> None:
-    args = get_args_parser().parse_args([
-        "--data-dir", str(mini_collection), "--checkpoint-dir", str(tmp_path / "ckpt"), "--epochs", "1",
-        "--batch-size", "100", "--lr", "0.0001", "--width-mult", "0.125", "--embedding-dim", "64",
-        "--pca-components", "32", "--pca-dims", "16", "--quiet", "--init-bundle", str(tiny_bundle_dir),
-        "--output", str(tmp_path / "bundle"),
-    ])
+    args = tiny_training_args(mini_collection, tmp_path, "--batch-size", "100", "--lr", "0.0001", "--init-bundle",
+                              str(tiny_bundle_dir), epochs=1)
     train(args)
     start = load_bundle(tiny_bundle_dir).model.features[0].weight
     continued = load_bundle(args.output).model.features[0].weight
@@ -294,3 +289,46 @@ def test_cutout_zeroes_one_square_per_image_clipped_at_the_border(side: int) -> 
 def test_no_cutout_erases_nothing() -> None:
     out = augment(torch.ones(16, 3, 32, 32), torch.Generator().manual_seed(0), pad=0)
     assert bool((out == 1).all())
+
+
+def test_the_registry_builds_each_backbone_for_its_input_size() -> None:
+    for name, entry in BACKBONES.items():
+        model = build_model({"name": name, "embedding_dim": 16, "width_mult": 0.125}, 3).eval()
+        embedding, logits = model(torch.randn(2, 3, entry.input_size, entry.input_size))
+        assert embedding.shape == (2, 16) and logits.shape == (2, 3), name
+    with pytest.raises(ValueError, match="architecture 'ResNet9' is not one of: CifarVGG16"):
+        build_model({"name": "ResNet9"}, 10)
+
+
+def edit_metadata(bundle: Path, change) -> None:
+    metadata = json.loads((bundle / "bundle.json").read_text())
+    change(metadata)
+    (bundle / "bundle.json").write_text(json.dumps(metadata))
+
+
+def test_the_bundle_carries_its_preprocessing_and_older_bundles_get_the_defaults(
+        tmp_path: Path, tiny_bundle_dir: Path) -> None:
+    written = load_bundle(tiny_bundle_dir).preprocessing
+    assert written == Preprocessing(image_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+                                    resize="lanczos", flip_tta=True)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_dir, bundle)
+    edit_metadata(bundle, lambda m: m.update(preprocessing={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}))
+    older = load_bundle(bundle).preprocessing
+    assert (older.image_size, older.resize, older.flip_tta, older.mean) == (32, "lanczos", False, (0.5, 0.5, 0.5))
+    info = Embedder(load_bundle(bundle)).info()
+    assert (info.image_size, info.resize) == (32, "lanczos")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda m: m["preprocessing"].update(resize="sinc"), "resample filter 'sinc' is not one of: nearest"),
+    (lambda m: m["preprocessing"].update(std=[0.2, 0.0, 0.2]), "positive deviations"),
+    (lambda m: m["architecture"].update(name="ResNet9"), "architecture 'ResNet9' is not one of: CifarVGG16"),
+])
+def test_a_bundle_with_unknown_preprocessing_or_architecture_is_refused(
+        tmp_path: Path, tiny_bundle_dir: Path, change, message: str) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_dir, bundle)
+    edit_metadata(bundle, change)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle)

@@ -34,12 +34,15 @@ class Embedding:
 
 @dataclass(frozen=True, slots=True)
 class EmbedderInfo:
-    """What a client must know about the model behind an embedder."""
+    """What a client must know about the model behind an embedder; `image_size` and `resize` are
+    how its bundle wants uploads decoded (`decode_image(size=..., resample=...)`)."""
 
     model_version: str
     dims: int
     classes: list[str]
     metadata: dict[str, Any]
+    image_size: int = 32
+    resize: str = "lanczos"
 
 
 class EmbeddingService(Protocol):
@@ -84,8 +87,11 @@ class HttpEmbeddingClient:
             response = await self._request("GET", "/info")
             with self._expecting_a_valid_answer("/info"):
                 body = response.json()
+                # Embedders from before the bundle named its decoding answer without it: 32 px, Lanczos.
                 self._info = EmbedderInfo(model_version=str(body["model_version"]), dims=int(body["dims"]),
-                                          classes=list(body["classes"]), metadata=body)
+                                          classes=list(body["classes"]), metadata=body,
+                                          image_size=int(body.get("image_size", 32)),
+                                          resize=str(body.get("resize", "lanczos")))
         return self._info
 
     async def embed(self, images: np.ndarray) -> list[Embedding]:

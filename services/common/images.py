@@ -1,7 +1,9 @@
 """The one image decoder, used for uploads and for indexing alike.
 
-Bytes in any common raster format become a 32×32 RGB uint8 array: EXIF orientation applied,
-any mode converted to RGB, resized with antialiasing. Normalisation belongs to the model.
+Bytes in any common raster format become a square RGB uint8 array: EXIF orientation applied,
+any mode converted to RGB, resized with antialiasing. The side and the resample filter are the
+bundle's (`Preprocessing.image_size` and `.resize`; 32 px and Lanczos for every bundle so far);
+normalisation belongs to the model.
 """
 
 from __future__ import annotations
@@ -16,6 +18,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from services.common.errors import EmptyImageError, ImageDecodeError, ImageTooLargeError
 
 IMAGE_SIZE = 32
+RESAMPLE = "lanczos"
+# Resample filters by the names bundles record them under.
+RESAMPLE_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "box": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "hamming": Image.Resampling.HAMMING,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -30,15 +42,22 @@ def decode_image(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     size: int = IMAGE_SIZE,
+    resample: str = RESAMPLE,
 ) -> np.ndarray:
-    """Decode an encoded image into a `(size, size, 3)` uint8 RGB array.
+    """Decode an encoded image into a `(size, size, 3)` uint8 RGB array, resized with the
+    `resample` filter (a name of `RESAMPLE_FILTERS`).
 
     >>> decode_image(open("cat.jpg", "rb").read()).shape
     (32, 32, 3)
+    >>> decode_image(data, size=bundle.preprocessing.image_size, resample=bundle.preprocessing.resize)
 
     Raises `EmptyImageError`, `ImageTooLargeError` (bytes or pixels over the limits, or a
-    decompression bomb) or `ImageDecodeError` (not a supported image, or a broken one).
+    decompression bomb) or `ImageDecodeError` (not a supported image, or a broken one); a `size`
+    below 1 or an unknown `resample` is the caller's mistake and raises `ValueError`.
     """
+    resample_filter = resample_filter_named(resample)
+    if size < 1:
+        raise ValueError(f"size must be at least 1 pixel, got {size}")
     if not data:
         raise EmptyImageError("the uploaded file is empty")
     if len(data) > max_bytes:
@@ -57,7 +76,7 @@ def decode_image(
                 image.draft("RGB", (size * 4, size * 4))
                 image.load()
                 rgb = _to_rgb(ImageOps.exif_transpose(image))
-                rgb = rgb.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+                rgb = rgb.resize((size, size), resample_filter, reducing_gap=3.0)
                 return np.asarray(rgb, dtype=np.uint8).copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"the image has too many pixels: {exc}") from exc
@@ -82,11 +101,21 @@ class UploadDecoder:
             raise ValueError(f"limit must be at least 1, got {limit}")
         self._slots = asyncio.Semaphore(limit)
 
-    async def decode(self, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-        """`decode_image` off the event loop, once a slot is free."""
+    async def decode(self, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     size: int = IMAGE_SIZE, resample: str = RESAMPLE) -> np.ndarray:
+        """`decode_image` off the event loop, once a slot is free; `size` and `resample` are the
+        bundle's (`EmbedderInfo.image_size` and `.resize`)."""
         async with self._slots:
-            return await asyncio.to_thread(decode_image, data, max_bytes=max_bytes, max_pixels=max_pixels)
+            return await asyncio.to_thread(decode_image, data, max_bytes=max_bytes, max_pixels=max_pixels,
+                                           size=size, resample=resample)
+
+
+def resample_filter_named(name: str) -> Image.Resampling:
+    """Pillow's filter for a bundle's `resize` name; `ValueError` names the known ones otherwise."""
+    try:
+        return RESAMPLE_FILTERS[name]
+    except KeyError:
+        raise ValueError(f"resample filter {name!r} is not one of: {', '.join(RESAMPLE_FILTERS)}") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

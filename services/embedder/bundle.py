@@ -1,7 +1,8 @@
 """The model bundle: one directory holding everything needed to turn images into vectors.
 
-    bundle.json        metadata: version id, classes, architecture, preprocessing, vector
-                       defaults, training recipe, test metrics
+    bundle.json        metadata: version id, classes, architecture (a name of
+                       `model.BACKBONES` and its options), preprocessing (`Preprocessing`),
+                       vector defaults, training recipe, test metrics
     model.safetensors  network weights (fp16)
     pca.safetensors    PCA mean and components (plain arrays, no pickles)
 """
@@ -25,7 +26,8 @@ from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
 from services.common.errors import BundleError
-from services.embedder.model import CifarVGG16
+from services.embedder.inference import Preprocessing
+from services.embedder.model import backbone, build_model
 from services.embedder.vectors import PcaProjection, check_vector_config
 
 FORMAT = 1
@@ -36,12 +38,13 @@ _HOW_TO_GET_ONE = "train one with `cbir train --output DIR` and point CBIR_MODEL
 
 @dataclass
 class Bundle:
-    """A loaded bundle: the network in eval mode, its PCA and its metadata."""
+    """A loaded bundle: the network in eval mode, its PCA, how it wants its images, and its metadata."""
 
     path: Path
     metadata: dict[str, Any]
-    model: CifarVGG16
+    model: torch.nn.Module
     projection: PcaProjection
+    preprocessing: Preprocessing
 
     @property
     def version(self) -> str:
@@ -50,10 +53,6 @@ class Bundle:
     @property
     def classes(self) -> list[str]:
         return self.metadata["classes"]
-
-    @property
-    def preprocessing(self) -> dict[str, Any]:
-        return self.metadata["preprocessing"]
 
     @property
     def vector_defaults(self) -> dict[str, Any]:
@@ -66,18 +65,10 @@ class BundleSpec:
 
     classes: list[str]
     architecture: dict[str, Any]
-    preprocessing: dict[str, Any]
+    preprocessing: Preprocessing
     vector: dict[str, Any]
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
-
-
-def build_model(architecture: dict[str, Any], num_classes: int) -> CifarVGG16:
-    return CifarVGG16(
-        num_classes=num_classes,
-        embedding_dim=int(architecture["embedding_dim"]),
-        width_mult=float(architecture.get("width_mult", 1.0)),
-    )
 
 
 def save_bundle(directory: Path, model: torch.nn.Module, projection: PcaProjection, spec: BundleSpec) -> str:
@@ -94,13 +85,14 @@ def save_bundle(directory: Path, model: torch.nn.Module, projection: PcaProjecti
         digest = hashlib.sha256()
         for name in (WEIGHTS_FILE, PCA_FILE):
             digest.update((staging / name).read_bytes())
-        version = f"vgg16-{spec.classes.__len__()}c-{digest.hexdigest()[:12]}"
+        prefix = backbone(spec.architecture["name"]).version_prefix
+        version = f"{prefix}-{len(spec.classes)}c-{digest.hexdigest()[:12]}"
         metadata = {
             "format": FORMAT,
             "version": version,
             "classes": spec.classes,
             "architecture": spec.architecture,
-            "preprocessing": spec.preprocessing,
+            "preprocessing": spec.preprocessing.to_metadata(),
             "vector": spec.vector,
             "training": spec.training,
             "metrics": spec.metrics,
@@ -156,8 +148,13 @@ def load_bundle(directory: Path) -> Bundle:
         )
     except (KeyError, ValueError) as exc:
         raise BundleError(f"the PCA in {directory} does not fit the model: {exc}; {_HOW_TO_GET_ONE}") from exc
+    try:
+        preprocessing = Preprocessing.from_metadata(metadata["preprocessing"])
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise BundleError(f"the preprocessing in {directory / METADATA_FILE} is invalid: {exc}; "
+                          f"{_HOW_TO_GET_ONE}") from exc
     model.eval()
-    return Bundle(path=directory, metadata=metadata, model=model, projection=projection)
+    return Bundle(path=directory, metadata=metadata, model=model, projection=projection, preprocessing=preprocessing)
 
 
 def _read_metadata(directory: Path) -> dict[str, Any]:

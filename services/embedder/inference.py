@@ -1,20 +1,72 @@
-"""The model's pre and core steps: uint8 images → normalised tensor → (embedding, logits)."""
+"""The model's pre and core steps: uint8 images → normalised tensor → (embedding, logits).
+
+`Preprocessing` is what a bundle says about its inputs (as torchvision's weights carry their
+transforms): the decoder's side and resample filter, the normalisation, and flip test-time
+augmentation. `predict` is the one forward pass over decoded images, used by the embedder,
+`cbir train`, `cbir evaluate` and the bench scripts alike.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from services.common.errors import ConfigError
+from services.common.images import IMAGE_SIZE, RESAMPLE, resample_filter_named
+from services.embedder.model import CIFAR10_MEAN, CIFAR10_STD
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images reach the network; the defaults are those of every bundle written so far.
+
+    >>> pre = bundle.preprocessing
+    >>> images = np.stack([decode_image(data, size=pre.image_size, resample=pre.resize)])
+    >>> embeddings, probabilities = predict(bundle.model, images, preprocessing=pre, device=device)
+    """
+
+    image_size: int = IMAGE_SIZE
+    mean: tuple[float, float, float] = CIFAR10_MEAN
+    std: tuple[float, float, float] = CIFAR10_STD
+    resize: str = RESAMPLE
+    flip_tta: bool = False
+
+    def __post_init__(self) -> None:
+        resample_filter_named(self.resize)  # ValueError for a filter the decoder does not know
+        if self.image_size < 1 or len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"image_size {self.image_size}, mean {self.mean}, std {self.std}: need a size of at "
+                             "least 1 and three means and three positive deviations")
+
+    @classmethod
+    def from_metadata(cls, values: Mapping[str, Any]) -> Preprocessing:
+        """From a bundle's `preprocessing` object; keys it lacks take the defaults."""
+        defaults = cls()
+        return cls(image_size=int(values.get("image_size", defaults.image_size)),
+                   mean=tuple(float(v) for v in values.get("mean", defaults.mean)),
+                   std=tuple(float(v) for v in values.get("std", defaults.std)),
+                   resize=str(values.get("resize", defaults.resize)),
+                   flip_tta=bool(values.get("flip_tta", defaults.flip_tta)))
+
+    def to_metadata(self) -> dict[str, Any]:
+        """The `preprocessing` object of `bundle.json`."""
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """`auto` is CUDA when present, else CPU; an explicit choice must be available."""
+    """`auto` is CUDA when present, else CPU; an explicit choice must be available (`ConfigError`)."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested not in ("cpu", "cuda"):
-        raise ValueError(f"device {requested!r} is not one of: auto, cpu, cuda")
+    if requested not in DEVICES:
+        raise ConfigError(f"device {requested!r} is not one of: {', '.join(DEVICES)}")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but CUDA is not available")
+        raise ConfigError("device 'cuda' was requested but CUDA is not available; use one of: auto, cpu")
     return torch.device(requested)
 
 
@@ -51,3 +103,36 @@ def forward_batch(
             logits = (logits + flipped_logits) / 2
     probabilities = torch.softmax(logits.float(), dim=1)
     return embedding.float().cpu().numpy(), probabilities.cpu().numpy()
+
+
+def predict(
+    model: nn.Module,
+    images: np.ndarray | torch.Tensor,
+    *,
+    preprocessing: Preprocessing,
+    device: torch.device,
+    flip_tta: bool | None = None,
+    bf16: bool = True,
+    batch_size: int = 500,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings `(N, E)` and probabilities `(N, C)` of decoded `(N, S, S, 3)` uint8 images, in eval mode.
+
+    Normalised with the bundle's mean and std; `flip_tta` (default: the bundle's) averages each
+    image with its mirror. Chunks of `batch_size`: the same chunking gives the same numerics.
+    """
+    if tuple(images.shape[1:]) != (preprocessing.image_size, preprocessing.image_size, 3):
+        side = preprocessing.image_size
+        raise ValueError(f"images of shape {tuple(images.shape[1:])}; this model takes ({side}, {side}, 3), "
+                         "as the bundle's decoder makes them")
+    flip_tta = preprocessing.flip_tta if flip_tta is None else flip_tta
+    model.eval()
+    embeddings, probabilities = [], []
+    for start in range(0, len(images), batch_size):
+        inputs = to_model_input(images[start:start + batch_size], mean=preprocessing.mean, std=preprocessing.std,
+                                device=device)
+        embedding, probability = forward_batch(model, inputs, flip_tta=flip_tta, use_bf16=bf16)
+        embeddings.append(embedding)
+        probabilities.append(probability)
+    if not embeddings:
+        raise ValueError("no images to predict")
+    return np.concatenate(embeddings), np.concatenate(probabilities)

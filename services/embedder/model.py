@@ -1,11 +1,20 @@
-"""VGG-16 (torchvision's batch-normalised feature stack) adapted to 32×32 CIFAR-10 images.
+"""The backbones a bundle can hold, by the name its `architecture` records, and the VGG-16 one.
 
-At 32×32 the five max-pools leave a 1×1×512 map, so the ImageNet head (7×7 pooling and two
-4096-wide layers) is replaced by global pooling, one hidden fully-connected layer whose output
-is the embedding, and a classifier. `forward` returns both, so nothing needs forward hooks.
+VGG-16 (torchvision's batch-normalised feature stack) adapted to 32×32 CIFAR-10 images: at 32×32
+the five max-pools leave a 1×1×512 map, so the ImageNet head (7×7 pooling and two 4096-wide
+layers) is replaced by global pooling, one hidden fully-connected layer whose output is the
+embedding, and a classifier. `forward` returns both, so nothing needs forward hooks.
+
+`BACKBONES` is what the bundle loader and `cbir train` build from; another architecture is one
+more entry (a constructor taking `num_classes` and its own options, returning `(embedding,
+logits)`), with no change to the loop or the bundle format.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,3 +74,32 @@ class CifarVGG16(nn.Module):
             elif isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, 0, 0.01)
                 nn.init.zeros_(module.bias)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """How to build one architecture: `constructor(num_classes=..., **options)`, the side of the
+    square images it takes, and the short name that starts its bundles' versions."""
+
+    constructor: Callable[..., nn.Module]
+    input_size: int
+    version_prefix: str
+
+
+BACKBONES: dict[str, Backbone] = {
+    "CifarVGG16": Backbone(constructor=CifarVGG16, input_size=32, version_prefix="vgg16"),
+}
+
+
+def backbone(name: str) -> Backbone:
+    """The registered backbone called `name`; `ValueError` names the registered ones otherwise."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"architecture {name!r} is not one of: {', '.join(BACKBONES)}") from None
+
+
+def build_model(architecture: Mapping[str, Any], num_classes: int) -> nn.Module:
+    """A freshly initialised network for a bundle's `architecture` (`name` plus the constructor's options)."""
+    options = {key: value for key, value in architecture.items() if key != "name"}
+    return backbone(architecture["name"]).constructor(num_classes=num_classes, **options)

@@ -21,7 +21,7 @@ from prometheus_client import Histogram
 from services.common.embedding import EmbedderInfo, Embedding
 from services.common.errors import EmbedderUnavailableError, ModelNotLoadedError
 from services.embedder.bundle import Bundle
-from services.embedder.inference import forward_batch, pick_device, to_model_input
+from services.embedder.inference import pick_device, predict
 from services.embedder.vectors import build_vectors, check_vector_config
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ class Embedder:
         check_vector_config(pca_dims=self.pca_dims, num_classes=len(bundle.classes),
                             max_pca_dims=bundle.projection.max_dims)
         self.max_batch = max_batch
-        self.flip_tta = bool(bundle.preprocessing.get("flip_tta", False))
+        self.preprocessing = bundle.preprocessing
+        self.flip_tta = bundle.preprocessing.flip_tta
         # bf16 pays off on CUDA and on CPUs with bf16 units; float32 elsewhere would be the safe
         # choice, but every bundle is measured with bf16 inference, so keep the numbers identical.
         self.use_bf16 = True
@@ -68,18 +69,18 @@ class Embedder:
     def info(self) -> EmbedderInfo:
         return EmbedderInfo(model_version=self.model_version, dims=self.dims, classes=self.bundle.classes,
                             metadata={"bundle": self.bundle.metadata, "device": self.device.type,
-                                      "pca_dims": self.pca_dims, "onehot_weight": self.onehot_weight})
+                                      "pca_dims": self.pca_dims, "onehot_weight": self.onehot_weight},
+                            image_size=self.preprocessing.image_size, resize=self.preprocessing.resize)
 
     def embed_batch(self, images: np.ndarray) -> list[Embedding]:
-        """Vectors for `(N, 32, 32, 3)` uint8 images, in chunks of at most `max_batch`."""
+        """Vectors for `(N, S, S, 3)` uint8 images decoded as the bundle says (`info().image_size`,
+        `.resize`), in chunks of at most `max_batch`."""
         results: list[Embedding] = []
         classes = self.bundle.classes
-        pre = self.bundle.preprocessing
         for start in range(0, len(images), self.max_batch):
-            chunk = images[start:start + self.max_batch]
-            inputs = to_model_input(chunk, mean=tuple(pre["mean"]), std=tuple(pre["std"]), device=self.device)
-            embeddings, probabilities = forward_batch(self.model, inputs, flip_tta=self.flip_tta,
-                                                      use_bf16=self.use_bf16)
+            embeddings, probabilities = predict(self.model, images[start:start + self.max_batch],
+                                                preprocessing=self.preprocessing, device=self.device,
+                                                bf16=self.use_bf16, batch_size=self.max_batch)
             predicted = probabilities.argmax(axis=1)
             vectors = build_vectors(embeddings, predicted, projection=self.bundle.projection,
                                     pca_dims=self.pca_dims, onehot_weight=self.onehot_weight,
@@ -91,7 +92,8 @@ class Embedder:
         return results
 
     def warm_up(self) -> None:
-        self.embed_batch(np.zeros((2, 32, 32, 3), dtype=np.uint8))
+        size = self.preprocessing.image_size
+        self.embed_batch(np.zeros((2, size, size, 3), dtype=np.uint8))
 
 
 @dataclass

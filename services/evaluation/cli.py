@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import shlex
 import sys
 import time
@@ -30,6 +29,7 @@ from services.common.collection import find_data_dir, list_classes
 from services.common.errors import BundleError
 from services.common.settings import StoreSettings
 from services.embedder.bundle import DEFAULT_BUNDLE_DIR, Bundle, load_bundle
+from services.embedder.inference import Preprocessing
 from services.embedder.runtime import Embedder
 from services.evaluation import figures
 from services.evaluation.ablations import AblationData, run_ablations
@@ -57,6 +57,7 @@ from services.evaluation.runs import (
     write_qrels,
     write_run,
 )
+from services.evaluation.settings import EvaluationSettings
 
 logger = logging.getLogger("cbir.evaluate")
 
@@ -82,8 +83,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="search the indexed embedded store in CBIR_STATE_DIR instead of local vectors")
     source.add_argument("--url", default=None, help="search a running search API at this base URL")
     parser.add_argument("--state-dir", type=Path, default=None, help="with --against-store (default: CBIR_STATE_DIR)")
-    parser.add_argument("--api-key", default=os.environ.get("CBIR_EVAL_API_KEY"),
-                        help="X-API-Key for --url (default: CBIR_EVAL_API_KEY)")
+    parser.add_argument("--api-key", default=None, help="X-API-Key for --url (default: CBIR_EVAL_API_KEY)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight with --url")
     parser.add_argument("--timeout-s", type=float, default=30.0, help="timeout of one request with --url")
     parser.add_argument("--ablations", action="store_true",
@@ -122,10 +122,13 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the evaluation described by `argv`; returns what `evaluation.json` holds."""
+def main(argv: list[str] | None = None, *, settings: EvaluationSettings | None = None) -> dict[str, Any]:
+    """Run the evaluation described by `argv`; returns what `evaluation.json` holds. `settings`
+    (default: read from `CBIR_*` and `.env`) fill in the options `argv` leaves out."""
     argv = sys.argv[1:] if argv is None else argv
     args = get_args_parser().parse_args(argv)
+    settings = settings or EvaluationSettings.load()
+    _apply_settings(args, settings)
     if args.threads:
         import torch
 
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with _timed(timings, "ablations"):
             result["ablations"] = run_ablations(_ablation_data(collection, args.k), pca_dims=pca_dims,
                                                 onehot_weight=onehot_weight)
-    result["config"] = _config(args, argv, collection, model_version, pca_dims, onehot_weight)
+    result["config"] = _config(args, argv, collection, model_version, pca_dims, onehot_weight, settings)
     with _timed(timings, "report"):
         _write_outputs(args, collection, ranking, relevant, full, result)
     timings["total"] = time.perf_counter() - started
@@ -153,28 +156,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def _env_path(name: str) -> Path | None:
-    value = os.environ.get(name)
-    return Path(value) if value else None
+def _apply_settings(args: argparse.Namespace, settings: EvaluationSettings) -> None:
+    """Options left out of the command line take the settings' values."""
+    args.model_dir = args.model_dir or settings.model_dir
+    args.data_dir = args.data_dir or settings.data_dir
+    args.state_dir = args.state_dir or settings.state_dir
+    if args.api_key is None and settings.eval_api_key is not None:
+        args.api_key = settings.eval_api_key.get_secret_value()
 
 
 def _load(args: argparse.Namespace, timings: dict[str, float]) -> Collection:
-    """The collection decoded (cached) and the bundle, which `--url` alone can do without."""
-    root = find_data_dir(args.data_dir or _env_path("CBIR_DATA_DIR"))
+    """The collection decoded (cached) as the bundle says, and the bundle, which `--url` alone can do
+    without (then the images are decoded as every bundle so far wants them, for the figures only)."""
+    root = find_data_dir(args.data_dir)
     bundle = _load_bundle(args)
     classes = bundle.classes if bundle is not None else list_classes(root, "train")
+    preprocessing = bundle.preprocessing if bundle is not None else Preprocessing()
     check_classes(root, classes)
     with _timed(timings, "decode"):
-        train = load_collection_split(root, "train", classes, cache_dir=args.cache_dir,
+        train = load_collection_split(root, "train", classes, preprocessing=preprocessing, cache_dir=args.cache_dir,
                                       limit_per_class=args.limit_per_class)
-        test = load_collection_split(root, "test", classes, cache_dir=args.cache_dir,
+        test = load_collection_split(root, "test", classes, preprocessing=preprocessing, cache_dir=args.cache_dir,
                                      limit_per_class=args.query_limit_per_class)
     logger.info("%s: %d train images, %d test queries, %d classes", root, len(train), len(test), len(classes))
     return Collection(root=root, classes=classes, train=train, test=test, bundle=bundle)
 
 
 def _load_bundle(args: argparse.Namespace) -> Bundle | None:
-    path = args.model_dir or _env_path("CBIR_MODEL_DIR") or DEFAULT_BUNDLE_DIR
+    path = args.model_dir or DEFAULT_BUNDLE_DIR
     try:
         return load_bundle(path)
     except BundleError as exc:
@@ -245,8 +254,8 @@ def _search(args: argparse.Namespace, collection: Collection, vectors: LocalVect
                                       options=options, progress=not args.quiet))
     predicted = collection.test_features.predicted
     if args.against_store:
-        state_dir = args.state_dir or StoreSettings().state_dir
-        return asyncio.run(search_store(StoreSettings(state_dir=state_dir).faiss_path, vectors.queries, predicted,
+        store = StoreSettings.load() if args.state_dir is None else StoreSettings(state_dir=args.state_dir)
+        return asyncio.run(search_store(store.faiss_path, vectors.queries, predicted,
                                         dims=vectors.queries.shape[1], model_version=model_version, doc_rows=rows,
                                         k=args.k, progress=not args.quiet))
     return Ranking(hits=exact_search(vectors.queries, vectors.documents, args.k), predicted=predicted)
@@ -304,11 +313,10 @@ def _ablation_data(collection: Collection, k: int) -> AblationData:
 
 
 def _config(args: argparse.Namespace, argv: list[str], collection: Collection, model_version: str | None,
-            pca_dims: int, onehot_weight: float) -> dict[str, Any]:
+            pca_dims: int, onehot_weight: float, settings: EvaluationSettings) -> dict[str, Any]:
     bundle = collection.bundle
     command = "cbir evaluate " + shlex.join(argv) if argv else "cbir evaluate"
-    env = " ".join(f"{name}={shlex.quote(os.environ[name])}" for name in
-                   ("CBIR_MODEL_DIR", "CBIR_DATA_DIR", "CBIR_STATE_DIR") if os.environ.get(name))
+    env = " ".join(f"{name}={shlex.quote(value)}" for name, value in settings.reproduction_env().items())
     if args.url:
         mode, description = "api", f"the search API at {args.url} (POST /search?k={args.k})"
     elif args.against_store:
@@ -321,7 +329,7 @@ def _config(args: argparse.Namespace, argv: list[str], collection: Collection, m
         "bundle_path": None if bundle is None else bundle.path,
         "bundle_version": None if bundle is None else bundle.version,
         "bundle_metrics": None if bundle is None else bundle.metadata.get("metrics"),
-        "flip_tta": None if bundle is None else bool(bundle.preprocessing.get("flip_tta", False)),
+        "flip_tta": None if bundle is None else bundle.preprocessing.flip_tta,
         "model_version": model_version, "pca_dims": pca_dims if bundle else None,
         "onehot_weight": onehot_weight if bundle else None, "k": args.k,
         "limit_per_class": args.limit_per_class, "query_limit_per_class": args.query_limit_per_class,

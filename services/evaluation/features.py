@@ -1,8 +1,9 @@
 """The collection decoded once and embedded once: what every evaluation mode and ablation reuses.
 
-Images go through the service's own decoder (`load_split` → `decode_image`) and the service's own
-forward pass (`predict` → `forward_batch`, bf16, the bundle's flip-TTA, chunks of the embedder's
-batch size), so the vectors built from them match those the indexer stores.
+Images go through the service's own decoder (`load_split` → `decode_image`, at the bundle's size and
+resample filter) and the service's own forward pass (`predict`, bf16, the bundle's normalisation and
+flip-TTA, chunks of the embedder's batch size), so the vectors built from them match those the
+indexer stores.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.common.collection import iter_images, list_classes
+from services.common.collection import list_classes
 from services.common.settings import ModelSettings
 from services.embedder.bundle import Bundle
-from services.embedder.inference import pick_device
-from services.embedder.train import load_split, predict
+from services.embedder.inference import Preprocessing, pick_device, predict
 from services.embedder.vectors import PcaProjection, build_vectors
+from services.training.data import load_split, select_images
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +31,12 @@ EMBED_BATCH = ModelSettings.model_fields["max_batch"].default
 
 @dataclass
 class Split:
-    """One split of the collection: files, true classes and decoded 32×32 images, in a stable order."""
+    """One split of the collection: files, true classes and decoded images, in a stable order."""
 
     name: str
     paths: list[str]  # relative to the collection root, as the store records them
     labels: np.ndarray  # (N,) class index into `classes`
-    images: np.ndarray  # (N, 32, 32, 3) uint8
+    images: np.ndarray  # (N, S, S, 3) uint8, S the bundle's image_size
     classes: list[str]
 
     def __len__(self) -> int:
@@ -61,31 +62,21 @@ def check_classes(root: Path, classes: list[str]) -> None:
         raise ValueError(f"the collection at {root} has classes {found}; the model predicts {classes}")
 
 
-def load_collection_split(root: Path, split: str, classes: list[str], *, cache_dir: Path,
-                          limit_per_class: int | None = None) -> Split:
-    """Decode `root/split` (cached as `.npz` under `cache_dir`) and list its files in the same order."""
-    images, labels = load_split(root, split, classes, limit_per_class=limit_per_class, cache_dir=cache_dir)
-    paths = _list_paths(root, split, limit_per_class)
+def load_collection_split(root: Path, split: str, classes: list[str], *, preprocessing: Preprocessing,
+                          cache_dir: Path, limit_per_class: int | None = None) -> Split:
+    """Decode `root/split` as `preprocessing` (the bundle's) says, cached as `.npz` under `cache_dir`,
+    and list its files in the same order."""
+    images, labels = load_split(root, split, classes, limit_per_class=limit_per_class, preprocessing=preprocessing,
+                                cache_dir=cache_dir)
+    paths = [image.path for image in select_images(root, split, limit_per_class=limit_per_class)]
     if len(paths) != len(labels):
         raise ValueError(f"{root}/{split} changed since it was cached in {cache_dir}; delete the cache")
     return Split(name=split, paths=paths, labels=labels, images=images, classes=classes)
 
 
-def _list_paths(root: Path, split: str, limit_per_class: int | None) -> list[str]:
-    # The same selection as load_split: iteration order, at most `limit_per_class` per class.
-    counts: dict[str, int] = {}
-    paths = []
-    for image in iter_images(root, split):
-        if limit_per_class is not None and counts.get(image.label, 0) >= limit_per_class:
-            continue
-        counts[image.label] = counts.get(image.label, 0) + 1
-        paths.append(image.path)
-    return paths
-
-
 def embed_split(bundle: Bundle, split: Split, *, cache_dir: Path, device: str = "auto") -> Features:
     """Embeddings and probabilities of every image of `split`, cached per bundle version and split."""
-    flip_tta = bool(bundle.preprocessing.get("flip_tta", False))
+    flip_tta = bundle.preprocessing.flip_tta
     key = f"{bundle.version}|{flip_tta}|{split.name}|{'|'.join(split.paths)}".encode()
     cache = cache_dir / f"features-{split.name}-{hashlib.sha1(key).hexdigest()[:12]}.npz"
     if cache.exists():
@@ -95,8 +86,8 @@ def embed_split(bundle: Bundle, split: Split, *, cache_dir: Path, device: str = 
     logger.info("embedding %d %s images (flip TTA %s)", len(split), split.name, "on" if flip_tta else "off")
     target = pick_device(device)
     model = bundle.model.to(target, memory_format=torch.channels_last)  # as the Embedder holds it
-    embeddings, probabilities = predict(model, split.images, target, flip_tta=flip_tta, bf16=True,
-                                        batch_size=EMBED_BATCH)
+    embeddings, probabilities = predict(model, split.images, preprocessing=bundle.preprocessing, device=target,
+                                        bf16=True, batch_size=EMBED_BATCH)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, embeddings=embeddings, probabilities=probabilities)
     return Features(embeddings=embeddings, probabilities=probabilities)

@@ -1,0 +1,17 @@
+"""Training the embedder (`cbir train`), apart from the serving code it builds on.
+
+    cli.py       get_args_parser(): every flag, and the command a bundle records
+    settings.py  TrainingSettings: what the environment (and .env) supplies
+    data.py      load_split(): a split decoded as the bundle says, cached; shared with evaluation
+    augment.py   random crop, flip and Cutout on the device
+    losses.py    batch-hard triplet and distillation terms
+    loop.py      optimizer, schedule, step, epoch, checkpoint and resume, SWA
+    writer.py    write_bundle(): measure, fit the PCA, write the bundle
+    trainer.py   train(args): the above in order
+"""
+
+from services.training.cli import get_args_parser
+from services.training.data import load_split
+from services.training.trainer import train
+
+__all__ = ["get_args_parser", "load_split", "train"]

@@ -1,0 +1,123 @@
+"""`cbir train`'s command line: `get_args_parser()` (extend it, as torchvision's references do) and
+the command a bundle records to say how it was made."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from services.embedder.bundle import DEFAULT_BUNDLE_DIR
+
+# Options that change how a run goes but not what it makes; the recorded command leaves them out.
+_NOT_RECORDED = ("resume", "quiet", "threads", "checkpoint_every")
+_NEGATIVE_FLAGS = {"flip_tta": "--no-flip-tta", "bf16": "--no-bf16"}
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cbir train", description="Train the image embedder and write its bundle",
+                                     add_help=add_help)
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="collection root with train/ and test/ splits (default: CBIR_DATA_DIR, "
+                        "else data/cifar10, else ../shared/cifar10)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_BUNDLE_DIR, help="bundle directory to write")
+    parser.add_argument("--checkpoint-dir", type=Path, default=Path("state/train"),
+                        help="where the per-epoch checkpoint and the decoded-image cache live")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    parser.add_argument("--checkpoint-every", type=int, default=1,
+                        help="write the checkpoint every this many epochs (and after the last)")
+    parser.add_argument("--epochs", type=int, default=40, help="total epochs of the schedule")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per step")
+    parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate (SGD, Nesterov)")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    parser.add_argument("--cutout", type=int, default=0,
+                        help="side of the square each training image loses (Cutout; 0 = off, 16 is usual for CIFAR)")
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
+    parser.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
+    parser.add_argument("--schedule", choices=("onecycle", "cosine"), default="onecycle",
+                        help="learning-rate schedule over the run's epochs before the SWA ones")
+    parser.add_argument("--swa-epochs", type=int, default=0,
+                        help="the last this many epochs run at the constant --swa-lr and the bundle gets the "
+                        "average of the weights at their ends (stochastic weight averaging; 0 = off)")
+    parser.add_argument("--swa-lr", type=float, default=0.01, help="learning rate of the SWA epochs")
+    parser.add_argument("--embedding-dim", type=int, default=512, help="width of the hidden FC layer")
+    parser.add_argument("--width-mult", type=float, default=1.0,
+                        help="scale of every convolution's width (1.0 = VGG-16)")
+    parser.add_argument("--pretrained", choices=("none", "imagenet"), default="none",
+                        help="start the convolutions from torchvision's ImageNet weights (downloads)")
+    parser.add_argument("--init-bundle", type=Path, default=None,
+                        help="start from the weights of this bundle (e.g. continue the shipped model with a "
+                        "new schedule); its architecture must match")
+    parser.add_argument("--metric-loss", choices=("none", "triplet"), default="none",
+                        help="add a batch-hard triplet loss on the normalised embedding")
+    parser.add_argument("--metric-weight", type=float, default=0.5, help="weight of the metric loss")
+    parser.add_argument("--triplet-margin", type=float, default=0.2, help="triplet margin (cosine distance)")
+    parser.add_argument("--teacher", type=Path, action="append", default=None, metavar="BUNDLE",
+                        help="distil from this bundle (repeat for an ensemble: their softened probabilities are "
+                        "averaged); each teacher sees the student's augmented batch")
+    parser.add_argument("--distill-weight", type=float, default=0.9,
+                        help="with --teacher: weight of the distillation term; the cross-entropy gets 1 minus it")
+    parser.add_argument("--distill-temperature", type=float, default=4.0,
+                        help="with --teacher: softmax temperature of teachers and student in the distillation term")
+    parser.add_argument("--pca-components", type=int, default=256, help="PCA components kept in the bundle")
+    parser.add_argument("--pca-dims", type=int, default=64, help="default PCA dims of the search vector")
+    parser.add_argument("--onehot-weight", type=float, default=2.0,
+                        help="default weight of the predicted-class one-hot in the search vector")
+    parser.add_argument("--no-flip-tta", dest="flip_tta", action="store_false",
+                        help="embed images without averaging with their mirror image")
+    parser.add_argument("--limit-per-class", type=int, default=None,
+                        help="use at most this many train images per class (quick runs, tests)")
+    parser.add_argument("--test-limit-per-class", type=int, default=None,
+                        help="use at most this many test images per class")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def defaults() -> dict[str, Any]:
+    """Every option's default, as `vars(args)` holds it."""
+    return vars(get_args_parser().parse_args([]))
+
+
+def jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    """`vars(args)` with paths as strings, for `bundle.json` and the checkpoint."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+
+    return {k: plain(v) for k, v in values.items()}
+
+
+def recorded_command(args: argparse.Namespace) -> str:
+    """`cbir train` with the options that differ from their defaults: the command that remakes the bundle."""
+    default = defaults()
+    words = []
+    for key, value in vars(args).items():
+        if key in _NOT_RECORDED or value == default.get(key):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(_NEGATIVE_FLAGS.get(key, flag))
+        elif isinstance(value, list):
+            for item in value:
+                words += [flag, str(item)]
+        else:
+            words += [flag, str(value)]
+    return " ".join(["cbir train", *words])
+
+
+def main(argv: list[str] | None = None) -> None:
+    from services.training.trainer import train
+
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    train(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""The training loop in pieces: optimizer, schedule, one step, one epoch, checkpoint and resume, SWA.
+
+`TrainingRun` holds what changes as training goes (weights, optimizer, schedule, random streams,
+history); `cbir train` (`services.training.trainer`) builds one and runs its epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from services.common.errors import TrainingError
+from services.embedder.inference import Preprocessing, autocast, predict, to_model_input
+from services.training.augment import augment
+from services.training.cli import defaults, jsonable
+from services.training.losses import batch_hard_triplet_loss, distillation_loss
+
+logger = logging.getLogger("cbir.train")
+
+CHECKPOINT_FILE = "checkpoint.pt"
+ONECYCLE_MIN_STEPS = 8
+# Options that must not change when a run is resumed.
+RESUME_FIXED = ("embedding_dim", "width_mult", "batch_size", "schedule", "limit_per_class", "swa_epochs",
+                "teacher", "distill_weight", "distill_temperature")
+
+
+def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """Nesterov SGD, with no weight decay on biases and batch-norm parameters."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}],
+                           lr=args.lr, momentum=args.momentum, nesterov=True)
+
+
+def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The schedule of the epochs before the SWA ones (`None` when every epoch is an SWA one)."""
+    total = (args.epochs - args.swa_epochs) * steps_per_epoch
+    if total == 0:
+        return None
+    if args.schedule == "onecycle" and total < ONECYCLE_MIN_STEPS:
+        # OneCycleLR divides by the length of each phase, which is zero for a run this short.
+        logger.warning("%d steps are too few for a one-cycle schedule; using warm-up + cosine", total)
+    elif args.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total,
+                                                   pct_start=max(0.25, 2 / total), div_factor=10, final_div_factor=100)
+    warmup = steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, images: torch.Tensor,
+               labels: torch.Tensor, generator: torch.Generator, args: argparse.Namespace,
+               teachers: Sequence[nn.Module] = (), *,
+               preprocessing: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a uint8 `(N, H, W, 3)` batch already on the model's device: augment,
+    bf16 forward, loss (+ the triplet and distillation terms), backward, update. Returns the detached loss
+    and the logits; nothing here waits for the GPU."""
+    device = images.device
+    inputs = augment(to_model_input(images, mean=preprocessing.mean, std=preprocessing.std, device=device),
+                     generator, cutout=args.cutout)
+    with autocast(device, args.bf16):
+        if teachers:
+            with torch.no_grad():
+                teacher_logits = [teacher(inputs)[1] for teacher in teachers]
+        embedding, logits = model(inputs)
+        loss = criterion(logits.float(), labels)
+        if teachers:
+            loss = (1 - args.distill_weight) * loss + args.distill_weight * distillation_loss(
+                logits, teacher_logits, args.distill_temperature)
+        if args.metric_loss == "triplet":
+            loss = loss + args.metric_weight * batch_hard_triplet_loss(embedding, labels, args.triplet_margin)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits
+
+
+@dataclass
+class TrainingRun:
+    """Everything a checkpoint holds, and what the loop needs to go on from it."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    swa_model: torch.optim.swa_utils.AveragedModel | None
+    generator: torch.Generator
+    steps_per_epoch: int
+    swa_start: int  # the first SWA epoch (`--epochs` when there are none)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    replans: list[dict[str, int]] = field(default_factory=list)  # resumes that changed --epochs
+    start_epoch: int = 0
+
+    @classmethod
+    def start(cls, model: nn.Module, args: argparse.Namespace, *, train_images: int) -> TrainingRun:
+        optimizer = make_optimizer(model, args)
+        steps_per_epoch = train_images // args.batch_size or 1
+        return cls(model=model, optimizer=optimizer, scheduler=make_scheduler(args, optimizer, steps_per_epoch),
+                   swa_model=torch.optim.swa_utils.AveragedModel(model) if args.swa_epochs else None,
+                   generator=torch.Generator().manual_seed(args.seed), steps_per_epoch=steps_per_epoch,
+                   swa_start=args.epochs - args.swa_epochs)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically: a run killed mid-write keeps its previous checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_state(run: TrainingRun, args: argparse.Namespace, epoch: int, device: torch.device) -> dict[str, Any]:
+    return {
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler and run.scheduler.state_dict(), "generator": run.generator.get_state(),
+        "swa_model": run.swa_model and run.swa_model.state_dict(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "epoch": epoch, "history": run.history, "replans": run.replans, "args": jsonable(vars(args)),
+    }
+
+
+def resume(run: TrainingRun, args: argparse.Namespace, path: Path, device: torch.device) -> None:
+    """Load the checkpoint at `path` into `run`; `TrainingError` if there is none or it was another recipe."""
+    if not path.exists():
+        raise TrainingError(f"--resume: no checkpoint at {path}")
+    state = torch.load(path, map_location=device, weights_only=False)
+    default = defaults()  # for options newer than the checkpoint
+    current = jsonable(vars(args))
+    changed = [k for k in RESUME_FIXED if state["args"].get(k, default[k]) != current[k]]
+    if changed:
+        raise TrainingError(f"--resume: {', '.join(changed)} differ from the checkpoint's run; "
+                            "use the same values or start afresh")
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.generator.set_state(state["generator"].cpu())  # map_location moved it to the device
+    if "torch_rng" in state:  # dropout's masks (checkpoints before it was saved lack it)
+        torch.set_rng_state(state["torch_rng"].cpu())
+    if device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+    run.history, run.start_epoch = state["history"], state["epoch"] + 1
+    run.replans = state.get("replans", [])
+    if run.swa_model is not None and state.get("swa_model") is not None:
+        run.swa_model.load_state_dict(state["swa_model"])
+    if run.scheduler is not None and state["args"]["epochs"] == args.epochs:
+        run.scheduler.load_state_dict(state["scheduler"])
+    elif run.scheduler is not None:
+        _replan(run, args, planned_epochs=state["args"]["epochs"])
+    logger.info("resumed from %s after epoch %d", path, run.start_epoch)
+
+
+def _replan(run: TrainingRun, args: argparse.Namespace, *, planned_epochs: int) -> None:
+    """A longer or shorter run than the checkpoint's: the new schedule, moved to where training stands."""
+    logger.warning("re-planning the %s schedule for %d epochs instead of %d", args.schedule, args.epochs,
+                   planned_epochs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # stepping the schedule without optimizer steps
+        for _ in range(min(run.start_epoch, run.swa_start) * run.steps_per_epoch):
+            run.scheduler.step()
+    run.replans.append({"after_epoch": run.start_epoch, "planned_epochs": planned_epochs, "epochs": args.epochs})
+
+
+@dataclass
+class DeviceSplit:
+    """A decoded split held on the training device (150 MB for CIFAR-10's train split), so a step
+    copies nothing from the host."""
+
+    images: torch.Tensor  # (N, S, S, 3) uint8
+    labels: torch.Tensor  # (N,) int64
+
+
+def train_epoch(run: TrainingRun, epoch: int, data: DeviceSplit, *, args: argparse.Namespace, criterion: nn.Module,
+                teachers: Sequence[nn.Module], preprocessing: Preprocessing) -> dict[str, float]:
+    """One pass over `data` in a fresh random order (the SWA epochs at `--swa-lr`, their ends averaged);
+    the mean loss, train accuracy and throughput."""
+    run.model.train()
+    device = data.images.device
+    started = time.perf_counter()
+    if epoch >= run.swa_start:
+        for group in run.optimizer.param_groups:
+            group["lr"] = args.swa_lr
+    order = torch.randperm(len(data.images), generator=run.generator).to(device)
+    # Running sums stay on the device: reading them every step would stall the GPU's queue.
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    bar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", unit="step",
+               disable=args.quiet, leave=False)
+    for step in bar:
+        index = order[step * args.batch_size:(step + 1) * args.batch_size]
+        labels = data.labels[index]
+        loss, logits = train_step(run.model, run.optimizer, criterion, data.images[index], labels, run.generator,
+                                  args, teachers, preprocessing=preprocessing)
+        if epoch < run.swa_start:
+            run.scheduler.step()
+        total_loss += loss.float() * len(index)
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(index)
+        if step % 20 == 0 and not args.quiet:
+            bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", lr=f"{run.optimizer.param_groups[0]['lr']:.4f}")
+    if epoch >= run.swa_start:
+        run.swa_model.update_parameters(run.model)
+    seconds = time.perf_counter() - started
+    return {"loss": round(total_loss.item() / max(seen, 1), 4),
+            "train_accuracy": round(correct.item() / max(seen, 1), 4),
+            "images_per_second": round(seen / seconds, 1), "seconds": round(seconds, 1)}
+
+
+def accuracy_of(model: nn.Module, images: Any, labels: Any, *, preprocessing: Preprocessing,
+                  device: torch.device, bf16: bool, flip_tta: bool = False) -> float:
+    """Accuracy of the model's predicted classes on decoded images, rounded as the history records it."""
+    _, probabilities = predict(model, images, preprocessing=preprocessing, device=device, flip_tta=flip_tta,
+                               bf16=bf16)
+    return round(float((probabilities.argmax(1) == labels).mean()), 4)
+
+
+def averaged_model(swa_model: torch.optim.swa_utils.AveragedModel, images: torch.Tensor,
+                   generator: torch.Generator, *, bf16: bool, cutout: int, batch_size: int,
+                   preprocessing: Preprocessing) -> nn.Module:
+    """The SWA average with batch-norm statistics recomputed for it: the running statistics of the
+    averaged runs do not describe the averaged weights.
+
+    The pass must see what training saw, or the statistics do not fit the weights: shuffled batches
+    (a split stored class by class gives single-class batches, whose variance is far too small) with
+    the training augmentation. Measured on bundle vgg16-10c-e94dc1afacc6, recomputing its own
+    statistics: 91.58% test accuracy this way (its trained statistics: 91.56%), 90.01% without the
+    augmentation, 89.0% in stored order.
+    """
+    device = images.device
+    order = torch.randperm(len(images), generator=generator).to(device)
+    batches = (augment(to_model_input(images[order[start:start + batch_size]], mean=preprocessing.mean,
+                                      std=preprocessing.std, device=device), generator, cutout=cutout)
+               for start in range(0, len(images), batch_size))
+    with torch.no_grad(), autocast(device, bf16):
+        torch.optim.swa_utils.update_bn(batches, swa_model)
+    logger.info("SWA: averaged %d epochs' weights and recomputed batch-norm statistics",
+                int(swa_model.n_averaged.item()))
+    return swa_model.module

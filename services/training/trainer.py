@@ -1,0 +1,157 @@
+"""`cbir train`: train an embedder (VGG-16 by default) on a `<root>/<split>/<class>/<image>` collection.
+
+bf16 autocast and channels_last on CPU or CUDA, random-crop + flip augmentation (optionally
+Cutout), one-cycle or cosine schedule, label smoothing, an optional batch-hard triplet loss on the
+embedding, optional distillation from teacher bundles (`--teacher`), a checkpoint every
+`--checkpoint-every` epochs (`--resume` continues from it, and re-plans the schedule for a new
+`--epochs`), then PCA on the train embeddings and a bundle written to `--output`.
+
+>>> from services.training import get_args_parser, train
+>>> train(get_args_parser().parse_args(["--epochs", "1", "--output", "models/try"]))["version"]
+'vgg16-10c-…'
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from services.common.collection import find_data_dir, list_classes
+from services.common.errors import BundleError, ConfigError, TrainingError
+from services.embedder.bundle import load_bundle
+from services.embedder.inference import Preprocessing, pick_device
+from services.embedder.model import CIFAR10_MEAN, CIFAR10_STD, backbone, build_model
+from services.training.cli import jsonable, recorded_command
+from services.training.data import load_split
+from services.training.loop import (
+    CHECKPOINT_FILE,
+    DeviceSplit,
+    TrainingRun,
+    accuracy_of,
+    averaged_model,
+    checkpoint_state,
+    resume,
+    save_checkpoint,
+    train_epoch,
+)
+from services.training.settings import TrainingSettings
+from services.training.writer import training_record, write_bundle
+
+logger = logging.getLogger("cbir.train")
+
+ARCHITECTURE = "CifarVGG16"
+
+
+def train(args: argparse.Namespace, *, settings: TrainingSettings | None = None) -> dict[str, Any]:
+    """Train as `args` (from `get_args_parser()`) say and write the bundle; returns its version and
+    test metrics. `TrainingError` names the option that cannot work; `settings` (default: read from
+    `CBIR_*` and `.env`) fill in what the command line leaves out."""
+    check_options(args)
+    settings = settings or TrainingSettings.load()
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        device = pick_device(args.device)
+    except ConfigError as exc:
+        raise TrainingError(f"--device: {exc.message}") from exc
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    root = find_data_dir(args.data_dir or settings.data_dir)
+    classes = list_classes(root, "train")
+    architecture = {"name": ARCHITECTURE, "embedding_dim": args.embedding_dim, "width_mult": args.width_mult}
+    preprocessing = Preprocessing(image_size=backbone(ARCHITECTURE).input_size, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                                  flip_tta=args.flip_tta)
+    cache_dir = args.checkpoint_dir / "cache"
+    train_x, train_y = load_split(root, "train", classes, limit_per_class=args.limit_per_class,
+                                  preprocessing=preprocessing, cache_dir=cache_dir, quiet=args.quiet)
+    test_x, test_y = load_split(root, "test", classes, limit_per_class=args.test_limit_per_class,
+                                preprocessing=preprocessing, cache_dir=cache_dir, quiet=args.quiet)
+    logger.info("data: %s, %d train and %d test images, %d classes, device %s",
+                root, len(train_x), len(test_x), len(classes), device)
+
+    model = initial_model(args, architecture, len(classes)).to(device, memory_format=torch.channels_last)
+    teachers = load_teachers(args.teacher or [], classes, device)
+    run = TrainingRun.start(model, args, train_images=len(train_x))
+    if args.resume:
+        resume(run, args, args.checkpoint_dir / CHECKPOINT_FILE, device)
+    train_data = DeviceSplit(images=torch.from_numpy(train_x).to(device), labels=torch.from_numpy(train_y).to(device))
+    run_epochs(run, args, train_data, (test_x, test_y), teachers=teachers, preprocessing=preprocessing)
+    if run.swa_model is not None:
+        model = averaged_model(run.swa_model, train_data.images, run.generator, bf16=args.bf16, cutout=args.cutout,
+                               batch_size=args.batch_size, preprocessing=preprocessing)
+    training = training_record(command=recorded_command(args), recipe=jsonable(vars(args)), history=run.history,
+                               replans=run.replans, init_bundle=args.init_bundle, teachers=args.teacher or ())
+    return write_bundle(args.output, model=model, device=device, classes=classes, architecture=architecture,
+                        preprocessing=preprocessing, train_images=train_x, test_images=test_x, test_labels=test_y,
+                        pca_components=args.pca_components, pca_dims=args.pca_dims,
+                        onehot_weight=args.onehot_weight, training=training, bf16=args.bf16, seed=args.seed)
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse option values no run can use, before anything is loaded."""
+    if args.checkpoint_every < 1:
+        raise TrainingError("--checkpoint-every must be at least 1")
+    if not 0 <= args.swa_epochs <= args.epochs:
+        raise TrainingError("--swa-epochs must be between 0 and --epochs")
+    if not 0 <= args.distill_weight <= 1 or args.distill_temperature <= 0:
+        raise TrainingError("--distill-weight must be between 0 and 1 and --distill-temperature above 0")
+
+
+def initial_model(args: argparse.Namespace, architecture: dict[str, Any], num_classes: int) -> nn.Module:
+    """A fresh network, with `--pretrained` convolutions or the weights of `--init-bundle` (unless resuming)."""
+    model = build_model(architecture, num_classes)
+    if args.pretrained == "imagenet":
+        model.load_imagenet_features()
+    if args.init_bundle is not None and not args.resume:
+        try:
+            model.load_state_dict(load_bundle(args.init_bundle).model.state_dict())
+        except BundleError as exc:
+            raise TrainingError(f"--init-bundle {args.init_bundle}: {exc}") from exc
+        logger.info("starting from the weights of %s", args.init_bundle)
+    return model
+
+
+def load_teachers(directories: list[Path], classes: list[str], device: torch.device) -> list[nn.Module]:
+    """The `--teacher` bundles' networks in eval mode on `device`; their classes must be the collection's."""
+    teachers = []
+    for directory in directories:
+        try:
+            bundle = load_bundle(directory)
+        except BundleError as exc:
+            raise TrainingError(f"--teacher {directory}: {exc}") from exc
+        if bundle.classes != classes:
+            raise TrainingError(f"--teacher {directory}: its classes {bundle.classes} are not the collection's "
+                                f"{classes}")
+        teachers.append(bundle.model.eval().to(device, memory_format=torch.channels_last))
+        logger.info("distilling from %s (%s)", directory, bundle.version)
+    return teachers
+
+
+def run_epochs(run: TrainingRun, args: argparse.Namespace, train_data: DeviceSplit,
+               test: tuple[np.ndarray, np.ndarray], *, teachers: list[nn.Module],
+               preprocessing: Preprocessing) -> None:
+    """The epochs from `run.start_epoch` to `--epochs`, each measured on the test split and recorded,
+    with a checkpoint every `--checkpoint-every` epochs and after the last."""
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    device = train_data.images.device
+    for epoch in range(run.start_epoch, args.epochs):
+        stats = train_epoch(run, epoch, train_data, args=args, criterion=criterion, teachers=teachers,
+                            preprocessing=preprocessing)
+        record = {"epoch": epoch + 1, "loss": stats["loss"], "train_accuracy": stats["train_accuracy"],
+                  "test_accuracy": accuracy_of(run.model, *test, preprocessing=preprocessing, device=device,
+                                               bf16=args.bf16),
+                  "lr": round(run.optimizer.param_groups[0]["lr"], 6),
+                  "images_per_second": stats["images_per_second"], "seconds": stats["seconds"]}
+        run.history.append(record)
+        logger.info("epoch %(epoch)d: loss %(loss).4f, train acc %(train_accuracy).4f, "
+                    "test acc %(test_accuracy).4f, %(images_per_second).1f img/s, %(seconds).0f s", record)
+        if (epoch + 1) % args.checkpoint_every and epoch + 1 < args.epochs:
+            continue
+        save_checkpoint(args.checkpoint_dir / CHECKPOINT_FILE, checkpoint_state(run, args, epoch, device))
