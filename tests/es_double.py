@@ -24,11 +24,20 @@ Where it is stricter than Elasticsearch 8.19, on purpose, the store must say wha
         es.reject_bulk_items = 2      # the next two bulk items answer 429 each
         es.stall_s = 5.0              # answer every request 5 s late (client timeouts)
         es.go_down()                  # close the port: connection refused from now on
+        es.secure(users={"cbir": "pw"}, api_keys={"key-id": "key"})  # 401 unless one of these
+        es.secure(users={"cbir": "pw"}, role="viewer")  # signed in, but 403 for every write
+
+Secured, it answers as x-pack security does: 401 `security_exception` with the realms'
+`WWW-Authenticate` challenge (in the body's `header` and as HTTP headers) for missing or wrong
+credentials, 403 `security_exception` naming the action and the privileges that grant it for an
+action the role lacks. Like Elasticsearch, it names the user or API key id, never the secret.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import re
 import threading
@@ -36,7 +45,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from aiohttp import web
@@ -58,6 +67,31 @@ INDEX_OPTION_PARAMS = {"type", "m", "ef_construction", "confidence_interval", "r
 MAPPING_ROOT_PARAMS = {"properties", "dynamic", "_meta", "_source"}
 SEARCH_KEYS = {"query", "knn", "size", "from", "_source", "track_total_hits", "timeout"}
 KNN_KEYS = {"field", "query_vector", "k", "num_candidates", "boost", "filter", "similarity"}
+# The challenge of the default realms (native/file, token service, API keys) of an 8.x cluster.
+WWW_AUTHENTICATE = ['Basic realm="security", charset="UTF-8"', 'Bearer realm="security"', "ApiKey"]
+# The index privileges Elasticsearch names in a 403 for each action the double serves.
+ACTION_PRIVILEGES = {
+    "indices:admin/get": "view_index_metadata,manage,all",
+    "indices:admin/mappings/get": "view_index_metadata,manage,all",
+    "indices:admin/create": "create_index,manage,all",
+    "indices:admin/delete": "delete_index,manage,all",
+    "indices:admin/mapping/put": "manage,all",
+    "indices:admin/refresh": "maintenance,manage,all",
+    "indices:data/write/bulk": "create_doc,create,delete,index,write,all",
+    "indices:data/write/delete": "delete,write,all",
+    "indices:data/read/get": "read,all",
+    "indices:data/read/mget": "read,all",
+    "indices:data/read/search": "read,all",
+}
+Role = Literal["superuser", "viewer", "monitoring_user"]
+# What each built-in role may do on the store's index: everything, read it, nothing.
+ROLE_ACTIONS: dict[str, frozenset[str]] = {
+    "superuser": frozenset(ACTION_PRIVILEGES),
+    "viewer": frozenset({"indices:admin/get", "indices:admin/mappings/get", "indices:data/read/get",
+                         "indices:data/read/mget", "indices:data/read/search"}),  # fmt: skip
+    "monitoring_user": frozenset(),
+}
+API_KEY_OWNER = "cbir-admin"
 # The only Painless the double runs: `cosineSimilarity(params.X, 'field') [+ offset]`.
 COSINE_SCRIPT = re.compile(
     r"^\s*cosineSimilarity\(\s*params\.(\w+)\s*,\s*'([\w.]+)'\s*\)\s*(?:\+\s*([0-9.]+)\s*)?$"
@@ -82,6 +116,11 @@ def index_not_found(name: str) -> EsError:
         404, "index_not_found_exception", f"no such index [{name}]",
         **{"resource.type": "index_or_alias", "resource.id": name}, index_uuid="_na_", index=name,
     )  # fmt: skip
+
+
+def authentication_error(reason: str, **extra: Any) -> EsError:
+    """401 as x-pack security answers it; the `header` entry is also sent as HTTP headers."""
+    return EsError(401, "security_exception", reason, **extra, header={"WWW-Authenticate": WWW_AUTHENTICATE})
 
 
 def parsing_error(reason: str) -> EsError:
@@ -127,6 +166,53 @@ class Index:
         return self.mappings.get("properties", {})
 
 
+@dataclass
+class Security:
+    """Who may sign in to a secured double, and what the role they get may do."""
+
+    users: dict[str, str]  # username -> password
+    api_keys: dict[str, str]  # API key id -> its secret (sent as base64 of "id:secret")
+    role: Role
+
+    def authenticate(self, authorization: str | None, uri: str) -> str:
+        """The principal as Elasticsearch names it in a 403, or the 401 it answers."""
+        scheme, _, credentials = (authorization or "").partition(" ")
+        if scheme.lower() == "basic":
+            user, _, password = _decode_pair(credentials)
+            if self.users.get(user) != password:
+                raise authentication_error(f"unable to authenticate user [{user}] for REST request [{uri}]")
+            return f"user [{user}] with effective roles [{self.role}]"
+        if scheme.lower() == "apikey":
+            key_id, _, secret = _decode_pair(credentials)
+            if self.api_keys.get(key_id) != secret:
+                problem = (f"invalid credentials for API key [{key_id}]" if key_id in self.api_keys
+                           else f"unable to find apikey with id {key_id}")  # fmt: skip
+                raise authentication_error(
+                    "unable to authenticate with provided credentials and anonymous access is not allowed for "
+                    "this request", additional_unsuccessful_credentials=f"API key: {problem}",
+                )  # fmt: skip
+            return f"API key id [{key_id}] of user [{API_KEY_OWNER}]"
+        raise authentication_error(f"missing authentication credentials for REST request [{uri}]")
+
+    def authorize(self, principal: str, action: str, index: str | None) -> None:
+        if action in ROLE_ACTIONS[self.role]:
+            return
+        on_indices = f" on indices [{index}]" if index else ""
+        raise EsError(
+            403, "security_exception",
+            f"action [{action}] is unauthorized for {principal}{on_indices}, this action is granted by the "
+            f"index privileges [{ACTION_PRIVILEGES[action]}]",
+        )  # fmt: skip
+
+
+def _decode_pair(credentials: str) -> tuple[str, str, str]:
+    """`user:password` or `id:secret` from base64, partitioned; empty when it does not decode."""
+    try:
+        return base64.b64decode(credentials, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return "", "", ""
+
+
 class EsDouble:
     """The double, run on its own event loop in a thread; see the module docstring."""
 
@@ -136,7 +222,9 @@ class EsDouble:
         self.reject_bulk_requests = 0
         self.reject_bulk_items = 0
         self.stall_s = 0.0
+        self.security: Security | None = None  # None: security off, every request is let in
         self.port = 0
+        self._actions: dict[tuple[str, str], str] = {}  # (method, route) -> the action ES authorizes
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -167,6 +255,14 @@ class EsDouble:
             self._call(self._runner.cleanup())
             self._runner = None
 
+    def secure(
+        self, *, users: dict[str, str] | None = None, api_keys: dict[str, str] | None = None,
+        role: Role = "superuser",
+    ) -> None:
+        """Require credentials from now on: 401 unless one of `users` or `api_keys` signs in, 403
+        for an action `role` lacks."""  # fmt: skip
+        self.security = Security(users=dict(users or {}), api_keys=dict(api_keys or {}), role=role)
+
     def calls(self, path: str, *, method: str | None = None) -> int:
         """How many requests `path` received (with `method`, when given)."""
         return sum(p == path and method in (None, m) for m, p in self.requests)
@@ -178,28 +274,29 @@ class EsDouble:
     async def _serve(self) -> None:
         app = web.Application(middlewares=[self._es_edge], client_max_size=200 * 1024**2)
         routes = [
-            ("POST", "/_bulk", self._bulk),
-            ("PUT", "/_bulk", self._bulk),
-            ("HEAD", "/{index}", self._index_exists),
-            ("PUT", "/{index}", self._create_index),
-            ("DELETE", "/{index}", self._delete_index),
-            ("GET", "/{index}/_mapping", self._get_mapping),
-            ("PUT", "/{index}/_mapping", self._put_mapping),
-            ("POST", "/{index}/_refresh", self._refresh),
-            ("GET", "/{index}/_refresh", self._refresh),
-            ("POST", "/{index}/_bulk", self._bulk),
-            ("PUT", "/{index}/_bulk", self._bulk),
-            ("GET", "/{index}/_count", self._count),
-            ("POST", "/{index}/_count", self._count),
-            ("GET", "/{index}/_doc/{id}", self._get_doc),
-            ("DELETE", "/{index}/_doc/{id}", self._delete_doc),
-            ("GET", "/{index}/_mget", self._mget),
-            ("POST", "/{index}/_mget", self._mget),
-            ("GET", "/{index}/_search", self._search),
-            ("POST", "/{index}/_search", self._search),
+            ("POST", "/_bulk", self._bulk, "indices:data/write/bulk"),
+            ("PUT", "/_bulk", self._bulk, "indices:data/write/bulk"),
+            ("HEAD", "/{index}", self._index_exists, "indices:admin/get"),
+            ("PUT", "/{index}", self._create_index, "indices:admin/create"),
+            ("DELETE", "/{index}", self._delete_index, "indices:admin/delete"),
+            ("GET", "/{index}/_mapping", self._get_mapping, "indices:admin/mappings/get"),
+            ("PUT", "/{index}/_mapping", self._put_mapping, "indices:admin/mapping/put"),
+            ("POST", "/{index}/_refresh", self._refresh, "indices:admin/refresh"),
+            ("GET", "/{index}/_refresh", self._refresh, "indices:admin/refresh"),
+            ("POST", "/{index}/_bulk", self._bulk, "indices:data/write/bulk"),
+            ("PUT", "/{index}/_bulk", self._bulk, "indices:data/write/bulk"),
+            ("GET", "/{index}/_count", self._count, "indices:data/read/search"),
+            ("POST", "/{index}/_count", self._count, "indices:data/read/search"),
+            ("GET", "/{index}/_doc/{id}", self._get_doc, "indices:data/read/get"),
+            ("DELETE", "/{index}/_doc/{id}", self._delete_doc, "indices:data/write/delete"),
+            ("GET", "/{index}/_mget", self._mget, "indices:data/read/mget"),
+            ("POST", "/{index}/_mget", self._mget, "indices:data/read/mget"),
+            ("GET", "/{index}/_search", self._search, "indices:data/read/search"),
+            ("POST", "/{index}/_search", self._search, "indices:data/read/search"),
         ]
-        for method, path, handler in routes:
+        for method, path, handler, action in routes:
             app.router.add_route(method, path, handler)
+            self._actions[(method, path)] = action
         app.router.add_route("*", "/{tail:.*}", self._no_handler)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
@@ -218,12 +315,26 @@ class EsDouble:
         if self.stall_s:
             await asyncio.sleep(self.stall_s)
         try:
+            self._check_security(request)
             _check_media_types(request)
             response = await handler(request)
         except EsError as exc:
             response = _json(exc.body(), status=exc.status)
+            for name, values in exc.error.get("header", {}).items():
+                for value in values:
+                    response.headers.add(name, value)
         response.headers[PRODUCT_HEADER[0]] = PRODUCT_HEADER[1]
         return response
+
+    def _check_security(self, request: web.Request) -> None:
+        """Authenticate, then authorize the route's action, as a secured cluster does first."""
+        if self.security is None:
+            return
+        principal = self.security.authenticate(request.headers.get("Authorization"), request.path_qs)
+        resource = request.match_info.route.resource
+        action = self._actions.get((request.method, resource.canonical)) if resource is not None else None
+        if action is not None:
+            self.security.authorize(principal, action, request.match_info.get("index"))
 
     async def _no_handler(self, request: web.Request) -> web.StreamResponse:
         reason = f"no handler found for uri [{request.path}] and method [{request.method}]"

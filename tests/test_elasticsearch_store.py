@@ -6,20 +6,32 @@ requests as Elasticsearch does. The parity tests hold the store to the FAISS sto
 
 from __future__ import annotations
 
+import base64
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import aiohttp
 import numpy as np
 import pytest
 from elasticsearch import ApiError, AsyncElasticsearch
-from es_double import EsDouble
+from es_double import WWW_AUTHENTICATE, EsDouble
 
 from services.common.documents import ImageDocument, StoredImage
-from services.common.errors import IndexNotReadyError, StoreError, StoreMismatchError, StoreUnavailableError
+from services.common.errors import (
+    BulkWriteError,
+    CbirError,
+    IndexNotReadyError,
+    StoreAuthError,
+    StoreError,
+    StoreMismatchError,
+    StoreUnavailableError,
+)
 from services.common.settings import EsSearchMode
-from services.common.stores.elasticsearch_store import BulkWriteError, ElasticsearchStore
+from services.common.stores.base import VectorStore
+from services.common.stores.elasticsearch_store import ElasticsearchStore
 from services.common.stores.faiss_store import FaissStore
 
 if TYPE_CHECKING:
@@ -79,9 +91,19 @@ async def test_elasticsearch_open_creates_the_index_once_with_its_mapping(
 
 
 async def test_elasticsearch_open_without_create_refuses_a_missing_index(es_store: ElasticsearchStore) -> None:
-    with pytest.raises(StoreError, match="there is no Elasticsearch index 'cbir-test'.*cbir index"):
+    with pytest.raises(IndexNotReadyError, match="there is no Elasticsearch index 'cbir-test'.*cbir index"):
         await es_store.open(dims=DIMS, model_version=MODEL, create=False)
     assert (await es_store.info()).dims is None
+
+
+@pytest.mark.parametrize("backend", ["faiss", "elasticsearch"])
+async def test_a_missing_index_is_not_ready_on_both_stores(
+    make_es_store: MakeEsStore, tmp_path: Path, backend: str
+) -> None:
+    store: VectorStore = FaissStore(tmp_path / "index.npz") if backend == "faiss" else make_es_store()
+    with pytest.raises(IndexNotReadyError, match="cbir index") as caught:
+        await store.open(dims=DIMS, model_version=MODEL, create=False)
+    assert not isinstance(caught.value, StoreError)  # not "the store refused": there is nothing to refuse yet
 
 
 async def test_elasticsearch_upsert_is_idempotent_by_document_id(es_store: ElasticsearchStore) -> None:
@@ -113,7 +135,7 @@ async def test_elasticsearch_bulk_partial_failure_names_every_refused_document(
     assert set(caught.value.failures) == {"bad-0", "bad-1"}
     assert "bad-0" in caught.value.message and "bad-1" in caught.value.message
     assert "different number of dimensions [8] than defined in the mapping [16]" in caught.value.failures["bad-0"]
-    assert isinstance(caught.value, StoreError)
+    assert isinstance(caught.value, StoreError) and isinstance(caught.value, CbirError)
     await es_store.flush()
     assert await es_store.count() == len(good)  # the valid documents were written, none dropped silently
 
@@ -272,10 +294,141 @@ async def test_elasticsearch_index_deleted_under_the_store_is_not_ready(
     del es_double.indices[es_store.index]
     with pytest.raises(IndexNotReadyError, match="there is no Elasticsearch index 'cbir-test'"):
         await es_store.search(unit_vectors(1)[0], 3)
+    with pytest.raises(IndexNotReadyError, match="there is no Elasticsearch index 'cbir-test'"):
+        await es_store.count()
     with pytest.raises(IndexNotReadyError):
         await es_store.get("doc-0000")
     with pytest.raises(IndexNotReadyError):
         await es_store.existing_ids(["doc-0000"])
+
+
+# -- a secured cluster --------------------------------------------------------------------------
+
+PASSWORD = "s3cret-pa55"
+API_KEY_SECRET = "k3y-s3cret"
+API_KEY = base64.b64encode(f"key-id:{API_KEY_SECRET}".encode()).decode()  # as Kibana hands it out
+
+
+def every_call(store: ElasticsearchStore) -> dict[str, Callable[[], Awaitable[object]]]:
+    """Each store operation that talks to Elasticsearch, on an open store."""
+    return {
+        "open": lambda: store.open(dims=DIMS, model_version=MODEL),
+        "info": store.info,
+        "upsert": lambda: store.upsert(documents(3)),
+        "delete": lambda: store.delete(["doc-0000"]),
+        "flush": store.flush,
+        "count": store.count,
+        "search": lambda: store.search(unit_vectors(1)[0], 3),
+        "get": lambda: store.get("doc-0000"),
+        "existing_ids": lambda: store.existing_ids(["doc-0000"]),
+        "reset": store.reset,
+    }
+
+
+@pytest.mark.parametrize(
+    ("credentials", "settings", "secrets"),
+    [
+        ({"es_username": "cbir", "es_password": "wrong-password"}, "CBIR_ES_USERNAME/CBIR_ES_PASSWORD",
+         ["wrong-password", base64.b64encode(b"cbir:wrong-password").decode()]),
+        ({"es_api_key": base64.b64encode(b"key-id:wrong-key").decode()}, "CBIR_ES_API_KEY",
+         ["wrong-key", base64.b64encode(b"key-id:wrong-key").decode()]),
+        ({}, "CBIR_ES_API_KEY, or CBIR_ES_USERNAME/CBIR_ES_PASSWORD", []),
+    ],
+    ids=["wrong-password", "wrong-api-key", "no-credentials"],
+)  # fmt: skip
+async def test_elasticsearch_refusing_the_credentials_is_an_auth_error_on_every_call(
+    es_double: EsDouble, make_es_store: MakeEsStore, credentials: dict[str, str], settings: str, secrets: list[str]
+) -> None:
+    store = make_es_store(**credentials)
+    await store.open(dims=DIMS, model_version=MODEL)  # while security is still off
+    es_double.secure(users={"cbir": PASSWORD}, api_keys={"key-id": API_KEY_SECRET})
+
+    for name, call in every_call(store).items():
+        with pytest.raises(StoreAuthError) as caught:
+            await call()
+        message = caught.value.message
+        assert "401 security_exception" in message and es_double.url in message, (name, message)
+        assert settings in message, (name, message)
+        assert "not ready" not in message and not any(secret in message for secret in secrets), (name, message)
+    assert es_double.indices[store.index].docs == {}  # nothing got past the 401
+
+
+@pytest.mark.parametrize("credentials", [{"es_username": "cbir", "es_password": PASSWORD}, {"es_api_key": API_KEY}])
+async def test_elasticsearch_right_credentials_are_let_in(
+    es_double: EsDouble, make_es_store: MakeEsStore, credentials: dict[str, str]
+) -> None:
+    es_double.secure(users={"cbir": PASSWORD}, api_keys={"key-id": API_KEY_SECRET})
+    store = make_es_store(**credentials)
+    await store.open(dims=DIMS, model_version=MODEL)
+    await store.upsert(documents(5))
+    await store.flush()
+    assert await store.count() == 5
+
+
+@pytest.mark.parametrize(
+    ("credentials", "principal", "settings"),
+    [
+        ({"es_username": "cbir", "es_password": PASSWORD}, "user [cbir] with effective roles [viewer]",
+         "CBIR_ES_USERNAME/CBIR_ES_PASSWORD"),
+        ({"es_api_key": API_KEY}, "API key id [key-id] of user [cbir-admin]", "CBIR_ES_API_KEY"),
+    ],
+)  # fmt: skip
+async def test_elasticsearch_read_only_credentials_search_but_writes_are_an_auth_error(
+    es_double: EsDouble, make_es_store: MakeEsStore, credentials: dict[str, str], principal: str, settings: str
+) -> None:
+    writer = make_es_store()
+    await writer.open(dims=DIMS, model_version=MODEL)
+    await writer.upsert(documents(4))
+    await writer.flush()
+    es_double.secure(users={"cbir": PASSWORD}, api_keys={"key-id": API_KEY_SECRET}, role="viewer")
+    reader = make_es_store(**credentials)
+
+    await reader.open(dims=DIMS, model_version=MODEL, create=False)
+    assert len(await reader.search(unit_vectors(1)[0], 3)) == 3
+    for write in (lambda: reader.upsert(documents(1)), lambda: reader.delete(["doc-0000"]), reader.reset):
+        with pytest.raises(StoreAuthError, match="403 security_exception") as caught:
+            await write()
+        message = caught.value.message
+        assert f"is unauthorized for {principal}" in message and settings in message, message
+        assert PASSWORD not in message and API_KEY_SECRET not in message and API_KEY not in message
+    assert len(es_double.indices[reader.index].docs) == 4
+
+
+async def test_elasticsearch_credentials_without_any_privilege_cannot_even_open(
+    es_double: EsDouble, make_es_store: MakeEsStore
+) -> None:
+    es_double.secure(users={"cbir": PASSWORD}, role="monitoring_user")
+    store = make_es_store(es_username="cbir", es_password=PASSWORD)
+    with pytest.raises(StoreAuthError, match=r"action \[indices:admin/mappings/get\] is unauthorized") as caught:
+        await store.open(dims=DIMS, model_version=MODEL)
+    assert "on index 'cbir-test'" in caught.value.message and "not ready" not in caught.value.message
+
+
+async def test_elasticsearch_double_answers_wrong_credentials_like_a_secured_cluster(es_double: EsDouble) -> None:
+    """The 401 and 403 of Elasticsearch 8 with x-pack security: body, status and challenge headers."""
+    es_double.secure(users={"cbir": PASSWORD}, role="viewer")
+    challenge = {"WWW-Authenticate": WWW_AUTHENTICATE}
+    reason = "unable to authenticate user [cbir] for REST request [/cbir-test/_search?size=1]"
+    async with aiohttp.ClientSession() as session:
+        wrong = {"Authorization": "Basic " + base64.b64encode(b"cbir:wrong").decode()}
+        async with session.get(f"{es_double.url}/cbir-test/_search?size=1", headers=wrong) as response:
+            assert response.status == 401
+            assert response.headers.getall("WWW-Authenticate") == WWW_AUTHENTICATE
+            assert await response.json(content_type=None) == {
+                "error": {
+                    "root_cause": [{"type": "security_exception", "reason": reason, "header": challenge}],
+                    "type": "security_exception", "reason": reason, "header": challenge,
+                },
+                "status": 401,
+            }  # fmt: skip
+        right = {"Authorization": "Basic " + base64.b64encode(f"cbir:{PASSWORD}".encode()).decode()}
+        async with session.put(f"{es_double.url}/cbir-test", headers=right) as response:
+            assert response.status == 403
+            body = await response.json(content_type=None)
+    reason = ("action [indices:admin/create] is unauthorized for user [cbir] with effective roles [viewer] on "
+              "indices [cbir-test], this action is granted by the index privileges [create_index,manage,all]")
+    assert body == {"error": {"root_cause": [{"type": "security_exception", "reason": reason}],
+                              "type": "security_exception", "reason": reason}, "status": 403}  # fmt: skip
 
 
 async def test_elasticsearch_double_validates_requests_like_elasticsearch(es_double: EsDouble) -> None:

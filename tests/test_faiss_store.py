@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from services.common.documents import ImageDocument
-from services.common.errors import IndexNotReadyError, StoreError, StoreMismatchError
+from services.common.errors import IndexNotReadyError, StoreMismatchError, StoreUnavailableError
 from services.common.stores.faiss_store import FaissStore
 
 pytestmark = pytest.mark.anyio
@@ -115,6 +116,25 @@ async def test_missing_index_without_create_is_not_ready(tmp_path: Path) -> None
         await FaissStore(tmp_path / "none.npz").open(dims=DIMS, model_version="v1", create=False)
 
 
+@pytest.mark.parametrize("content", [b"", b"not an npz file", b"PK\x03\x04truncated"], ids=["empty", "garbage", "zip"])
+@pytest.mark.parametrize("create", [False, True])
+async def test_unreadable_index_is_not_ready(tmp_path: Path, content: bytes, create: bool) -> None:
+    path = tmp_path / "index.npz"
+    path.write_bytes(content)
+    with pytest.raises(IndexNotReadyError, match=r"unreadable .*delete it and run `cbir index`"):
+        await FaissStore(path).open(dims=DIMS, model_version="v1", create=create)
+
+
+async def test_documents_of_another_model_or_size_are_a_mismatch(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "index.npz")
+    with pytest.raises(StoreMismatchError, match="is from model 'v2', the index holds 'v1'"):
+        await store.upsert(make_documents(2, version="v2"))
+    small = [replace(doc, vector=doc.vector[:4]) for doc in make_documents(2)]
+    with pytest.raises(StoreMismatchError, match="vectors have 4 dims; this index holds 12"):
+        await store.upsert(small)
+    assert await store.count() == 0
+
+
 async def test_a_second_writer_is_refused_until_the_first_closes(tmp_path: Path) -> None:
     path = tmp_path / "index.npz"
     first = await open_store(path)
@@ -124,8 +144,8 @@ async def test_a_second_writer_is_refused_until_the_first_closes(tmp_path: Path)
     assert await reader.count() == 5
     second = await open_store(path)
     writes = (lambda: second.upsert(make_documents(3, prefix="other")), second.reset, lambda: second.delete(["doc1"]))
-    for write in writes:
-        with pytest.raises(StoreError, match=rf"another process \(pid {os.getpid()}\) is writing"):
+    for write in writes:  # busy, not broken: unavailable until the first writer closes
+        with pytest.raises(StoreUnavailableError, match=rf"another process \(pid {os.getpid()}\) is writing"):
             await write()
     await first.close()
     await second.upsert(make_documents(3, prefix="other"))

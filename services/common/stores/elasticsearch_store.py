@@ -2,7 +2,9 @@
 (`script_score` over every vector) or approximately (HNSW `knn`), scored like the FAISS store.
 
 Elasticsearch does the sharding, replication and persistence; this module only states the
-mapping, writes through the bulk helper, and turns every client error into a `StoreError`.
+mapping, writes through the bulk helper, and turns every client error into a `CbirError`
+(`_translated`): a missing index is `IndexNotReadyError`, refused credentials `StoreAuthError`,
+an unreachable or overloaded cluster `StoreUnavailableError`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import numpy as np
 from elasticsearch import (
     ApiError,
     AsyncElasticsearch,
+    AuthenticationException,
+    AuthorizationException,
     BadRequestError,
     ConnectionTimeout,
     NotFoundError,
@@ -26,7 +30,10 @@ from elasticsearch.helpers import async_streaming_bulk
 
 from services.common.documents import ImageDocument, StoredImage, StoreHit
 from services.common.errors import (
+    BulkWriteError,
+    CbirError,
     IndexNotReadyError,
+    StoreAuthError,
     StoreError,
     StoreMismatchError,
     StoreUnavailableError,
@@ -49,17 +56,8 @@ FAILURES_SHOWN = 10  # failed ids spelled out in an error message; all are on `.
 
 # Statuses that mean "not now" rather than "never": the caller may retry later (503).
 UNAVAILABLE_STATUSES = frozenset({429, 502, 503, 504})
-
-
-class BulkWriteError(StoreError):
-    """Elasticsearch refused some documents of a write; the others were written.
-
-    `failures` maps every refused document id to Elasticsearch's reason.
-    """
-
-    def __init__(self, message: str, *, failures: dict[str, str]) -> None:
-        super().__init__(message)
-        self.failures = failures
+API_KEY_SETTING = "CBIR_ES_API_KEY"
+BASIC_AUTH_SETTINGS = "CBIR_ES_USERNAME/CBIR_ES_PASSWORD"
 
 
 class ElasticsearchStore(VectorStore):
@@ -89,10 +87,12 @@ class ElasticsearchStore(VectorStore):
         num_candidates: int = 200,
         max_retries: int = 3,
         initial_backoff_s: float = 1.0,
+        credentials_from: str | None = None,
     ) -> None:
         self._client = client
         self.index = index
         self.url = url  # for messages only: never holds credentials
+        self.credentials_from = credentials_from  # the settings naming the credentials, for messages
         self.shards = shards
         self.replicas = replicas
         self.search_mode = EsSearchMode(search_mode)
@@ -109,11 +109,14 @@ class ElasticsearchStore(VectorStore):
         """A store with its own `AsyncElasticsearch` client, configured from `CBIR_ES_*`."""
         url = settings.es_url
         auth: dict[str, Any] = {}
+        credentials_from = None
         if settings.es_api_key is not None:
             auth["api_key"] = settings.es_api_key.get_secret_value()
+            credentials_from = API_KEY_SETTING
         elif settings.es_username is not None:
             password = settings.es_password.get_secret_value() if settings.es_password else ""
             auth["basic_auth"] = (settings.es_username, password)
+            credentials_from = BASIC_AUTH_SETTINGS
         client = AsyncElasticsearch(
             hosts=[str(url)],
             request_timeout=settings.es_timeout_s,
@@ -133,6 +136,7 @@ class ElasticsearchStore(VectorStore):
             num_candidates=settings.es_num_candidates,
             max_retries=settings.es_max_retries,
             initial_backoff_s=initial_backoff_s,
+            credentials_from=credentials_from,
         )
 
     # -- the index ----------------------------------------------------------------------------
@@ -141,13 +145,13 @@ class ElasticsearchStore(VectorStore):
         mapping = await self._read_mapping()
         if mapping is None:
             if not create:
-                raise StoreError(f"there is no {self._where}; build one with `cbir index`")
+                raise self._not_ready()
             if await self._create_index(dims=dims, model_version=model_version):
                 self._dims, self._model_version = dims, model_version
                 return
             mapping = await self._read_mapping()  # another process created it first
             if mapping is None:
-                raise StoreError(f"{self._where} was created and deleted while opening it")
+                raise IndexNotReadyError(f"{self._where} was created and deleted while opening it")
         _check_vector_mapping(mapping, where=self._where)
         info = await self._info_from(mapping)
         check_compatible(info, dims=dims, model_version=model_version, where=self._where)
@@ -191,7 +195,7 @@ class ElasticsearchStore(VectorStore):
         model_version = self._require_open()
         for doc in documents:
             if doc.model_version != model_version:
-                raise StoreError(
+                raise StoreMismatchError(
                     f"document {doc.id} is from model {doc.model_version!r}, "
                     f"the index holds {model_version!r}"
                 )
@@ -257,7 +261,7 @@ class ElasticsearchStore(VectorStore):
                 )
             for doc in response["docs"]:
                 if _error_type(doc) == "index_not_found_exception":
-                    raise IndexNotReadyError(f"there is no {self._where}; build one with `cbir index`")
+                    raise self._not_ready()
                 if "error" in doc:
                     raise StoreError(f"{self._where} could not look up {doc['_id']}: {_reason(doc)}")
                 if doc.get("found"):
@@ -290,6 +294,9 @@ class ElasticsearchStore(VectorStore):
     @property
     def _where(self) -> str:
         return f"Elasticsearch index {self.index!r} at {self.url}"
+
+    def _not_ready(self) -> IndexNotReadyError:
+        return IndexNotReadyError(f"there is no {self._where}; build one with `cbir index`")
 
     def _require_open(self) -> str:
         if self._model_version is None:
@@ -411,7 +418,7 @@ class ElasticsearchStore(VectorStore):
 
     @contextlib.contextmanager
     def _translated(self, doing: str) -> Iterator[None]:
-        """Turn the client's exceptions into `StoreError`s that name the cluster and the action."""
+        """Turn the client's exceptions into `CbirError`s that name the cluster and the action."""
         try:
             yield
         except ConnectionTimeout as exc:
@@ -427,21 +434,44 @@ class ElasticsearchStore(VectorStore):
         except ApiError as exc:
             raise self._api_error(exc, doing) from exc
 
-    def _api_error(self, exc: ApiError, doing: str) -> StoreError:
+    def _api_error(self, exc: ApiError, doing: str) -> CbirError:
         status, kind = exc.meta.status, _error_type(exc)
-        detail = f"{status} {kind}: {_reason(_body(exc))}"
+        detail = f"{status} {_reason(_body(exc))}"  # the reason starts with the error type
         if kind == "index_not_found_exception":
-            return IndexNotReadyError(f"there is no {self._where}; build one with `cbir index`")
+            return self._not_ready()
+        if isinstance(exc, AuthenticationException | AuthorizationException):
+            return self._auth_error(exc, doing, detail)
         if status in UNAVAILABLE_STATUSES:
             return StoreUnavailableError(
                 f"Elasticsearch at {self.url} is overloaded or down while {doing} ({detail})"
             )
-        if status in (401, 403):
-            return StoreError(
-                f"Elasticsearch at {self.url} refused the credentials while {doing} ({detail}); "
-                "set CBIR_ES_API_KEY, or CBIR_ES_USERNAME and CBIR_ES_PASSWORD"
-            )
         return StoreError(f"{self._where} refused {doing}: {detail}")
+
+    def _auth_error(self, exc: ApiError, doing: str, detail: str) -> StoreAuthError:
+        """401: the credentials are missing or wrong; 403: they lack a privilege on the index.
+
+        Elasticsearch's reason names the user or API key id, never the password or key.
+        """
+        body = _body(exc)
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict) and error.get("additional_unsuccessful_credentials"):
+            detail += f"; {error['additional_unsuccessful_credentials']}"  # "API key: api key is expired"
+        if isinstance(exc, AuthorizationException):
+            account = f"the account of {self.credentials_from}" if self.credentials_from else "the anonymous user"
+            return StoreAuthError(
+                f"Elasticsearch at {self.url} refused {doing}: {account} lacks a privilege on index "
+                f"{self.index!r} ({detail}); grant it, or set {API_KEY_SETTING} or {BASIC_AUTH_SETTINGS} "
+                "to credentials that have it"
+            )
+        if self.credentials_from is None:
+            return StoreAuthError(
+                f"Elasticsearch at {self.url} requires credentials while {doing} ({detail}); "
+                f"set {API_KEY_SETTING}, or {BASIC_AUTH_SETTINGS}"
+            )
+        return StoreAuthError(
+            f"Elasticsearch at {self.url} did not accept the credentials of {self.credentials_from} "
+            f"while {doing} ({detail}); correct {self.credentials_from}"
+        )
 
 
 def _check_vector_mapping(mapping: dict[str, Any], *, where: str) -> None:

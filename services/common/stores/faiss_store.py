@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 
 from services.common.documents import ImageDocument, StoredImage, StoreHit
-from services.common.errors import IndexNotReadyError, StoreError
+from services.common.errors import IndexNotReadyError, StoreError, StoreMismatchError, StoreUnavailableError
 from services.common.scoring import score_from_cosine
 from services.common.stores.base import StoreInfo, VectorStore, check_compatible
 
@@ -83,14 +83,16 @@ class FaissStore(VectorStore):
         if not documents:
             return
         vectors = np.stack([np.asarray(doc.vector, dtype=np.float32) for doc in documents])
+        if self._dims is None:
+            raise StoreError(f"the index at {self.path} is not open; call open() first")
         if vectors.shape[1] != self._dims:
-            raise StoreError(f"vectors have {vectors.shape[1]} dims; this index holds {self._dims}")
+            raise StoreMismatchError(f"vectors have {vectors.shape[1]} dims; this index holds {self._dims}")
         self._acquire_writer_lock()
         async with self._lock:
             new_rows = []
             for doc, vector in zip(documents, vectors, strict=True):
                 if doc.model_version != self._model_version:
-                    raise StoreError(
+                    raise StoreMismatchError(
                         f"document {doc.id} is from model {doc.model_version!r}, "
                         f"the index holds {self._model_version!r}"
                     )
@@ -199,8 +201,9 @@ class FaissStore(VectorStore):
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise StoreError(f"another process (pid {holder}) is writing the index at {self.path}; "
-                             "wait for it to finish or use another CBIR_STATE_DIR") from None
+            # Busy, not broken: once the other writer closes, the same call succeeds.
+            raise StoreUnavailableError(f"another process (pid {holder}) is writing the index at {self.path}; "
+                                        "wait for it to finish or use another CBIR_STATE_DIR") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._writer_lock = fd
@@ -245,7 +248,7 @@ class FaissStore(VectorStore):
                 columns = {field: data[field].tolist() for field in _FIELDS}
                 model_version = str(data["model_version"]) or None
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise StoreError(
+            raise IndexNotReadyError(
                 f"the index at {self.path} is unreadable ({exc}); delete it and run `cbir index`"
             ) from exc
         self._vectors, self._columns = vectors, columns
