@@ -16,7 +16,7 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Request, UploadFile
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from services import wiring
 from services.common.errors import ImageError, ModelNotLoadedError
@@ -52,6 +52,8 @@ class InfoResponse(BaseModel):
     device: str
     pca_dims: int
     onehot_weight: float
+    image_size: int = Field(description="side of the square images the model takes (decode uploads to it)")
+    resize: str = Field(description="resample filter uploads are decoded with (services.common.images)")
     bundle: dict
 
 
@@ -123,10 +125,10 @@ async def embed(request: Request, service: ServiceDep,
 
 @router.get("/info", response_model=InfoResponse, responses={503: ERROR_RESPONSES[503]})
 async def info(service: ServiceDep) -> InfoResponse:
-    """The model bundle's metadata and the vector settings in force."""
+    """The model bundle's metadata, the vector settings in force, and how to decode images for it."""
     details = service.embedder.info()
     return InfoResponse(model_version=details.model_version, dims=details.dims, classes=details.classes,
-                        **details.metadata)
+                        image_size=details.image_size, resize=details.resize, **details.metadata)
 
 @router.get("/healthz", responses={503: ERROR_RESPONSES[503]})
 async def healthz(service: ServiceDep) -> dict[str, str]:
