@@ -61,11 +61,25 @@ async def test_embed_returns_one_vector_per_image(embedder_client: httpx.AsyncCl
     assert len(info["classes"]) == 10
 
 
+def metric(text: str, sample: str) -> float:
+    """The value of one sample line of a Prometheus text page (0 when absent)."""
+    match = re.search(rf"^{re.escape(sample)} ([0-9.e+-]+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
 async def test_metrics_count_requests_per_route_template(search_client: httpx.AsyncClient, test_image: bytes) -> None:
-    await search_client.post("/search", files={"file": ("q.jpg", test_image, "image/jpeg")})
+    # The registry is process-wide: compare before and after this test's own requests.
+    searches = 'cbir_http_requests_total{method="POST",route="/search",service="search",status="200"}'
+    not_found = 'cbir_http_requests_total{method="GET",route="/images/{id}",service="search",status="404"}'
+    before = (await search_client.get("/metrics", follow_redirects=True)).text
+    for _ in range(2):
+        await search_client.post("/search", files={"file": ("q.jpg", test_image, "image/jpeg")})
+    await search_client.get("/images/0123456789abcdef0123")
     response = await search_client.get("/metrics", follow_redirects=True)
     assert response.status_code == 200
     text = response.text
-    assert 'cbir_http_requests_total{method="POST",route="/search",service="search",status="200"}' in text
-    assert "cbir_embedder_batch_images_bucket" in text
+    assert metric(text, searches) - metric(before, searches) == 2
+    assert metric(text, not_found) - metric(before, not_found) == 1  # counted under the route template
+    forward_passes = "cbir_embedder_batch_images_count"
+    assert metric(text, forward_passes) - metric(before, forward_passes) >= 1
     assert not re.search(r'route="/images/[0-9a-f]+"', text)  # ids never become label values

@@ -52,3 +52,22 @@ async def test_elasticsearch_backend_answers_like_the_embedded_store(
     for ours, theirs in zip(embedded, clustered, strict=True):
         assert ours["query"] == theirs["query"]
         assert comparable(ours) == comparable(theirs)
+
+
+async def test_the_gateway_answers_503_when_elasticsearch_goes_away_and_recovers(
+        cbir_env: Path, mini_collection: Path, es_double: EsDouble, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.search.app import create_app
+
+    for name, value in (("CBIR_BACKEND", "elasticsearch"), ("CBIR_ES_URL", es_double.url),
+                        ("CBIR_ES_INDEX", "cbir-away"), ("CBIR_ES_TIMEOUT_S", "2"), ("CBIR_ES_MAX_RETRIES", "0")):
+        monkeypatch.setenv(name, value)
+    await asyncio.to_thread(cbir, ["index", "--no-progress"])
+    query = {"file": ("q.jpg", (mini_collection / "test" / "cat" / "0001.jpg").read_bytes(), "image/jpeg")}
+    async with asgi_client(create_app(), base_url="http://search") as client:
+        assert (await client.post("/search", files=query)).status_code == 200
+        es_double.go_down()  # connection refused from now on, mid-run
+        search = await client.post("/search", files=query)
+        assert search.status_code == 503 and search.headers["retry-after"], search.text
+        assert es_double.url.removeprefix("http://") in search.json()["detail"]
+        health = await client.get("/healthz")
+        assert health.status_code == 503 and health.json()["status"] == "failed"

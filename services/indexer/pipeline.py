@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from services.common.collection import CollectionImage, iter_images
 from services.common.documents import ImageDocument
-from services.common.embedding import EmbeddingService
+from services.common.embedding import EmbedderInfo, EmbeddingService
 from services.common.errors import ImageError, StoreMismatchError
 from services.common.images import decode_image
 from services.common.status import IndexProgress
@@ -62,8 +62,8 @@ class IndexOptions:
     flush_every: int = 20  # batches between saves: what a crash can lose at most
 
 
-async def open_store_for(embedder: EmbeddingService, store: VectorStore, *, rebuild: bool) -> str:
-    """Open (or create) the store for the embedder's vectors; returns the model version."""
+async def open_store_for(embedder: EmbeddingService, store: VectorStore, *, rebuild: bool) -> EmbedderInfo:
+    """Open (or create) the store for the embedder's vectors; returns what the embedder said of its model."""
     info = await embedder.info()
     try:
         await store.open(dims=info.dims, model_version=info.model_version, create=True)
@@ -73,7 +73,7 @@ async def open_store_for(embedder: EmbeddingService, store: VectorStore, *, rebu
         logger.warning("%s; rebuilding the index", exc.message)
         await store.reset()
         await store.open(dims=info.dims, model_version=info.model_version, create=True)
-    return info.model_version
+    return info
 
 
 async def index_collection(root: Path, split: str, embedder: EmbeddingService, store: VectorStore,
@@ -85,7 +85,7 @@ async def index_collection(root: Path, split: str, embedder: EmbeddingService, s
     started = time.perf_counter()
     report = IndexReport()
     progress = progress if progress is not None else IndexProgress()
-    model_version = await open_store_for(embedder, store, rebuild=options.rebuild)
+    info = await open_store_for(embedder, store, rebuild=options.rebuild)
     images = await asyncio.to_thread(lambda: list(iter_images(root, split)))
     report.total = len(images)
     present: set[str] = set()
@@ -107,14 +107,14 @@ async def index_collection(root: Path, split: str, embedder: EmbeddingService, s
         nonlocal written_batches
         async with slots:
             t0 = time.perf_counter()
-            decoded, failed = await asyncio.to_thread(_read_batch, root, batch)
+            decoded, failed = await asyncio.to_thread(_read_batch, root, batch, info)
             t1 = time.perf_counter()
             report.failed += failed
             embeddings = await embedder.embed(np.stack([pixels for _, pixels in decoded])) if decoded else []
             t2 = time.perf_counter()
             documents = [
                 ImageDocument(id=image.id, filename=image.filename, path=image.path, label=image.label,
-                              model_version=model_version, vector=embedding.vector)
+                              model_version=info.model_version, vector=embedding.vector)
                 for (image, _), embedding in zip(decoded, embeddings, strict=True)
             ]
             async with write_lock:
@@ -155,12 +155,14 @@ async def _gather_all(coroutines: Sequence) -> None:
         raise
 
 
-def _read_batch(root: Path, batch: list[CollectionImage]) -> tuple[list[tuple[CollectionImage, np.ndarray]],
-                                                                   list[tuple[str, str]]]:
+def _read_batch(root: Path, batch: list[CollectionImage], model: EmbedderInfo
+                ) -> tuple[list[tuple[CollectionImage, np.ndarray]], list[tuple[str, str]]]:
+    """Decode a batch as the model's bundle says; undecodable files are listed with the reason."""
     decoded, failed = [], []
     for image in batch:
         try:
-            decoded.append((image, decode_image((root / image.path).read_bytes())))
+            pixels = decode_image((root / image.path).read_bytes(), size=model.image_size, resample=model.resize)
+            decoded.append((image, pixels))
         except (ImageError, OSError) as exc:
             failed.append((image.path, getattr(exc, "message", str(exc))))
     return decoded, failed

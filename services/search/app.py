@@ -111,8 +111,10 @@ async def search(
     """Find the `k` indexed images most similar to the uploaded one."""
     started = time.perf_counter()
     settings: SearchSettings = request.app.state.settings
+    model = await engine.embedder.info()  # the bundle says how its images are decoded
     image = await request.app.state.decoder.decode(await file.read(), max_bytes=settings.max_upload_bytes,
-                                                   max_pixels=settings.max_image_pixels)
+                                                   max_pixels=settings.max_image_pixels, size=model.image_size,
+                                                   resample=model.resize)
     embedding, hits = await engine.search(image, k)
     return SearchResponse(
         query=QueryPrediction(predicted_label=embedding.label, confidence=embedding.confidence),

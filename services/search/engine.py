@@ -15,7 +15,7 @@ import numpy as np
 
 from services.common.collection import resolve_inside
 from services.common.embedding import Embedding, EmbeddingService
-from services.common.errors import CbirError, IndexNotReadyError, StoreError
+from services.common.errors import CbirError, IndexNotReadyError
 from services.common.status import IndexProgress, Status
 from services.common.stores.base import StoreHit, VectorStore
 
@@ -88,13 +88,9 @@ class SearchEngine:
 
     async def _check_ready(self) -> str:
         info = await self.embedder.info()
-        try:
-            await self.store.open(dims=info.dims, model_version=info.model_version, create=False)
-        except StoreError as exc:
-            if type(exc) is not StoreError:  # mismatched (409) or unavailable (503) as they are
-                raise
-            # An unreadable index is one that is not ready: 503 and how to rebuild it, not a 500.
-            raise IndexNotReadyError(exc.message) from exc
+        # Missing or unreadable: IndexNotReadyError (503); another model's: 409; unreachable: 503; refused
+        # credentials: StoreAuthError, naming the settings to fix.
+        await self.store.open(dims=info.dims, model_version=info.model_version, create=False)
         if await self.store.count() == 0:
             raise IndexNotReadyError("the index is empty; build it with `cbir index`")
         self.model_version = info.model_version

@@ -1,0 +1,74 @@
+"""The micro-batcher: concurrent requests share forward passes, and a full queue answers 503 at once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from services.common.embedding import Embedding
+from services.common.errors import EmbedderUnavailableError
+from services.embedder.runtime import MicroBatcher
+
+pytestmark = pytest.mark.anyio
+
+
+class GatedEmbedder:
+    """Stands in for `Embedder`: records the size of every forward pass; the first one waits for `gate`."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.gate = threading.Event()
+        self.first_started = threading.Event()
+
+    def embed_batch(self, images: np.ndarray) -> list[Embedding]:
+        if not self.batches:
+            self.first_started.set()
+            self.gate.wait(timeout=30)
+        self.batches.append(len(images))
+        return [Embedding(vector=np.full(4, float(image[0, 0, 0]), dtype=np.float32), label="cat", confidence=1.0)
+                for image in images]
+
+
+def images(value: int, count: int = 1) -> np.ndarray:
+    return np.full((count, 32, 32, 3), value, dtype=np.uint8)
+
+
+async def test_concurrent_requests_share_one_forward_pass() -> None:
+    model = GatedEmbedder()
+    batcher = MicroBatcher(model, max_batch=64, max_wait_ms=20, max_queue=64)
+    batcher.start()
+    try:
+        first = asyncio.ensure_future(batcher.embed(images(1)))
+        await asyncio.to_thread(model.first_started.wait, 10)  # the worker is busy with the first request
+        waiting = [asyncio.ensure_future(batcher.embed(images(10 + i, count=2))) for i in range(8)]
+        await asyncio.sleep(0.05)  # all eight are queued behind it
+        model.gate.set()
+        results = await asyncio.gather(first, *waiting)
+    finally:
+        batcher.stop()
+    assert model.batches == [1, 16]  # two forward passes for nine requests
+    # Each caller gets its own images' embeddings back, in order.
+    assert [r[0].vector[0] for r in results] == [1.0, *[10.0 + i for i in range(8)]]
+    assert all(len(r) == 2 for r in results[1:])
+
+
+async def test_a_full_queue_is_refused_at_once_with_503() -> None:
+    model = GatedEmbedder()
+    batcher = MicroBatcher(model, max_batch=1, max_wait_ms=0, max_queue=2)
+    batcher.start()
+    try:
+        busy = asyncio.ensure_future(batcher.embed(images(1)))
+        await asyncio.to_thread(model.first_started.wait, 10)
+        queued = [asyncio.ensure_future(batcher.embed(images(2))) for _ in range(2)]
+        await asyncio.sleep(0)  # both are in the queue: it is full
+        with pytest.raises(EmbedderUnavailableError, match="overloaded") as refused:
+            await batcher.embed(images(3))
+        assert refused.value.status_code == 503 and refused.value.retry_after == 1
+        model.gate.set()
+        await asyncio.gather(busy, *queued)
+    finally:
+        batcher.stop()
+    assert model.batches == [1, 1, 1]  # the refused request never reached the model
