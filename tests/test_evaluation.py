@@ -17,7 +17,9 @@ import pytrec_eval
 from reliability_fixtures import serve_in_thread
 
 from services.common.documents import document_id
+from services.embedder.bundle import Bundle
 from services.evaluation import cli as evaluate
+from services.evaluation.features import embed_split, fuse, load_collection_split
 from services.evaluation.metrics import (
     average_precision_at_k,
     confusion_matrix,
@@ -145,7 +147,31 @@ def run_evaluate(tmp_path: Path, name: str, *extra: str) -> dict:
 
 
 @pytest.mark.slow
-def test_evaluate_writes_json_report_figures_and_trec_run(cbir_env: Path, tmp_path: Path) -> None:
+def recompute(bundle: Bundle, collection: Path, cache: Path) -> dict:
+    """Accuracy, confusion, per-class accuracy and mAP over every train image, by brute force from the
+    embedder's vectors (the bundle's own vector settings)."""
+    splits = {name: load_collection_split(collection, name, bundle.classes, preprocessing=bundle.preprocessing,
+                                          cache_dir=cache) for name in ("test", "train")}
+    features = {name: embed_split(bundle, split, cache_dir=cache) for name, split in splits.items()}
+    test_labels, train_labels = splits["test"].labels, splits["train"].labels
+    predicted = features["test"].probabilities.argmax(axis=1)
+    confusion = np.zeros((10, 10), dtype=int)
+    np.add.at(confusion, (test_labels, predicted), 1)
+    vector = bundle.vector_defaults
+    queries, documents = (fuse(bundle, features[name], pca_dims=vector["pca_dims"],
+                               onehot_weight=vector["onehot_weight"]) for name in ("test", "train"))
+    precisions = []
+    for query, label in zip(queries, test_labels, strict=True):
+        hits = train_labels[np.argsort(-(documents @ query), kind="stable")] == label
+        precisions.append((np.cumsum(hits) / np.arange(1, len(hits) + 1))[hits].mean())
+    return {"accuracy": float(np.mean(predicted == test_labels)), "confusion": confusion.tolist(),
+            "per_class_accuracy": {name: float(np.mean(predicted[test_labels == c] == c))
+                                   for c, name in enumerate(bundle.classes)},
+            "map_all": float(np.mean(precisions))}
+
+
+def test_evaluate_writes_json_report_figures_and_trec_run(cbir_env: Path, tmp_path: Path, tiny_bundle: Bundle,
+                                                          mini_collection: Path) -> None:
     from services.cli import main as cbir
 
     cbir(["evaluate", "--output-dir", str(tmp_path / "reports"), "--cache-dir", str(tmp_path / "cache"),
@@ -155,20 +181,24 @@ def test_evaluate_writes_json_report_figures_and_trec_run(cbir_env: Path, tmp_pa
     metrics = result["metrics"]
     assert (metrics["queries"], metrics["documents"], metrics["k"]) == (50, 500, 100)
     assert metrics["map_at_100_ceiling"] == pytest.approx(1.0)  # R = 50 < k
-    assert 0 < metrics["map_at_100"] <= metrics["map_at_100_normalised"] <= 1
     assert metrics["map_cut_100"] == pytest.approx(metrics["map_at_100"])
-    assert 0 < metrics["P_100"] <= 0.5  # at most 50 of 100 hits can be relevant
-    assert 0 < metrics["map_all"] <= 1 and 0 <= metrics["accuracy"] <= 1
     assert metrics["numpy_vs_trec_eval_max_diff"] < 1e-9
-    assert np.sum(result["confusion_matrix"]) == 50
+
+    # Recomputed here from the model's own predictions and vectors, without the evaluation's metrics code.
+    expected = recompute(tiny_bundle, mini_collection, tmp_path / "recompute")
+    assert metrics["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
+    assert result["confusion_matrix"] == expected["confusion"]
+    assert {name: row["accuracy"] for name, row in result["per_class"].items()} == pytest.approx(
+        expected["per_class_accuracy"], abs=1e-12)
+    assert all(row["queries"] == 5 for row in result["per_class"].values())
+    assert metrics["map_all"] == pytest.approx(expected["map_all"], abs=1e-6)
     assert len(result["precision_recall"]["recall"]) == 101
-    assert len(result["per_class"]) == 10 and sum(c["queries"] for c in result["per_class"].values()) == 50
     tables = result["ablations"]["tables"]
     assert {row["onehot_weight"] for row in tables["onehot_weight"]} == {0, 0.25, 0.5, 1, 1.5, 2, 4}
     assert [row["pca_dims"] for row in tables["pca_dims_fused"]] == [16, 32, None]  # the tiny PCA keeps 32
     assert tables["search"][0]["recall_at_k"] == 1.0 and len(tables["search"]) == 4
     report = (reports / "evaluation.md").read_text()
-    assert "0.0088" in report and "## Ablations" in report
+    assert f"{expected['accuracy']:.4f}" in report and "## Ablations" in report
     for figure in result["figures"].values():
         assert (reports / figure).stat().st_size > 1000 and f"]({figure})" in report
     assert len(result["figures"]) == 4
@@ -182,8 +212,16 @@ def test_evaluate_writes_json_report_figures_and_trec_run(cbir_env: Path, tmp_pa
     labels = dict(line.split("\t") for line in (reports / result["files"]["labels"]).read_text().splitlines())
     qrels = {qid: {doc: 1 for doc, label in labels.items() if doc.startswith("train/") and label == labels[qid]}
              for qid in run}
-    measured = trec(qrels, run, {"map"})
-    assert np.mean([m["map"] for m in measured.values()]) == pytest.approx(metrics["map_at_100"], abs=1e-12)
+    measured = trec(qrels, run, {"map", "P.10", "P.100"})
+    for ours, theirs in (("map_at_100", "map"), ("P_10", "P_10"), ("P_100", "P_100")):
+        assert np.mean([m[theirs] for m in measured.values()]) == pytest.approx(metrics[ours], abs=1e-12), ours
+    # MAP over the relevant documents each run retrieved, from the run file alone.
+    normalised = []
+    for qid, ranked in run.items():
+        hits = np.array([labels[doc] == labels[qid] for doc in ranked])
+        precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+        normalised.append(float((precision * hits).sum() / hits.sum()) if hits.any() else 0.0)
+    assert metrics["map_at_100_normalised"] == pytest.approx(np.mean(normalised), abs=1e-9)
 
 
 @pytest.mark.slow
