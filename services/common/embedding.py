@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from services.common.errors import EmbedderUnavailableError, ImageError
+from services.common.settings import EmbedderClientSettings, default
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ class HttpEmbeddingClient:
     # The embedder takes at most 512 images a request (CBIR_MAX_IMAGES_PER_REQUEST); stay well below.
     max_images_per_request = 256
 
-    def __init__(self, base_url: str, *, timeout_s: float = 10.0, retries: int = 2, api_key: str | None = None,
+    def __init__(self, base_url: str, *, timeout_s: float = default(EmbedderClientSettings, "embedder_timeout_s"),
+                 retries: int = default(EmbedderClientSettings, "embedder_retries"), api_key: str | None = None,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -124,6 +124,14 @@ class CollectionSettings(BaseCbirSettings):
         None, description="collection root (<split>/<class>/<image>); default data/cifar10, else ../shared/cifar10"
     )
     index_split: str = Field("train", description="the split that is indexed")
+
+
+def default(settings_class: type[BaseSettings], name: str) -> Any:
+    """The default of one setting, for a constructor that should share it rather than repeat it.
+
+    >>> def __init__(self, *, max_batch: int = default(ModelSettings, "max_batch")): ...
+    """
+    return settings_class.model_fields[name].get_default(call_default_factory=True)
 
 
 def _describe(cls: type[BaseSettings], error: dict) -> str:

@@ -20,6 +20,7 @@ from prometheus_client import Histogram
 
 from services.common.embedding import EmbedderInfo, Embedding
 from services.common.errors import EmbedderUnavailableError, ModelNotLoadedError
+from services.common.settings import ModelSettings, default
 from services.embedder.bundle import Bundle
 from services.embedder.inference import pick_device, predict
 from services.embedder.vectors import build_vectors, check_vector_config
@@ -39,8 +40,8 @@ class Embedder:
     'cat'
     """
 
-    def __init__(self, bundle: Bundle, *, device: str = "auto", pca_dims: int | None = None,
-                 onehot_weight: float | None = None, max_batch: int = 64) -> None:
+    def __init__(self, bundle: Bundle, *, device: str = default(ModelSettings, "device"), pca_dims: int | None = None,
+                 onehot_weight: float | None = None, max_batch: int = default(ModelSettings, "max_batch")) -> None:
         self.bundle = bundle
         self.device = pick_device(device)
         self.pca_dims = int(pca_dims or bundle.vector_defaults["pca_dims"])
@@ -110,8 +111,9 @@ class MicroBatcher:
     `EmbedderUnavailableError` (503 + Retry-After) instead of letting latency grow without bound.
     """
 
-    def __init__(self, embedder: Embedder, *, max_batch: int = 64, max_wait_ms: float = 2.0,
-                 max_queue: int = 1024) -> None:
+    def __init__(self, embedder: Embedder, *, max_batch: int = default(ModelSettings, "max_batch"),
+                 max_wait_ms: float = default(ModelSettings, "max_wait_ms"),
+                 max_queue: int = default(ModelSettings, "max_queue")) -> None:
         self.embedder = embedder
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
@@ -188,7 +190,8 @@ def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
 class LocalEmbeddingService:
     """The model in this process, behind the same interface as the HTTP embedder client."""
 
-    def __init__(self, embedder: Embedder, *, max_wait_ms: float = 2.0, max_queue: int = 1024) -> None:
+    def __init__(self, embedder: Embedder, *, max_wait_ms: float = default(ModelSettings, "max_wait_ms"),
+                 max_queue: int = default(ModelSettings, "max_queue")) -> None:
         self.embedder = embedder
         self.batcher = MicroBatcher(embedder, max_batch=embedder.max_batch, max_wait_ms=max_wait_ms,
                                     max_queue=max_queue)

@@ -39,7 +39,7 @@ from services.common.errors import (
     StoreUnavailableError,
 )
 from services.common.scoring import ES_SCRIPT_SOURCE, score_from_es_knn
-from services.common.settings import EsSearchMode, StoreSettings
+from services.common.settings import EsSearchMode, StoreSettings, default
 from services.common.stores.base import StoreInfo, VectorStore, check_compatible
 
 logger = logging.getLogger(__name__)
@@ -81,11 +81,11 @@ class ElasticsearchStore(VectorStore):
         *,
         index: str,
         url: str,
-        shards: int = 30,
-        replicas: int = 0,
-        search_mode: EsSearchMode = EsSearchMode.exact,
-        num_candidates: int = 200,
-        max_retries: int = 3,
+        shards: int = default(StoreSettings, "es_shards"),
+        replicas: int = default(StoreSettings, "es_replicas"),
+        search_mode: EsSearchMode = default(StoreSettings, "es_search_mode"),
+        num_candidates: int = default(StoreSettings, "es_num_candidates"),
+        max_retries: int = default(StoreSettings, "es_max_retries"),
         initial_backoff_s: float = 1.0,
         credentials_from: str | None = None,
     ) -> None:
