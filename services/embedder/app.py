@@ -107,11 +107,13 @@ async def embed(request: Request, service: ServiceDep,
     if len(files) > settings.max_images_per_request:
         raise ImageError(f"{len(files)} images in one request; the limit is {settings.max_images_per_request}")
     images = []
+    preprocessing = service.embedder.preprocessing  # the bundle's: size and resample filter
     for position, upload in enumerate(files):
         data = await upload.read()
         try:
-            images.append(await request.app.state.decoder.decode(data, max_bytes=settings.max_upload_bytes,
-                                                                 max_pixels=settings.max_image_pixels))
+            images.append(await request.app.state.decoder.decode(
+                data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
+                size=preprocessing.image_size, resample=preprocessing.resize))
         except ImageError as exc:
             exc.message = f"file {position} ({upload.filename}): {exc.message}"
             raise
