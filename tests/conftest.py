@@ -26,6 +26,8 @@ from services.embedder.bundle import Bundle, load_bundle
 
 torch.set_num_threads(1)
 CIFAR10 = REPO_ROOT.parent / "shared" / "cifar10"
+# The Elasticsearch double and the stores on it; pytest takes `pytest_plugins` from the root conftest only.
+pytest_plugins = ["es_fixtures"]
 TRAIN_PER_CLASS = 50
 TEST_PER_CLASS = 5
 

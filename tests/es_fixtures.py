@@ -1,6 +1,6 @@
 """Fixtures for code that talks to Elasticsearch: the HTTP double and stores connected to it.
 
-Use them from a test module with `pytest_plugins = ["es_fixtures"]`.
+The root conftest loads them as a plugin (`pytest_plugins`), so every test can ask for them.
 """
 
 from __future__ import annotations

@@ -7,17 +7,17 @@ import io
 import random
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from reliability_fixtures import encode, exif_rotated_jpeg, odd_images, png_bomb, png_bytes, sample_image
 
+from services.common.collection import REPO_ROOT
 from services.common.errors import EmptyImageError, ImageDecodeError, ImageError, ImageTooLargeError
 from services.common.images import UploadDecoder, decode_image
 
-CAT = Path(__file__).resolve().parents[2] / "shared" / "cifar10" / "test" / "cat" / "0000.jpg"
+CAT = REPO_ROOT.parent / "shared" / "cifar10" / "test" / "cat" / "0000.jpg"
 
 
 @pytest.fixture(scope="module")

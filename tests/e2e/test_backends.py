@@ -14,7 +14,6 @@ from reliability_fixtures import asgi_client
 from services.cli import main as cbir
 
 pytestmark = pytest.mark.anyio
-pytest_plugins = ["es_fixtures"]
 
 
 async def search_all(queries: list[bytes]) -> list[dict]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import inspect
 import re
 import tomllib
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,14 +15,14 @@ import yaml
 from pydantic_settings import BaseSettings
 
 from services.common import settings as common_settings
+from services.common.collection import REPO_ROOT
 from services.common.settings import StoreSettings
 from services.embedder.settings import EmbedderSettings
 from services.indexer.settings import IndexerSettings
 from services.search.settings import SearchSettings
 
-ROOT = Path(__file__).resolve().parents[1]
-COMPOSE = ROOT / "docker-compose.yml"
-GPU_OVERRIDE = ROOT / "deploy" / "compose.gpu.yml"
+COMPOSE = REPO_ROOT / "docker-compose.yml"
+GPU_OVERRIDE = REPO_ROOT / "deploy" / "compose.gpu.yml"
 SERVICE_SETTINGS: dict[str, type[BaseSettings]] = {
     "embedder": EmbedderSettings,
     "indexer": IndexerSettings,
@@ -141,7 +140,7 @@ def test_compose_elasticsearch_is_a_pinned_single_node_8x(compose: dict[str, Any
     assert re.search(r"-Xms(\d+[gm]) -Xmx\1", env["ES_JAVA_OPTS"]), "heap: -Xms equal to -Xmx"
     assert any(v.startswith("./deploy/elasticsearch.yml:") for v in es["volumes"])
     assert "es-data" in compose["volumes"]
-    assert yaml.safe_load((ROOT / "deploy" / "elasticsearch.yml").read_text())["network.host"] == "0.0.0.0"
+    assert yaml.safe_load((REPO_ROOT / "deploy" / "elasticsearch.yml").read_text())["network.host"] == "0.0.0.0"
 
 
 def test_compose_gpu_override_reserves_an_nvidia_gpu_for_the_embedder() -> None:
@@ -154,7 +153,7 @@ def test_compose_gpu_override_reserves_an_nvidia_gpu_for_the_embedder() -> None:
 
 @pytest.mark.parametrize("service_name", ["embedder", "indexer", "search"])
 def test_compose_dockerfiles_run_as_non_root(compose: dict[str, Any], service_name: str) -> None:
-    dockerfile = ROOT / compose["services"][service_name]["build"]["dockerfile"]
+    dockerfile = REPO_ROOT / compose["services"][service_name]["build"]["dockerfile"]
     lines = [line.strip() for line in dockerfile.read_text().splitlines()]
     users = [line.split(maxsplit=1)[1] for line in lines if line.startswith("USER ")]
     assert users, f"{dockerfile.name} never leaves root"
@@ -164,16 +163,16 @@ def test_compose_dockerfiles_run_as_non_root(compose: dict[str, Any], service_na
 
 
 def test_compose_images_pin_the_dependencies_pyproject_names() -> None:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     required = {re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0].lower() for dep in project["dependencies"]}
-    lock_lines = [line for line in (ROOT / "deploy" / "requirements.lock").read_text().splitlines()
+    lock_lines = [line for line in (REPO_ROOT / "deploy" / "requirements.lock").read_text().splitlines()
                   if line and not line.startswith("#")]  # fmt: skip
     assert all(re.fullmatch(r"[a-z0-9-]+==[\w.]+", line) for line in lock_lines), "only exact pins"
     locked = {line.split("==")[0] for line in lock_lines}
     torch_pins = {dep.split("==")[0]: dep.split("==")[1] for dep in project["dependencies"] if dep.startswith("torch")}
     assert required - locked == set(torch_pins)  # torch comes from the device's own index
     for name in ("embedder", "search"):
-        dockerfile = (ROOT / "deploy" / f"{name}.Dockerfile").read_text()
+        dockerfile = (REPO_ROOT / "deploy" / f"{name}.Dockerfile").read_text()
         assert f"ARG TORCH_VERSION={torch_pins['torch']}" in dockerfile
         assert f"ARG TORCHVISION_VERSION={torch_pins['torchvision']}" in dockerfile
         assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
@@ -181,6 +180,6 @@ def test_compose_images_pin_the_dependencies_pyproject_names() -> None:
 
 
 def test_compose_build_context_leaves_out_state_data_and_secrets() -> None:
-    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    ignored = {line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()}
     assert {".git", ".env", "state/", "data/", "runs/", ".pytest_cache/"} <= ignored
     assert not {"models/", "services/", "deploy/"} & ignored

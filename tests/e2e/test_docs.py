@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
+from services.common.collection import REPO_ROOT
 from services.embedder.settings import EmbedderSettings
 from services.indexer.settings import IndexerSettings
 from services.search.settings import SearchSettings
 
-ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+README = (REPO_ROOT / "README.md").read_text()
 
 
 def readme_commands() -> list[str]:
@@ -28,7 +27,7 @@ def test_readme_opens_with_the_run_and_test_commands() -> None:
 
 def test_ci_runs_the_readme_test_command() -> None:
     _, test = readme_commands()
-    assert test in (ROOT / ".ci" / "run").read_text()
+    assert test in (REPO_ROOT / ".ci" / "run").read_text()
 
 
 @pytest.mark.parametrize("settings", [SearchSettings, IndexerSettings, EmbedderSettings])

@@ -37,7 +37,6 @@ from services.common.stores.faiss_store import FaissStore
 if TYPE_CHECKING:
     from es_fixtures import MakeEsStore
 
-pytest_plugins = ["es_fixtures"]
 pytestmark = pytest.mark.anyio
 
 DIMS = 16
