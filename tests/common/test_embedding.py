@@ -1,4 +1,5 @@
-"""The HTTP embedder client: large batches are split, API keys are sent, refusals are clear."""
+"""The HTTP embedder client: large batches are split, API keys are sent, refusals are clear, and /info says
+how to decode (older embedders get the defaults)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from services.common.embedding import HttpEmbeddingClient
 from services.common.errors import EmbedderUnavailableError
+from services.embedder.bundle import Bundle
 
 pytestmark = pytest.mark.anyio
 
@@ -41,3 +43,18 @@ async def test_missing_key_is_an_unavailable_embedder_not_a_user_error(guarded_e
     with pytest.raises(EmbedderUnavailableError, match="401"):
         await client.embed(np.zeros((1, 32, 32, 3), dtype=np.uint8))
     await client.close()
+
+
+async def test_info_says_how_to_decode_and_older_embedders_get_the_defaults(embedder_client: httpx.AsyncClient,
+                                                                            tiny_bundle: Bundle) -> None:
+    body = (await embedder_client.get("/info")).json()
+    assert (body["image_size"], body["resize"]) == (32, "lanczos")
+    answers = {"new": {**body, "image_size": 48, "resize": "bicubic"},
+               "old": {k: v for k, v in body.items() if k not in ("image_size", "resize")}}
+    for name, expected in (("new", (48, "bicubic")), ("old", (32, "lanczos"))):
+        transport = httpx.MockTransport(lambda request, answer=answers[name]: httpx.Response(200, json=answer))
+        client = HttpEmbeddingClient("http://embedder", transport=transport)
+        info = await client.info()
+        await client.close()
+        assert (info.image_size, info.resize) == expected, name
+        assert info.model_version == body["model_version"]

@@ -47,9 +47,3 @@ def test_short_load_run_has_no_errors_and_bounded_memory(served, mini_collection
     assert process.returncode == 0  # the lifespan ended: cbir takes the signal uvicorn raises again
     output = log.read_text()
     assert "stopped: every resource closed" in output and "Traceback" not in output
-
-
-def test_bench_refuses_other_hosts() -> None:
-    bench = load_bench_script("load")
-    with pytest.raises(SystemExit, match="loopback"):
-        bench.main(["--url", "http://example.com:8000", "--duration", "1"])

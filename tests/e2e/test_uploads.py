@@ -1,15 +1,18 @@
 """Hostile, malformed and odd uploads to `POST /search` and `POST /embed`.
 
 Every refusal is a 4xx JSON body whose `detail` string says what was wrong; never a 500, a
-crash or a hang. Odd but valid images are searched like any other.
+crash or a hang. Odd but valid images are searched like any other, and both services decode an
+upload as the model bundle says.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import random
 import select
+import shutil
 import socket
 import threading
 import time
@@ -20,7 +23,7 @@ import anyio
 import httpx
 import pytest
 from PIL import Image
-from reliability_fixtures import asgi_client, encode, odd_images, png_bomb, png_bytes, serve_in_thread
+from reliability_fixtures import asgi_client, encode, odd_images, png_bomb, png_bytes, sample_image, serve_in_thread
 
 pytestmark = pytest.mark.anyio
 
@@ -309,3 +312,35 @@ async def test_search_decodes_at_most_the_configured_uploads_at_once(indexed_sta
                                            for _ in range(6)))
     assert [r.status_code for r in responses] == [200] * 6
     assert decode_probe["peak"] == 2
+
+
+async def test_uploads_are_decoded_as_the_bundle_says(tmp_path, tiny_bundle_dir, indexed_state, monkeypatch) -> None:
+    """A bundle that asks for nearest-neighbour resizing gets it from the gateway and the embedder alike."""
+    from services.common.images import decode_image
+    from services.embedder.app import create_app as create_embedder
+    from services.embedder.bundle import load_bundle
+    from services.embedder.runtime import Embedder
+    from services.search.app import create_app as create_search
+
+    bundle_dir = tmp_path / "nearest-bundle"
+    shutil.copytree(tiny_bundle_dir, bundle_dir)
+    metadata = json.loads((bundle_dir / "bundle.json").read_text())
+    metadata["preprocessing"]["resize"] = "nearest"
+    (bundle_dir / "bundle.json").write_text(json.dumps(metadata))
+    monkeypatch.setenv("CBIR_MODEL_DIR", str(bundle_dir))
+    buffer = io.BytesIO()
+    sample_image((160, 120)).save(buffer, format="PNG")
+    upload = buffer.getvalue()
+    embedder = Embedder(load_bundle(bundle_dir))
+    [nearest] = embedder.embed_batch(decode_image(upload, resample="nearest")[None])
+    [lanczos] = embedder.embed_batch(decode_image(upload, resample="lanczos")[None])
+    assert nearest.confidence != pytest.approx(lanczos.confidence, abs=1e-4)  # the filter matters for this image
+
+    async with asgi_client(create_search()) as search, asgi_client(create_embedder()) as embed:
+        answered = (await search.post("/search", files={"file": ("q.png", upload, "image/png")})).json()
+        vector = (await embed.post("/embed", files=[("files", ("q.png", upload, "image/png"))])).json()
+        info = (await embed.get("/info")).json()
+    assert answered["query"]["confidence"] == pytest.approx(nearest.confidence, abs=1e-5)
+    assert vector["embeddings"][0]["vector"] == pytest.approx(nearest.vector.tolist(), abs=1e-5)
+    assert (info["image_size"], info["resize"]) == (32, "nearest")
+    assert Image.open(io.BytesIO(upload)).size == (160, 120)

@@ -1,11 +1,10 @@
-"""Vector fusion: dims, norms, one-hot placement, and the score scale."""
+"""Vector fusion: dims, norms, one-hot placement, the configuration limits."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from services.common.scoring import score_from_cosine, score_from_es_knn
 from services.embedder.vectors import PcaProjection, build_vectors, check_vector_config
 
 
@@ -58,12 +57,3 @@ def test_vector_config_limits() -> None:
         check_vector_config(pca_dims=300, num_classes=10, max_pca_dims=256)
     with pytest.raises(ValueError, match="exceeds 4096"):
         check_vector_config(pca_dims=4090, num_classes=10, max_pca_dims=5000)
-
-
-def test_score_is_cosine_plus_one_on_both_scales() -> None:
-    assert score_from_cosine(1.0) == 2.0
-    assert score_from_cosine(-1.0) == 0.0
-    assert score_from_cosine(0.25) == pytest.approx(1.25)
-    # Elasticsearch kNN reports (1 + cos) / 2 for cosine similarity.
-    assert score_from_es_knn((1 + 0.25) / 2) == pytest.approx(1.25)
-    assert score_from_cosine(1.0000001) == 2.0  # float noise never leaves [0, 2]

@@ -1,4 +1,4 @@
-"""`cbir evaluate`: the metrics against trec_eval's own code, and the command end to end.
+"""`cbir evaluate` end to end, and the settings it reads.
 
 The end-to-end tests run the tiny bundle on the mini collection (50 train and 5 test images per
 class, so R = 50 < k = 100 and the MAP@100 ceiling is 1), directly, against the indexed store,
@@ -10,125 +10,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import pytrec_eval
 from reliability_fixtures import serve_in_thread
 
-from services.common.documents import document_id
 from services.embedder.bundle import Bundle
 from services.evaluation import cli as evaluate
 from services.evaluation.features import embed_split, fuse, load_collection_split
-from services.evaluation.metrics import (
-    average_precision_at_k,
-    confusion_matrix,
-    full_ranking,
-    normalised_average_precision_at_k,
-    per_class_mean,
-    precision_at,
-    relevance,
-    relevant_counts,
-    retrieval_metrics,
-    trec_eval,
-)
-from services.evaluation.runs import SearchApiError, document_rows, search_api
-
-
-def trec(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]], measures: set[str]) -> dict:
-    return pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
-
-
-def run_of(scores: list[float]) -> dict[str, float]:
-    return {f"d{i}": score for i, score in enumerate(scores)}
-
-
-# --- metrics on hand-built rankings --------------------------------------------------------------
-
-
-def test_average_precision_divides_by_all_relevant_like_trec_eval() -> None:
-    # relevant at ranks 1 and 3 of a 5-deep run, 10 relevant documents in all
-    relevant = np.array([[True, False, True, False, False]])
-    expected = (1 / 1 + 2 / 3) / 10
-    assert average_precision_at_k(relevant, np.array([10]))[0] == pytest.approx(expected)
-    qrels = {"q": {f"d{i}": 1 for i in (0, 2)} | {f"r{i}": 1 for i in range(8)}}
-    run = {"q": run_of([0.9, 0.8, 0.7, 0.6, 0.5])}
-    assert trec(qrels, run, {"map"})["q"]["map"] == pytest.approx(expected)
-
-
-def test_map_at_100_with_r_larger_than_the_cutoff_matches_trec_map_and_map_cut() -> None:
-    rng = np.random.default_rng(3)
-    relevant = rng.random((1, 150)) < 0.4
-    qrels = {"q": {f"d{i}": 1 for i in np.flatnonzero(relevant[0])} | {f"unseen{i}": 1 for i in range(5000)}}
-    num_relevant = np.array([len(qrels["q"])])
-    cut = relevant[:, :100]
-    ours = average_precision_at_k(cut, num_relevant)[0]
-    assert ours <= 100 / num_relevant[0]  # the ceiling k / R
-    run_100 = {"q": run_of(list(np.linspace(1, 0, 150))[:100])}
-    run_150 = {"q": run_of(list(np.linspace(1, 0, 150)))}
-    assert trec(qrels, run_100, {"map"})["q"]["map"] == pytest.approx(ours, abs=1e-12)
-    assert trec(qrels, run_150, {"map_cut.100"})["q"]["map_cut_100"] == pytest.approx(ours, abs=1e-12)
-
-
-def test_precision_at_k_counts_missing_hits_as_not_relevant() -> None:
-    relevant = np.array([[True, True, False]])  # only 3 hits came back
-    assert precision_at(relevant, 10)[0] == pytest.approx(0.2)
-    qrels = {"q": {"d0": 1, "d1": 1, "x": 1}}
-    assert trec(qrels, {"q": run_of([3, 2, 1])}, {"P.10"})["q"]["P_10"] == pytest.approx(0.2)
-
-
-def test_normalised_average_precision_divides_by_relevant_retrieved() -> None:
-    relevant = np.array([[False, True, True, False], [False, False, False, False]])
-    assert normalised_average_precision_at_k(relevant) == pytest.approx([(1 / 2 + 2 / 3) / 2, 0.0])
-
-
-def test_full_ranking_average_precision_and_precision_recall_curve() -> None:
-    # one-dimensional "vectors": the inner product is the document's value
-    documents = np.array([[0.9], [0.8], [0.7], [0.6], [0.5]], dtype=np.float32)
-    doc_labels = np.array([1, 0, 1, 0, 1])
-    result = full_ranking(np.array([[1.0]], dtype=np.float32), np.array([1]), documents, doc_labels,
-                          recall_points=11)
-    assert result.average_precision[0] == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
-    assert result.precision[0] == pytest.approx(1.0)
-    assert result.precision[-1] == pytest.approx(3 / 5)
-    assert np.all(np.diff(result.precision) <= 1e-12)  # interpolated precision never rises
-
-
-def test_full_ranking_matches_trec_eval_map_on_a_full_run() -> None:
-    rng = np.random.default_rng(0)
-    documents = rng.normal(size=(300, 8)).astype(np.float32)
-    queries = rng.normal(size=(12, 8)).astype(np.float32)
-    doc_labels, query_labels = rng.integers(0, 3, 300), rng.integers(0, 3, 12)
-    result = full_ranking(queries, query_labels, documents, doc_labels, chunk=5)
-    scores = queries @ documents.T
-    qrels = {f"q{q}": {f"d{d}": 1 for d in np.flatnonzero(doc_labels == query_labels[q])} for q in range(12)}
-    run = {f"q{q}": run_of(scores[q].tolist()) for q in range(12)}
-    expected = trec(qrels, run, {"map"})
-    assert result.average_precision == pytest.approx([expected[f"q{q}"]["map"] for q in range(12)], abs=1e-9)
-
-
-def test_trec_eval_wrapper_agrees_with_the_numpy_metrics_across_chunks() -> None:
-    rng = np.random.default_rng(1)
-    doc_labels, query_labels = rng.integers(0, 4, 400), rng.integers(0, 4, 30)
-    hits = np.stack([rng.permutation(400)[:100] for _ in range(30)])
-    hits[0, 90:] = -1  # a query with fewer hits than k
-    doc_ids = [f"train/{i}" for i in range(400)]
-    measured = trec_eval([f"test/{q}" for q in range(30)], query_labels, hits, doc_ids, doc_labels, chunk=7)
-    ours = retrieval_metrics(relevance(hits, doc_labels, query_labels), relevant_counts(doc_labels, query_labels))
-    for name in ("map", "P_10", "P_100"):
-        assert measured[name] == pytest.approx(ours[name], abs=1e-12), name
-    assert measured["map_cut_100"] == pytest.approx(measured["map"], abs=1e-12)
-    assert measured["num_rel"] == pytest.approx(relevant_counts(doc_labels, query_labels))
-
-
-def test_confusion_matrix_and_per_class_means() -> None:
-    true, predicted = np.array([0, 0, 1, 2, 2]), np.array([0, 1, 1, 2, 0])
-    assert confusion_matrix(true, predicted, 3).tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
-    assert per_class_mean(np.array([1.0, 0.0, 1.0, 1.0, 0.0]), true, 4)[:3] == pytest.approx([0.5, 1.0, 0.5])
-    assert np.isnan(per_class_mean(np.zeros(5), true, 4)[3])
-
-
-# --- the command, end to end ---------------------------------------------------------------------
+from services.evaluation.settings import EvaluationSettings
 
 
 def read_run(run_file: Path) -> dict[str, dict[str, float]]:
@@ -212,7 +102,7 @@ def test_evaluate_writes_json_report_figures_and_trec_run(cbir_env: Path, tmp_pa
     labels = dict(line.split("\t") for line in (reports / result["files"]["labels"]).read_text().splitlines())
     qrels = {qid: {doc: 1 for doc, label in labels.items() if doc.startswith("train/") and label == labels[qid]}
              for qid in run}
-    measured = trec(qrels, run, {"map", "P.10", "P.100"})
+    measured = pytrec_eval.RelevanceEvaluator(qrels, {"map", "P.10", "P.100"}).evaluate(run)
     for ours, theirs in (("map_at_100", "map"), ("P_10", "P_10"), ("P_100", "P_100")):
         assert np.mean([m[theirs] for m in measured.values()]) == pytest.approx(metrics[ours], abs=1e-12), ours
     # MAP over the relevant documents each run retrieved, from the run file alone.
@@ -250,44 +140,18 @@ def test_search_api_and_store_give_the_direct_path_metrics(indexed_state: Path, 
     assert api["config"]["mode"] == "api" and store["config"]["mode"] == "store"
 
 
-# --- the search API client -----------------------------------------------------------------------
-
-
-@pytest.mark.anyio
-async def test_search_api_retries_busy_answers_and_maps_hit_ids(tmp_path: Path) -> None:
-    query = tmp_path / "q.jpg"
-    query.write_bytes(b"jpeg bytes")
-    paths = ["train/cat/0.jpg", "train/dog/1.jpg"]
-    calls = []
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        calls.append(request)
-        if len(calls) == 1:
-            return httpx.Response(503, json={"detail": "busy"}, headers={"Retry-After": "1"})
-        hits = [{"id": document_id(paths[1]), "score": 1.9}, {"id": "not-in-the-collection", "score": 1.5}]
-        return httpx.Response(200, json={"query": {"predicted_label": "dog", "confidence": 0.9}, "hits": hits})
-
-    ranking = await search_api("http://search", [query], classes=["cat", "dog"], doc_rows=document_rows(paths),
-                               k=3, transport=httpx.MockTransport(answer))
-    assert len(calls) == 2 and calls[1].url.params["k"] == "3"
-    assert ranking.hits.tolist() == [[1, -1, -1]] and ranking.unknown_hits == 1
-    assert ranking.predicted.tolist() == [1]
-
-
-@pytest.mark.anyio
-async def test_search_api_names_the_query_it_could_not_search(tmp_path: Path) -> None:
-    query = tmp_path / "broken.jpg"
-    query.write_bytes(b"x")
-    transport = httpx.MockTransport(lambda request: httpx.Response(415, json={"detail": "not an image"}))
-    with pytest.raises(SearchApiError, match="broken.jpg.*HTTP 415"):
-        await search_api("http://search", [query], classes=["cat"], doc_rows={}, k=5, transport=transport)
-
-
-def test_report_cells_keep_four_significant_digits_below_a_tenth() -> None:
-    from services.evaluation.report import _cell
-
-    # MAP@100 just under the issue's 0.0185 must not print as 0.0185.
-    assert _cell(0.018478) == "0.01848"
-    assert _cell(0.92516) == "0.9252"
-    assert _cell(0.0) == "0.0000"
-    assert _cell(None) == "n/a"
+def test_evaluate_takes_its_defaults_from_settings_and_flags_win(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("CBIR_MODEL_DIR", "CBIR_DATA_DIR", "CBIR_STATE_DIR", "CBIR_EVAL_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("CBIR_EVAL_API_KEY=from-dotenv\nCBIR_MODEL_DIR=models/other\n")
+    settings = EvaluationSettings.load()
+    assert settings.reproduction_env() == {"CBIR_MODEL_DIR": "models/other"}
+    args = evaluate.get_args_parser().parse_args(["--data-dir", "mine"])
+    evaluate._apply_settings(args, settings)
+    assert (args.api_key, args.model_dir, args.data_dir, args.state_dir) == (
+        "from-dotenv", Path("models/other"), Path("mine"), None)
+    flagged = evaluate.get_args_parser().parse_args(["--api-key", "from-flag"])
+    evaluate._apply_settings(flagged, settings)
+    assert flagged.api_key == "from-flag"

@@ -1,0 +1,90 @@
+"""The model bundle: a round trip gives the trained predictions, damage is refused by name, and the
+bundle carries its preprocessing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.common.errors import BundleError
+from services.embedder.bundle import load_bundle
+from services.embedder.inference import Preprocessing
+from services.embedder.runtime import Embedder
+
+
+def test_bundle_round_trip_gives_the_trained_predictions(tiny_bundle_dir: Path, mini_collection: Path) -> None:
+    bundle = load_bundle(tiny_bundle_dir)
+    metadata = json.loads((tiny_bundle_dir / "bundle.json").read_text())
+    assert metadata["version"] == bundle.version
+    assert metadata["classes"][0] == "airplane" and len(metadata["classes"]) == 10
+    assert {"test_accuracy", "test_accuracy_flip_tta"} <= metadata["metrics"].keys()
+    assert metadata["training"]["command"].startswith("cbir train")
+    embedder = Embedder(bundle)
+    images = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    first, again = embedder.embed_batch(images), Embedder(load_bundle(tiny_bundle_dir)).embed_batch(images)
+    np.testing.assert_allclose(first[0].vector, again[0].vector, atol=1e-6)
+    assert embedder.dims == 26 and first[0].vector.shape == (26,)
+
+
+
+@pytest.mark.parametrize("damage", ["missing_dir", "truncated_weights", "bad_json", "wrong_architecture",
+                                    "missing_pca"])
+def test_broken_bundle_is_refused_with_a_clear_message(tmp_path: Path, tiny_bundle_dir: Path, damage: str) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_dir, bundle)
+    if damage == "missing_dir":
+        shutil.rmtree(bundle)
+    elif damage == "truncated_weights":
+        data = (bundle / "model.safetensors").read_bytes()
+        (bundle / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "bad_json":
+        (bundle / "bundle.json").write_text("{not json")
+    elif damage == "wrong_architecture":
+        metadata = json.loads((bundle / "bundle.json").read_text())
+        metadata["architecture"]["embedding_dim"] = 128
+        (bundle / "bundle.json").write_text(json.dumps(metadata))
+    elif damage == "missing_pca":
+        (bundle / "pca.safetensors").unlink()
+    with pytest.raises(BundleError, match="cbir train|do not match"):
+        load_bundle(bundle)
+
+
+
+def edit_metadata(bundle: Path, change) -> None:
+    metadata = json.loads((bundle / "bundle.json").read_text())
+    change(metadata)
+    (bundle / "bundle.json").write_text(json.dumps(metadata))
+
+
+
+def test_the_bundle_carries_its_preprocessing_and_older_bundles_get_the_defaults(
+        tmp_path: Path, tiny_bundle_dir: Path) -> None:
+    written = load_bundle(tiny_bundle_dir).preprocessing
+    assert written == Preprocessing(image_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+                                    resize="lanczos", flip_tta=True)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_dir, bundle)
+    edit_metadata(bundle, lambda m: m.update(preprocessing={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}))
+    older = load_bundle(bundle).preprocessing
+    assert (older.image_size, older.resize, older.flip_tta, older.mean) == (32, "lanczos", False, (0.5, 0.5, 0.5))
+    info = Embedder(load_bundle(bundle)).info()
+    assert (info.image_size, info.resize) == (32, "lanczos")
+
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda m: m["preprocessing"].update(resize="sinc"), "resample filter 'sinc' is not one of: nearest"),
+    (lambda m: m["preprocessing"].update(std=[0.2, 0.0, 0.2]), "positive deviations"),
+    (lambda m: m["architecture"].update(name="ResNet9"), "architecture 'ResNet9' is not one of: CifarVGG16"),
+])
+def test_a_bundle_with_unknown_preprocessing_or_architecture_is_refused(
+        tmp_path: Path, tiny_bundle_dir: Path, change, message: str) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_dir, bundle)
+    edit_metadata(bundle, change)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle)
