@@ -12,14 +12,18 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
+from prometheus_client import Histogram
 
 from services.common.collection import resolve_inside
 from services.common.embedding import Embedding, EmbeddingService
-from services.common.errors import CbirError, IndexNotReadyError
+from services.common.errors import CbirError, IndexNotReadyError, StoreError
 from services.common.status import IndexProgress, Status
-from services.common.stores.base import StoreHit, VectorStore
+from services.common.stores.base import StoreHit, StoreQuery, VectorStore
 
 logger = logging.getLogger(__name__)
+
+SEARCH_BATCH_QUERIES = Histogram("cbir_search_batch_queries", "queries per store call of the query batcher",
+                                 buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 
 
 # A background job: fills `store` with `embedder`'s vectors, keeping the progress up to date.
@@ -41,6 +45,7 @@ class SearchEngine:
         self._readiness: asyncio.Task[str] | None = None
         self._indexing: IndexProgress | None = None  # set while a background run goes
         self._indexing_failure: str | None = None
+        self._queries = QueryBatcher(store)
 
     def start_indexing(self, job: IndexingJob) -> asyncio.Task[None]:
         """Run `job` in the background; until it ends, searches and `/healthz` answer 503 `indexing`.
@@ -98,10 +103,14 @@ class SearchEngine:
         return self.model_version
 
     async def search(self, image: np.ndarray, k: int) -> tuple[Embedding, list[StoreHit]]:
-        """The query's embedding and its `k` nearest indexed images, best first."""
+        """The query's embedding and its `k` nearest indexed images, best first.
+
+        Concurrent searches share work twice: the micro-batcher embeds them in one forward pass, and
+        the query batcher sends the vectors that come out of it to the store in one `search_many`.
+        """
         await self.ensure_ready()
         [embedding] = await self.embedder.embed(image[np.newaxis])
-        return embedding, await self.store.search(embedding.vector, k)
+        return embedding, await self._queries.search(StoreQuery(vector=embedding.vector, k=k))
 
     async def image_path(self, id: str) -> Path | None:
         """The file of an indexed image, never a path outside the collection."""
@@ -115,6 +124,62 @@ class SearchEngine:
         except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, name too long, symlink loop
             logger.warning("image %s has an unusable stored path %r: %s", id, document.path[:200], exc)
             return None
+
+
+class QueryBatcher:
+    """Sends the store the queries that arrive together in one `search_many` call.
+
+    At most one call is in flight; the queries that arrive meanwhile wait and go together in the
+    next one, so batches grow with the load instead of the calls piling up (as the embedder's
+    micro-batcher does for forward passes).
+    """
+
+    def __init__(self, store: VectorStore, *, max_batch: int = 256) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self._waiting: list[tuple[StoreQuery, asyncio.Future[list[StoreHit]]]] = []
+        self._running: asyncio.Task[None] | None = None
+
+    async def search(self, query: StoreQuery) -> list[StoreHit]:
+        future: asyncio.Future[list[StoreHit]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((query, future))
+        if self._running is None:
+            # Started on the next turn of the loop, so that requests resumed by the same forward pass
+            # (their futures resolve in one turn) are all waiting by then.
+            self._running = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            await asyncio.sleep(0)
+            while self._waiting:
+                batch, self._waiting = self._waiting[:self.max_batch], self._waiting[self.max_batch:]
+                live = [(query, future) for query, future in batch if not future.done()]  # callers gone
+                if live:
+                    await self._answer(live)
+        finally:
+            for _, future in self._waiting:  # only when cancelled (shutdown): nobody is left to answer them
+                future.cancel()
+            self._waiting, self._running = [], None
+
+    async def _answer(self, batch: list[tuple[StoreQuery, asyncio.Future[list[StoreHit]]]]) -> None:
+        SEARCH_BATCH_QUERIES.observe(len(batch))
+        try:
+            results = await self.store.search_many([query for query, _ in batch])
+            if len(results) != len(batch):
+                raise StoreError(f"the store answered {len(results)} of {len(batch)} queries")
+        except Exception as exc:  # noqa: BLE001 - every query of the batch gets the failure
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except BaseException:  # cancelled (shutdown): the callers are not left waiting
+            for _, future in batch:
+                future.cancel()
+            raise
+        for (_, future), hits in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(hits)
 
 
 def _consume_exception(task: asyncio.Task) -> None:

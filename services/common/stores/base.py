@@ -9,7 +9,27 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.common.documents import ImageDocument, StoredImage, StoreHit
-from services.common.errors import StoreMismatchError
+from services.common.errors import StoreError, StoreMismatchError
+
+
+@dataclass(frozen=True, slots=True)
+class StoreQuery:
+    """One nearest-neighbour query: the hits ranked `offset` to `offset + k` by score, among the
+    documents whose label is one of `labels` (None: any) and whose id is not in `exclude_ids`.
+
+    >>> StoreQuery(vector, k=10, offset=10, labels=frozenset({"cat"}))  # the second page of cats
+    """
+
+    vector: np.ndarray
+    k: int
+    offset: int = 0
+    labels: frozenset[str] | None = None
+    exclude_ids: frozenset[str] = frozenset()
+
+    @property
+    def filter_key(self) -> tuple[frozenset[str] | None, frozenset[str]]:
+        """Queries with the same key can be answered by one search over the same documents."""
+        return self.labels, self.exclude_ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +75,15 @@ class VectorStore(abc.ABC):
         """The subset of `ids` already stored (the indexer's resume check)."""
 
     @abc.abstractmethod
-    async def search(self, vector: np.ndarray, k: int) -> list[StoreHit]: ...
+    async def search_many(self, queries: Sequence[StoreQuery]) -> list[list[StoreHit]]:
+        """The hits of every query, best first, in the queries' order: one round trip for all of
+        them, against one consistent state of the index (a search never sees half a write), never
+        on the event loop's thread."""
+
+    async def search(self, vector: np.ndarray, k: int) -> list[StoreHit]:
+        """The `k` nearest documents to one vector (a one-query `search_many`)."""
+        [hits] = await self.search_many([StoreQuery(vector=vector, k=k)])
+        return hits
 
     @abc.abstractmethod
     async def flush(self) -> None:
@@ -81,3 +109,14 @@ def check_compatible(info: StoreInfo, *, dims: int, model_version: str, where: s
             f"{where} was built by model version {info.model_version!r} but the model is "
             f"{model_version!r}; re-index with the current model (cbir index --rebuild)"
         )
+
+
+def check_query_vector(vector: np.ndarray, *, dims: int | None, where: str) -> None:
+    """Refuse a query vector that cannot be searched: of another size, all zeros, or not finite (the
+    embedder's vectors are unit length, so such a vector is a fault upstream, not a query)."""
+    values = np.asarray(vector, dtype=np.float32).ravel()
+    if dims is not None and values.size != dims:
+        raise StoreMismatchError(f"the query vector has {values.size} dims; {where} holds {dims}")
+    if not np.all(np.isfinite(values)) or not np.any(values):
+        raise StoreError(f"the query vector is {'not finite' if not np.all(np.isfinite(values)) else 'all zeros'}; "
+                         f"nothing can be ranked against it in {where}")

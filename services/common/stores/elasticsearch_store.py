@@ -40,7 +40,7 @@ from services.common.errors import (
 )
 from services.common.scoring import ES_SCRIPT_SOURCE, score_from_es_knn
 from services.common.settings import EsSearchMode, StoreSettings, default
-from services.common.stores.base import StoreInfo, VectorStore, check_compatible
+from services.common.stores.base import StoreInfo, StoreQuery, VectorStore, check_compatible
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,13 @@ class ElasticsearchStore(VectorStore):
                     found.add(doc["_id"])
         return found
 
-    async def search(self, vector: np.ndarray, k: int) -> list[StoreHit]:
+    async def search_many(self, queries: Sequence[StoreQuery]) -> list[list[StoreHit]]:
+        # One request per query for now; the filters and paging of StoreQuery are not sent yet.
+        if any(q.offset or q.labels is not None or q.exclude_ids for q in queries):
+            raise StoreError("filtered or paged queries are not supported by the Elasticsearch store yet")
+        return [await self._search_one(query.vector, query.k) for query in queries]
+
+    async def _search_one(self, vector: np.ndarray, k: int) -> list[StoreHit]:
         if k <= 0:
             return []
         k = min(k, MAX_RESULT_WINDOW)

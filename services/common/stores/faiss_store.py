@@ -11,11 +11,13 @@ readers take no lock.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import logging
 import os
 import tempfile
 import zipfile
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import numpy as np
 from services.common.documents import ImageDocument, StoredImage, StoreHit
 from services.common.errors import IndexNotReadyError, StoreError, StoreMismatchError, StoreUnavailableError
 from services.common.scoring import score_from_cosine
-from services.common.stores.base import StoreInfo, VectorStore, check_compatible
+from services.common.stores.base import StoreInfo, StoreQuery, VectorStore, check_compatible, check_query_vector
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class FaissStore(VectorStore):
         self._columns: dict[str, list[str]] = {field: [] for field in _FIELDS}
         self._vectors = np.zeros((0, 0), dtype=np.float32)
         self._rows: dict[str, int] = {}
-        self._index: faiss.Index | None = None
+        self._snapshot: _Snapshot | None = None  # what searches read; None after a write until the next search
         self._dirty = False
         self._loaded = False
         self._writer_lock: int | None = None  # file descriptor holding the flock, once this store writes
@@ -109,7 +111,7 @@ class FaissStore(VectorStore):
                     self._columns["labels"][row] = doc.label
             if new_rows:
                 self._vectors = np.concatenate([self._vectors, np.stack(new_rows)])
-            self._index = None
+            self._snapshot = None
             self._dirty = True
 
     async def delete(self, ids: Sequence[str]) -> int:
@@ -124,7 +126,7 @@ class FaissStore(VectorStore):
                 column = self._columns[field]
                 self._columns[field] = [column[i] for i in keep]
             self._rows = {doc_id: row for row, doc_id in enumerate(self._columns["ids"])}
-            self._index = None
+            self._snapshot = None
             self._dirty = True
             return len(doomed)
 
@@ -143,23 +145,23 @@ class FaissStore(VectorStore):
     async def existing_ids(self, ids: Sequence[str]) -> set[str]:
         return {i for i in ids if i in self._rows}
 
-    async def search(self, vector: np.ndarray, k: int) -> list[StoreHit]:
-        if not self._rows:
+    async def search_many(self, queries: Sequence[StoreQuery]) -> list[list[StoreHit]]:
+        for query in queries:
+            check_query_vector(query.vector, dims=self._dims, where=str(self.path))
+        if not queries:
             return []
-        index = self._index or self._build_index()
-        query = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(1, -1))
-        cosines, rows = index.search(query, min(k, len(self._rows)))
-        return [
-            StoreHit(
-                id=self._columns["ids"][row],
-                filename=self._columns["filenames"][row],
-                path=self._columns["paths"][row],
-                label=self._columns["labels"][row],
-                score=score_from_cosine(cosine),
-            )
-            for cosine, row in zip(cosines[0], rows[0], strict=True)
-            if row >= 0
-        ]
+        snapshot = self._snapshot or self._take_snapshot()
+        return await asyncio.to_thread(snapshot.search_many, queries)
+
+    def _take_snapshot(self) -> _Snapshot:
+        """A copy of the table as it is now (on the event loop, so no write is half done): later
+        writes replace the store's snapshot, never change this one under a running search."""
+        index = faiss.IndexFlatIP(self._vectors.shape[1] or self._dims or 1)
+        if len(self._rows):
+            index.add(np.ascontiguousarray(self._vectors))  # FAISS keeps its own copy
+        self._snapshot = _Snapshot(index=index, rows=dict(self._rows),
+                                   **{name: tuple(self._columns[name]) for name in _FIELDS})
+        return self._snapshot
 
     async def flush(self) -> None:
         async with self._lock:
@@ -175,7 +177,7 @@ class FaissStore(VectorStore):
             self._columns = {field: [] for field in _FIELDS}
             self._vectors = np.zeros((0, 0), dtype=np.float32)
             self._rows = {}
-            self._index = None
+            self._snapshot = None
             self._dirty = True
             self._dims = self._model_version = None
             self._loaded = True
@@ -209,12 +211,6 @@ class FaissStore(VectorStore):
         self._writer_lock = fd
         for leftover in self.path.parent.glob(self.path.name + ".*.tmp"):  # from a save that was killed
             leftover.unlink(missing_ok=True)
-
-    def _build_index(self) -> faiss.Index:
-        index = faiss.IndexFlatIP(self._vectors.shape[1])
-        index.add(np.ascontiguousarray(self._vectors))
-        self._index = index
-        return index
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -255,5 +251,60 @@ class FaissStore(VectorStore):
         self._rows = {doc_id: row for row, doc_id in enumerate(columns["ids"])}
         self._dims = int(vectors.shape[1]) if len(columns["ids"]) else None
         self._model_version = model_version if columns["ids"] else None
-        self._index = None
+        self._snapshot = None
         self._dirty = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Snapshot:
+    """The index and its columns as of one moment, searched from worker threads."""
+
+    index: faiss.Index
+    rows: dict[str, int]
+    ids: tuple[str, ...]
+    filenames: tuple[str, ...]
+    paths: tuple[str, ...]
+    labels: tuple[str, ...]
+    _label_rows: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def search_many(self, queries: Sequence[StoreQuery]) -> list[list[StoreHit]]:
+        """One FAISS search per distinct filter, each over all the queries that share it."""
+        results: list[list[StoreHit]] = [[] for _ in queries]
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for position, query in enumerate(queries):
+            groups[query.filter_key].append(position)
+        for (labels, exclude_ids), members in groups.items():
+            selector, allowed = self._selector(labels, exclude_ids)
+            depth = min(max(queries[i].offset + queries[i].k for i in members), allowed)
+            if depth <= 0:
+                continue
+            matrix = np.stack([np.asarray(queries[i].vector, dtype=np.float32).ravel() for i in members])
+            params = faiss.SearchParameters(sel=selector[0]) if selector else None
+            cosines, rows = self.index.search(matrix, depth, params=params)
+            for line, position in enumerate(members):
+                page = slice(queries[position].offset, queries[position].offset + queries[position].k)
+                results[position] = [self._hit(int(row), float(cosine))
+                                     for cosine, row in zip(cosines[line][page], rows[line][page], strict=True)
+                                     if row >= 0]
+        return results
+
+    def _selector(self, labels: frozenset[str] | None, exclude_ids: frozenset[str]) -> tuple[tuple | None, int]:
+        """A FAISS id selector for the filter (kept with what it points to) and how many rows pass it."""
+        excluded = np.asarray(sorted(self.rows[i] for i in exclude_ids if i in self.rows), dtype=np.int64)
+        if labels is None:
+            if not len(excluded):
+                return None, len(self.ids)
+            inner = faiss.IDSelectorBatch(excluded)
+            return (faiss.IDSelectorNot(inner), inner), len(self.ids) - len(excluded)
+        allowed = np.concatenate([self._rows_labelled(label) for label in sorted(labels)] or [np.zeros(0, np.int64)])
+        allowed = np.setdiff1d(allowed, excluded)
+        return (faiss.IDSelectorBatch(allowed),), len(allowed)
+
+    def _rows_labelled(self, label: str) -> np.ndarray:
+        if label not in self._label_rows:  # computed twice at worst by two threads: same answer
+            self._label_rows[label] = np.flatnonzero(np.asarray(self.labels, dtype=object) == label).astype(np.int64)
+        return self._label_rows[label]
+
+    def _hit(self, row: int, cosine: float) -> StoreHit:
+        return StoreHit(id=self.ids[row], filename=self.filenames[row], path=self.paths[row], label=self.labels[row],
+                        score=score_from_cosine(cosine))
