@@ -12,13 +12,13 @@ import os
 # processes and the servers they start from fighting over the cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from factories import copy_collection
 from reliability_fixtures import asgi_client, train_tiny_bundle
 
 from services.common.collection import REPO_ROOT
@@ -47,14 +47,8 @@ def cifar10_dir() -> Path:
 @pytest.fixture(scope="session")
 def mini_collection(tmp_path_factory: pytest.TempPathFactory, cifar10_dir: Path) -> Path:
     """50 train and 5 test images per class, copied from the real CIFAR-10 folders."""
-    root = tmp_path_factory.mktemp("collection")
-    for split, per_class in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
-        for class_dir in sorted((cifar10_dir / split).iterdir()):
-            target = root / split / class_dir.name
-            target.mkdir(parents=True)
-            for source in sorted(class_dir.iterdir())[:per_class]:
-                shutil.copyfile(source, target / source.name)
-    return root
+    return copy_collection(cifar10_dir, tmp_path_factory.mktemp("collection"), train=TRAIN_PER_CLASS,
+                           test=TEST_PER_CLASS)
 
 
 @pytest.fixture(scope="session")

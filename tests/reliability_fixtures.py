@@ -238,13 +238,26 @@ def wait_for_http(url: str, *, timeout_s: float, process: subprocess.Popen | Non
     raise TimeoutError(f"{url} did not answer 200 within {timeout_s} s (last: {last})")
 
 
+def python_path() -> str:
+    """PYTHONPATH for a Python subprocess of a test: the repository (services) and tests/ (the helper
+    modules, such as factories), ahead of this process's own."""
+    return os.pathsep.join(filter(None, [str(REPO_ROOT), str(Path(__file__).resolve().parent),
+                                         os.environ.get("PYTHONPATH")]))
+
+
 def subprocess_env(model_dir: Path, data_dir: Path, state_dir: Path, **extra: str) -> dict[str, str]:
     """The environment of a `cbir` subprocess: this one's, with CBIR_* pointing at test data."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("CBIR_")}
     env.update(CBIR_MODEL_DIR=str(model_dir), CBIR_DATA_DIR=str(data_dir), CBIR_STATE_DIR=str(state_dir),
-               CBIR_BACKEND="faiss", PYTHONUNBUFFERED="1", **extra)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+               CBIR_BACKEND="faiss", PYTHONUNBUFFERED="1", PYTHONPATH=python_path(), **extra)
     return env
+
+
+def start_cbir(*args: str, env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
+    """`cbir <args>` as a subprocess (`python -m services.cli`), its stdout and stderr written to `log`."""
+    with log.open("wb") as output:
+        return subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, cwd=cwd, stdout=output,
+                                stderr=subprocess.STDOUT)
 
 
 def stop_process(process: subprocess.Popen, *, timeout_s: float = 20.0) -> None:

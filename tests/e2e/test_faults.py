@@ -4,7 +4,6 @@ a broken model bundle, a crash in the middle of saving the index.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -21,20 +20,22 @@ import anyio
 import httpx
 import numpy as np
 import pytest
+from factories import BUNDLE_DAMAGES, copy_bundle, copy_collection, damage_bundle, make_documents
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse
 from reliability_fixtures import (
     StallingServer,
     asgi_client,
     free_port,
+    python_path,
     read_index,
     serve_in_thread,
+    start_cbir,
     stop_process,
     subprocess_env,
 )
 
-from services.common.collection import REPO_ROOT, iter_images
-from services.common.documents import ImageDocument
+from services.common.collection import iter_images
 from services.common.errors import BundleError
 from services.common.stores.faiss_store import FaissStore
 
@@ -184,10 +185,7 @@ def model_version(tiny_bundle) -> str:
 async def write_index(path: Path, *, dims: int, model_version: str, documents: int) -> None:
     store = FaissStore(path)
     await store.open(dims=dims, model_version=model_version)
-    vectors = np.eye(dims, dtype=np.float32)
-    await store.upsert([ImageDocument(id=f"doc-{i}", filename=f"{i}.jpg", path=f"train/cat/{i}.jpg", label="cat",
-                                      model_version=model_version, vector=vectors[i % dims])
-                        for i in range(documents)])
+    await store.upsert(make_documents(documents, dims=dims, model_version=model_version))
     await store.flush()
     await store.close()
 
@@ -241,13 +239,7 @@ async def test_unreadable_index_is_503_not_a_traceback(cbir_env: Path, test_imag
 
 @pytest.fixture
 def thousand_images(tmp_path: Path, cifar10_dir: Path) -> Path:
-    root = tmp_path / "thousand"
-    for class_dir in sorted((cifar10_dir / "train").iterdir()):
-        target = root / "train" / class_dir.name
-        target.mkdir(parents=True)
-        for source in sorted(class_dir.iterdir())[:100]:
-            shutil.copyfile(source, target / source.name)
-    return root
+    return copy_collection(cifar10_dir, tmp_path / "thousand", train=100)
 
 
 def test_indexer_killed_mid_run_loses_and_duplicates_nothing(
@@ -256,12 +248,8 @@ def test_indexer_killed_mid_run_loses_and_duplicates_nothing(
     from services.cli import main
 
     index_file, log = cbir_env / "index.npz", cbir_env.parent / "indexer.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "index", "--no-progress", "--batch-size", "8",
-             "--concurrency", "1"],
-            env=subprocess_env(tiny_bundle_dir, thousand_images, cbir_env), cwd=cbir_env.parent,
-            stdout=output, stderr=subprocess.STDOUT)
+    process = start_cbir("index", "--no-progress", "--batch-size", "8", "--concurrency", "1",
+                         env=subprocess_env(tiny_bundle_dir, thousand_images, cbir_env), cwd=cbir_env.parent, log=log)
     try:
         deadline = time.monotonic() + 120
         while not index_file.exists():  # the first flush has landed
@@ -317,34 +305,16 @@ def test_corrupt_files_are_skipped_listed_and_the_run_goes_on(
 
 # --- (e) a broken model bundle refuses to start ---------------------------------------------------
 
-def damage_bundle(bundle: Path, damage: str) -> None:
-    if damage == "missing-dir":
-        shutil.rmtree(bundle)
-    elif damage == "truncated-weights":
-        weights = bundle / "model.safetensors"
-        weights.write_bytes(weights.read_bytes()[:1000])
-    elif damage in ("architecture-dims", "architecture-garbage"):
-        metadata = json.loads((bundle / "bundle.json").read_text())
-        metadata["architecture"]["embedding_dim"] = 128 if damage == "architecture-dims" else "wide"
-        (bundle / "bundle.json").write_text(json.dumps(metadata))
-    elif damage == "missing-metadata":
-        (bundle / "bundle.json").unlink()
-
-
-DAMAGES = ["missing-dir", "truncated-weights", "missing-metadata", "architecture-dims", "architecture-garbage"]
-
-
 @pytest.fixture
 def broken_bundle(request: pytest.FixtureRequest, tmp_path: Path, tiny_bundle_dir: Path, cbir_env: Path,
                   monkeypatch: pytest.MonkeyPatch) -> Path:
-    bundle = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle_dir, bundle)
+    bundle = copy_bundle(tiny_bundle_dir, tmp_path / "bundle")
     damage_bundle(bundle, request.param)
     monkeypatch.setenv("CBIR_MODEL_DIR", str(bundle))
     return bundle
 
 
-@pytest.mark.parametrize("broken_bundle", DAMAGES, indirect=True)
+@pytest.mark.parametrize("broken_bundle", BUNDLE_DAMAGES, indirect=True)
 async def test_services_refuse_to_start_on_a_broken_bundle(broken_bundle: Path) -> None:
     from services.embedder.app import create_app as create_embedder
     from services.search.app import create_app as create_search
@@ -356,7 +326,7 @@ async def test_services_refuse_to_start_on_a_broken_bundle(broken_bundle: Path) 
                 pass
 
 
-@pytest.mark.parametrize("broken_bundle", DAMAGES, indirect=True)
+@pytest.mark.parametrize("broken_bundle", BUNDLE_DAMAGES, indirect=True)
 def test_cbir_commands_exit_with_a_clear_message_on_a_broken_bundle(
         broken_bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
     from services.cli import main
@@ -383,15 +353,13 @@ async def saved_store(tmp_path: Path) -> tuple[FaissStore, Path, bytes]:
     await write_index(path, dims=8, model_version="v1", documents=5)
     store = FaissStore(path)
     await store.open(dims=8, model_version="v1")
-    await store.upsert([ImageDocument(id=f"new-{i}", filename="n.jpg", path="train/cat/n.jpg", label="cat",
-                                      model_version="v1", vector=np.ones(8, dtype=np.float32))
-                        for i in range(5)])
+    await store.upsert(make_documents(5, dims=8, seed=1, prefix="new"))
     return store, path, path.read_bytes()
 
 
 def assert_previous_index_intact(path: Path, before: bytes) -> None:
     assert path.read_bytes() == before
-    assert read_index(path)["ids"].tolist() == [f"doc-{i}" for i in range(5)]
+    assert read_index(path)["ids"].tolist() == [f"doc-{i:04d}" for i in range(5)]
     # No temporary file left behind; only the writer's lock file stays beside the index.
     assert sorted(p.name for p in path.parent.iterdir()) == ["index.npz", "index.npz.lock"]
 
@@ -433,7 +401,7 @@ KILLED_WHILE_SAVING = textwrap.dedent("""
     import asyncio, os, sys, time
     import numpy as np
     from pathlib import Path
-    from services.common.documents import ImageDocument
+    from factories import make_documents
     from services.common.stores.faiss_store import FaissStore
 
     path, marker = Path(sys.argv[1]), Path(sys.argv[2])
@@ -445,9 +413,7 @@ KILLED_WHILE_SAVING = textwrap.dedent("""
     async def main():
         store = FaissStore(path)
         await store.open(dims=8, model_version="v1")
-        await store.upsert([ImageDocument(id=f"new-{i}", filename="n.jpg", path="train/cat/n.jpg", label="cat",
-                                          model_version="v1", vector=np.ones(8, dtype=np.float32))
-                            for i in range(5)])
+        await store.upsert(make_documents(5, dims=8, seed=1, prefix="new"))
         await store.flush()
     asyncio.run(main())
 """)
@@ -458,7 +424,7 @@ async def test_process_killed_while_saving_leaves_the_previous_index(tmp_path: P
     await write_index(path, dims=8, model_version="v1", documents=5)
     before = path.read_bytes()
     process = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_SAVING, str(path), str(marker)],
-                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                               env={**os.environ, "PYTHONPATH": python_path()})
     try:
         deadline = time.monotonic() + 60
         while not marker.exists():

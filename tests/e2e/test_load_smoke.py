@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from reliability_fixtures import free_port, load_bench_script, stop_process, subprocess_env, wait_for_http
+from reliability_fixtures import free_port, load_bench_script, start_cbir, stop_process, subprocess_env, wait_for_http
 
 MAX_RSS_GROWTH = 100 * 2**20
 
@@ -17,11 +15,8 @@ MAX_RSS_GROWTH = 100 * 2**20
 def served(tmp_path: Path, tiny_bundle_dir: Path, mini_collection: Path):
     """`cbir serve` (tiny bundle, mini collection) as a subprocess on a free localhost port."""
     port, log = free_port(), tmp_path / "serve.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=subprocess_env(tiny_bundle_dir, mini_collection, tmp_path / "state"), cwd=tmp_path,
-            stdout=output, stderr=subprocess.STDOUT)
+    env = subprocess_env(tiny_bundle_dir, mini_collection, tmp_path / "state")
+    process = start_cbir("serve", "--host", "127.0.0.1", "--port", str(port), env=env, cwd=tmp_path, log=log)
     try:
         url = f"http://127.0.0.1:{port}"
         try:

@@ -4,41 +4,30 @@ itself while it indexes in the background, and stops cleanly on SIGTERM keeping 
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from reliability_fixtures import free_port, read_index, stop_process, subprocess_env
+from factories import copy_collection
+from reliability_fixtures import free_port, read_index, start_cbir, stop_process, subprocess_env
 
 
 @pytest.fixture(scope="module")
 def larger_collection(tmp_path_factory: pytest.TempPathFactory, cifar10_dir: Path) -> Path:
     """300 train images per class: with batches of 4, indexing takes long enough to be watched."""
-    root = tmp_path_factory.mktemp("larger")
-    for class_dir in sorted((cifar10_dir / "train").iterdir()):
-        target = root / "train" / class_dir.name
-        target.mkdir(parents=True)
-        for source in sorted(class_dir.iterdir())[:300]:
-            shutil.copyfile(source, target / source.name)
-    return root
-
+    return copy_collection(cifar10_dir, tmp_path_factory.mktemp("larger"), train=300)
 
 
 def start_serve(tmp_path: Path, bundle: Path, collection: Path) -> tuple[subprocess.Popen, str, Path]:
     port, log = free_port(), tmp_path / "serve.log"
     env = subprocess_env(bundle, collection, tmp_path / "state", CBIR_INDEX_BATCH_SIZE="4",
                          CBIR_INDEX_CONCURRENCY="1")
-    with log.open("wb") as output:
-        process = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], env=env,
-                                   cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT)
+    process = start_cbir("serve", "--port", str(port), env=env, cwd=tmp_path, log=log)
     return process, f"http://127.0.0.1:{port}", log
-
 
 
 def poll_health(url: str, process: subprocess.Popen, log: Path, *, until, timeout_s: float = 120.0) -> list[dict]:
@@ -57,7 +46,6 @@ def poll_health(url: str, process: subprocess.Popen, log: Path, *, until, timeou
             return seen
         time.sleep(0.02)
     pytest.fail(f"no /healthz answer satisfied the condition; last {seen[-3:]}\n{log.read_text()[-3000:]}")
-
 
 
 def test_serve_answers_at_once_and_becomes_ready_by_itself(tmp_path: Path, tiny_bundle_dir: Path,
@@ -80,7 +68,6 @@ def test_serve_answers_at_once_and_becomes_ready_by_itself(tmp_path: Path, tiny_
     assert seen[-1]["code"] == 200 and seen[-1]["documents"] == 3000
     assert page.status_code == 200
     assert process.returncode == 0 and "Traceback" not in log.read_text()
-
 
 
 def test_sigterm_during_indexing_stops_cleanly_and_keeps_what_was_written(tmp_path: Path, tiny_bundle_dir: Path,

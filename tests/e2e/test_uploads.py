@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import random
 import select
-import shutil
 import socket
 import threading
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+from factories import copy_bundle
 from PIL import Image
 from reliability_fixtures import asgi_client, encode, odd_images, png_bomb, png_bytes, sample_image, serve_in_thread
 
@@ -322,11 +321,8 @@ async def test_uploads_are_decoded_as_the_bundle_says(tmp_path, tiny_bundle_dir,
     from services.embedder.runtime import Embedder
     from services.search.app import create_app as create_search
 
-    bundle_dir = tmp_path / "nearest-bundle"
-    shutil.copytree(tiny_bundle_dir, bundle_dir)
-    metadata = json.loads((bundle_dir / "bundle.json").read_text())
-    metadata["preprocessing"]["resize"] = "nearest"
-    (bundle_dir / "bundle.json").write_text(json.dumps(metadata))
+    bundle_dir = copy_bundle(tiny_bundle_dir, tmp_path / "nearest-bundle",
+                             lambda m: m["preprocessing"].update(resize="nearest"))
     monkeypatch.setenv("CBIR_MODEL_DIR", str(bundle_dir))
     buffer = io.BytesIO()
     sample_image((160, 120)).save(buffer, format="PNG")

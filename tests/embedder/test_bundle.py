@@ -4,11 +4,11 @@ bundle carries its preprocessing."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from factories import BUNDLE_DAMAGES, copy_bundle, damage_bundle
 
 from services.common.errors import BundleError
 from services.embedder.bundle import load_bundle
@@ -30,35 +30,12 @@ def test_bundle_round_trip_gives_the_trained_predictions(tiny_bundle_dir: Path, 
     assert embedder.dims == 26 and first[0].vector.shape == (26,)
 
 
-
-@pytest.mark.parametrize("damage", ["missing_dir", "truncated_weights", "bad_json", "wrong_architecture",
-                                    "missing_pca"])
+@pytest.mark.parametrize("damage", BUNDLE_DAMAGES)
 def test_broken_bundle_is_refused_with_a_clear_message(tmp_path: Path, tiny_bundle_dir: Path, damage: str) -> None:
-    bundle = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle_dir, bundle)
-    if damage == "missing_dir":
-        shutil.rmtree(bundle)
-    elif damage == "truncated_weights":
-        data = (bundle / "model.safetensors").read_bytes()
-        (bundle / "model.safetensors").write_bytes(data[: len(data) // 2])
-    elif damage == "bad_json":
-        (bundle / "bundle.json").write_text("{not json")
-    elif damage == "wrong_architecture":
-        metadata = json.loads((bundle / "bundle.json").read_text())
-        metadata["architecture"]["embedding_dim"] = 128
-        (bundle / "bundle.json").write_text(json.dumps(metadata))
-    elif damage == "missing_pca":
-        (bundle / "pca.safetensors").unlink()
+    bundle = copy_bundle(tiny_bundle_dir, tmp_path / "bundle")
+    damage_bundle(bundle, damage)
     with pytest.raises(BundleError, match="cbir train|do not match"):
         load_bundle(bundle)
-
-
-
-def edit_metadata(bundle: Path, change) -> None:
-    metadata = json.loads((bundle / "bundle.json").read_text())
-    change(metadata)
-    (bundle / "bundle.json").write_text(json.dumps(metadata))
-
 
 
 def test_the_bundle_carries_its_preprocessing_and_older_bundles_get_the_defaults(
@@ -66,14 +43,12 @@ def test_the_bundle_carries_its_preprocessing_and_older_bundles_get_the_defaults
     written = load_bundle(tiny_bundle_dir).preprocessing
     assert written == Preprocessing(image_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
                                     resize="lanczos", flip_tta=True)
-    bundle = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle_dir, bundle)
-    edit_metadata(bundle, lambda m: m.update(preprocessing={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}))
+    bundle = copy_bundle(tiny_bundle_dir, tmp_path / "bundle",
+                         lambda m: m.update(preprocessing={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}))
     older = load_bundle(bundle).preprocessing
     assert (older.image_size, older.resize, older.flip_tta, older.mean) == (32, "lanczos", False, (0.5, 0.5, 0.5))
     info = Embedder(load_bundle(bundle)).info()
     assert (info.image_size, info.resize) == (32, "lanczos")
-
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -83,8 +58,6 @@ def test_the_bundle_carries_its_preprocessing_and_older_bundles_get_the_defaults
 ])
 def test_a_bundle_with_unknown_preprocessing_or_architecture_is_refused(
         tmp_path: Path, tiny_bundle_dir: Path, change, message: str) -> None:
-    bundle = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle_dir, bundle)
-    edit_metadata(bundle, change)
+    bundle = copy_bundle(tiny_bundle_dir, tmp_path / "bundle", change)
     with pytest.raises(BundleError, match=message):
         load_bundle(bundle)

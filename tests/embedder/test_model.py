@@ -15,7 +15,6 @@ def test_forward_returns_embedding_and_logits() -> None:
     assert (embedding >= 0).all()  # taken after the ReLU
 
 
-
 def test_full_width_is_torchvision_vgg16_bn_features() -> None:
     from torchvision.models import vgg16_bn
 
@@ -23,7 +22,6 @@ def test_full_width_is_torchvision_vgg16_bn_features() -> None:
     theirs = vgg16_bn(weights=None).features.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(ours[name].shape == theirs[name].shape for name in ours)
-
 
 
 def test_the_registry_builds_each_backbone_for_its_input_size() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import numpy as np
 import pytest
@@ -36,19 +38,27 @@ def images(value: int, count: int = 1) -> np.ndarray:
     return np.full((count, 32, 32, 3), value, dtype=np.uint8)
 
 
-async def test_concurrent_requests_share_one_forward_pass() -> None:
+@asynccontextmanager
+async def busy_batcher(**options: int) -> AsyncIterator[tuple[GatedEmbedder, MicroBatcher, asyncio.Future]]:
+    """A started `MicroBatcher` whose worker is busy with a first request until `model.gate` is set;
+    stopped on the way out."""
     model = GatedEmbedder()
-    batcher = MicroBatcher(model, max_batch=64, max_wait_ms=20, max_queue=64)
+    batcher = MicroBatcher(model, **options)
     batcher.start()
     try:
         first = asyncio.ensure_future(batcher.embed(images(1)))
-        await asyncio.to_thread(model.first_started.wait, 10)  # the worker is busy with the first request
-        waiting = [asyncio.ensure_future(batcher.embed(images(10 + i, count=2))) for i in range(8)]
-        await asyncio.sleep(0.05)  # all eight are queued behind it
-        model.gate.set()
-        results = await asyncio.gather(first, *waiting)
+        await asyncio.to_thread(model.first_started.wait, 10)
+        yield model, batcher, first
     finally:
         batcher.stop()
+
+
+async def test_concurrent_requests_share_one_forward_pass() -> None:
+    async with busy_batcher(max_batch=64, max_wait_ms=20, max_queue=64) as (model, batcher, first):
+        waiting = [asyncio.ensure_future(batcher.embed(images(10 + i, count=2))) for i in range(8)]
+        await asyncio.sleep(0.05)  # all eight are queued behind the first
+        model.gate.set()
+        results = await asyncio.gather(first, *waiting)
     assert model.batches == [1, 16]  # two forward passes for nine requests
     # Each caller gets its own images' embeddings back, in order.
     assert [r[0].vector[0] for r in results] == [1.0, *[10.0 + i for i in range(8)]]
@@ -56,12 +66,7 @@ async def test_concurrent_requests_share_one_forward_pass() -> None:
 
 
 async def test_a_full_queue_is_refused_at_once_with_503() -> None:
-    model = GatedEmbedder()
-    batcher = MicroBatcher(model, max_batch=1, max_wait_ms=0, max_queue=2)
-    batcher.start()
-    try:
-        busy = asyncio.ensure_future(batcher.embed(images(1)))
-        await asyncio.to_thread(model.first_started.wait, 10)
+    async with busy_batcher(max_batch=1, max_wait_ms=0, max_queue=2) as (model, batcher, busy):
         queued = [asyncio.ensure_future(batcher.embed(images(2))) for _ in range(2)]
         await asyncio.sleep(0)  # both are in the queue: it is full
         with pytest.raises(EmbedderUnavailableError, match="overloaded") as refused:
@@ -69,6 +74,4 @@ async def test_a_full_queue_is_refused_at_once_with_503() -> None:
         assert refused.value.status_code == 503 and refused.value.retry_after == 1
         model.gate.set()
         await asyncio.gather(busy, *queued)
-    finally:
-        batcher.stop()
     assert model.batches == [1, 1, 1]  # the refused request never reached the model

@@ -28,7 +28,6 @@ def run_of(scores: list[float]) -> dict[str, float]:
     return {f"d{i}": score for i, score in enumerate(scores)}
 
 
-
 def test_average_precision_divides_by_all_relevant_like_trec_eval() -> None:
     # relevant at ranks 1 and 3 of a 5-deep run, 10 relevant documents in all
     relevant = np.array([[True, False, True, False, False]])
@@ -37,7 +36,6 @@ def test_average_precision_divides_by_all_relevant_like_trec_eval() -> None:
     qrels = {"q": {f"d{i}": 1 for i in (0, 2)} | {f"r{i}": 1 for i in range(8)}}
     run = {"q": run_of([0.9, 0.8, 0.7, 0.6, 0.5])}
     assert trec(qrels, run, {"map"})["q"]["map"] == pytest.approx(expected)
-
 
 
 def test_map_at_100_with_r_larger_than_the_cutoff_matches_trec_map_and_map_cut() -> None:
@@ -54,7 +52,6 @@ def test_map_at_100_with_r_larger_than_the_cutoff_matches_trec_map_and_map_cut()
     assert trec(qrels, run_150, {"map_cut.100"})["q"]["map_cut_100"] == pytest.approx(ours, abs=1e-12)
 
 
-
 def test_precision_at_k_counts_missing_hits_as_not_relevant() -> None:
     relevant = np.array([[True, True, False]])  # only 3 hits came back
     assert precision_at(relevant, 10)[0] == pytest.approx(0.2)
@@ -62,11 +59,9 @@ def test_precision_at_k_counts_missing_hits_as_not_relevant() -> None:
     assert trec(qrels, {"q": run_of([3, 2, 1])}, {"P.10"})["q"]["P_10"] == pytest.approx(0.2)
 
 
-
 def test_normalised_average_precision_divides_by_relevant_retrieved() -> None:
     relevant = np.array([[False, True, True, False], [False, False, False, False]])
     assert normalised_average_precision_at_k(relevant) == pytest.approx([(1 / 2 + 2 / 3) / 2, 0.0])
-
 
 
 def test_full_ranking_average_precision_and_precision_recall_curve() -> None:
@@ -79,7 +74,6 @@ def test_full_ranking_average_precision_and_precision_recall_curve() -> None:
     assert result.precision[0] == pytest.approx(1.0)
     assert result.precision[-1] == pytest.approx(3 / 5)
     assert np.all(np.diff(result.precision) <= 1e-12)  # interpolated precision never rises
-
 
 
 def test_full_ranking_matches_trec_eval_map_on_a_full_run() -> None:
@@ -95,7 +89,6 @@ def test_full_ranking_matches_trec_eval_map_on_a_full_run() -> None:
     assert result.average_precision == pytest.approx([expected[f"q{q}"]["map"] for q in range(12)], abs=1e-9)
 
 
-
 def test_trec_eval_wrapper_agrees_with_the_numpy_metrics_across_chunks() -> None:
     rng = np.random.default_rng(1)
     doc_labels, query_labels = rng.integers(0, 4, 400), rng.integers(0, 4, 30)
@@ -108,7 +101,6 @@ def test_trec_eval_wrapper_agrees_with_the_numpy_metrics_across_chunks() -> None
         assert measured[name] == pytest.approx(ours[name], abs=1e-12), name
     assert measured["map_cut_100"] == pytest.approx(measured["map"], abs=1e-12)
     assert measured["num_rel"] == pytest.approx(relevant_counts(doc_labels, query_labels))
-
 
 
 def test_confusion_matrix_and_per_class_means() -> None:

@@ -32,7 +32,6 @@ async def test_search_api_retries_busy_answers_and_maps_hit_ids(tmp_path: Path) 
     assert ranking.predicted.tolist() == [1]
 
 
-
 @pytest.mark.anyio
 async def test_search_api_names_the_query_it_could_not_search(tmp_path: Path) -> None:
     query = tmp_path / "broken.jpg"

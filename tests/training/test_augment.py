@@ -24,7 +24,6 @@ def test_cutout_zeroes_one_square_per_image_clipped_at_the_border(side: int) -> 
     assert len({tuple(m.nonzero()[0].tolist()) for m in erased[:, 0]}) > 1  # a different place per image
 
 
-
 def test_no_cutout_erases_nothing() -> None:
     out = augment(torch.ones(16, 3, 32, 32), torch.Generator().manual_seed(0), pad=0)
     assert bool((out == 1).all())

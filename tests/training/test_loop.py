@@ -27,7 +27,6 @@ def test_schedule_works_for_short_runs(schedule: str, steps: int) -> None:
     assert max(rates) > args.lr / 4
 
 
-
 def test_swa_batch_norm_statistics_describe_the_whole_split_even_when_it_is_stored_class_by_class() -> None:
     torch.manual_seed(0)
     model = CifarVGG16(width_mult=0.125, embedding_dim=32).to(memory_format=torch.channels_last)

@@ -27,7 +27,6 @@ def test_distillation_loss_is_the_scaled_kl_to_the_teachers_averaged_softened_pr
                                                                                         temperature)
 
 
-
 def test_batch_hard_triplet_loss_is_zero_for_separated_classes() -> None:
     labels = torch.tensor([0, 0, 1, 1])
     separated = torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [0.01, 1.0]])

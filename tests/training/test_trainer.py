@@ -4,12 +4,12 @@ and resume, distillation from teacher bundles, SWA, and starting from a bundle."
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from factories import copy_bundle
 from reliability_fixtures import classify_test_images, tiny_training_args
 
 from services.common.errors import TrainingError
@@ -71,11 +71,7 @@ def test_training_distils_from_teacher_bundles_and_records_them(
 
 def test_missing_or_unfit_teachers_and_bad_distillation_options_are_refused(
         tmp_path: Path, mini_collection: Path, tiny_bundle_dir: Path) -> None:
-    teacher = tmp_path / "teacher"
-    shutil.copytree(tiny_bundle_dir, teacher)
-    metadata = json.loads((teacher / "bundle.json").read_text())
-    metadata["classes"] = list(reversed(metadata["classes"]))
-    (teacher / "bundle.json").write_text(json.dumps(metadata))
+    teacher = copy_bundle(tiny_bundle_dir, tmp_path / "teacher", lambda m: m.update(classes=m["classes"][::-1]))
     args = tiny_training_args(mini_collection, tmp_path, "--limit-per-class", "5", "--teacher", str(teacher), epochs=1)
     with pytest.raises(TrainingError, match="--teacher .*classes"):
         train(args)
@@ -157,7 +153,6 @@ def test_the_tiny_bundle_beats_chance_on_images_it_never_saw(tiny_bundle: Bundle
     predicted, truth = classify_test_images(tiny_bundle, cifar10_dir, per_class=50, skip=20)
     assert len(truth) == 500
     assert np.mean(predicted == truth) >= 0.25  # chance is 0.10; 0.346 with the fixture's seed
-
 
 
 def test_train_takes_the_collection_from_a_dotenv_file(

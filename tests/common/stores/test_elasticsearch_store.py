@@ -10,6 +10,7 @@ import base64
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,8 +19,9 @@ import numpy as np
 import pytest
 from elasticsearch import ApiError, AsyncElasticsearch
 from es_double import WWW_AUTHENTICATE, EsDouble
+from factories import DIMS, make_documents, unit_vectors
 
-from services.common.documents import ImageDocument, StoredImage
+from services.common.documents import StoredImage
 from services.common.errors import (
     BulkWriteError,
     CbirError,
@@ -39,33 +41,13 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.anyio
 
-DIMS = 16
 MODEL = "model-a"
-LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+documents = partial(make_documents, model_version=MODEL)
 
 
 @pytest.fixture(scope="module")
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def unit_vectors(count: int, dims: int = DIMS, *, seed: int = 0) -> np.ndarray:
-    vectors = np.random.default_rng(seed).normal(size=(count, dims)).astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-
-
-def documents(count: int, *, dims: int = DIMS, seed: int = 0, model: str = MODEL) -> list[ImageDocument]:
-    return [
-        ImageDocument(
-            id=f"doc-{i:04d}",
-            filename=f"{i:04d}.png",
-            path=f"train/{LABELS[i % 10]}/{i:04d}.png",
-            label=LABELS[i % 10],
-            model_version=model,
-            vector=vector,
-        )
-        for i, vector in enumerate(unit_vectors(count, dims, seed=seed))
-    ]
 
 
 async def test_elasticsearch_open_creates_the_index_once_with_its_mapping(
@@ -222,7 +204,7 @@ async def test_elasticsearch_open_refuses_an_index_of_other_dims(
     es_store: ElasticsearchStore, make_es_store: MakeEsStore
 ) -> None:
     await es_store.open(dims=DIMS, model_version=MODEL)  # empty: dims alone must still match
-    with pytest.raises(StoreMismatchError, match="holds 16-dimensional vectors but the model produces 8"):
+    with pytest.raises(StoreMismatchError, match=f"holds {DIMS}-dimensional vectors but the model produces 8"):
         await make_es_store().open(dims=8, model_version=MODEL)
 
 
@@ -233,7 +215,7 @@ async def test_elasticsearch_open_refuses_an_index_of_another_model_version(
     other = make_es_store()
     await other.open(dims=DIMS, model_version="model-b")  # an empty index is claimed by the new model
     assert (await other.info()).model_version == "model-b"
-    await other.upsert(documents(3, model="model-b"))
+    await other.upsert(documents(3, model_version="model-b"))
     await other.flush()
 
     with pytest.raises(StoreMismatchError, match="built by model version 'model-b'"):

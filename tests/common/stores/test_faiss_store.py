@@ -8,21 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from factories import DIMS, make_documents
 
-from services.common.documents import ImageDocument
 from services.common.errors import IndexNotReadyError, StoreMismatchError, StoreUnavailableError
 from services.common.stores.faiss_store import FaissStore
 
 pytestmark = pytest.mark.anyio
-DIMS = 12
-
-
-def make_documents(count: int, *, seed: int = 0, version: str = "v1", prefix: str = "doc") -> list[ImageDocument]:
-    rng = np.random.default_rng(seed)
-    vectors = rng.normal(size=(count, DIMS)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return [ImageDocument(id=f"{prefix}{i}", filename=f"{i:04d}.jpg", path=f"train/c{i % 3}/{i:04d}.jpg",
-                          label=f"c{i % 3}", model_version=version, vector=vectors[i]) for i in range(count)]
 
 
 async def open_store(path: Path, version: str = "v1") -> FaissStore:
@@ -39,11 +30,11 @@ async def test_round_trip_returns_exact_cosine_ranking(tmp_path: Path) -> None:
     hits = await store.search(query, 5)
     cosines = np.stack([d.vector for d in documents]) @ query
     expected = np.argsort(-cosines)[:5]
-    assert [hit.id for hit in hits] == [f"doc{i}" for i in expected]
-    assert hits[0].id == "doc7"
+    assert [hit.id for hit in hits] == [f"doc-{i:04d}" for i in expected]
+    assert hits[0].id == "doc-0007"
     assert hits[0].score == pytest.approx(2.0, abs=1e-5)
     assert [hit.score for hit in hits] == pytest.approx([c + 1.0 for c in cosines[expected]], abs=1e-5)
-    assert hits[0].label == "c1" and hits[0].path == "train/c1/0007.jpg"
+    assert hits[0].label == "horse" and hits[0].path == "train/horse/0007.jpg"
 
 
 async def test_upsert_is_idempotent_and_overwrites(tmp_path: Path) -> None:
@@ -55,7 +46,7 @@ async def test_upsert_is_idempotent_and_overwrites(tmp_path: Path) -> None:
     await store.upsert([moved])
     assert await store.count() == 20
     hits = await store.search(moved.vector, 1)
-    assert hits[0].id == "doc0" and hits[0].score == pytest.approx(2.0, abs=1e-5)
+    assert hits[0].id == "doc-0000" and hits[0].score == pytest.approx(2.0, abs=1e-5)
 
 
 async def test_persists_across_restart(tmp_path: Path) -> None:
@@ -66,8 +57,8 @@ async def test_persists_across_restart(tmp_path: Path) -> None:
     await store.flush()
     reopened = await open_store(path)
     assert await reopened.count() == 30
-    assert await reopened.existing_ids(["doc1", "doc29", "nope"]) == {"doc1", "doc29"}
-    assert (await reopened.get("doc3")).filename == "0003.jpg"
+    assert await reopened.existing_ids(["doc-0001", "doc-0029", "nope"]) == {"doc-0001", "doc-0029"}
+    assert (await reopened.get("doc-0003")).filename == "0003.jpg"
     before = await store.search(documents[4].vector, 10)
     after = await reopened.search(documents[4].vector, 10)
     assert [h.id for h in before] == [h.id for h in after]
@@ -86,12 +77,12 @@ async def test_delete_removes_documents(tmp_path: Path) -> None:
     store = await open_store(tmp_path / "index.npz")
     documents = make_documents(10)
     await store.upsert(documents)
-    assert await store.delete(["doc2", "doc5", "missing"]) == 2
+    assert await store.delete(["doc-0002", "doc-0005", "missing"]) == 2
     assert await store.count() == 8
-    assert await store.get("doc2") is None
+    assert await store.get("doc-0002") is None
     hits = await store.search(documents[2].vector, 10)
-    assert "doc2" not in {hit.id for hit in hits} and len(hits) == 8
-    assert (await store.get("doc9")).path == "train/c0/0009.jpg"
+    assert "doc-0002" not in {hit.id for hit in hits} and len(hits) == 8
+    assert (await store.get("doc-0009")).path == "train/truck/0009.jpg"
 
 
 async def test_k_larger_than_the_index_returns_everything(tmp_path: Path) -> None:
@@ -128,9 +119,9 @@ async def test_unreadable_index_is_not_ready(tmp_path: Path, content: bytes, cre
 async def test_documents_of_another_model_or_size_are_a_mismatch(tmp_path: Path) -> None:
     store = await open_store(tmp_path / "index.npz")
     with pytest.raises(StoreMismatchError, match="is from model 'v2', the index holds 'v1'"):
-        await store.upsert(make_documents(2, version="v2"))
+        await store.upsert(make_documents(2, model_version="v2"))
     small = [replace(doc, vector=doc.vector[:4]) for doc in make_documents(2)]
-    with pytest.raises(StoreMismatchError, match="vectors have 4 dims; this index holds 12"):
+    with pytest.raises(StoreMismatchError, match=f"vectors have 4 dims; this index holds {DIMS}"):
         await store.upsert(small)
     assert await store.count() == 0
 
@@ -143,7 +134,8 @@ async def test_a_second_writer_is_refused_until_the_first_closes(tmp_path: Path)
     reader = await open_store(path)  # reading takes no lock
     assert await reader.count() == 5
     second = await open_store(path)
-    writes = (lambda: second.upsert(make_documents(3, prefix="other")), second.reset, lambda: second.delete(["doc1"]))
+    writes = (lambda: second.upsert(make_documents(3, prefix="other")), second.reset,
+              lambda: second.delete(["doc-0001"]))
     for write in writes:  # busy, not broken: unavailable until the first writer closes
         with pytest.raises(StoreUnavailableError, match=rf"another process \(pid {os.getpid()}\) is writing"):
             await write()

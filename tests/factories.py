@@ -1,0 +1,89 @@
+"""Builders of test data, once for every test: unit vectors and image documents, CIFAR-10 subsets,
+copies of a model bundle edited or damaged on purpose.
+
+Imported by name (`from factories import make_documents`) from any test folder, and light on purpose
+(numpy and services.common only) so that a subprocess a test starts can import it as well.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.common.documents import ImageDocument
+
+DIMS = 16
+MODEL_VERSION = "v1"
+LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def unit_vectors(count: int, dims: int = DIMS, *, seed: int = 0) -> np.ndarray:
+    """`count` random float32 vectors of norm 1, the same for the same `seed`."""
+    vectors = np.random.default_rng(seed).normal(size=(count, dims)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def make_documents(count: int, *, dims: int = DIMS, seed: int = 0, model_version: str = MODEL_VERSION,
+                   prefix: str = "doc", labels: tuple[str, ...] = LABELS) -> list[ImageDocument]:
+    """`count` documents with `unit_vectors(count, dims, seed=seed)`: document i is `{prefix}-000i`,
+    labelled `labels[i % len(labels)]` and stored at `train/{label}/000i.jpg`."""
+    documents = []
+    for i, vector in enumerate(unit_vectors(count, dims, seed=seed)):
+        label = labels[i % len(labels)]
+        documents.append(ImageDocument(id=f"{prefix}-{i:04d}", filename=f"{i:04d}.jpg",
+                                       path=f"train/{label}/{i:04d}.jpg", label=label,
+                                       model_version=model_version, vector=vector))
+    return documents
+
+
+def copy_collection(source: Path, target: Path, **per_class: int) -> Path:
+    """The first `per_class[split]` images of every class of each named split of `source` (a CIFAR-10
+    style `split/class/image` tree), copied to `target`: `copy_collection(cifar, root, train=50, test=5)`."""
+    for split, count in per_class.items():
+        for class_dir in sorted((source / split).iterdir()):
+            destination = target / split / class_dir.name
+            destination.mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                shutil.copyfile(image, destination / image.name)
+    return target
+
+
+def copy_bundle(source: Path, target: Path, edit: Callable[[dict[str, Any]], object] | None = None) -> Path:
+    """A copy of the bundle at `source`, its bundle.json changed in place by `edit(metadata)` if given."""
+    shutil.copytree(source, target)
+    if edit is not None:
+        metadata = json.loads((target / "bundle.json").read_text())
+        edit(metadata)
+        (target / "bundle.json").write_text(json.dumps(metadata))
+    return target
+
+
+BUNDLE_DAMAGES = ("missing-dir", "missing-metadata", "bad-json", "truncated-header", "truncated-weights",
+                  "missing-pca", "architecture-dims", "architecture-garbage")
+
+
+def damage_bundle(bundle: Path, damage: str) -> None:
+    """Break the bundle at `bundle` in one of the `BUNDLE_DAMAGES` ways."""
+    if damage == "missing-dir":
+        shutil.rmtree(bundle)
+    elif damage == "missing-metadata":
+        (bundle / "bundle.json").unlink()
+    elif damage == "bad-json":
+        (bundle / "bundle.json").write_text("{not json")
+    elif damage in ("truncated-header", "truncated-weights"):  # cut inside the safetensors header, or the tensors
+        weights = bundle / "model.safetensors"
+        data = weights.read_bytes()
+        weights.write_bytes(data[:1000] if damage == "truncated-header" else data[: len(data) // 2])
+    elif damage == "missing-pca":
+        (bundle / "pca.safetensors").unlink()
+    elif damage in ("architecture-dims", "architecture-garbage"):
+        metadata = json.loads((bundle / "bundle.json").read_text())
+        metadata["architecture"]["embedding_dim"] = 128 if damage == "architecture-dims" else "wide"
+        (bundle / "bundle.json").write_text(json.dumps(metadata))
+    else:
+        raise ValueError(f"damage {damage!r} is not one of: {', '.join(BUNDLE_DAMAGES)}")
