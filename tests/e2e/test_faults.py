@@ -106,6 +106,7 @@ async def test_embedder_down_is_503_and_the_gateway_recovers_by_itself(gateway_f
             assert response.status_code == 200, response.text
 
 
+@pytest.mark.slow  # waits out the gateway's embedder timeout
 @pytest.mark.parametrize("mode", ["silent", "trickle"])
 async def test_slow_embedder_is_503_within_the_timeout(gateway_factory, test_image: bytes, mode: str) -> None:
     with StallingServer(mode=mode) as slow:
@@ -116,6 +117,7 @@ async def test_slow_embedder_is_503_within_the_timeout(gateway_factory, test_ima
             assert slow.connections >= 1
 
 
+@pytest.mark.slow
 async def test_concurrent_searches_do_not_queue_behind_a_slow_embedder(gateway_factory, test_image: bytes) -> None:
     # Readiness is checked once for all waiting requests, not once per request in turn.
     with StallingServer(mode="silent") as slow:
@@ -242,6 +244,7 @@ def thousand_images(tmp_path: Path, cifar10_dir: Path) -> Path:
     return copy_collection(cifar10_dir, tmp_path / "thousand", train=100)
 
 
+@pytest.mark.slow
 def test_indexer_killed_mid_run_loses_and_duplicates_nothing(
         thousand_images: Path, tiny_bundle_dir: Path, cbir_env: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:

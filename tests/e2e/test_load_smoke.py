@@ -28,6 +28,7 @@ def served(tmp_path: Path, tiny_bundle_dir: Path, mini_collection: Path):
         stop_process(process)
 
 
+@pytest.mark.slow
 def test_short_load_run_has_no_errors_and_bounded_memory(served, mini_collection: Path) -> None:
     url, process, log = served
     bench = load_bench_script("load")

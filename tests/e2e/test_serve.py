@@ -15,6 +15,8 @@ import pytest
 from factories import copy_collection
 from reliability_fixtures import free_port, read_index, start_cbir, stop_process, subprocess_env
 
+pytestmark = pytest.mark.slow  # a real server indexing 3,000 images
+
 
 @pytest.fixture(scope="module")
 def larger_collection(tmp_path_factory: pytest.TempPathFactory, cifar10_dir: Path) -> Path:

@@ -36,7 +36,6 @@ def run_evaluate(tmp_path: Path, name: str, *extra: str) -> dict:
     return json.loads((tmp_path / "reports" / f"{name}.json").read_text())
 
 
-@pytest.mark.slow
 def recompute(bundle: Bundle, collection: Path, cache: Path) -> dict:
     """Accuracy, confusion, per-class accuracy and mAP over every train image, by brute force from the
     embedder's vectors (the bundle's own vector settings)."""
@@ -60,6 +59,7 @@ def recompute(bundle: Bundle, collection: Path, cache: Path) -> dict:
             "map_all": float(np.mean(precisions))}
 
 
+@pytest.mark.slow
 def test_evaluate_writes_json_report_figures_and_trec_run(cbir_env: Path, tmp_path: Path, tiny_bundle: Bundle,
                                                           mini_collection: Path) -> None:
     from services.cli import main as cbir
