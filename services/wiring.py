@@ -40,13 +40,16 @@ logger = logging.getLogger(__name__)
 
 def build_local_embedding_service(settings: ModelSettings) -> LocalEmbeddingService:
     """Load the bundle (`CBIR_MODEL_DIR`, else the shipped one), warm the model up and start its
-    micro-batcher; `BundleError` if the bundle is missing or corrupt. Blocking: seconds."""
+    micro-batcher (and `CBIR_COMPILE`'s compilation, in the background); `BundleError` if the bundle is
+    missing or corrupt. Blocking: seconds."""
     from services.embedder.bundle import DEFAULT_BUNDLE_DIR, load_bundle
+    from services.embedder.inference import compile_wanted, pick_device
     from services.embedder.runtime import Embedder, LocalEmbeddingService
 
     bundle = load_bundle(settings.model_dir or DEFAULT_BUNDLE_DIR)
     embedder = Embedder(bundle, device=settings.device, pca_dims=settings.pca_dims,
-                        onehot_weight=settings.onehot_weight, max_batch=settings.max_batch)
+                        onehot_weight=settings.onehot_weight, max_batch=settings.max_batch,
+                        compile=compile_wanted(settings.compile, pick_device(settings.device)))
     service = LocalEmbeddingService(embedder, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
     service.start()
     return service

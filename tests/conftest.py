@@ -11,6 +11,8 @@ import os
 # The test models are tiny: one thread per process runs them as fast as two, and keeps test
 # processes and the servers they start from fighting over the cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# torch.compile takes tens of seconds per batch size: the tests that exercise it ask for it themselves.
+os.environ.setdefault("CBIR_COMPILE", "off")
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path

@@ -249,7 +249,8 @@ def subprocess_env(model_dir: Path, data_dir: Path, state_dir: Path, **extra: st
     """The environment of a `cbir` subprocess: this one's, with CBIR_* pointing at test data."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("CBIR_")}
     env.update(CBIR_MODEL_DIR=str(model_dir), CBIR_DATA_DIR=str(data_dir), CBIR_STATE_DIR=str(state_dir),
-               CBIR_BACKEND="faiss", PYTHONUNBUFFERED="1", PYTHONPATH=python_path(), **extra)
+               CBIR_BACKEND="faiss", CBIR_COMPILE="off", PYTHONUNBUFFERED="1", PYTHONPATH=python_path())
+    env.update(extra)
     return env
 
 

@@ -76,6 +76,9 @@ class ModelSettings(BaseCbirSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (CUDA when present), cpu or cuda")
     pca_dims: int | None = Field(None, ge=1, description="PCA dims of the vector (default: the bundle's)")
     onehot_weight: float | None = Field(None, ge=0, description="one-hot weight (default: the bundle's)")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the model in the background at start-up (it serves uncompiled "
+        "meanwhile); auto: when a C++ compiler (CPU) or CUDA is present")
     max_batch: int = Field(64, ge=1, le=1024, description="largest micro-batch of the forward pass")
     max_wait_ms: float = Field(2.0, ge=0, description="how long a micro-batch waits to fill")
     max_queue: int = Field(1024, ge=1, description="requests waiting for the model before 503")

@@ -10,6 +10,7 @@ from enum import StrEnum
 class Status(StrEnum):
     indexing = "indexing"  # an indexing run is filling the index; `indexed` of `total` so far
     ready = "ready"  # model and index agree; search answers
+    warming_up = "warming_up"  # search answers (200), while the model is still being compiled: slower meanwhile
     empty = "empty"  # no index, or one without documents: run `cbir index`
     failed = "failed"  # not ready for another reason (indexing failed, embedder or store down); `detail` says why
 

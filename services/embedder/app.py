@@ -135,4 +135,5 @@ async def info(service: ServiceDep) -> InfoResponse:
 @router.get("/healthz", responses={503: ERROR_RESPONSES[503]})
 async def healthz(service: ServiceDep) -> dict[str, str]:
     """200 once the model is loaded and warmed up, else 503."""
-    return {"status": Status.ready, "model_version": service.embedder.model_version}
+    status = Status.warming_up if service.warming_up else Status.ready
+    return {"status": status, "model_version": service.embedder.model_version}

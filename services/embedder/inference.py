@@ -8,6 +8,7 @@ augmentation. `predict` is the one forward pass over decoded images, used by the
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -68,6 +69,16 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was requested but CUDA is not available; use one of: auto, cpu")
     return torch.device(requested)
+
+
+def compile_wanted(choice: str, device: torch.device) -> bool:
+    """Whether to `torch.compile` for `CBIR_COMPILE` = auto, on or off. Inductor writes C++ for the CPU
+    (it needs a compiler on the PATH) and Triton kernels for CUDA (shipped with torch)."""
+    available = device.type == "cuda" or any(shutil.which(name) for name in ("g++", "c++", "clang++"))
+    if choice == "on" and not available:
+        raise ConfigError("CBIR_COMPILE=on, but torch.compile needs a C++ compiler (g++) on the PATH for the CPU; "
+                          "install one or set CBIR_COMPILE=off")
+    return choice == "on" or (choice == "auto" and available)
 
 
 def autocast(device: torch.device, enabled: bool = True) -> torch.autocast:

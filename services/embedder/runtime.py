@@ -41,7 +41,8 @@ class Embedder:
     """
 
     def __init__(self, bundle: Bundle, *, device: str = default(ModelSettings, "device"), pca_dims: int | None = None,
-                 onehot_weight: float | None = None, max_batch: int = default(ModelSettings, "max_batch")) -> None:
+                 onehot_weight: float | None = None, max_batch: int = default(ModelSettings, "max_batch"),
+                 compile: bool = False) -> None:
         self.bundle = bundle
         self.device = pick_device(device)
         self.pca_dims = int(pca_dims or bundle.vector_defaults["pca_dims"])
@@ -56,6 +57,12 @@ class Embedder:
         # choice, but every bundle is measured with bf16 inference, so keep the numbers identical.
         self.use_bf16 = True
         self.model = bundle.model.to(self.device, memory_format=torch.channels_last).eval()
+        # torch.compile specialises on the batch size: a chunk is padded to the next compiled size.
+        # Until a size is compiled (`compile_sizes`, in the background) chunks of it run eagerly.
+        self.compile = compile
+        self.compile_sizes = batch_buckets(max_batch) if compile else ()
+        self._compiled: torch.nn.Module | None = None
+        self._compiled_sizes: tuple[int, ...] = ()  # replaced whole, never changed in place: read without a lock
 
     @property
     def dims(self) -> int:
@@ -79,9 +86,7 @@ class Embedder:
         results: list[Embedding] = []
         classes = self.bundle.classes
         for start in range(0, len(images), self.max_batch):
-            embeddings, probabilities = predict(self.model, images[start:start + self.max_batch],
-                                                preprocessing=self.preprocessing, device=self.device,
-                                                bf16=self.use_bf16, batch_size=self.max_batch)
+            embeddings, probabilities = self._forward(images[start:start + self.max_batch])
             predicted = probabilities.argmax(axis=1)
             vectors = build_vectors(embeddings, predicted, projection=self.bundle.projection,
                                     pca_dims=self.pca_dims, onehot_weight=self.onehot_weight,
@@ -92,9 +97,54 @@ class Embedder:
             ]
         return results
 
+    def _forward(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings and probabilities of at most `max_batch` images: compiled when a compiled size fits."""
+        count, compiled, sizes = len(chunk), self._compiled, self._compiled_sizes
+        size = next((s for s in sizes if s >= count), None)
+        if compiled is None or size is None:
+            return predict(self.model, chunk, preprocessing=self.preprocessing, device=self.device,
+                           bf16=self.use_bf16, batch_size=self.max_batch)
+        padded = np.concatenate([chunk, np.zeros((size - count, *chunk.shape[1:]), dtype=chunk.dtype)])
+        embeddings, probabilities = predict(compiled, padded, preprocessing=self.preprocessing, device=self.device,
+                                            bf16=self.use_bf16, batch_size=size)
+        return embeddings[:count], probabilities[:count]
+
+    @property
+    def warming_up(self) -> bool:
+        """True while `compile_sizes` are not all compiled yet (searches run eagerly meanwhile)."""
+        return len(self._compiled_sizes) < len(self.compile_sizes)
+
+    def compile_model(self) -> None:
+        """Compile the network (inductor, freezing) for every size of `compile_sizes`, largest first (the
+        indexer's), each usable as soon as it is done. Seconds to a minute: call it off the request path."""
+        if not self.compile_sizes:
+            return
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # weights become constants: fewer copies, fused conv + batch norm
+        compiled = torch.compile(self.model, dynamic=False)
+        side = self.preprocessing.image_size
+        order = sorted(self.compile_sizes, key=lambda s: (s != self.max_batch, s))
+        started = time.perf_counter()
+        for size in order:
+            predict(compiled, np.zeros((size, side, side, 3), dtype=np.uint8), preprocessing=self.preprocessing,
+                    device=self.device, bf16=self.use_bf16, batch_size=size)
+            self._compiled = compiled
+            self._compiled_sizes = tuple(sorted((*self._compiled_sizes, size)))
+            logger.info("compiled the model for batches of %d (%.0f s so far)", size, time.perf_counter() - started)
+
     def warm_up(self) -> None:
         size = self.preprocessing.image_size
         self.embed_batch(np.zeros((2, size, size, 3), dtype=np.uint8))
+
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes a compiled model is built for: powers of two up to `max_batch`, and `max_batch`."""
+    sizes, size = {max_batch}, 1
+    while size < max_batch:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
 
 
 @dataclass
@@ -197,8 +247,23 @@ class LocalEmbeddingService:
                                     max_queue=max_queue)
 
     def start(self) -> None:
+        """Warm the eager model up and start serving; compilation, if asked for, goes on in the background."""
         self.embedder.warm_up()
         self.batcher.start()
+        if self.embedder.compile_sizes:
+            self._compiler = threading.Thread(target=self._compile, name="embedder-compile", daemon=True)
+            self._compiler.start()
+
+    def _compile(self) -> None:
+        try:
+            self.embedder.compile_model()
+        except Exception:  # noqa: BLE001 - serving goes on eagerly; the log says why
+            logger.exception("torch.compile failed; the model runs uncompiled")
+            self.embedder.compile_sizes = ()
+
+    @property
+    def warming_up(self) -> bool:
+        return self.embedder.warming_up
 
     async def info(self) -> EmbedderInfo:
         return self.embedder.info()

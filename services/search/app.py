@@ -140,8 +140,9 @@ async def get_image(id: str, engine: EngineDep) -> FileResponse:
 @router.get("/healthz", response_model=HealthResponse, tags=["ops"],
             responses={503: ERROR_RESPONSES[503]})
 async def healthz(engine: EngineDep) -> HealthResponse | JSONResponse:
-    """200 `ready` when the model and the index are; else 503 with `status` `indexing` (and `indexed` of
-    `total` images so far), `empty` or `failed`, and `detail` saying why."""
+    """200 `ready` when the model and the index are (`warming_up` while the model is still being compiled:
+    it answers, slower); else 503 with `status` `indexing` (and `indexed` of `total` images so far),
+    `empty` or `failed`, and `detail` saying why."""
     try:
         model_version = await engine.ensure_ready()
         documents = await engine.store.count()
@@ -149,8 +150,10 @@ async def healthz(engine: EngineDep) -> HealthResponse | JSONResponse:
         body = {"status": Status.failed} | error_body(exc)  # an unavailable embedder or store is `failed`
         retry_after = "2" if body["status"] == Status.indexing else "5"
         return JSONResponse(body, status_code=503, headers={"Retry-After": retry_after})
-    return HealthResponse(status=Status.ready, model_version=model_version, backend=engine.store.name,
-                          documents=documents)
+    # Services that never compile (the HTTP client: the embedder reports its own warm-up) lack the attribute.
+    warming_up = getattr(engine.embedder, "warming_up", False)
+    return HealthResponse(status=Status.warming_up if warming_up else Status.ready, model_version=model_version,
+                          backend=engine.store.name, documents=documents)
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -75,3 +75,51 @@ async def test_a_full_queue_is_refused_at_once_with_503() -> None:
         model.gate.set()
         await asyncio.gather(busy, *queued)
     assert model.batches == [1, 1, 1]  # the refused request never reached the model
+
+
+# --- torch.compile ------------------------------------------------------------------------------
+
+
+def test_batch_buckets_cover_every_chunk_size() -> None:
+    from services.embedder.runtime import batch_buckets
+
+    assert batch_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert batch_buckets(48) == (1, 2, 4, 8, 16, 32, 48)
+    assert batch_buckets(1) == (1,)
+
+
+@pytest.mark.slow
+def test_the_compiled_model_answers_as_the_eager_one_for_padded_batches(tiny_bundle, mini_collection) -> None:
+    from services.common.images import decode_image
+    from services.embedder.runtime import Embedder
+
+    files = sorted((mini_collection / "test").glob("*/*.jpg"))[:7]
+    batch = np.stack([decode_image(path.read_bytes()) for path in files])
+    eager = Embedder(tiny_bundle, max_batch=4).embed_batch(batch)
+    compiled = Embedder(tiny_bundle, max_batch=4, compile=True)
+    assert compiled.compile_sizes == (1, 2, 4) and compiled.warming_up
+    before = compiled.embed_batch(batch)  # nothing compiled yet: the eager path
+    compiled.compile_model()
+    assert not compiled.warming_up and compiled._compiled_sizes == (1, 2, 4)
+    seen: list[int] = []
+
+    class Recording:  # the compiled module, counting the batch sizes it is called with
+        def __init__(self, module) -> None:
+            self.module = module
+
+        def eval(self) -> Recording:
+            return self
+
+        def __call__(self, inputs):
+            seen.append(len(inputs))
+            return self.module(inputs)
+
+    compiled._compiled = Recording(compiled._compiled)
+    after = compiled.embed_batch(batch)  # chunks of 4 and 3, the second padded to 4
+    views = 2 if tiny_bundle.preprocessing.flip_tta else 1  # the mirror is a second pass
+    assert seen == [4] * 2 * views
+    assert [e.label for e in after] == [e.label for e in eager] == [e.label for e in before]
+    for ours, reference in zip(after, eager, strict=True):
+        # bf16 kernels fused differently: close, not bit-identical
+        assert np.abs(ours.vector - reference.vector).max() < 2e-2
+        assert ours.confidence == pytest.approx(reference.confidence, abs=2e-2)
