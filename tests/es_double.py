@@ -11,18 +11,51 @@ way Elasticsearch validates them and answered with Elasticsearch's bodies and st
     GET/POST /{index}/_count
     GET/DELETE /{index}/_doc/{id}     realtime, like Elasticsearch
     GET/POST /{index}/_mget
-    GET/POST /{index}/_search         match_all, script_score (cosineSimilarity), top-level knn
+    GET/POST /{index}/_search         match_all, bool (filter, must_not), terms, ids, script_score
+                                      (cosineSimilarity), top-level knn (with filter), from/size
+    GET/POST /_msearch, /{index}/_msearch   NDJSON header/body pairs, one status per item
+    GET /_cluster/health[/{index}]    wait_for_status and timeout; 408 when the wait times out
+
+How a real cluster behaves, and the double too:
+
+- **Shards.** A document lives on shard `floorMod(murmur3(_id), routing_num_shards) / routing_factor`
+  (Murmur3HashFunction over the id's UTF-16 code units; MetadataCreateIndexService's default
+  routing_num_shards, 960 for 30 shards). Each shard searches alone and the coordinating node merges.
+- **Ties.** Equal scores are ordered by shard, then by Lucene doc id within the shard (the order
+  documents were last written), as SearchPhaseController's merge (Lucene `TopDocs.merge`) does.
+- **Approximate kNN.** Each shard searches a graph of its own vectors (a navigable small-world graph
+  of each vector's nearest neighbours, greedy beam search with `ef = num_candidates` from the
+  shard's first document), keeps its best `k` candidates, and the coordinator keeps the best `k` of
+  all shards; `from`/`size` then page through those. A shard holding no more documents than
+  `num_candidates`, or whose `filter` passes no more, is searched exactly, as Lucene falls back to an
+  exact search (AbstractKnnVectorQuery). It is an approximation of the same kind, not a prediction of
+  Elasticsearch's recall.
+- **Partial results.** `break_shards(3, 7)` makes those shards fail every search: the response is
+  still 200, with `_shards.failed` and `_shards.failures` (ShardSearchFailure: shard, index, node,
+  reason) and the other shards' hits; when every shard fails it is `search_phase_execution_exception`
+  "all shards failed". `time_out_searches = n` answers the next n searches `timed_out: true` with the
+  hits of the first half of the shards only.
+- **Bad query vectors.** A zero vector is refused as DenseVectorFieldMapper refuses it for `cosine`
+  ("does not support vectors with zero magnitude") in kNN, and as ScriptScoreQuery refuses the NaN
+  score it gives in `script_score`; NaN or Infinity is not JSON, and the parser refuses it (400).
+- **A fresh index.** With `primaries_start_s = s`, a new index's primaries start s seconds after it
+  is created (create answers `shards_acknowledged: false`, as when its wait for active shards times
+  out); until then bulk items answer 503 `unavailable_shards_exception` and searches fail on every
+  shard, and `_cluster/health?wait_for_status=yellow` waits for them.
 
 Where it is stricter than Elasticsearch 8.19, on purpose, the store must say what it means:
 `dense_vector` needs `dims` (8.x would infer it from the first document), `knn` needs `k` and
-`num_candidates` (8.13+ would default them), and writes to a missing index fail as they do with
-`action.auto_create_index: false`. kNN here is exact, not HNSW.
+`num_candidates` (8.13+ would default them), writes to a missing index fail as they do with
+`action.auto_create_index: false`, and a bulk item to an inactive primary fails at once instead of
+after the bulk's one-minute wait.
 
     with EsDouble() as es:
         client = AsyncElasticsearch(es.url)
         es.reject_bulk_requests = 1   # the next _bulk answers 429 as a whole
         es.reject_bulk_items = 2      # the next two bulk items answer 429 each
         es.stall_s = 5.0              # answer every request 5 s late (client timeouts)
+        es.break_shards(3)            # shard 3 fails every search from now on
+        es.primaries_start_s = 0.5    # indices created from now on need 0.5 s to start
         es.go_down()                  # close the port: connection refused from now on
         es.secure(users={"cbir": "pw"}, api_keys={"key-id": "key"})  # 401 unless one of these
         es.secure(users={"cbir": "pw"}, role="viewer")  # signed in, but 403 for every write
@@ -31,6 +64,11 @@ Secured, it answers as x-pack security does: 401 `security_exception` with the r
 `WWW-Authenticate` challenge (in the body's `header` and as HTTP headers) for missing or wrong
 credentials, 403 `security_exception` naming the action and the privileges that grant it for an
 action the role lacks. Like Elasticsearch, it names the user or API key id, never the secret.
+
+Sources read (github.com/elastic/elasticsearch): MultiSearchResponse.toXContent (an item is a search
+response or an error, each with `status`), rest-api-spec msearch/10_basic.yml, ShardSearchFailure,
+ScriptScoreQuery ("script_score script returned an invalid score [..] for doc [..]. Must be a
+non-negative score!"), DenseVectorFieldMapper.checkVectorMagnitude and its tests (zero vectors).
 """
 
 from __future__ import annotations
@@ -38,6 +76,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import heapq
 import json
 import re
 import threading
@@ -66,6 +105,11 @@ INDEX_OPTION_TYPES = {"hnsw", "int8_hnsw", "int4_hnsw", "bbq_hnsw", "flat", "int
 INDEX_OPTION_PARAMS = {"type", "m", "ef_construction", "confidence_interval", "rescore_vector"}
 MAPPING_ROOT_PARAMS = {"properties", "dynamic", "_meta", "_source"}
 SEARCH_KEYS = {"query", "knn", "size", "from", "_source", "track_total_hits", "timeout"}
+MSEARCH_HEADER_KEYS = {"index", "search_type", "preference", "routing", "request_cache", "allow_partial_search_results",
+                       "ignore_unavailable", "expand_wildcards", "allow_no_indices"}  # fmt: skip
+BOOL_KEYS = {"filter", "must_not", "boost", "_name"}
+GRAPH_NEIGHBOURS = 12  # links per vector in a shard's kNN graph (HNSW's m is 16; fewer make misses visible)
+NODE_ID = "cbir-es-1-nodeid0000"
 KNN_KEYS = {"field", "query_vector", "k", "num_candidates", "boost", "filter", "similarity"}
 # The challenge of the default realms (native/file, token service, API keys) of an 8.x cluster.
 WWW_AUTHENTICATE = ['Basic realm="security", charset="UTF-8"', 'Bearer realm="security"', "ApiKey"]
@@ -82,14 +126,18 @@ ACTION_PRIVILEGES = {
     "indices:data/read/get": "read,all",
     "indices:data/read/mget": "read,all",
     "indices:data/read/search": "read,all",
+    "indices:data/read/msearch": "read,all",
+    "cluster:monitor/health": "monitor,manage,all",
 }
+CLUSTER_ACTIONS = frozenset({"cluster:monitor/health"})
 Role = Literal["superuser", "viewer", "monitoring_user"]
 # What each built-in role may do on the store's index: everything, read it, nothing.
 ROLE_ACTIONS: dict[str, frozenset[str]] = {
     "superuser": frozenset(ACTION_PRIVILEGES),
     "viewer": frozenset({"indices:admin/get", "indices:admin/mappings/get", "indices:data/read/get",
-                         "indices:data/read/mget", "indices:data/read/search"}),  # fmt: skip
-    "monitoring_user": frozenset(),
+                         "indices:data/read/mget", "indices:data/read/search", "indices:data/read/msearch",
+                         "cluster:monitor/health"}),  # fmt: skip
+    "monitoring_user": frozenset({"cluster:monitor/health"}),
 }
 API_KEY_OWNER = "cbir-admin"
 # The only Painless the double runs: `cosineSimilarity(params.X, 'field') [+ offset]`.
@@ -105,10 +153,11 @@ class EsError(Exception):
         super().__init__(f"{status} {type}: {reason}")
         self.status = status
         self.error = {"type": type, "reason": reason, **extra}
+        self.root_causes: list[dict[str, Any]] | None = None  # None: the error is its own root cause
 
     def body(self) -> dict[str, Any]:
-        cause = {k: v for k, v in self.error.items() if k != "caused_by"}
-        return {"error": {"root_cause": [cause], **self.error}, "status": self.status}
+        causes = self.root_causes or [{k: v for k, v in self.error.items() if k != "caused_by"}]
+        return {"error": {"root_cause": causes, **self.error}, "status": self.status}
 
 
 def index_not_found(name: str) -> EsError:
@@ -149,7 +198,10 @@ class Index:
     docs: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> _source, realtime
     versions: dict[str, int] = field(default_factory=dict)
     searchable: dict[str, dict[str, Any]] = field(default_factory=dict)  # as of the last refresh
+    doc_order: dict[str, int] = field(default_factory=dict)  # id -> seq_no of its last write (Lucene doc order)
     seq_no: int = 0
+    active_at: float = 0.0  # time.monotonic() from which the primaries are started
+    graphs: dict[tuple[str, int], ShardGraph] = field(default_factory=dict)  # per (field, shard), until a refresh
 
     @property
     def shards(self) -> int:
@@ -159,11 +211,104 @@ class Index:
     def replicas(self) -> int:
         return int(self.settings["index.number_of_replicas"])
 
+    @property
+    def active(self) -> bool:
+        return time.monotonic() >= self.active_at
+
     def shards_header(self) -> dict[str, int]:
         return {"total": self.shards, "successful": self.shards, "skipped": 0, "failed": 0}
 
+    def shard_of(self, doc_id: str) -> int:
+        """The shard Elasticsearch routes a document id to (OperationRouting / IndexRouting)."""
+        routing_shards = routing_num_shards(self.shards)
+        return (_murmur3_utf16(doc_id) % routing_shards) // (routing_shards // self.shards)
+
     def properties(self) -> dict[str, Any]:
         return self.mappings.get("properties", {})
+
+
+def routing_num_shards(shards: int) -> int:
+    """`index.number_of_routing_shards` by default: the shard count doubled up to 1024 or so, so the index
+    can be split (MetadataCreateIndexService.calculateNumRoutingShards)."""
+    return shards * 2 ** max(10 - (shards - 1).bit_length(), 1)
+
+
+def _murmur3_utf16(text: str) -> int:
+    """Murmur3HashFunction.hash(String): murmur3 x86 32-bit, seed 0, over each UTF-16 unit's two bytes
+    (low byte first), as Java's signed int (Python's % is then Java's Math.floorMod)."""
+    data = text.encode("utf-16-le")
+    c1, c2, h, mask = 0xCC9E2D51, 0x1B873593, 0, 0xFFFFFFFF
+    body = len(data) - len(data) % 4
+    for i in range(0, body, 4):
+        k = int.from_bytes(data[i:i + 4], "little")
+        k = (k * c1) & mask
+        k = ((k << 15) | (k >> 17)) & mask
+        h ^= (k * c2) & mask
+        h = ((h << 13) | (h >> 19)) & mask
+        h = (h * 5 + 0xE6546B64) & mask
+    tail = data[body:]
+    if tail:
+        k = int.from_bytes(tail, "little")
+        k = (k * c1) & mask
+        k = ((k << 15) | (k >> 17)) & mask
+        h ^= (k * c2) & mask
+    h ^= len(data)
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & mask
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & mask
+    h ^= h >> 16
+    return h - (1 << 32) if h >= 1 << 31 else h
+
+
+@dataclass
+class ShardGraph:
+    """One shard's vectors (in Lucene doc order) and each one's nearest neighbours: the graph its kNN
+    search walks, standing in for the shard's HNSW graph."""
+
+    ids: list[str]
+    vectors: np.ndarray  # unit length
+    neighbours: np.ndarray  # row -> the rows it links to
+
+    @classmethod
+    def build(cls, ids: list[str], vectors: np.ndarray) -> ShardGraph:
+        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        links = min(GRAPH_NEIGHBOURS, len(ids) - 1)
+        similarity = unit @ unit.T
+        np.fill_diagonal(similarity, -np.inf)
+        neighbours = np.argsort(-similarity, axis=1, kind="stable")[:, :links]
+        return cls(ids=ids, vectors=unit, neighbours=neighbours)
+
+    def search(self, query: np.ndarray, ef: int, accept: np.ndarray) -> list[int]:
+        """The rows (passing `accept`) a greedy beam search of width `ef` finds from row 0, as Lucene's
+        HNSW search would; an exact search when the filter passes at most `ef` rows, or when the walk
+        visits more rows than the filter passes (Lucene's fallback)."""
+        similarity = self.vectors @ query  # all at once, for speed; which rows are *found* follows the graph
+        passing = int(accept.sum())
+        if passing <= ef:
+            return [int(row) for row in np.flatnonzero(accept)]
+        visited = {0}
+        candidates = [(-float(similarity[0]), 0)]
+        found: list[tuple[float, int]] = [(float(similarity[0]), 0)] if accept[0] else []
+        while candidates:
+            negative, row = heapq.heappop(candidates)
+            if len(found) >= ef and -negative < found[0][0]:
+                break
+            for neighbour in self.neighbours[row]:
+                neighbour = int(neighbour)
+                if neighbour in visited:
+                    continue
+                visited.add(neighbour)
+                score = float(similarity[neighbour])
+                if len(found) < ef or score > found[0][0]:
+                    heapq.heappush(candidates, (-score, neighbour))
+                    if accept[neighbour]:
+                        heapq.heappush(found, (score, neighbour))
+                        if len(found) > ef:
+                            heapq.heappop(found)
+            if len(visited) > passing:
+                return [int(row) for row in np.flatnonzero(accept)]
+        return [row for _, row in found]
 
 
 @dataclass
@@ -197,11 +342,12 @@ class Security:
     def authorize(self, principal: str, action: str, index: str | None) -> None:
         if action in ROLE_ACTIONS[self.role]:
             return
-        on_indices = f" on indices [{index}]" if index else ""
+        kind = "cluster" if action in CLUSTER_ACTIONS else "index"
+        on_indices = f" on indices [{index}]" if index and kind == "index" else ""
         raise EsError(
             403, "security_exception",
             f"action [{action}] is unauthorized for {principal}{on_indices}, this action is granted by the "
-            f"index privileges [{ACTION_PRIVILEGES[action]}]",
+            f"{kind} privileges [{ACTION_PRIVILEGES[action]}]",
         )  # fmt: skip
 
 
@@ -222,6 +368,9 @@ class EsDouble:
         self.reject_bulk_requests = 0
         self.reject_bulk_items = 0
         self.stall_s = 0.0
+        self.primaries_start_s = 0.0  # how long a new index's primaries take to start
+        self.broken_shards: dict[int, dict[str, Any]] = {}  # shard -> the failure every search of it reports
+        self.time_out_searches = 0  # the next n searches time out half-way
         self.security: Security | None = None  # None: security off, every request is let in
         self.port = 0
         self._actions: dict[tuple[str, str], str] = {}  # (method, route) -> the action ES authorizes
@@ -263,6 +412,17 @@ class EsDouble:
         for an action `role` lacks."""  # fmt: skip
         self.security = Security(users=dict(users or {}), api_keys=dict(api_keys or {}), role=role)
 
+    def break_shards(self, *shards: int, error: dict[str, Any] | None = None) -> None:
+        """Make `shards` fail every search from now on with `error` (a circuit breaker trip by default:
+        the partial failure a loaded cluster gives most often)."""
+        for shard in shards:
+            self.broken_shards[shard] = error or {
+                "type": "circuit_breaking_exception",
+                "reason": "[parent] Data too large, data for [indices:data/read/search[phase/query]] would be "
+                          "[1031798784/984mb], which is larger than the limit of [1020054732/972.7mb]",
+                "bytes_wanted": 1031798784, "bytes_limit": 1020054732, "durability": "TRANSIENT",
+            }  # fmt: skip
+
     def calls(self, path: str, *, method: str | None = None) -> int:
         """How many requests `path` received (with `method`, when given)."""
         return sum(p == path and method in (None, m) for m, p in self.requests)
@@ -291,6 +451,12 @@ class EsDouble:
             ("DELETE", "/{index}/_doc/{id}", self._delete_doc, "indices:data/write/delete"),
             ("GET", "/{index}/_mget", self._mget, "indices:data/read/mget"),
             ("POST", "/{index}/_mget", self._mget, "indices:data/read/mget"),
+            ("GET", "/_msearch", self._msearch, "indices:data/read/msearch"),
+            ("POST", "/_msearch", self._msearch, "indices:data/read/msearch"),
+            ("GET", "/_cluster/health", self._cluster_health, "cluster:monitor/health"),
+            ("GET", "/_cluster/health/{index}", self._cluster_health, "cluster:monitor/health"),
+            ("GET", "/{index}/_msearch", self._msearch, "indices:data/read/msearch"),
+            ("POST", "/{index}/_msearch", self._msearch, "indices:data/read/msearch"),
             ("GET", "/{index}/_search", self._search, "indices:data/read/search"),
             ("POST", "/{index}/_search", self._search, "indices:data/read/search"),
         ]
@@ -368,8 +534,11 @@ class EsDouble:
         settings = _index_settings(body.get("settings", {}))
         mappings = body.get("mappings", {})
         _check_mappings(mappings)
-        self.indices[name] = Index(name=name, settings=settings, mappings=mappings)
-        return _json({"acknowledged": True, "shards_acknowledged": True, "index": name})
+        starting = self.primaries_start_s > 0
+        self.indices[name] = Index(name=name, settings=settings, mappings=mappings,
+                                   active_at=time.monotonic() + self.primaries_start_s)  # fmt: skip
+        # The create call waits for the primaries (wait_for_active_shards=1) and says when that timed out.
+        return _json({"acknowledged": True, "shards_acknowledged": not starting, "index": name})
 
     async def _delete_index(self, request: web.Request) -> web.StreamResponse:
         index = self._index(request)
@@ -402,6 +571,7 @@ class EsDouble:
     async def _refresh(self, request: web.Request) -> web.StreamResponse:
         index = self._index(request)
         index.searchable = dict(index.docs)
+        index.graphs.clear()
         total = index.shards * (1 + index.replicas)
         return _json({"_shards": {"total": total, "successful": index.shards, "failed": 0}})
 
@@ -421,7 +591,7 @@ class EsDouble:
                 "max_coordinating_and_primary_bytes=0]",
             )  # fmt: skip
         default_index = request.match_info.get("index")
-        items = []
+        operations: list[tuple[str, str, str | None, dict[str, Any] | None]] = []  # op, index, id, source
         position = 0
         while position < len(lines):
             line_no = position + 1
@@ -431,21 +601,52 @@ class EsDouble:
             name = meta.get("_index", default_index)
             if name is None:
                 raise EsError(400, "action_request_validation_exception", "Validation Failed: 1: index is missing;")
+            source = None
             if op == "index":
                 if position >= len(lines):
                     raise illegal_argument("The bulk request must be terminated by a newline [\\n]")
-                source = json.loads(lines[position])
+                source = _loads(lines[position])
                 position += 1
-                items.append({"index": self._bulk_index(name, meta.get("_id"), source)})
+            doc_id = meta.get("_id") if op == "delete" else meta.get("_id") or uuid.uuid4().hex[:20]
+            operations.append((op, name, doc_id, source))
+        per_shard = self._bulk_shard_requests(operations)
+        items = []
+        for op, name, doc_id, source in operations:
+            inactive = self._inactive_primary(name, doc_id, per_shard)
+            if inactive is not None:
+                items.append({op: inactive})
+            elif op == "index":
+                assert source is not None
+                items.append({"index": self._bulk_index(name, doc_id, source)})
             else:
-                items.append({"delete": self._bulk_delete(name, meta.get("_id"))})
+                items.append({"delete": self._bulk_delete(name, doc_id)})
         took = int((time.perf_counter() - started) * 1000)
         errors = any(next(iter(item.values()))["status"] >= 300 for item in items)
         return _json({"errors": errors, "took": took, "items": items})
 
+    def _bulk_shard_requests(self, operations: list[tuple[str, str, str | None, Any]]) -> dict[tuple[str, int], int]:
+        """How many items of this bulk go to each shard (Elasticsearch sends one BulkShardRequest each)."""
+        counts: dict[tuple[str, int], int] = {}
+        for _, name, doc_id, _ in operations:
+            index = self.indices.get(name)
+            if index is not None and doc_id is not None:
+                key = (name, index.shard_of(doc_id))
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def _inactive_primary(self, name: str, doc_id: str | None, per_shard: dict[tuple[str, int], int]) -> dict | None:
+        """The 503 item of a write to a primary that has not started yet (TransportReplicationAction)."""
+        index = self.indices.get(name)
+        if index is None or index.active or doc_id is None:
+            return None
+        shard = index.shard_of(doc_id)
+        reason = (f"[{name}][{shard}] primary shard is not active Timeout: [1m], request: [BulkShardRequest "
+                  f"[[{name}][{shard}]] containing [{per_shard[(name, shard)]}] requests]")  # fmt: skip
+        return {"_index": name, "_id": doc_id, "status": 503,
+                "error": {"type": "unavailable_shards_exception", "reason": reason}}  # fmt: skip
+
     def _bulk_index(self, name: str, doc_id: str | None, source: dict[str, Any]) -> dict[str, Any]:
-        if doc_id is None:
-            doc_id = uuid.uuid4().hex[:20]
+        assert doc_id is not None
         head = {"_index": name, "_id": doc_id}
         if self.reject_bulk_items > 0:
             self.reject_bulk_items -= 1
@@ -481,8 +682,10 @@ class EsDouble:
         index.versions[doc_id] = version
         if source is None:
             index.docs.pop(doc_id, None)
+            index.doc_order.pop(doc_id, None)
         else:
             index.docs[doc_id] = source
+            index.doc_order[doc_id] = index.seq_no  # an update is a new Lucene doc, after every other
         index.seq_no += 1
         shards = {"total": 1 + index.replicas, "successful": 1, "failed": 0}
         return {"_version": version, "_shards": shards, "_seq_no": index.seq_no - 1, "_primary_term": 1}
@@ -537,13 +740,48 @@ class EsDouble:
     # -- search ---------------------------------------------------------------------------------
 
     async def _search(self, request: web.Request) -> web.StreamResponse:
-        started = time.perf_counter()
         index = self._index(request)
         body = await _json_body(request, optional=True)
-        for key in set(body) - SEARCH_KEYS:
-            token = "START_OBJECT" if isinstance(body[key], dict) else "VALUE"
-            raise parsing_error(f"Unknown key for a {token} in [{key}].")
-        size = _int_param(body.get("size", request.query.get("size", 10)), "size")
+        _check_search_body(body)
+        if "size" not in body and "size" in request.query:
+            body = {**body, "size": request.query["size"]}
+        return _json(self._search_response(index, body))
+
+    async def _msearch(self, request: web.Request) -> web.StreamResponse:
+        """NDJSON header/body pairs; every item answered on its own, an error item carrying its status
+        (MultiSearchResponse.toXContent). The whole request fails only when it cannot be parsed."""
+        started = time.perf_counter()
+        text = await request.text() if request.can_read_body else ""
+        if not text.endswith("\n"):
+            raise illegal_argument("The msearch request must be terminated by a newline [\\n]")
+        lines = [line for line in text.split("\n")[:-1]]
+        if not any(lines):
+            raise EsError(400, "action_request_validation_exception", "Validation Failed: 1: no requests added;")
+        if len(lines) % 2:
+            raise parsing_error("[msearch] every search needs a header line and a body line")
+        searches = []
+        for header_line, body_line in zip(lines[::2], lines[1::2], strict=True):
+            header, body = _loads(header_line or "{}"), _loads(body_line)
+            for key in set(header) - MSEARCH_HEADER_KEYS:
+                raise illegal_argument(f"key [{key}] is not supported in the metadata section")
+            _check_search_body(body)
+            searches.append((header.get("index", request.match_info.get("index")), body))
+        responses = []
+        for name, body in searches:
+            try:
+                if name is None:
+                    raise EsError(400, "action_request_validation_exception", "Validation Failed: 1: index is missing;")
+                if name not in self.indices:
+                    raise index_not_found(name)
+                responses.append({**self._search_response(self.indices[name], body), "status": 200})
+            except EsError as exc:
+                responses.append(exc.body())
+        return _json({"took": int((time.perf_counter() - started) * 1000), "responses": responses})
+
+    def _search_response(self, index: Index, body: dict[str, Any]) -> dict[str, Any]:
+        """One search over the shards that answer: their hits merged, the others reported as failures."""
+        started = time.perf_counter()
+        size = _int_param(body.get("size", 10), "size")
         start = _int_param(body.get("from", 0), "from")
         if start + size > MAX_RESULT_WINDOW:
             raise illegal_argument(
@@ -552,27 +790,134 @@ class EsDouble:
             )
         if "knn" in body and "query" in body:
             raise illegal_argument("the double does not combine [knn] with [query]")
-        if "knn" in body:
-            scored = _knn_scores(index, body["knn"])
-        else:
-            scored = _query_scores(index, body.get("query", {"match_all": {}}))
-        ranked = sorted(scored.items(), key=lambda item: -item[1])
-        page = ranked[start : start + size]
+        phase = "dfs" if "knn" in body else "query"
+        failures = self._shard_failures(index)
+        answering = [shard for shard in range(index.shards) if shard not in failures]
+        timed_out = False
+        if self.time_out_searches > 0 and answering:
+            self.time_out_searches -= 1
+            timed_out = True  # the shards past the first half did not answer within `timeout`
+            answering = answering[: max(len(answering) // 2, 1)]
+        if not answering:
+            raise all_shards_failed(index, phase, failures)
+        try:
+            if "knn" in body:
+                scored = _knn_scores(index, body["knn"], answering)
+            else:
+                live = set(answering)
+                scored = {doc_id: score for doc_id, score in
+                          _query_scores(index, body.get("query", {"match_all": {}})).items()
+                          if index.shard_of(doc_id) in live}  # fmt: skip
+        except ShardError as exc:
+            raise all_shards_failed(index, phase, dict.fromkeys(answering, exc.error), status=exc.status) from exc
+        ranked = _ranked(index, scored)
         hits = [
             {"_index": index.name, "_id": doc_id, "_score": score,
              **_source_part(index.searchable[doc_id], {}, body.get("_source", True))}
-            for doc_id, score in page
+            for doc_id, score in ranked[start : start + size]
         ]  # fmt: skip
-        return _json({
+        shards: dict[str, Any] = {"total": index.shards, "successful": index.shards - len(failures),
+                                  "skipped": 0, "failed": len(failures)}  # fmt: skip
+        if failures:
+            shards["failures"] = [_shard_failure(index, shard, error) for shard, error in sorted(failures.items())]
+        return {
             "took": int((time.perf_counter() - started) * 1000),
-            "timed_out": False,
-            "_shards": index.shards_header(),
+            "timed_out": timed_out,
+            "_shards": shards,
             "hits": {
                 "total": {"value": len(ranked), "relation": "eq"},
                 "max_score": ranked[0][1] if ranked else None,
                 "hits": hits,
             },
-        })
+        }
+
+    def _shard_failures(self, index: Index) -> dict[int, dict[str, Any]]:
+        """The shards that cannot answer a search now, and why."""
+        if not index.active:  # a fresh index whose primaries have not started: no copy to search
+            return {shard: {"type": "no_shard_available_action_exception", "reason": None}
+                    for shard in range(index.shards)}  # fmt: skip
+        return {shard: error for shard, error in self.broken_shards.items() if shard < index.shards}
+
+    async def _cluster_health(self, request: web.Request) -> web.StreamResponse:
+        """Cluster health, waiting up to `timeout` for `wait_for_status`; 408 when that wait timed out
+        (ClusterHealthResponse.status())."""
+        name = request.match_info.get("index")
+        if name is not None and name not in self.indices:
+            raise index_not_found(name)
+        indices = [self.indices[name]] if name is not None else list(self.indices.values())
+        wanted = request.query.get("wait_for_status")
+        if wanted is not None and wanted not in HEALTH_RANK:
+            raise illegal_argument(f"unknown cluster health status [{wanted}]")
+        deadline = time.monotonic() + _seconds(request.query.get("timeout", "30s"))
+        def short_of_wanted() -> bool:
+            return wanted is not None and HEALTH_RANK[_health(indices)] > HEALTH_RANK[wanted]
+
+        while short_of_wanted() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        status, timed_out = _health(indices), short_of_wanted()
+        active = sum(index.shards for index in indices if index.active)
+        body = {
+            "cluster_name": "cbir", "status": status, "timed_out": timed_out,
+            "number_of_nodes": 1, "number_of_data_nodes": 1,
+            "active_primary_shards": active, "active_shards": active, "relocating_shards": 0,
+            "initializing_shards": sum(index.shards for index in indices if not index.active),
+            "unassigned_shards": sum(index.shards * index.replicas for index in indices),
+            "delayed_unassigned_shards": 0, "number_of_pending_tasks": 0, "number_of_in_flight_fetch": 0,
+            "task_max_waiting_in_queue_millis": 0,
+        }  # fmt: skip
+        return _json(body, status=408 if timed_out else 200)
+
+
+HEALTH_RANK = {"green": 0, "yellow": 1, "red": 2}
+
+
+def _health(indices: list[Index]) -> str:
+    if any(not index.active for index in indices):
+        return "red"  # a primary is not active
+    return "yellow" if any(index.replicas for index in indices) else "green"  # one node: replicas never assign
+
+
+def _seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)?", value.strip())
+    if match is None:
+        raise illegal_argument(f"failed to parse setting [timeout] with value [{value}] as a time value")
+    return float(match.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 0.001}[match.group(2)]
+
+
+class ShardError(EsError):
+    """An error a shard raises while it searches: reported as a shard failure, not at the top level."""
+
+
+def all_shards_failed(index: Index, phase: str, failures: dict[int, dict[str, Any]], *, status: int | None = None
+                      ) -> EsError:  # fmt: skip
+    """`search_phase_execution_exception` "all shards failed": the same failure of many shards grouped into
+    one entry (`grouped: true`), the status that of the cause (503 when no shard copy was available)."""
+    grouped: dict[str, tuple[int, dict[str, Any]]] = {}
+    for shard, error in sorted(failures.items()):
+        grouped.setdefault(json.dumps(error, sort_keys=True), (shard, error))
+    first = next(iter(grouped.values()))[1]
+    if status is None:
+        status = {"circuit_breaking_exception": 429, "illegal_argument_exception": 400}.get(first["type"], 503)
+    error = EsError(status, "search_phase_execution_exception", "all shards failed", phase=phase, grouped=True,
+                    failed_shards=[_shard_failure(index, shard, e) for shard, e in grouped.values()])  # fmt: skip
+    error.root_causes = [{k: v for k, v in e.items() if k != "caused_by"} for _, e in grouped.values()]
+    return error
+
+
+def _shard_failure(index: Index, shard: int, error: dict[str, Any]) -> dict[str, Any]:
+    """ShardSearchFailure as the REST layer writes it."""
+    return {"shard": shard, "index": index.name, "node": NODE_ID, "reason": error}
+
+
+def _ranked(index: Index, scored: dict[str, float]) -> list[tuple[str, float]]:
+    """Best first; equal scores by shard, then Lucene doc id (the coordinating node's merge)."""
+    return sorted(scored.items(), key=lambda item: (-item[1], index.shard_of(item[0]), index.doc_order[item[0]]))
+
+
+def _check_search_body(body: dict[str, Any]) -> None:
+    for key in set(body) - SEARCH_KEYS:
+        token = "START_OBJECT" if isinstance(body[key], dict) else "VALUE"
+        raise parsing_error(f"Unknown key for a {token} in [{key}].")
 
 
 # -- request checks -----------------------------------------------------------------------------
@@ -733,14 +1078,53 @@ def _parse_failure(name: str, spec: dict[str, Any], reason: str, cause: str) -> 
 
 
 def _query_scores(index: Index, query: dict[str, Any]) -> dict[str, float]:
+    """The searchable documents `query` matches, with their scores."""
     if not isinstance(query, dict) or len(query) != 1:
         raise parsing_error("[_na] query malformed, must start with start_object")
     kind, spec = next(iter(query.items()))
     if kind == "match_all":
-        return {doc_id: 1.0 for doc_id in index.searchable}
+        return dict.fromkeys(index.searchable, 1.0)
     if kind == "script_score":
         return _script_scores(index, spec)
+    if kind == "bool":
+        return _bool_matches(index, spec)
+    if kind == "terms":
+        return _terms_matches(index, spec)
+    if kind == "ids":
+        if not isinstance(spec, dict) or set(spec) - {"values", "boost", "_name"}:
+            raise parsing_error("[ids] query does not support the given fields")
+        return dict.fromkeys((doc_id for doc_id in spec.get("values", []) if doc_id in index.searchable), 1.0)
     raise parsing_error(f"unknown query [{kind}]")
+
+
+def _clauses(spec: Any) -> list[dict[str, Any]]:
+    return spec if isinstance(spec, list) else [spec]
+
+
+def _bool_matches(index: Index, spec: dict[str, Any]) -> dict[str, float]:
+    """`filter` (all must match, no score) and `must_not` (none may): a filter-only bool scores 0."""
+    for key in set(spec) - BOOL_KEYS:  # must and should exist too; the store sends neither
+        raise parsing_error(f"[bool] query does not support [{key}] (the double runs filter and must_not only)")
+    matched = set(index.searchable)
+    for clause in _clauses(spec.get("filter", [])):
+        matched &= set(_query_scores(index, clause))
+    for clause in _clauses(spec.get("must_not", [])):
+        matched -= set(_query_scores(index, clause))
+    return dict.fromkeys(matched, 0.0)
+
+
+def _terms_matches(index: Index, spec: dict[str, Any]) -> dict[str, float]:
+    fields = [key for key in spec if key not in ("boost", "_name")]
+    if len(fields) != 1:
+        raise parsing_error("[terms] query does not support multiple fields")
+    (field_name,) = fields
+    values = spec[field_name]
+    if not isinstance(values, list):
+        raise parsing_error(f"[terms] query does not support [{field_name}]")
+    if index.properties().get(field_name, {}).get("type") != "keyword":
+        return {}  # an unmapped field matches nothing
+    wanted = {str(value) for value in values}
+    return {doc_id: 1.0 for doc_id, source in index.searchable.items() if str(source.get(field_name)) in wanted}
 
 
 def _script_scores(index: Index, spec: dict[str, Any]) -> dict[str, float]:
@@ -764,9 +1148,11 @@ def _script_scores(index: Index, spec: dict[str, Any]) -> dict[str, float]:
                             f'Cannot invoke "Object.getClass()" because "params.{param}" is null')  # fmt: skip
     vectors = _field_vectors(index, field_name, params[param], list(matched))
     scores = {doc_id: _as_float32(_cosine(params[param], vector) + offset) for doc_id, vector in vectors.items()}
-    for score in scores.values():
-        if score < 0:
-            raise illegal_argument(f"script score function must not produce negative scores, but got: [{score}]")
+    for doc_id, score in scores.items():
+        if score < 0 or np.isnan(score):  # a zero query vector makes every cosine NaN
+            raise ShardError(400, "illegal_argument_exception",
+                             f"script_score script returned an invalid score [{_java_float(score)}] for doc "
+                             f"[{index.doc_order[doc_id]}]. Must be a non-negative score!")  # fmt: skip
     return scores
 
 
@@ -775,7 +1161,9 @@ def _script_error(reason: str, source: str | None, cause: str, cause_reason: str
                    caused_by={"type": cause, "reason": cause_reason})  # fmt: skip
 
 
-def _knn_scores(index: Index, knn: dict[str, Any]) -> dict[str, float]:
+def _knn_scores(index: Index, knn: dict[str, Any], shards: list[int]) -> dict[str, float]:
+    """Top-level kNN: each shard's approximate search keeps its best `k` of `num_candidates`, and the
+    coordinating node keeps the best `k` of all shards."""
     if not isinstance(knn, dict):
         raise parsing_error("[knn] must be an object (the double takes one knn clause)")
     for key in set(knn) - KNN_KEYS:
@@ -795,10 +1183,51 @@ def _knn_scores(index: Index, knn: dict[str, Any]) -> dict[str, float]:
         raise illegal_argument(
             f"to perform knn search on field [{knn['field']}], its mapping must have [index] set to [true]"
         )
-    vectors = _field_vectors(index, knn["field"], knn["query_vector"], list(index.searchable))
-    # Lucene's cosine similarity score: (1 + cos) / 2, always in [0, 1].
-    scores = {doc_id: _as_float32((1.0 + _cosine(knn["query_vector"], v)) / 2.0) for doc_id, v in vectors.items()}
-    return dict(sorted(scores.items(), key=lambda item: -item[1])[:k])
+    _field_vectors(index, knn["field"], knn["query_vector"], [])  # the field and the query's dims
+    query = np.asarray(knn["query_vector"], dtype=np.float32)
+    if spec.get("similarity", "cosine") == "cosine" and not np.any(query):
+        preview = ", ".join(_java_float(v) for v in knn["query_vector"][:5])
+        raise ShardError(400, "illegal_argument_exception",
+                         "The [cosine] similarity does not support vectors with zero magnitude. Preview of invalid "
+                         f"vector: [{preview}{', ...' if len(knn['query_vector']) >= 5 else ''}]")  # fmt: skip
+    passing = set(index.searchable)
+    for clause in _clauses(knn.get("filter", [])):
+        passing &= set(_query_scores(index, clause))
+    unit = query / np.linalg.norm(query)
+    merged: dict[str, float] = {}
+    for shard in shards:
+        graph = _shard_graph(index, knn["field"], shard)
+        if graph is None:
+            continue
+        accept = np.asarray([doc_id in passing for doc_id in graph.ids], dtype=bool)
+        found = graph.search(unit, candidates, accept)
+        # Lucene's cosine similarity score: (1 + cos) / 2, always in [0, 1].
+        scores = {graph.ids[row]: _as_float32((1.0 + _cosine(knn["query_vector"], graph.vectors[row])) / 2.0)
+                  for row in found}  # fmt: skip
+        merged.update(_ranked(index, scores)[:k])
+    return dict(_ranked(index, merged)[:k])
+
+
+def _shard_graph(index: Index, field_name: str, shard: int) -> ShardGraph | None:
+    """The graph of one shard's searchable vectors, built once per refresh."""
+    key = (field_name, shard)
+    if key not in index.graphs:
+        ids = sorted((doc_id for doc_id in index.searchable if index.shard_of(doc_id) == shard),
+                     key=index.doc_order.__getitem__)  # fmt: skip
+        if not ids:
+            return None
+        vectors = np.asarray([index.searchable[doc_id][field_name] for doc_id in ids], dtype=np.float32)
+        index.graphs[key] = ShardGraph.build(ids, vectors)
+    return index.graphs[key]
+
+
+def _java_float(value: float) -> str:
+    """How Java prints a float: NaN, Infinity, 0.0."""
+    if np.isnan(value):
+        return "NaN"
+    if np.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return repr(float(value))
 
 
 def _field_vectors(index: Index, field_name: str, query: Any, doc_ids: list[str]) -> dict[str, np.ndarray]:
@@ -817,7 +1246,8 @@ def _field_vectors(index: Index, field_name: str, query: Any, doc_ids: list[str]
 def _cosine(query: list[float], vector: np.ndarray) -> float:
     q = np.asarray(query, dtype=np.float64)
     v = vector.astype(np.float64)
-    return float(q @ v / (np.linalg.norm(q) * np.linalg.norm(v)))
+    with np.errstate(invalid="ignore", divide="ignore"):  # a zero vector: NaN, as Painless computes it
+        return float(q @ v / (np.linalg.norm(q) * np.linalg.norm(v)))
 
 
 def _as_float32(value: float) -> float:
@@ -862,8 +1292,18 @@ async def _json_body(request: web.Request, *, optional: bool = False) -> dict[st
         if optional:
             return {}
         raise parsing_error("request body is required")
+    return _loads(text)
+
+
+def _loads(text: str) -> dict[str, Any]:
+    """A JSON object as Elasticsearch's parser reads it: NaN and Infinity are not JSON, and refused."""
+
+    def non_numeric(token: str) -> float:
+        raise EsError(400, "x_content_parse_exception", f"[1:1] Non-standard token '{token}': enable "
+                      "`JsonReadFeature.ALLOW_NON_NUMERIC_NUMBERS` to allow")  # fmt: skip
+
     try:
-        body = json.loads(text)
+        body = json.loads(text, parse_constant=non_numeric)
     except json.JSONDecodeError as exc:
         raise EsError(400, "x_content_parse_exception", f"[1:1] Unexpected character: {exc}") from exc
     if not isinstance(body, dict):

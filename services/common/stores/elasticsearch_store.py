@@ -5,13 +5,31 @@ Elasticsearch does the sharding, replication and persistence; this module only s
 mapping, writes through the bulk helper, and turns every client error into a `CbirError`
 (`_translated`): a missing index is `IndexNotReadyError`, refused credentials `StoreAuthError`,
 an unreachable or overloaded cluster `StoreUnavailableError`.
+
+What a real cluster does that a single process would not, and what the store does about it:
+
+- **Partial results.** A search some shards fail still answers 200, with `_shards.failed` and
+  the other shards' hits; one that ran past its `timeout` answers `timed_out: true`. The product
+  promises exact rankings, so either is `StoreUnavailableError` (503 with Retry-After at the HTTP
+  edge) naming how many shards failed and the first reasons, never a shorter list of hits.
+- **Bad query vectors.** A zero, NaN or wrong-size vector is refused before anything is sent
+  (`check_query_vector`); Elasticsearch would answer 400 (cosine of a zero vector), or the JSON
+  would not even parse (NaN).
+- **A fresh index.** The primaries of a new 30-shard index take a while to start, and until
+  they have, bulk items fail with 503 `unavailable_shards_exception`: after creating the index
+  the store waits for `_cluster/health?wait_for_status=yellow`, and retries 503 items (as the
+  bulk helper retries 429s) with the same backoff.
+- **Ties.** Elasticsearch orders equal scores by shard, then by Lucene doc id within the shard,
+  so documents with the same score may come in another order than FAISS gives them; the scores
+  and the set of hits at each score are the same.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,7 +58,7 @@ from services.common.errors import (
 )
 from services.common.scoring import ES_SCRIPT_SOURCE, score_from_es_knn
 from services.common.settings import EsSearchMode, StoreSettings, default
-from services.common.stores.base import StoreInfo, StoreQuery, VectorStore, check_compatible
+from services.common.stores.base import StoreInfo, StoreQuery, VectorStore, check_compatible, check_query_vector
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +71,8 @@ MGET_CHUNK = 1000  # ids per _mget request of the resume check
 MAX_RESULT_WINDOW = 10_000  # index.max_result_window, and the ceiling of knn num_candidates
 MAX_BACKOFF_S = 60.0
 FAILURES_SHOWN = 10  # failed ids spelled out in an error message; all are on `.failures`
+SHARD_REASONS_SHOWN = 3  # distinct shard failure reasons spelled out for a partial search
+PRIMARIES_WAIT_S = 30  # how long a new index's primaries may take to start (the create API's own default)
 
 # Statuses that mean "not now" rather than "never": the caller may retry later (503).
 UNAVAILABLE_STATUSES = frozenset({429, 502, 503, 504})
@@ -269,31 +289,89 @@ class ElasticsearchStore(VectorStore):
         return found
 
     async def search_many(self, queries: Sequence[StoreQuery]) -> list[list[StoreHit]]:
-        # One request per query for now; the filters and paging of StoreQuery are not sent yet.
-        if any(q.offset or q.labels is not None or q.exclude_ids for q in queries):
-            raise StoreError("filtered or paged queries are not supported by the Elasticsearch store yet")
-        return [await self._search_one(query.vector, query.k) for query in queries]
+        """Every query in one `_msearch` request; each answer checked for errors and partial results.
 
-    async def _search_one(self, vector: np.ndarray, k: int) -> list[StoreHit]:
-        if k <= 0:
-            return []
-        k = min(k, MAX_RESULT_WINDOW)
-        query_vector = np.asarray(vector, dtype=np.float32).ravel().tolist()
-        request, to_score = self._search_request(query_vector, k)
-        with self._translated(f"searching ({self.search_mode.value})"):
-            response = await self._client.search(
-                index=self.index, size=k, source=HIT_FIELDS, **request
-            )
-        return [
-            StoreHit(
-                id=hit["_source"]["id"],
-                filename=hit["_source"]["filename"],
-                path=hit["_source"]["path"],
-                label=hit["_source"]["label"],
-                score=to_score(hit["_score"]),
-            )
-            for hit in response["hits"]["hits"]
-        ]
+        Exact mode ranks the documents that pass the filter with `script_score`; kNN mode asks each
+        shard for `num_candidates` candidates among them and keeps the best `offset + k`, of which
+        `from`/`size` take the page, so deep pages need `CBIR_ES_NUM_CANDIDATES` to grow with them.
+        """
+        for query in queries:
+            check_query_vector(query.vector, dims=self._dims, where=self._where)
+        sent = [position for position, query in enumerate(queries) if _window(query) > 0]
+        results: list[list[StoreHit]] = [[] for _ in queries]
+        if not sent:
+            return results
+        searches: list[dict[str, Any]] = []
+        for position in sent:
+            searches += [{}, self._search_body(queries[position])]
+        doing = f"searching ({self.search_mode.value}, {len(sent)} queries)"
+        with self._translated(doing):
+            response = await self._client.msearch(index=self.index, searches=searches)
+        to_score = score_from_es_knn if self.search_mode is EsSearchMode.knn else float
+        for position, answer in zip(sent, response["responses"], strict=True):
+            self._check_search_answer(answer, doing)
+            results[position] = [
+                StoreHit(id=hit["_source"]["id"], filename=hit["_source"]["filename"], path=hit["_source"]["path"],
+                         label=hit["_source"]["label"], score=to_score(hit["_score"]))
+                for hit in answer["hits"]["hits"]
+            ]  # fmt: skip
+        return results
+
+    def _search_body(self, query: StoreQuery) -> dict[str, Any]:
+        """The `_msearch` body of one query in the configured mode (`ES_SCRIPT_SOURCE` already scores on
+        the service's scale; kNN's `(1 + cos) / 2` is converted back by `score_from_es_knn`)."""
+        size = _window(query)
+        vector = np.asarray(query.vector, dtype=np.float32).ravel().tolist()
+        page = {"from": query.offset, "size": size, "_source": HIT_FIELDS}
+        allowed = _filter(query)
+        if self.search_mode is EsSearchMode.knn:
+            depth = query.offset + size
+            knn: dict[str, Any] = {
+                "field": VECTOR_FIELD,
+                "query_vector": vector,
+                "k": depth,
+                "num_candidates": min(max(depth, self.num_candidates), MAX_RESULT_WINDOW),
+            }
+            if allowed is not None:
+                knn["filter"] = allowed  # applied during the graph search, not after it
+            return {"knn": knn, **page}
+        script_score = {
+            "query": allowed or {"match_all": {}},
+            "script": {"source": ES_SCRIPT_SOURCE, "params": {"query_vector": vector}},
+        }
+        return {"query": {"script_score": script_score}, **page}
+
+    def _check_search_answer(self, answer: dict[str, Any], doing: str) -> None:
+        """Raise for an `_msearch` item that is an error, or that holds the hits of only some shards."""
+        if "error" in answer:
+            status = int(answer.get("status", 500))
+            if _error_type(answer) == "index_not_found_exception":
+                raise self._not_ready()
+            detail = f"{status} {_reason(answer)}"
+            if status in UNAVAILABLE_STATUSES:
+                raise StoreUnavailableError(
+                    f"Elasticsearch at {self.url} is overloaded or down while {doing} ({detail})"
+                )
+            raise StoreError(f"{self._where} refused {doing}: {detail}")
+        shards = answer.get("_shards", {})
+        failed = int(shards.get("failed", 0))
+        if failed or answer.get("timed_out"):
+            raise StoreUnavailableError(self._partial_message(shards, timed_out=bool(answer.get("timed_out"))))
+
+    def _partial_message(self, shards: dict[str, Any], *, timed_out: bool) -> str:
+        total, failed = shards.get("total", "?"), int(shards.get("failed", 0))
+        parts = []
+        if failed:
+            reasons = list(dict.fromkeys(
+                f"shard {failure.get('shard')}: {_reason({'error': failure.get('reason')})}"
+                for failure in shards.get("failures", [])
+            ))  # fmt: skip
+            shown = "; ".join(reasons[:SHARD_REASONS_SHOWN]) + ("; ..." if len(reasons) > SHARD_REASONS_SHOWN else "")
+            parts.append(f"{failed} of {total} shards failed" + (f" ({shown})" if shown else ""))
+        if timed_out:
+            parts.append("the search timed out before every shard answered")
+        return (f"{self._where} answered with partial results: {' and '.join(parts)}; "
+                "not serving an incomplete ranking, retry shortly")  # fmt: skip
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -345,11 +423,26 @@ class ElasticsearchStore(VectorStore):
                 if _error_type(exc) != "resource_already_exists_exception":
                     raise
                 return False
+        await self._wait_for_primaries()
         logger.info(
             "created %s: %d shards, %d replicas, %d-dim cosine vectors of model %s",
             self._where, self.shards, self.replicas, dims, model_version,
         )  # fmt: skip
         return True
+
+    async def _wait_for_primaries(self) -> None:
+        """Wait until every primary of the new index has started (health yellow): until then each bulk
+        item routed to a starting shard fails with 503 `unavailable_shards_exception`."""
+        with self._translated("waiting for the new index's shards to start"):
+            response = await self._client.options(
+                request_timeout=PRIMARIES_WAIT_S + 10, ignore_status=408  # 408: the wait itself timed out
+            ).cluster.health(index=self.index, wait_for_status="yellow", timeout=f"{PRIMARIES_WAIT_S}s")
+        if response.body.get("timed_out"):
+            raise StoreUnavailableError(
+                f"the primaries of {self._where} did not start within {PRIMARIES_WAIT_S} s "
+                f"(health {response.body.get('status')}, {response.body.get('initializing_shards')} initializing, "
+                f"{response.body.get('unassigned_shards')} unassigned); check the cluster's disk and allocation"
+            )
 
     async def _read_mapping(self) -> dict[str, Any] | None:
         """The index's mapping, or None when there is no such index."""
@@ -386,7 +479,24 @@ class ElasticsearchStore(VectorStore):
         }
 
     async def _bulk(self, actions: Iterable[dict[str, Any]], doing: str) -> list[dict[str, Any]]:
-        """Send `actions` in chunks; the per-document results, 429s retried with backoff."""
+        """Send `actions` in chunks; the per-document results (the last answer for each id), 429s retried
+        by the bulk helper and 503 items (a primary not started yet) by this loop, both with backoff."""
+        pending = {action["_id"]: action for action in actions}  # the last action for an id is what counts
+        results: dict[str, dict[str, Any]] = {}
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                await asyncio.sleep(min(self.initial_backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S))
+            for item in await self._bulk_pass(pending.values(), doing):
+                results[item["_id"]] = item
+            pending = {doc_id: pending[doc_id] for doc_id, item in results.items()
+                       if doc_id in pending and int(item.get("status", 0)) == 503}  # fmt: skip
+            if not pending:
+                break
+            logger.warning("%s: %d documents refused with 503 by %s (%s); retrying",
+                           doing, len(pending), self._where, _reason(results[next(iter(pending))]))  # fmt: skip
+        return list(results.values())
+
+    async def _bulk_pass(self, actions: Iterable[dict[str, Any]], doing: str) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
         with self._translated(doing):
             async for _, result in async_streaming_bulk(
@@ -402,25 +512,6 @@ class ElasticsearchStore(VectorStore):
                 items.append(item)
         logger.debug("%s: %d documents sent to %s", doing, len(items), self._where)
         return items
-
-    def _search_request(
-        self, query_vector: list[float], k: int
-    ) -> tuple[dict[str, Any], Callable[[float], float]]:
-        """The search body for the configured mode, and how to turn its `_score` into ours."""
-        if self.search_mode is EsSearchMode.knn:
-            knn = {
-                "field": VECTOR_FIELD,
-                "query_vector": query_vector,
-                "k": k,
-                "num_candidates": min(max(k, self.num_candidates), MAX_RESULT_WINDOW),
-            }
-            return {"knn": knn}, score_from_es_knn
-        script_score = {
-            "query": {"match_all": {}},
-            "script": {"source": ES_SCRIPT_SOURCE, "params": {"query_vector": query_vector}},
-        }
-        # ES_SCRIPT_SOURCE already scores on the service's scale.
-        return {"query": {"script_score": script_score}}, float
 
     @contextlib.contextmanager
     def _translated(self, doing: str) -> Iterator[None]:
@@ -487,6 +578,21 @@ def _check_vector_mapping(mapping: dict[str, Any], *, where: str) -> None:
             f"{where} has no cosine dense_vector field {VECTOR_FIELD!r} (found {vector!r}); "
             "delete it or set CBIR_ES_INDEX to another name"
         )
+
+
+def _window(query: StoreQuery) -> int:
+    """How many hits of `query` can be asked for: Elasticsearch's from + size stops at 10,000."""
+    return max(min(query.k, MAX_RESULT_WINDOW - query.offset), 0)
+
+
+def _filter(query: StoreQuery) -> dict[str, Any] | None:
+    """The `bool` filter of a query's labels and excluded ids, or None when it has neither."""
+    clauses: dict[str, Any] = {}
+    if query.labels is not None:
+        clauses["filter"] = [{"terms": {"label": sorted(query.labels)}}]
+    if query.exclude_ids:
+        clauses["must_not"] = [{"ids": {"values": sorted(query.exclude_ids)}}]
+    return {"bool": clauses} if clauses else None
 
 
 def _body(exc: BaseException | None) -> Any:
