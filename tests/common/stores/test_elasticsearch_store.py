@@ -32,7 +32,7 @@ from services.common.errors import (
     StoreUnavailableError,
 )
 from services.common.settings import EsSearchMode
-from services.common.stores.base import VectorStore
+from services.common.stores.base import StoreQuery, VectorStore
 from services.common.stores.elasticsearch_store import ElasticsearchStore
 from services.common.stores.faiss_store import FaissStore
 
@@ -146,18 +146,20 @@ async def test_elasticsearch_bulk_429s_beyond_the_retries_are_reported(
     assert es_double.calls("/_bulk") == 1 + es_store.max_retries
 
 
-@pytest.mark.parametrize("mode", [EsSearchMode.exact, EsSearchMode.knn])
-async def test_elasticsearch_search_ranks_and_scores_like_faiss(
-    make_es_store: MakeEsStore, tmp_path: Path, mode: EsSearchMode
-) -> None:
-    docs = documents(300, seed=1)
-    faiss_store = FaissStore(tmp_path / "index.npz")
-    es_store = make_es_store(es_search_mode=mode)
+async def faiss_and_es(make_es_store: MakeEsStore, tmp_path: Path, docs: list, **settings: object
+                       ) -> tuple[FaissStore, ElasticsearchStore]:  # fmt: skip
+    faiss_store, es_store = FaissStore(tmp_path / "index.npz"), make_es_store(**settings)
     for store in (faiss_store, es_store):
         await store.open(dims=DIMS, model_version=MODEL)
         await store.upsert(docs)
         await store.flush()
+    return faiss_store, es_store
 
+
+async def test_elasticsearch_exact_search_ranks_and_scores_like_faiss(
+    make_es_store: MakeEsStore, tmp_path: Path
+) -> None:
+    faiss_store, es_store = await faiss_and_es(make_es_store, tmp_path, documents(300, seed=1))
     for query in unit_vectors(5, seed=2):
         for k in (1, 10, 400):  # 400 > the 300 documents: both return all of them
             expected = await faiss_store.search(query, k)
@@ -166,6 +168,23 @@ async def test_elasticsearch_search_ranks_and_scores_like_faiss(
             np.testing.assert_allclose([hit.score for hit in got], [hit.score for hit in expected], atol=1e-4)
             assert got == [replace(hit, score=g.score) for hit, g in zip(expected, got, strict=True)]
     assert len(expected) == 300
+
+
+async def test_elasticsearch_knn_recall_against_faiss_with_its_scores(
+    make_es_store: MakeEsStore, tmp_path: Path
+) -> None:
+    """kNN is approximate: held to recall@k against FAISS's exact answer, the shared hits scored alike."""
+    faiss_store, es_store = await faiss_and_es(make_es_store, tmp_path, documents(2000, seed=1),
+                                               es_search_mode=EsSearchMode.knn, es_shards=2)  # fmt: skip
+    for query in unit_vectors(5, seed=2):
+        for k in (1, 10, 100):
+            expected = {hit.id: hit for hit in await faiss_store.search(query, k)}
+            got = await es_store.search(query, k)
+            assert len(got) == k and len(set(expected) & {hit.id for hit in got}) >= 0.95 * k
+            for hit in got:
+                if hit.id in expected:
+                    assert hit == replace(expected[hit.id], score=hit.score)
+                    assert hit.score == pytest.approx(expected[hit.id].score, abs=1e-4)
 
 
 async def test_elasticsearch_search_of_a_stored_vector_finds_it_first_with_score_two(
@@ -281,6 +300,160 @@ async def test_elasticsearch_index_deleted_under_the_store_is_not_ready(
         await es_store.get("doc-0000")
     with pytest.raises(IndexNotReadyError):
         await es_store.existing_ids(["doc-0000"])
+
+
+# -- what a real cluster does: partial results, fresh indices, bad vectors, ties ------------------
+
+
+async def test_elasticsearch_partial_shard_failures_are_a_503_naming_the_shards(
+    es_double: EsDouble, es_store: ElasticsearchStore
+) -> None:
+    await es_store.open(dims=DIMS, model_version=MODEL)
+    await es_store.upsert(documents(200))
+    await es_store.flush()
+    es_double.break_shards(3, 17)
+    with pytest.raises(StoreUnavailableError) as caught:
+        await es_store.search(unit_vectors(1)[0], 10)
+    message = caught.value.message
+    assert caught.value.status_code == 503
+    assert "partial results: 2 of 30 shards failed" in message and "not serving an incomplete ranking" in message
+    assert "shard 3: circuit_breaking_exception" in message and "shard 17: circuit_breaking_exception" in message
+
+
+async def test_elasticsearch_partial_results_of_one_query_fail_the_whole_call(
+    es_double: EsDouble, es_store: ElasticsearchStore
+) -> None:
+    """A one-shard failure fails every query of the call: their hits come from the same shards."""
+    await es_store.open(dims=DIMS, model_version=MODEL)
+    await es_store.upsert(documents(60))
+    await es_store.flush()
+    es_double.break_shards(0, error={"type": "node_not_connected_exception", "reason": "[cbir-es-2] not connected"})
+    queries = [StoreQuery(vector=v, k=5) for v in unit_vectors(3, seed=4)]
+    with pytest.raises(StoreUnavailableError, match=r"1 of 30 shards failed \(shard 0: node_not_connected_exception"):
+        await es_store.search_many(queries)
+
+
+async def test_elasticsearch_partial_timed_out_search_is_a_503(
+    es_double: EsDouble, es_store: ElasticsearchStore
+) -> None:
+    await es_store.open(dims=DIMS, model_version=MODEL)
+    await es_store.upsert(documents(60))
+    await es_store.flush()
+    es_double.time_out_searches = 1
+    with pytest.raises(StoreUnavailableError, match="the search timed out before every shard answered"):
+        await es_store.search(unit_vectors(1)[0], 10)
+    assert len(await es_store.search(unit_vectors(1)[0], 10)) == 10  # the next search is whole again
+
+
+async def test_elasticsearch_partial_every_shard_failed_is_a_503_too(
+    es_double: EsDouble, es_store: ElasticsearchStore
+) -> None:
+    await es_store.open(dims=DIMS, model_version=MODEL)
+    es_double.break_shards(*range(30), error={"type": "no_shard_available_action_exception", "reason": None})
+    with pytest.raises(StoreUnavailableError, match="503 search_phase_execution_exception: all shards failed"):
+        await es_store.search(unit_vectors(1)[0], 10)
+
+
+async def test_elasticsearch_fresh_index_open_waits_for_its_primaries(
+    es_double: EsDouble, es_store: ElasticsearchStore
+) -> None:
+    es_double.primaries_start_s = 0.3
+    started = time.perf_counter()
+    await es_store.open(dims=DIMS, model_version=MODEL)
+    assert time.perf_counter() - started >= 0.3
+    assert es_double.calls(f"/_cluster/health/{es_store.index}") == 1
+    await es_store.upsert(documents(50))  # no 503 to retry: the primaries had started
+    assert es_double.calls("/_bulk") == 1
+
+
+async def test_elasticsearch_fresh_index_503_items_are_retried(es_double: EsDouble, make_es_store: MakeEsStore) -> None:
+    """Someone else created the index a moment ago: its primaries are still starting, so the first
+    bulk items answer 503 unavailable_shards_exception, and the store retries them with backoff."""
+    creator = make_es_store()
+    await creator.open(dims=DIMS, model_version=MODEL)
+    es_double.indices[creator.index].active_at = time.monotonic() + 0.15  # as if it had just been created
+    store = make_es_store(es_max_retries=6)  # backoff 0.01, 0.02, ... 0.32 s: 0.63 s in all
+    await store.open(dims=DIMS, model_version=MODEL, create=False)
+    await store.upsert(documents(40))
+    await store.flush()
+    assert await store.count() == 40
+    assert es_double.calls("/_bulk") > 1
+
+
+async def test_elasticsearch_fresh_index_503s_beyond_the_retries_are_reported(
+    es_double: EsDouble, make_es_store: MakeEsStore
+) -> None:
+    store = make_es_store(es_max_retries=1)
+    await store.open(dims=DIMS, model_version=MODEL)
+    es_double.indices[store.index].active_at = time.monotonic() + 60
+    with pytest.raises(BulkWriteError, match="unavailable_shards_exception") as caught:
+        await store.upsert(documents(5))
+    assert len(caught.value.failures) == 5 and "primary shard is not active" in caught.value.message
+    assert es_double.calls("/_bulk") == 2
+
+
+async def test_elasticsearch_fresh_index_whose_primaries_never_start_is_unavailable(
+    es_double: EsDouble, es_store: ElasticsearchStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("services.common.stores.elasticsearch_store.PRIMARIES_WAIT_S", 0.2)
+    es_double.primaries_start_s = 60
+    with pytest.raises(StoreUnavailableError, match="did not start within 0.2 s .*health red, 30 initializing"):
+        await es_store.open(dims=DIMS, model_version=MODEL)
+
+
+@pytest.mark.parametrize("mode", ["exact", "knn"])
+async def test_elasticsearch_double_answers_zero_and_nan_query_vectors_with_400(es_double: EsDouble, mode: str) -> None:
+    """What the store's check spares the cluster: a zero vector is a 400 on every shard, NaN is not JSON."""
+    client = AsyncElasticsearch(es_double.url, max_retries=0)
+    try:
+        await client.indices.create(index="v", mappings={"properties": {"f": {"type": "dense_vector", "dims": 3}}})
+        await client.bulk(operations=[{"index": {"_index": "v", "_id": "a"}}, {"f": [1.0, 0.0, 0.0]}])
+        await client.indices.refresh(index="v")
+
+        def body(vector: list[float]) -> dict:
+            if mode == "knn":
+                return {"knn": {"field": "f", "query_vector": vector, "k": 1, "num_candidates": 1}}
+            script = {"source": "cosineSimilarity(params.q, 'f') + 1.0", "params": {"q": vector}}
+            return {"query": {"script_score": {"query": {"match_all": {}}, "script": script}}}
+
+        answer = await client.msearch(index="v", searches=[{}, body([0.0, 0.0, 0.0]), {}, body([0.0, 1.0, 0.0])])
+        zero, fine = answer["responses"]
+        assert zero["status"] == 400 and zero["error"]["type"] == "search_phase_execution_exception"
+        cause = zero["error"]["root_cause"][0]
+        assert cause["type"] == "illegal_argument_exception"
+        assert ("does not support vectors with zero magnitude" if mode == "knn"
+                else "script returned an invalid score [NaN]") in cause["reason"]  # fmt: skip
+        assert fine["status"] == 200 and fine["hits"]["hits"][0]["_id"] == "a"
+        await _expect(client.msearch(index="v", searches=[{}, body([float("nan"), 0.0, 1.0])]),
+                      400, "x_content_parse_exception", "Non-standard token 'NaN'")  # fmt: skip
+    finally:
+        await client.close()
+
+
+async def test_elasticsearch_ties_are_ordered_by_shard_then_doc_order(es_double: EsDouble, es_store: ElasticsearchStore
+                                                                      ) -> None:  # fmt: skip
+    """Equal scores: Elasticsearch's merge orders them by shard, then by Lucene doc id within it."""
+    await es_store.open(dims=DIMS, model_version=MODEL)
+    same = unit_vectors(1, seed=8)[0]
+    twins = [replace(doc, vector=same) for doc in documents(40)]
+    await es_store.upsert(twins)
+    await es_store.flush()
+    hits = await es_store.search(same, 40)
+    index = es_double.indices[es_store.index]
+    assert len({hit.score for hit in hits}) == 1
+    assert [hit.id for hit in hits] == sorted((doc.id for doc in twins),
+                                              key=lambda i: (index.shard_of(i), index.doc_order[i]))  # fmt: skip
+    assert [hit.id for hit in hits] != [doc.id for doc in twins]  # not insertion order
+
+
+def test_elasticsearch_double_routes_ids_as_elasticsearch_does() -> None:
+    """Murmur3HashFunction (murmur3 x86_32 of the UTF-16 units), floorMod by 960 routing shards, / 32."""
+    from es_double import Index, routing_num_shards
+
+    assert [routing_num_shards(n) for n in (1, 2, 5, 30, 1024)] == [1024, 1024, 640, 960, 2048]
+    index = Index(name="x", settings={"index.number_of_shards": "30", "index.number_of_replicas": "0"}, mappings={})
+    shards = [index.shard_of(f"doc-{i:04d}") for i in range(3000)]
+    assert set(shards) == set(range(30)) and max(map(shards.count, set(shards))) < 2 * 3000 / 30
 
 
 # -- a secured cluster --------------------------------------------------------------------------
