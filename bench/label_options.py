@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name} | {accuracy(sum(probabilities[view] for view in views))}")
 
     # The service's own features (its flip TTA): raw embeddings and averaged probabilities.
-    query, document = (embed_split(bundle, split, cache_dir=args.cache_dir) for split in (test, train))
+    query = embed_split(bundle, test, purpose="query", cache_dir=args.cache_dir)
+    document = embed_split(bundle, train, purpose="index", cache_dir=args.cache_dir)
     served = torch.from_numpy(query.probabilities)
     similarity = F.normalize(torch.from_numpy(query.embeddings), dim=1) @ F.normalize(
         torch.from_numpy(document.embeddings), dim=1).T
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
             decoded_as = (other.preprocessing.image_size, other.preprocessing.resize)
             if decoded_as != (bundle.preprocessing.image_size, bundle.preprocessing.resize):
                 raise SystemExit(f"{directory} takes images decoded as {decoded_as}, not as {args.model_dir}")
-            members[other.version] = torch.from_numpy(embed_split(other, test, cache_dir=args.cache_dir).probabilities)
+            served = embed_split(other, test, purpose="query", cache_dir=args.cache_dir)
+            members[other.version] = torch.from_numpy(served.probabilities)
         print("\nensemble (served probabilities averaged) | accuracy")
         for size in range(1, len(members) + 1):
             for names in itertools.combinations(members, size):

@@ -121,7 +121,7 @@ class FixedEmbedder:
     async def info(self) -> EmbedderInfo:
         return EmbedderInfo(model_version=self.model_version, dims=self.dims, classes=["cat", "dog"], metadata={})
 
-    async def embed(self, images: np.ndarray) -> list[Embedding]:
+    async def embed(self, images: np.ndarray, *, purpose: str = "query") -> list[Embedding]:
         return [Embedding(vector=self.vector, label="cat", confidence=1.0) for _ in images]
 
     async def close(self) -> None:

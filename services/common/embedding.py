@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import httpx
 import numpy as np
@@ -22,6 +22,11 @@ from services.common.errors import EmbedderUnavailableError, ImageError
 from services.common.settings import EmbedderClientSettings, default
 
 logger = logging.getLogger(__name__)
+
+
+# What an image is embedded for: a query (the bundle's test-time views) or the index (its index-side views,
+# which may be fewer: the vectors live in the same space, see `Preprocessing.index_flip_tta`).
+Purpose = Literal["query", "index"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +54,9 @@ class EmbedderInfo:
 class EmbeddingService(Protocol):
     async def info(self) -> EmbedderInfo: ...
 
-    async def embed(self, images: np.ndarray) -> list[Embedding]:
-        """Embed `(N, 32, 32, 3)` uint8 RGB images, as `services.common.images.decode_image` makes them."""
+    async def embed(self, images: np.ndarray, *, purpose: Purpose = "query") -> list[Embedding]:
+        """Embed `(N, S, S, 3)` uint8 RGB images decoded as `info()` says (`decode_image(size=..., resample=...)`),
+        with the views the bundle uses for `purpose`."""
         ...
 
     async def close(self) -> None: ...
@@ -96,12 +102,13 @@ class HttpEmbeddingClient:
                                           resize=str(body.get("resize", "lanczos")))
         return self._info
 
-    async def embed(self, images: np.ndarray) -> list[Embedding]:
+    async def embed(self, images: np.ndarray, *, purpose: Purpose = "query") -> list[Embedding]:
         step = self.max_images_per_request
         if len(images) > step:
-            return [e for start in range(0, len(images), step) for e in await self.embed(images[start:start + step])]
+            return [e for start in range(0, len(images), step)
+                    for e in await self.embed(images[start:start + step], purpose=purpose)]
         files = [("files", (f"{i}.png", encode_png(image), "image/png")) for i, image in enumerate(images)]
-        response = await self._request("POST", "/embed", files=files)
+        response = await self._request("POST", "/embed", files=files, params={"purpose": purpose})
         with self._expecting_a_valid_answer("/embed"):
             embeddings = [
                 Embedding(vector=np.asarray(item["vector"], dtype=np.float32), label=str(item["label"]),

@@ -15,10 +15,11 @@ from functools import partial
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, File, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFile
 from pydantic import BaseModel, Field
 
 from services import wiring
+from services.common.embedding import Purpose
 from services.common.errors import ImageError, ModelNotLoadedError
 from services.common.http import (
     ERROR_RESPONSES,
@@ -101,7 +102,10 @@ router = APIRouter(tags=["embedder"])
 @router.post("/embed", response_model=EmbedResponse, responses=ERROR_RESPONSES,
              dependencies=[Depends(verify_api_key)])
 async def embed(request: Request, service: ServiceDep,
-                files: Annotated[list[UploadFile], File(description="one or more images")]) -> EmbedResponse:
+                files: Annotated[list[UploadFile], File(description="one or more images")],
+                purpose: Annotated[Purpose, Query(description="query: the bundle's test-time views (search); "
+                                                  "index: its index-side views (indexing)")] = "query",
+                ) -> EmbedResponse:
     """Embed one or more uploaded images (JPEG, PNG, GIF, WebP, BMP, TIFF)."""
     settings: EmbedderSettings = request.app.state.settings
     if len(files) > settings.max_images_per_request:
@@ -117,7 +121,7 @@ async def embed(request: Request, service: ServiceDep,
         except ImageError as exc:
             exc.message = f"file {position} ({upload.filename}): {exc.message}"
             raise
-    embeddings = await service.embed(np.stack(images))
+    embeddings = await service.embed(np.stack(images), purpose=purpose)
     return EmbedResponse(
         model_version=service.embedder.model_version,
         dims=service.embedder.dims,

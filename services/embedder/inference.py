@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from services.common.embedding import Purpose
 from services.common.errors import ConfigError
 from services.common.images import IMAGE_SIZE, RESAMPLE, resample_filter_named
 from services.embedder.model import CIFAR10_MEAN, CIFAR10_STD
@@ -37,7 +38,14 @@ class Preprocessing:
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
     resize: str = RESAMPLE
-    flip_tta: bool = False
+    flip_tta: bool = False  # queries are averaged with their mirror image
+    index_flip_tta: bool | None = None  # indexed images likewise; None: as `flip_tta`
+
+    def flip_for(self, purpose: Purpose) -> bool:
+        """Whether images embedded for `purpose` ("query" or "index") are averaged with their mirror."""
+        if purpose == "index" and self.index_flip_tta is not None:
+            return self.index_flip_tta
+        return self.flip_tta
 
     def __post_init__(self) -> None:
         resample_filter_named(self.resize)  # ValueError for a filter the decoder does not know
@@ -53,7 +61,8 @@ class Preprocessing:
                    mean=tuple(float(v) for v in values.get("mean", defaults.mean)),
                    std=tuple(float(v) for v in values.get("std", defaults.std)),
                    resize=str(values.get("resize", defaults.resize)),
-                   flip_tta=bool(values.get("flip_tta", defaults.flip_tta)))
+                   flip_tta=bool(values.get("flip_tta", defaults.flip_tta)),
+                   index_flip_tta=None if values.get("index_flip_tta") is None else bool(values["index_flip_tta"]))
 
     def to_metadata(self) -> dict[str, Any]:
         """The `preprocessing` object of `bundle.json`."""

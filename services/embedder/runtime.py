@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from prometheus_client import Histogram
 
-from services.common.embedding import EmbedderInfo, Embedding
+from services.common.embedding import EmbedderInfo, Embedding, Purpose
 from services.common.errors import EmbedderUnavailableError, ModelNotLoadedError
 from services.common.settings import ModelSettings, default
 from services.embedder.bundle import Bundle
@@ -52,7 +52,6 @@ class Embedder:
                             max_pca_dims=bundle.projection.max_dims)
         self.max_batch = max_batch
         self.preprocessing = bundle.preprocessing
-        self.flip_tta = bundle.preprocessing.flip_tta
         # bf16 pays off on CUDA and on CPUs with bf16 units; float32 elsewhere would be the safe
         # choice, but every bundle is measured with bf16 inference, so keep the numbers identical.
         self.use_bf16 = True
@@ -70,9 +69,10 @@ class Embedder:
 
     @property
     def model_version(self) -> str:
-        """Identifies the vectors: the bundle plus every setting that changes them."""
-        tta = "-flip" if self.flip_tta else ""
-        return f"{self.bundle.version}-d{self.pca_dims}-w{self.onehot_weight:g}{tta}"
+        """Identifies the vector space: the bundle, its PCA dims and one-hot weight. Not the test-time views:
+        an image and its mirror average to a vector of the same space, so a query with flip TTA may search
+        an index built without it (`Preprocessing.index_flip_tta`)."""
+        return f"{self.bundle.version}-d{self.pca_dims}-w{self.onehot_weight:g}"
 
     def info(self) -> EmbedderInfo:
         return EmbedderInfo(model_version=self.model_version, dims=self.dims, classes=self.bundle.classes,
@@ -80,13 +80,14 @@ class Embedder:
                                       "pca_dims": self.pca_dims, "onehot_weight": self.onehot_weight},
                             image_size=self.preprocessing.image_size, resize=self.preprocessing.resize)
 
-    def embed_batch(self, images: np.ndarray) -> list[Embedding]:
+    def embed_batch(self, images: np.ndarray, *, purpose: Purpose = "query") -> list[Embedding]:
         """Vectors for `(N, S, S, 3)` uint8 images decoded as the bundle says (`info().image_size`,
-        `.resize`), in chunks of at most `max_batch`."""
+        `.resize`), with the bundle's views for `purpose`, in chunks of at most `max_batch`."""
         results: list[Embedding] = []
         classes = self.bundle.classes
+        flip = self.preprocessing.flip_for(purpose)
         for start in range(0, len(images), self.max_batch):
-            embeddings, probabilities = self._forward(images[start:start + self.max_batch])
+            embeddings, probabilities = self._forward(images[start:start + self.max_batch], flip=flip)
             predicted = probabilities.argmax(axis=1)
             vectors = build_vectors(embeddings, predicted, projection=self.bundle.projection,
                                     pca_dims=self.pca_dims, onehot_weight=self.onehot_weight,
@@ -97,16 +98,16 @@ class Embedder:
             ]
         return results
 
-    def _forward(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _forward(self, chunk: np.ndarray, *, flip: bool) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings and probabilities of at most `max_batch` images: compiled when a compiled size fits."""
         count, compiled, sizes = len(chunk), self._compiled, self._compiled_sizes
         size = next((s for s in sizes if s >= count), None)
         if compiled is None or size is None:
-            return predict(self.model, chunk, preprocessing=self.preprocessing, device=self.device,
+            return predict(self.model, chunk, preprocessing=self.preprocessing, device=self.device, flip_tta=flip,
                            bf16=self.use_bf16, batch_size=self.max_batch)
         padded = np.concatenate([chunk, np.zeros((size - count, *chunk.shape[1:]), dtype=chunk.dtype)])
         embeddings, probabilities = predict(compiled, padded, preprocessing=self.preprocessing, device=self.device,
-                                            bf16=self.use_bf16, batch_size=size)
+                                            flip_tta=flip, bf16=self.use_bf16, batch_size=size)
         return embeddings[:count], probabilities[:count]
 
     @property
@@ -150,6 +151,7 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
 @dataclass
 class _Request:
     images: np.ndarray
+    purpose: Purpose
     future: asyncio.Future[list[Embedding]]
     loop: asyncio.AbstractEventLoop
 
@@ -176,11 +178,11 @@ class MicroBatcher:
             self._thread.start()
             self._started = True
 
-    async def embed(self, images: np.ndarray) -> list[Embedding]:
+    async def embed(self, images: np.ndarray, *, purpose: Purpose = "query") -> list[Embedding]:
         if not self._started:
             raise ModelNotLoadedError("the model is not loaded yet")
         loop = asyncio.get_running_loop()
-        request = _Request(images=images, future=loop.create_future(), loop=loop)
+        request = _Request(images=images, purpose=purpose, future=loop.create_future(), loop=loop)
         try:
             self._queue.put_nowait(request)
         except queue.Full:
@@ -209,12 +211,18 @@ class MicroBatcher:
                 size += len(extra.images)
             self._process(pending)
 
-    def _process(self, batch: list[_Request]) -> None:
+    def _process(self, requests: list[_Request]) -> None:
+        for purpose in ("query", "index"):  # their views differ: one forward pass each
+            batch = [r for r in requests if r.purpose == purpose]
+            if batch:
+                self._embed(batch, purpose)
+
+    def _embed(self, batch: list[_Request], purpose: Purpose) -> None:
         images = np.concatenate([r.images for r in batch])
         BATCH_IMAGES.observe(len(images))
         try:
             with FORWARD_SECONDS.time():
-                embeddings = self.embedder.embed_batch(images)
+                embeddings = self.embedder.embed_batch(images, purpose=purpose)
         except Exception as exc:  # noqa: BLE001 - delivered to every waiting caller
             logger.exception("forward pass failed")
             for request in batch:
@@ -268,8 +276,8 @@ class LocalEmbeddingService:
     async def info(self) -> EmbedderInfo:
         return self.embedder.info()
 
-    async def embed(self, images: np.ndarray) -> list[Embedding]:
-        return await self.batcher.embed(images)
+    async def embed(self, images: np.ndarray, *, purpose: Purpose = "query") -> list[Embedding]:
+        return await self.batcher.embed(images, purpose=purpose)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.batcher.stop)

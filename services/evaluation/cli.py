@@ -240,8 +240,9 @@ def _rank(args: argparse.Namespace, collection: Collection, timings: dict[str, f
 def _embed(args: argparse.Namespace, collection: Collection, timings: dict[str, float]) -> None:
     with _timed(timings, "embed"):
         for split in ("train", "test"):
-            features = embed_split(collection.bundle, getattr(collection, split), cache_dir=args.cache_dir,
-                                   device=args.device)
+            purpose = "index" if split == "train" else "query"  # the indexed side may use fewer views
+            features = embed_split(collection.bundle, getattr(collection, split), purpose=purpose,
+                                   cache_dir=args.cache_dir, device=args.device)
             setattr(collection, f"{split}_features", features)
 
 
@@ -330,6 +331,7 @@ def _config(args: argparse.Namespace, argv: list[str], collection: Collection, m
         "bundle_version": None if bundle is None else bundle.version,
         "bundle_metrics": None if bundle is None else bundle.metadata.get("metrics"),
         "flip_tta": None if bundle is None else bundle.preprocessing.flip_tta,
+        "index_flip_tta": None if bundle is None else bundle.preprocessing.flip_for("index"),
         "model_version": model_version, "pca_dims": pca_dims if bundle else None,
         "onehot_weight": onehot_weight if bundle else None, "k": args.k,
         "limit_per_class": args.limit_per_class, "query_limit_per_class": args.query_limit_per_class,

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from services.common.collection import list_classes
+from services.common.embedding import Purpose
 from services.common.settings import ModelSettings
 from services.embedder.bundle import Bundle
 from services.embedder.inference import Preprocessing, pick_device, predict
@@ -74,9 +75,11 @@ def load_collection_split(root: Path, split: str, classes: list[str], *, preproc
     return Split(name=split, paths=paths, labels=labels, images=images, classes=classes)
 
 
-def embed_split(bundle: Bundle, split: Split, *, cache_dir: Path, device: str = "auto") -> Features:
-    """Embeddings and probabilities of every image of `split`, cached per bundle version and split."""
-    flip_tta = bundle.preprocessing.flip_tta
+def embed_split(bundle: Bundle, split: Split, *, purpose: Purpose, cache_dir: Path,
+                device: str = "auto") -> Features:
+    """Embeddings and probabilities of every image of `split` with the bundle's views for `purpose` (the
+    indexed train split: "index"; the queries: "query"), cached per bundle version, views and split."""
+    flip_tta = bundle.preprocessing.flip_for(purpose)
     key = f"{bundle.version}|{flip_tta}|{split.name}|{'|'.join(split.paths)}".encode()
     cache = cache_dir / f"features-{split.name}-{hashlib.sha1(key).hexdigest()[:12]}.npz"
     if cache.exists():
@@ -87,7 +90,7 @@ def embed_split(bundle: Bundle, split: Split, *, cache_dir: Path, device: str = 
     target = pick_device(device)
     model = bundle.model.to(target, memory_format=torch.channels_last)  # as the Embedder holds it
     embeddings, probabilities = predict(model, split.images, preprocessing=bundle.preprocessing, device=target,
-                                        bf16=True, batch_size=EMBED_BATCH)
+                                        flip_tta=flip_tta, bf16=True, batch_size=EMBED_BATCH)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, embeddings=embeddings, probabilities=probabilities)
     return Features(embeddings=embeddings, probabilities=probabilities)

@@ -110,7 +110,8 @@ async def index_collection(root: Path, split: str, embedder: EmbeddingService, s
             decoded, failed = await asyncio.to_thread(_read_batch, root, batch, info)
             t1 = time.perf_counter()
             report.failed += failed
-            embeddings = await embedder.embed(np.stack([pixels for _, pixels in decoded])) if decoded else []
+            pixels = np.stack([image for _, image in decoded]) if decoded else None
+            embeddings = await embedder.embed(pixels, purpose="index") if decoded else []
             t2 = time.perf_counter()
             documents = [
                 ImageDocument(id=image.id, filename=image.filename, path=image.path, label=image.label,

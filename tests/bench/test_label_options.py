@@ -42,7 +42,8 @@ def test_prints_every_option_and_the_one_nearest_neighbour_vote(
     bundle = load_bundle(tiny_bundle_dir)
     test, train = (load_collection_split(mini_collection, split, bundle.classes, preprocessing=bundle.preprocessing,
                                          cache_dir=tmp_path) for split in ("test", "train"))
-    query, document = (embed_split(bundle, split, cache_dir=tmp_path).embeddings for split in (test, train))
+    query = embed_split(bundle, test, purpose="query", cache_dir=tmp_path).embeddings
+    document = embed_split(bundle, train, purpose="index", cache_dir=tmp_path).embeddings
     query, document = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (query, document))
     nearest = train.labels[(query @ document.T).argmax(axis=1)]
     assert float(rows["1"].split(" | ")[0]) == pytest.approx((nearest == test.labels).mean(), abs=1e-4)
@@ -62,6 +63,6 @@ def test_ensembles_every_combination_of_the_bundles(
 
     test = load_collection_split(mini_collection, "test", bundles[0].classes, preprocessing=bundles[0].preprocessing,
                                  cache_dir=tmp_path)
-    served = [embed_split(bundle, test, cache_dir=tmp_path).probabilities for bundle in bundles]
+    served = [embed_split(bundle, test, purpose="query", cache_dir=tmp_path).probabilities for bundle in bundles]
     expected = ((served[0] + served[1]).argmax(axis=1) == test.labels).mean()
     assert float(rows[f"{bundles[0].version} + {bundles[1].version}"]) == pytest.approx(expected, abs=1e-4)

@@ -22,14 +22,16 @@ class GatedEmbedder:
 
     def __init__(self) -> None:
         self.batches: list[int] = []
+        self.purposes: list[str] = []
         self.gate = threading.Event()
         self.first_started = threading.Event()
 
-    def embed_batch(self, images: np.ndarray) -> list[Embedding]:
+    def embed_batch(self, images: np.ndarray, *, purpose: str = "query") -> list[Embedding]:
         if not self.batches:
             self.first_started.set()
             self.gate.wait(timeout=30)
         self.batches.append(len(images))
+        self.purposes.append(purpose)
         return [Embedding(vector=np.full(4, float(image[0, 0, 0]), dtype=np.float32), label="cat", confidence=1.0)
                 for image in images]
 
@@ -63,6 +65,18 @@ async def test_concurrent_requests_share_one_forward_pass() -> None:
     # Each caller gets its own images' embeddings back, in order.
     assert [r[0].vector[0] for r in results] == [1.0, *[10.0 + i for i in range(8)]]
     assert all(len(r) == 2 for r in results[1:])
+
+
+async def test_queries_and_indexing_share_a_batch_but_not_a_forward_pass() -> None:
+    # Their views differ (flip TTA for queries only, say): one pass per purpose, each caller its own answer.
+    async with busy_batcher(max_batch=64, max_wait_ms=20, max_queue=64) as (model, batcher, first):
+        mixed = [asyncio.ensure_future(batcher.embed(images(20 + i), purpose="index" if i % 2 else "query"))
+                 for i in range(6)]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        results = await asyncio.gather(first, *mixed)
+    assert list(zip(model.batches, model.purposes, strict=True)) == [(1, "query"), (3, "query"), (3, "index")]
+    assert [r[0].vector[0] for r in results[1:]] == [20.0 + i for i in range(6)]
 
 
 async def test_a_full_queue_is_refused_at_once_with_503() -> None:

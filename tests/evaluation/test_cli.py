@@ -41,7 +41,8 @@ def recompute(bundle: Bundle, collection: Path, cache: Path) -> dict:
     embedder's vectors (the bundle's own vector settings)."""
     splits = {name: load_collection_split(collection, name, bundle.classes, preprocessing=bundle.preprocessing,
                                           cache_dir=cache) for name in ("test", "train")}
-    features = {name: embed_split(bundle, split, cache_dir=cache) for name, split in splits.items()}
+    features = {name: embed_split(bundle, split, purpose="index" if name == "train" else "query", cache_dir=cache)
+                for name, split in splits.items()}
     test_labels, train_labels = splits["test"].labels, splits["train"].labels
     predicted = features["test"].probabilities.argmax(axis=1)
     confusion = np.zeros((10, 10), dtype=int)

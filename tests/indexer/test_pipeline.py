@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from services.common.collection import iter_images
@@ -106,3 +107,47 @@ async def test_an_index_of_another_model_is_refused_or_rebuilt(collection: Path,
     reopened = FaissStore(path)
     await reopened.open(dims=18, model_version=(await other.info()).model_version, create=False)
     assert await reopened.count() == 500
+
+
+async def test_indexed_images_get_the_bundles_index_side_views(collection: Path, tmp_path: Path, tiny_bundle_dir,
+                                                               ) -> None:
+    """A bundle with flip TTA for queries but not for the index: the index holds single-view vectors, in
+    the same vector space (one model version), over HTTP as in-process."""
+    from factories import copy_bundle
+
+    from services.embedder.app import create_app
+    from services.embedder.bundle import load_bundle
+
+    def queries_only(metadata: dict) -> None:
+        metadata["preprocessing"].update(flip_tta=True, index_flip_tta=False)
+
+    bundle = load_bundle(copy_bundle(tiny_bundle_dir, tmp_path / "bundle", queries_only))
+    embedder = Embedder(bundle)
+    service = LocalEmbeddingService(embedder)
+    service.start()
+    try:
+        store = FaissStore(tmp_path / "index.npz")
+        await index_collection(collection, "train", service, store, OPTIONS)
+    finally:
+        service.batcher.stop()
+    probe = next(iter_images(collection, "train"))
+    pixels = decode_image((collection / probe.path).read_bytes())[None]
+    [single], [mirrored] = embedder.embed_batch(pixels, purpose="index"), embedder.embed_batch(pixels)
+    assert np.abs(single.vector - mirrored.vector).max() > 1e-3  # the views do differ for this image
+    [hit] = await store.search(single.vector, 1)
+    assert hit.id == probe.id and hit.score == pytest.approx(2.0, abs=1e-5)  # stored: the single view
+    assert (await store.info()).model_version == embedder.model_version  # queries (flip) may search it
+
+    app = create_app(service_factory=lambda: _started(LocalEmbeddingService(Embedder(bundle))))
+    async with app.router.lifespan_context(app):
+        client = HttpEmbeddingClient("http://embedder", transport=httpx.ASGITransport(app=app))
+        [over_http] = await client.embed(pixels, purpose="index")
+        [query_over_http] = await client.embed(pixels)
+        await client.close()
+    assert over_http.vector == pytest.approx(single.vector, abs=1e-5)
+    assert query_over_http.vector == pytest.approx(mirrored.vector, abs=1e-5)
+
+
+def _started(service: LocalEmbeddingService) -> LocalEmbeddingService:
+    service.start()
+    return service
