@@ -70,8 +70,11 @@ def build_store(settings: StoreSettings) -> VectorStore:
         from services.common.stores.elasticsearch_store import ElasticsearchStore
 
         return ElasticsearchStore.from_settings(settings)
+    import faiss
+
     from services.common.stores.faiss_store import FaissStore
 
+    faiss.omp_set_num_threads(settings.faiss_threads)  # process-wide: searches run beside the model's threads
     return FaissStore(settings.faiss_path)
 
 

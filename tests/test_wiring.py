@@ -106,3 +106,20 @@ async def test_serve_without_a_collection_is_up_and_failed(cbir_env: Path, monke
     async with asgi_client(one_machine_app()) as client:
         health = await wait_until(client, "failed")
         assert "is not a directory" in health.json()["detail"] and "CBIR_DATA_DIR" not in health.json()["status"]
+
+
+def test_the_faiss_store_searches_with_the_configured_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import faiss
+
+    from services.common.settings import StoreSettings
+    from services.common.stores.faiss_store import FaissStore
+    from services.wiring import build_store
+
+    before = faiss.omp_get_max_threads()
+    try:
+        for threads in (2, 1):
+            monkeypatch.setenv("CBIR_FAISS_THREADS", str(threads))
+            store = build_store(StoreSettings.load())
+            assert isinstance(store, FaissStore) and faiss.omp_get_max_threads() == threads
+    finally:
+        faiss.omp_set_num_threads(before)
