@@ -50,6 +50,9 @@ class AblationData:
     train_labels: np.ndarray
     test_labels: np.ndarray
     k: int
+    # The train split embedded with the queries' views, when the index side uses fewer (the bundle's
+    # `index_flip_tta`): what the index-views table compares the served index with.
+    train_query_views: Features | None = None
 
 
 def variant_groups(bundle: Bundle, *, pca_dims: int, onehot_weight: float) -> dict[str, list[Variant]]:
@@ -65,11 +68,13 @@ def variant_groups(bundle: Bundle, *, pca_dims: int, onehot_weight: float) -> di
     }
 
 
-def measure_variant(data: AblationData, variant: Variant) -> dict[str, Any]:
-    """MAP@100 (trec), mAP@100 normalised, P@10, P@100 and mAP@ALL of one variant, exact search."""
+def measure_variant(data: AblationData, variant: Variant, *, train: Features | None = None) -> dict[str, Any]:
+    """MAP@100 (trec), mAP@100 normalised, P@10, P@100 and mAP@ALL of one variant, exact search (over
+    `train`'s vectors when given, else the indexed ones)."""
     started = time.perf_counter()
     queries = fuse(data.bundle, data.test, pca_dims=variant.pca_dims, onehot_weight=variant.onehot_weight)
-    documents = fuse(data.bundle, data.train, pca_dims=variant.pca_dims, onehot_weight=variant.onehot_weight)
+    documents = fuse(data.bundle, train or data.train, pca_dims=variant.pca_dims,
+                     onehot_weight=variant.onehot_weight)
     hits = exact_search(queries, documents, data.k)
     metrics = retrieval_metrics(relevance(hits, data.train_labels, data.test_labels),
                                 relevant_counts(data.train_labels, data.test_labels))
@@ -93,10 +98,23 @@ def run_ablations(data: AblationData, *, pca_dims: int, onehot_weight: float) ->
             if variant not in measured:
                 measured[variant] = measure_variant(data, variant)
         tables[group] = [measured[variant] for variant in variants]
+    if data.train_query_views is not None:
+        tables["index_views"] = index_view_rows(data, Variant(pca_dims, onehot_weight))
     queries = fuse(data.bundle, data.test, pca_dims=pca_dims, onehot_weight=onehot_weight)
     documents = fuse(data.bundle, data.train, pca_dims=pca_dims, onehot_weight=onehot_weight)
     tables["search"] = compare_search(queries, documents, data.train_labels, data.test_labels, k=data.k)
     return {"defaults": {"pca_dims": pca_dims, "onehot_weight": onehot_weight}, "tables": tables}
+
+
+def index_view_rows(data: AblationData, variant: Variant) -> list[dict[str, Any]]:
+    """The served index (its single views) against one embedded with the queries' views (image + mirror);
+    the queries are the same in both rows."""
+    rows = []
+    for views, train in (("image + mirror (as the queries)", data.train_query_views),
+                         ("image only (as served)", data.train)):
+        row = measure_variant(data, variant, train=train)
+        rows.append({**row, "variant": f"index: {views}"})
+    return rows
 
 
 def compare_search(queries: np.ndarray, documents: np.ndarray, doc_labels: np.ndarray, query_labels: np.ndarray,

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None, *, settings: EvaluationSettings | None =
     result, relevant, full = _score(collection, ranking, local, timings)
     if args.ablations:
         with _timed(timings, "ablations"):
-            result["ablations"] = run_ablations(_ablation_data(collection, args.k), pca_dims=pca_dims,
+            result["ablations"] = run_ablations(_ablation_data(collection, args), pca_dims=pca_dims,
                                                 onehot_weight=onehot_weight)
     result["config"] = _config(args, argv, collection, model_version, pca_dims, onehot_weight, settings)
     with _timed(timings, "report"):
@@ -308,9 +308,15 @@ def _per_class(classes: list[str], labels: np.ndarray, predicted: np.ndarray, tr
             for c, name in enumerate(classes)}
 
 
-def _ablation_data(collection: Collection, k: int) -> AblationData:
-    return AblationData(bundle=collection.bundle, train=collection.train_features, test=collection.test_features,
-                        train_labels=collection.train.labels, test_labels=collection.test.labels, k=k)
+def _ablation_data(collection: Collection, args: argparse.Namespace) -> AblationData:
+    bundle, preprocessing = collection.bundle, collection.bundle.preprocessing
+    query_views = None
+    if preprocessing.flip_for("index") != preprocessing.flip_for("query"):  # the index-views table
+        query_views = embed_split(bundle, collection.train, purpose="query", cache_dir=args.cache_dir,
+                                  device=args.device)
+    return AblationData(bundle=bundle, train=collection.train_features, test=collection.test_features,
+                        train_labels=collection.train.labels, test_labels=collection.test.labels, k=args.k,
+                        train_query_views=query_views)
 
 
 def _config(args: argparse.Namespace, argv: list[str], collection: Collection, model_version: str | None,

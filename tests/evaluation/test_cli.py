@@ -156,3 +156,36 @@ def test_evaluate_takes_its_defaults_from_settings_and_flags_win(
     flagged = evaluate.get_args_parser().parse_args(["--api-key", "from-flag"])
     evaluate._apply_settings(flagged, settings)
     assert flagged.api_key == "from-flag"
+
+
+@pytest.mark.slow
+def test_ablations_compare_single_view_index_with_the_queries_views(cbir_env: Path, tmp_path: Path,
+                                                                   tiny_bundle_dir: Path, mini_collection: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from factories import copy_bundle
+
+    from services.embedder.bundle import load_bundle
+    from services.evaluation.runs import exact_search
+
+    def queries_only(metadata: dict) -> None:
+        metadata["preprocessing"].update(flip_tta=True, index_flip_tta=False)
+
+    bundle_dir = copy_bundle(tiny_bundle_dir, tmp_path / "bundle", queries_only)
+    monkeypatch.setenv("CBIR_MODEL_DIR", str(bundle_dir))
+    result = run_evaluate(tmp_path, "views", "--ablations")
+    mirrored, served = result["ablations"]["tables"]["index_views"]
+    assert "mirror" in mirrored["variant"] and "as served" in served["variant"]
+    assert served["map"] == pytest.approx(result["metrics"]["map_at_100"], abs=1e-9)  # the run itself
+    # The other row, recomputed here: the train split embedded with the image and its mirror.
+    bundle = load_bundle(bundle_dir)
+    vector = bundle.vector_defaults
+    splits = {name: load_collection_split(mini_collection, name, bundle.classes, preprocessing=bundle.preprocessing,
+                                          cache_dir=tmp_path / "recompute") for name in ("test", "train")}
+    queries, documents = (fuse(bundle, embed_split(bundle, splits[name], purpose="query", cache_dir=tmp_path / "r"),
+                               pca_dims=vector["pca_dims"], onehot_weight=vector["onehot_weight"])
+                          for name in ("test", "train"))
+    hits = exact_search(queries, documents, 100)
+    relevant = splits["train"].labels[hits] == splits["test"].labels[:, None]
+    precision_at_100 = float(relevant.mean())
+    assert mirrored["P_100"] == pytest.approx(precision_at_100, abs=1e-9)
+    assert "### Index-side views" in (tmp_path / "reports" / "views.md").read_text()
