@@ -14,6 +14,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# torch.compile (CBIR_COMPILE=auto) writes C++ kernels for the CPU and needs a compiler to build them;
+# without one the model runs uncompiled (README, "Speed": what that costs).
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+
 # Dependencies first, in their own layers: they change far less often than the code.
 COPY deploy/requirements.lock deploy/requirements.lock
 RUN pip install -r deploy/requirements.lock
