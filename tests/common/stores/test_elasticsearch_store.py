@@ -305,12 +305,17 @@ async def test_elasticsearch_index_deleted_under_the_store_is_not_ready(
 # -- what a real cluster does: partial results, fresh indices, bad vectors, ties ------------------
 
 
+async def filled(store: ElasticsearchStore, count: int) -> None:
+    """Open `store` and make `count` documents searchable."""
+    await store.open(dims=DIMS, model_version=MODEL)
+    await store.upsert(documents(count))
+    await store.flush()
+
+
 async def test_elasticsearch_partial_shard_failures_are_a_503_naming_the_shards(
     es_double: EsDouble, es_store: ElasticsearchStore
 ) -> None:
-    await es_store.open(dims=DIMS, model_version=MODEL)
-    await es_store.upsert(documents(200))
-    await es_store.flush()
+    await filled(es_store, 200)
     es_double.break_shards(3, 17)
     with pytest.raises(StoreUnavailableError) as caught:
         await es_store.search(unit_vectors(1)[0], 10)
@@ -324,9 +329,7 @@ async def test_elasticsearch_partial_results_of_one_query_fail_the_whole_call(
     es_double: EsDouble, es_store: ElasticsearchStore
 ) -> None:
     """A one-shard failure fails every query of the call: their hits come from the same shards."""
-    await es_store.open(dims=DIMS, model_version=MODEL)
-    await es_store.upsert(documents(60))
-    await es_store.flush()
+    await filled(es_store, 60)
     es_double.break_shards(0, error={"type": "node_not_connected_exception", "reason": "[cbir-es-2] not connected"})
     queries = [StoreQuery(vector=v, k=5) for v in unit_vectors(3, seed=4)]
     with pytest.raises(StoreUnavailableError, match=r"1 of 30 shards failed \(shard 0: node_not_connected_exception"):
@@ -336,9 +339,7 @@ async def test_elasticsearch_partial_results_of_one_query_fail_the_whole_call(
 async def test_elasticsearch_partial_timed_out_search_is_a_503(
     es_double: EsDouble, es_store: ElasticsearchStore
 ) -> None:
-    await es_store.open(dims=DIMS, model_version=MODEL)
-    await es_store.upsert(documents(60))
-    await es_store.flush()
+    await filled(es_store, 60)
     es_double.time_out_searches = 1
     with pytest.raises(StoreUnavailableError, match="the search timed out before every shard answered"):
         await es_store.search(unit_vectors(1)[0], 10)
