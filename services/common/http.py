@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -105,32 +106,50 @@ def _field_error(error: dict[str, Any]) -> dict[str, Any]:
             "msg": str(error.get("msg", "invalid")), "type": str(error.get("type", "value_error"))}
 
 
+# A refused body is still read, and dropped, before the connection closes (nginx's lingering close):
+# a client that reads the answer only once it has sent everything (urllib.request) would otherwise find
+# its unread bytes turning the close into a connection reset, and never see the 413.
+DISCARD_MAX_BYTES = 64 * 2**20  # past this much of a refused body the connection is closed unread ...
+DISCARD_MAX_S = 5.0  # ... and past this long, however little has come
+
+
 class BodySizeLimitMiddleware:
     """Answers 413 as soon as a request body passes `max_bytes`, before it is read into memory.
 
-    A declared Content-Length is checked up front; a chunked body is counted while it streams.
+    A declared Content-Length is checked up front; a chunked body is counted while it streams. The
+    413 goes out at once, then whatever the client is still sending is read and dropped (never
+    kept) up to `discard_bytes` or `discard_s`, and the connection closes. A client that declared
+    more than that, or that waits for `100 Continue` (and so sends nothing), is closed at once.
+
+        app.add_middleware(BodySizeLimitMiddleware, max_bytes=10 * 2**20)
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, discard_bytes: int = DISCARD_MAX_BYTES,
+                 discard_s: float = DISCARD_MAX_S) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.discard_bytes = discard_bytes
+        self.discard_s = discard_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
+            holds_back = headers.get(b"expect", b"").lower() == b"100-continue"  # no 100 sent: no body coming
+            await self._refuse(receive, send, discard=not holds_back and int(declared) <= self.discard_bytes)
             return
         received = 0
-        exceeded = False
+        exceeded = body_ended = False
 
         async def limited_receive() -> Message:
-            nonlocal received, exceeded
+            nonlocal received, exceeded, body_ended
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_ended = not message.get("more_body", False)
                 if received > self.max_bytes:
                     exceeded = True
                     raise _BodyTooLarge
@@ -143,14 +162,30 @@ class BodySizeLimitMiddleware:
         with contextlib.suppress(_BodyTooLarge):
             await self.app(scope, limited_receive, guarded_send)
         if exceeded:
-            await self._reject(send)
+            await self._refuse(receive, send, discard=not body_ended)
 
-    async def _reject(self, send: Send) -> None:
+    async def _refuse(self, receive: Receive, send: Send, *, discard: bool) -> None:
+        """The 413, then (with `discard`) the rest of the body read and dropped, then the close."""
         body = json.dumps({"detail": f"the request body exceeds {self.max_bytes} bytes"}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
                                 (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        # The answer is on the wire before the rest of the body is read; only its end waits, since
+        # the server closes the connection as soon as the response is complete.
+        await send({"type": "http.response.body", "body": body, "more_body": discard})
+        if discard:
+            await self._discard_body(receive)
+            await send({"type": "http.response.body", "body": b""})
+
+    async def _discard_body(self, receive: Receive) -> None:
+        discarded = 0
+        with anyio.move_on_after(self.discard_s):
+            while discarded <= self.discard_bytes:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return  # the body ended, or the client went away
+                discarded += len(message.get("body", b""))
+        logger.info("closing a refused upload's connection after discarding %d bytes", discarded)
 
 
 class _BodyTooLarge(Exception):

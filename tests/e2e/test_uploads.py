@@ -8,21 +8,45 @@ upload as the model bundle says.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import json
+import os
 import random
 import select
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
 import httpx
 import pytest
 from factories import copy_bundle
+from fastapi import FastAPI, Request
 from PIL import Image
-from reliability_fixtures import asgi_client, encode, odd_images, png_bomb, png_bytes, sample_image, serve_in_thread
+from reliability_fixtures import (
+    asgi_client,
+    encode,
+    free_port,
+    odd_images,
+    png_bomb,
+    png_bytes,
+    python_path,
+    sample_image,
+    serve_in_thread,
+    stop_process,
+    wait_for_http,
+)
+
+from services.common.http import BodySizeLimitMiddleware
+from services.common.images import DEFAULT_MAX_BYTES
 
 pytestmark = pytest.mark.anyio
 
@@ -185,19 +209,22 @@ async def test_declared_oversized_body_is_413_before_reading(small_limit_clients
         response = await small_limit_clients[endpoint].post(
             endpoint, content=body, headers={**body.headers, "content-length": str(body.total)})
     assert_error(response, 413, f"exceeds {SMALL_LIMIT} bytes")
-    assert body.sent == 0  # refused on the Content-Length header alone
+    # Answered on the Content-Length header alone (the app never runs), then the body is read through
+    # and dropped so that the close is no reset; the order is checked in tests/common/test_http.py.
+    assert body.sent == body.total
 
 
 @pytest.mark.parametrize("endpoint", ["/search", "/embed"])
-async def test_chunked_oversized_body_is_cut_off_while_streaming(small_limit_clients: dict[str, httpx.AsyncClient],
+async def test_chunked_oversized_body_is_refused_while_streaming(small_limit_clients: dict[str, httpx.AsyncClient],
                                                                  endpoint: str) -> None:
     body = CountingBody(endpoint)
     with anyio.fail_after(REQUEST_TIMEOUT_S):
         response = await small_limit_clients[endpoint].post(endpoint, content=body, headers=body.headers)
     assert "content-length" not in response.request.headers  # really chunked
     assert_error(response, 413, f"exceeds {SMALL_LIMIT} bytes")
-    assert body.sent < SMALL_LIMIT + 2 * body.chunk_size + len(body.head), (body.sent, body.total)
-    assert body.sent < body.total / 10
+    # Cut at the limit and answered, then the rest read and dropped (where it is cut: tests/common/test_http.py;
+    # that the answer comes before the rest is sent: the live server below).
+    assert body.sent == body.total
 
 
 @pytest.mark.parametrize("endpoint", ["/search", "/embed"])
@@ -248,6 +275,226 @@ def read_reply(sock: socket.socket) -> bytes:
             break
         reply += data
     return reply
+
+
+# --- a 413 that every client can read -----------------------------------------------------------
+# The server answers as soon as it refuses, then reads and drops what the client is still sending
+# before it closes: a client that reads only after sending everything (urllib.request) otherwise
+# sees its unread bytes turn the close into a connection reset, never the 413.
+
+THIRTY_MB = 30 * 2**20
+MULTIPART = "multipart/form-data; boundary=cbir-test-boundary"
+UPLOAD_HEAD, UPLOAD_TAIL = multipart_head("/search", "cbir-test-boundary"), b"\r\n--cbir-test-boundary--\r\n"
+UPLOAD_BYTES = len(UPLOAD_HEAD) + THIRTY_MB + len(UPLOAD_TAIL)
+
+
+def zero_blocks(total: int, size: int = 2**20) -> Iterator[bytes]:
+    """`total` zero bytes in blocks, so that no client has to hold the whole upload."""
+    block = bytes(size)
+    for start in range(0, total, size):
+        yield block[: total - start]
+
+
+def upload_blocks() -> Iterator[bytes]:
+    """A well-formed 30 MB multipart upload (a malformed one would be refused by the form parser first)."""
+    yield UPLOAD_HEAD
+    yield from zero_blocks(THIRTY_MB)
+    yield UPLOAD_TAIL
+
+
+def split_reply(reply: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    reply = b""
+    while data := sock.recv(65536):
+        reply += data
+    return reply
+
+
+def post_with_urllib(url: str, *, chunked: bool) -> tuple[int, bytes]:
+    headers = {"Content-Type": MULTIPART} | ({} if chunked else {"Content-Length": str(UPLOAD_BYTES)})
+    request = urllib.request.Request(f"{url}/search", data=upload_blocks(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read()
+
+
+def post_with_httpx(url: str, *, chunked: bool) -> tuple[int, bytes]:
+    content = upload_blocks() if chunked else b"".join(upload_blocks())
+    response = httpx.post(f"{url}/search", content=content, headers={"content-type": MULTIPART},
+                          timeout=REQUEST_TIMEOUT_S)
+    return response.status_code, response.content
+
+
+def post_with_socket(url: str, *, chunked: bool) -> tuple[int, bytes]:
+    """Headers and the whole body first, and only then a look at the answer."""
+    framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % UPLOAD_BYTES
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=REQUEST_TIMEOUT_S) as sock:
+        sock.sendall(b"POST /search HTTP/1.1\r\nHost: localhost\r\nContent-Type: %s\r\n%s\r\n\r\n"
+                     % (MULTIPART.encode(), framing))
+        for block in upload_blocks():
+            sock.sendall(http_chunk(block) if chunked else block)
+        if chunked:
+            sock.sendall(b"0\r\n\r\n")
+        status, headers, body = split_reply(read_until_closed(sock))
+    assert headers["connection"] == "close"
+    return status, body
+
+
+def post_with_curl(url: str, *, chunked: bool) -> tuple[int, bytes]:
+    """curl sends `Expect: 100-continue` for a large body: the 413 comes instead of the 100."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    framing = ["-H", "Transfer-Encoding: chunked"] if chunked else []
+    done = subprocess.run(["curl", "-sS", "--max-time", str(REQUEST_TIMEOUT_S), "-H", f"Content-Type: {MULTIPART}",
+                           *framing, "--data-binary", "@-", "-w", "\n%{http_code}", f"{url}/search"],
+                          input=b"".join(upload_blocks()), capture_output=True, check=True)
+    body, _, status = done.stdout.rpartition(b"\n")
+    return int(status), body
+
+
+CLIENTS = {"urllib.request": post_with_urllib, "httpx": post_with_httpx, "socket": post_with_socket,
+           "curl": post_with_curl}
+
+
+@pytest.fixture
+def live_search(indexed_state: Path) -> Iterator[str]:
+    """The search gateway on a localhost port, at the default body limit (10 MiB)."""
+    from services.search.app import create_app
+
+    with serve_in_thread(create_app()) as url:
+        yield url
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["declared", "chunked"])
+@pytest.mark.parametrize("client", sorted(CLIENTS))
+def test_every_client_reads_the_413_of_a_30_mb_upload(live_search: str, client: str, chunked: bool) -> None:
+    status, body = CLIENTS[client](live_search, chunked=chunked)
+    assert status == 413, body[:200]
+    assert json.loads(body) == {"detail": f"the request body exceeds {DEFAULT_MAX_BYTES} bytes"}
+
+
+def test_client_waiting_for_100_continue_gets_the_413_instead(live_search: str) -> None:
+    with socket.create_connection(("127.0.0.1", int(live_search.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(b"POST /search HTTP/1.1\r\nHost: localhost\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                     b"Expect: 100-continue\r\n\r\n" % (MULTIPART.encode(), UPLOAD_BYTES))
+        status, headers, body = split_reply(read_until_closed(sock))  # and never a byte of the body sent
+    assert (status, headers["connection"]) == (413, "close")
+    assert json.loads(body)["detail"] == f"the request body exceeds {DEFAULT_MAX_BYTES} bytes"
+
+
+DISCARD_BYTES, DISCARD_S = 2**20, 0.5
+
+
+@pytest.fixture
+def tight_server() -> Iterator[tuple[str, int]]:
+    """uvicorn serving an upload behind a 64 KiB limit whose refused bodies are dropped up to 1 MiB or 0.5 s."""
+    app = FastAPI()
+
+    @app.post("/upload")
+    async def upload(request: Request) -> dict[str, int]:
+        return {"bytes": len(await request.body())}
+
+    limited = BodySizeLimitMiddleware(app, max_bytes=SMALL_LIMIT, discard_bytes=DISCARD_BYTES, discard_s=DISCARD_S)
+    with serve_in_thread(limited) as url:
+        yield "127.0.0.1", int(url.rsplit(":", 1)[1])
+
+
+def test_client_sending_far_past_the_discard_bound_is_answered_then_closed(tight_server: tuple[str, int]) -> None:
+    with socket.create_connection(tight_server, timeout=10) as sock:
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sent, reply, block = 0, b"", http_chunk(bytes(16384))
+        started = time.monotonic()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while sent < 512 * 2**20:  # an endless upload, for what the server cares
+                readable, writable, _ = select.select([] if reply else [sock], [sock], [], 1)
+                if readable:
+                    reply = read_reply(sock)  # read early, as curl does: the 413 is there before the close
+                if writable:
+                    sent += sock.send(block)
+        elapsed = time.monotonic() - started
+    assert reply.startswith(b"HTTP/1.1 413"), reply
+    assert sent < 64 * 2**20, f"{sent} bytes went in before the connection closed"  # socket buffers included
+    assert elapsed < DISCARD_S + 2
+
+
+def test_stalled_client_is_answered_then_closed_within_the_time_bound(tight_server: tuple[str, int]) -> None:
+    with socket.create_connection(tight_server, timeout=10) as sock:
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % (4 * SMALL_LIMIT)
+                     + bytes(16384))  # and then nothing more
+        started = time.monotonic()
+        assert read_reply(sock).startswith(b"HTTP/1.1 413")  # at once ...
+        answered = time.monotonic() - started
+        read_until_closed(sock)  # ... and the close once the server has waited for the rest long enough
+        closed = time.monotonic() - started
+    assert answered < DISCARD_S / 2
+    assert DISCARD_S * 0.8 < closed < DISCARD_S + 2
+
+
+MEMORY_PROBE = """
+import sys
+
+import uvicorn
+from fastapi import FastAPI, Request
+
+from services.common.http import install_http_edge
+
+app = FastAPI()
+install_http_edge(app, service="memory-probe", max_upload_bytes=10 * 2**20, cors_origins=[])
+
+
+@app.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@app.post("/search")
+async def search(request: Request) -> dict[str, int]:  # counts the body, never holds it
+    return {"bytes": sum([len(chunk) async for chunk in request.stream()])}
+
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+def peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+@pytest.mark.slow
+def test_refused_bodies_are_dropped_not_buffered(tmp_path: Path) -> None:
+    """The server process's peak memory barely moves while 30 MB bodies are refused and discarded
+    (and while one far past the discard bound is cut off)."""
+    port, log = free_port(), tmp_path / "probe.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen([sys.executable, "-c", MEMORY_PROBE, str(port)], stdout=output,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": python_path()})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/healthz", timeout_s=60, process=process)
+        assert httpx.post(f"{url}/search", content=bytes(4096)).status_code == 200  # warm: the first request's costs
+        before = peak_rss_bytes(process.pid)
+        for client, chunked in ((post_with_urllib, False), (post_with_urllib, True), (post_with_socket, False)):
+            assert client(url, chunked=chunked)[0] == 413
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, \
+                contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(b"POST /search HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for block in zero_blocks(256 * 2**20):  # past the 64 MiB discard bound
+                sock.sendall(http_chunk(block))
+        growth = peak_rss_bytes(process.pid) - before
+    finally:
+        stop_process(process)
+    assert growth < 8 * 2**20, f"peak RSS grew {growth / 2**20:.1f} MiB while 30 MB bodies were refused"
 
 
 # --- odd but valid images ---------------------------------------------------------------------

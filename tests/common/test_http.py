@@ -1,0 +1,173 @@
+"""The body-size limit of `services/common/http.py`, driven as the server drives it: one ASGI call,
+its `receive` and `send` recorded in order.
+
+What a refusal must look like on the wire: the 413 first, then the rest of the body read and
+dropped (so a client that reads only after sending everything finds its answer, not a reset),
+then the end of the response, which closes the connection; bounded in bytes and in time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import anyio
+import pytest
+from fastapi import FastAPI, Request
+
+from services.common.http import BodySizeLimitMiddleware
+
+pytestmark = pytest.mark.anyio
+
+LIMIT = 64 * 1024
+CHUNK = 16 * 1024
+
+
+def upload_app(seen: list[int]) -> FastAPI:
+    """An app that reads the whole body and says how long it was; `seen` gets each length it read."""
+    app = FastAPI()
+
+    @app.post("/upload")
+    async def upload(request: Request) -> dict[str, int]:
+        body = await request.body()
+        seen.append(len(body))
+        return {"bytes": len(body)}
+
+    return app
+
+
+class Exchange:
+    """One request as the middleware meets it: `chunks` come in through `receive` (then, with
+    `stall`, nothing more ever comes), and every `receive` and `send` is logged in order."""
+
+    def __init__(self, chunks: Iterator[bytes], *, headers: dict[str, str] | None = None, stall: bool = False,
+                 disconnect: bool = False) -> None:
+        self.scope = {"type": "http", "method": "POST", "path": "/upload", "raw_path": b"/upload",
+                      "query_string": b"", "root_path": "", "http_version": "1.1", "scheme": "http",
+                      "server": ("test", 80), "client": ("client", 1234),
+                      "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]}
+        self.chunks, self.stall, self.disconnect = chunks, stall, disconnect
+        self.next: bytes | None = next(chunks, None)
+        self.log: list[tuple[str, object]] = []
+        self.pulled = 0  # body bytes handed to the middleware
+        self.status, self.headers, self.body = 0, {}, b""
+
+    async def receive(self) -> dict:
+        assert not self.log or self.log[-1] != ("send", "end"), "receive after the response ended"
+        if self.next is None:
+            if self.stall:
+                await anyio.sleep_forever()
+            assert self.disconnect, "receive after the body ended (would wait for the disconnect)"
+            self.log.append(("receive", "disconnect"))
+            return {"type": "http.disconnect"}
+        chunk, self.next = self.next, next(self.chunks, None)
+        self.pulled += len(chunk)
+        more = self.next is not None or self.stall or self.disconnect
+        self.log.append(("receive", len(chunk)))
+        return {"type": "http.request", "body": chunk, "more_body": more}
+
+    async def send(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.status, self.headers = message["status"], dict(message["headers"])
+            self.log.append(("send", "start"))
+        else:
+            more = message.get("more_body", False)
+            self.body += message.get("body", b"")
+            self.log.append(("send", "body" if more else "end"))
+
+    async def run(self, app: object) -> Exchange:
+        with anyio.fail_after(5):
+            await app(self.scope, self.receive, self.send)
+        return self
+
+
+def zeros(chunks: int, size: int = CHUNK) -> Iterator[bytes]:
+    return (bytes(size) for _ in range(chunks))
+
+
+def endless(size: int = CHUNK) -> Iterator[bytes]:
+    while True:
+        yield bytes(size)
+
+
+def middleware(seen: list[int], **bounds: float) -> BodySizeLimitMiddleware:
+    return BodySizeLimitMiddleware(upload_app(seen), max_bytes=LIMIT, **bounds)
+
+
+def assert_refused(exchange: Exchange) -> None:
+    assert exchange.status == 413
+    assert exchange.headers[b"connection"] == b"close"
+    assert exchange.headers[b"content-type"] == b"application/json"
+    assert json.loads(exchange.body) == {"detail": f"the request body exceeds {LIMIT} bytes"}
+    assert exchange.log[-1] == ("send", "end")  # complete: the server closes the connection now
+
+
+async def test_body_under_the_limit_reaches_the_app_whole() -> None:
+    seen: list[int] = []
+    exchange = await Exchange(zeros(3)).run(middleware(seen))
+    assert exchange.status == 200 and json.loads(exchange.body) == {"bytes": 3 * CHUNK}
+    assert seen == [3 * CHUNK]
+
+
+async def test_declared_oversized_body_is_answered_first_then_read_and_dropped() -> None:
+    seen: list[int] = []
+    exchange = await Exchange(zeros(40), headers={"content-length": str(40 * CHUNK)}).run(middleware(seen))
+    assert_refused(exchange)
+    assert seen == []  # the app never ran
+    assert exchange.log[:2] == [("send", "start"), ("send", "body")]  # the 413 before any byte is read
+    assert exchange.pulled == 40 * CHUNK  # then all of it, dropped, before the close
+
+
+async def test_client_waiting_for_100_continue_is_answered_and_closed_without_reading() -> None:
+    # Reading would make the server send `100 Continue` and invite the very body being refused.
+    exchange = Exchange(zeros(40), headers={"content-length": str(40 * CHUNK), "expect": "100-Continue"})
+    await exchange.run(middleware([]))
+    assert_refused(exchange)
+    assert exchange.log == [("send", "start"), ("send", "end")]
+
+
+async def test_declared_body_past_the_discard_bound_is_closed_without_reading() -> None:
+    exchange = Exchange(zeros(40), headers={"content-length": str(40 * CHUNK)})
+    await exchange.run(middleware([], discard_bytes=20 * CHUNK))
+    assert_refused(exchange)
+    assert exchange.log == [("send", "start"), ("send", "end")]
+
+
+async def test_streamed_body_is_cut_at_the_limit_answered_then_dropped() -> None:
+    seen: list[int] = []
+    exchange = await Exchange(zeros(40)).run(middleware(seen))
+    assert_refused(exchange)
+    assert seen == []  # the app was stopped while reading; its answer to the cut body never went out
+    answered = exchange.log.index(("send", "start"))
+    read_first = sum(n for event, n in exchange.log[:answered] if event == "receive")
+    assert LIMIT < read_first <= LIMIT + CHUNK  # refused on the chunk that passed the limit
+    assert exchange.log[answered + 1] == ("send", "body")
+    assert exchange.pulled == 40 * CHUNK
+
+
+async def test_streamed_body_that_ends_past_the_limit_is_not_waited_for() -> None:
+    exchange = await Exchange(zeros(1, 2 * LIMIT)).run(middleware([]))  # one message, more_body False
+    assert_refused(exchange)
+    assert exchange.log == [("receive", 2 * LIMIT), ("send", "start"), ("send", "end")]
+
+
+async def test_discarding_stops_at_its_byte_bound() -> None:
+    exchange = await Exchange(endless()).run(middleware([], discard_bytes=20 * CHUNK))
+    assert_refused(exchange)
+    assert exchange.pulled <= (LIMIT + CHUNK) + (20 * CHUNK + CHUNK)  # up to the refusal, then the bound
+
+
+async def test_discarding_stops_at_its_time_bound() -> None:
+    exchange = Exchange(zeros(2), headers={"content-length": str(40 * CHUNK)}, stall=True)
+    started = time.monotonic()
+    await exchange.run(middleware([], discard_s=0.2))
+    assert 0.15 < time.monotonic() - started < 2
+    assert_refused(exchange)
+    assert exchange.pulled == 2 * CHUNK
+
+
+async def test_discarding_stops_when_the_client_goes_away() -> None:
+    exchange = await Exchange(zeros(6), disconnect=True).run(middleware([]))
+    assert_refused(exchange)
+    assert exchange.log[-2:] == [("receive", "disconnect"), ("send", "end")]
