@@ -71,8 +71,10 @@ def create_app(settings: SearchSettings | None = None, *,
                 # Closed before the store and the embedder it uses (the stack unwinds last in, first out).
                 resources.push_async_callback(_cancel, engine.start_indexing(background))
             else:
-                with contextlib.suppress(CbirError):  # logged by the engine; /healthz says why
+                try:
                     await engine.ensure_ready()
+                except CbirError as exc:  # it serves anyway: /healthz says why, and it recovers by itself
+                    logger.warning("not ready yet: %s", exc.message)
             yield
 
     app = FastAPI(title="cbir search", version="0.1.0", lifespan=lifespan,
