@@ -94,9 +94,18 @@ def _mb(value: int | None) -> str:
 
 def read_rss(pid: int) -> int | None:
     """Resident memory of `pid` in bytes, from /proc (no psutil needed); None if it is gone."""
+    return _read_status_kb(pid, "VmRSS")
+
+
+def read_peak_rss(pid: int) -> int | None:
+    """The highest resident memory `pid` has had in its life (VmHWM), in bytes; None if it is gone."""
+    return _read_status_kb(pid, "VmHWM")
+
+
+def _read_status_kb(pid: int, key: str) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None

@@ -1,10 +1,12 @@
-"""The README matches the code: its two commands, CI, and every setting documented."""
+"""The README matches the code: its two commands, CI, every setting documented, and the performance table
+the result files in bench/results/ give."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
+from reliability_fixtures import load_bench_script
 
 from services.common.collection import REPO_ROOT
 from services.embedder.settings import EmbedderSettings
@@ -34,3 +36,9 @@ def test_ci_runs_the_readme_test_command() -> None:
 def test_every_setting_is_documented(settings: type) -> None:
     missing = [f"CBIR_{name.upper()}" for name in settings.model_fields if f"`CBIR_{name.upper()}`" not in README]
     assert not missing, f"README lacks {missing}"
+
+
+def test_the_performance_table_is_what_the_result_files_give() -> None:
+    report = load_bench_script("report")
+    assert report.main(["--check", "--readme", str(REPO_ROOT / "README.md"),
+                        "--results", str(REPO_ROOT / "bench" / "results")]) == 0, "run python bench/report.py"

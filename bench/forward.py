@@ -1,0 +1,113 @@
+"""Model-only throughput: images/s of the shipped model's forward pass at batch 1, 16, 64 and 256.
+
+    python bench/forward.py                 # full: about 4 min on the 2-core CPU machine (compilation included)
+    python bench/forward.py --quick         # batches 1 and 16, eager only: seconds
+
+For each device (the CPU, and CUDA when present; --device picks one) and batch: the eager bf16
+forward (`predict` with bf16 autocast, as the embedder runs it uncompiled: the yardstick of every
+speed goal), eager fp32, and bf16 compiled as the embedder compiles it (`torch.compile`, inductor
+with freezing). Random uint8 images, one pass per image, a few untimed batches first (the first
+call of a compiled model is its compilation, recorded as `first_call_s`), then `--seconds` of
+batches back to back. Each row's ratio is to the eager bf16 forward at the same batch: above 1
+the mode helps. Writes bench/results/forward.json; refuses to start while the machine is busy.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import benchlib
+import torch
+
+MODES = ("bf16", "fp32", "compiled")
+MODE_NAMES = {"bf16": "eager bf16", "fp32": "eager fp32", "compiled": "compiled bf16"}
+
+
+def get_args_parser():
+    parser = benchlib.base_parser(__doc__)
+    parser.add_argument("--batches", type=benchlib.int_list, default=None,
+                        help="comma-separated batch sizes (default 1,16,64,256; --quick: 1,16)")
+    parser.add_argument("--modes", type=benchlib.str_list, default=None,
+                        help="comma-separated, of bf16 (always measured: the yardstick), fp32, compiled "
+                             "(default all three; --quick: bf16,fp32)")
+    parser.add_argument("--seconds", type=float, default=None, help="timed seconds per row (default 5; --quick: 0.3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed batches per row (default 3; --quick: 1)")
+    return parser
+
+
+def compiled_model(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` compiled with the settings of `Embedder.compile_model`: inductor, frozen weights, static shapes."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    return torch.compile(model, dynamic=False)
+
+
+def devices(choice: str) -> list[torch.device]:
+    if choice == "auto":
+        return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    from services.embedder.inference import pick_device
+
+    return [pick_device(choice)]
+
+
+def measure_device(bundle: Any, device: torch.device, *, batches: list[int], modes: list[str], seconds: float,
+                   warmup: int) -> list[benchlib.Throughput]:
+    model = benchlib.prepared_model(bundle, device)
+    compiled = compiled_model(model) if "compiled" in modes else None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    rows = []
+    for batch in batches:
+        for mode in ("bf16", *(m for m in modes if m != "bf16")):
+            network = compiled if mode == "compiled" else model
+            rows.append(benchlib.measure_forward(network, bundle.preprocessing, mode=MODE_NAMES[mode], batch=batch,
+                                                 views=1, device=device, seconds=seconds, warmup=warmup))
+            logging.info("%s %s: %.1f images/s", device.type, rows[-1].describe(), rows[-1].images_per_second)
+    return rows
+
+
+def figures_of(rows: list[benchlib.Throughput]) -> list[dict[str, Any]]:
+    """A row per measurement; each but the yardstick with its ratio to the eager bf16 row of its device and batch."""
+    sticks = {(r.device, r.batch): r for r in rows if r.mode == "eager bf16"}
+    figures = []
+    for row in rows:
+        name = f"{row.device} {row.mode}, batch {row.batch}"
+        stick = sticks[row.device, row.batch]
+        if row is stick:
+            figures.append(benchlib.figure(f"{name} (yardstick)", row.images_per_second, "images/s"))
+        else:
+            figures.append(benchlib.figure(name, row.images_per_second, "images/s", yardstick=stick))
+    return figures
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = get_args_parser().parse_args(argv)
+    batches = args.batches or ([1, 16] if args.quick else [1, 16, 64, 256])
+    modes = args.modes or (["bf16", "fp32"] if args.quick else list(MODES))
+    if unknown := sorted(set(modes) - set(MODES)):
+        raise SystemExit(f"--modes {','.join(unknown)}: not one of {', '.join(MODES)}")
+    seconds = args.seconds if args.seconds is not None else (0.3 if args.quick else 5.0)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    load = benchlib.require_idle(args.max_load, wait_s=args.idle_wait, allow_busy=args.allow_busy)
+    bundle = benchlib.load_shipped_bundle(args.model_dir)
+    rows = [row for device in devices(args.device)
+            for row in measure_device(bundle, device, batches=batches, modes=modes, seconds=seconds, warmup=warmup)]
+    result = {
+        "load": load,
+        "settings": {"quick": args.quick, "model": bundle.version, "batches": batches, "modes": modes,
+                     "seconds_per_row": seconds, "warmup_batches": warmup, "views": 1,
+                     "devices": sorted({row.device for row in rows})},
+        "yardsticks": [row.to_json() for row in rows if row.mode == "eager bf16"],
+        "figures": figures_of(rows),
+        "goals": [],  # the yardstick itself: the other benches' goals are ratios to it
+        "details": {"measurements": [row.to_json() for row in rows]},
+    }
+    benchlib.write_result("forward", result, output_dir=args.output_dir)
+    return result
+
+
+if __name__ == "__main__":
+    main()
