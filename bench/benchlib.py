@@ -243,12 +243,14 @@ def _round(value: float) -> float:
     return float(f"{value:.4g}") if value == value and abs(value) < 1e15 else value
 
 
-def write_result(name: str, payload: dict[str, Any], *, output_dir: Path = RESULTS_DIR) -> Path:
-    """`output_dir/<name>.json`: the command, commit, machine and busy flag, then `payload` (settings,
-    yardsticks, figures, goals, details); printed as a short table."""
+def write_result(name: str, payload: dict[str, Any], *, output_dir: Path = RESULTS_DIR,
+                 argv: Sequence[str] | None = None) -> Path:
+    """`output_dir/<name>.json`: the command (`argv`, default this process's), commit, machine and busy
+    flag, then `payload` (settings, yardsticks, figures, goals, details); printed as a short table."""
     import report  # bench/report.py renders the README's table: the same rows here
 
-    result = {"name": name, "command": " ".join(["python", f"bench/{name}.py", *sys.argv[1:]]),
+    argv = sys.argv[1:] if argv is None else argv
+    result = {"name": name, "command": " ".join(["python", f"bench/{name}.py", *argv]),
               "commit": commit(), "machine": machine(), "busy": bool(payload.get("load", {}).get("busy")),
               **payload}
     result.setdefault("goals", [])

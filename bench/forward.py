@@ -1,7 +1,7 @@
 """Model-only throughput: images/s of the shipped model's forward pass at batch 1, 16, 64 and 256.
 
-    python bench/forward.py                 # full: about 4 min on the 2-core CPU machine (compilation included)
-    python bench/forward.py --quick         # batches 1 and 16, eager only: seconds
+    python bench/forward.py                 # full: about 5 min on the 2-core CPU machine (4 compilations)
+    python bench/forward.py --quick         # batches 1 and 16, eager only: about 10 s
 
 For each device (the CPU, and CUDA when present; --device picks one) and batch: the eager bf16
 forward (`predict` with bf16 autocast, as the embedder runs it uncompiled: the yardstick of every
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "goals": [],  # the yardstick itself: the other benches' goals are ratios to it
         "details": {"measurements": [row.to_json() for row in rows]},
     }
-    benchlib.write_result("forward", result, output_dir=args.output_dir)
+    benchlib.write_result("forward", result, output_dir=args.output_dir, argv=argv)
     return result
 
 

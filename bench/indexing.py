@@ -1,7 +1,8 @@
 """End-to-end indexing: `cbir index` of the train split, in-process and through `cbir embedder` over HTTP.
 
-    python bench/indexing.py                # full: 50,000 images twice, about 6 min on the 2-core CPU machine
-    python bench/indexing.py --quick        # 5 images a class, uncompiled: about 20 s
+    python bench/indexing.py                # full: 50,000 images twice and the embedder's compilation:
+                                            # about 10 min on the 2-core CPU machine (an estimate)
+    python bench/indexing.py --quick        # 5 images a class, uncompiled: about 25 s
 
 First the yardstick, alone on the machine: the eager bf16 forward of the model at batch 64 (the
 embedder's largest micro-batch) with the bundle's index-side views (the shipped bundle: 1 pass
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "goals": goals,
         "details": {"runs": [{**vars(run), "images_per_second": round(run.images_per_second, 2)} for run in runs]},
     }
-    benchlib.write_result("indexing", result, output_dir=args.output_dir)
+    benchlib.write_result("indexing", result, output_dir=args.output_dir, argv=argv)
     return result
 
 

@@ -1,9 +1,9 @@
 """Search under load: `cbir serve`'s one-client latency, QPS at 1, 4, 16 and 64 clients, and its peak RSS.
 
-    python bench/search.py                  # full: about 9 min on the 2-core CPU machine (index build,
-                                            # compilation and 4 × 20 s of load)
+    python bench/search.py                  # full: about 10 min on the 2-core CPU machine (an estimate:
+                                            # index build, compilation, 4 × 20 s of load)
     python bench/search.py --index state/index.npz   # an existing index instead of building one
-    python bench/search.py --quick          # 5 images a class, uncompiled, 1 s a run: about 30 s
+    python bench/search.py --quick          # 5 images a class, uncompiled, 1 s a run: about 35 s
 
 First the yardsticks, alone on the machine: the eager bf16 forward of the model with the bundle's
 query views (the shipped bundle: 2 passes, flip test-time augmentation) at batch 1 and at each
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "peak_rss_bytes": served["peak_rss"], "ready_s": round(served["ready_s"], 2),
                     "first_answer_s": round(served["first_answer_s"], 2)},
     }
-    benchlib.write_result("search", result, output_dir=args.output_dir)
+    benchlib.write_result("search", result, output_dir=args.output_dir, argv=argv)
     return result
 
 

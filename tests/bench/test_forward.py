@@ -14,6 +14,7 @@ def test_quick_run_writes_each_batch_and_mode(quick_args: list[str], tmp_path: P
     load_bench_script("forward").main([*quick_args, "--seconds", "0.05"])
     result = read_result(tmp_path / "results", "forward")
     assert result["name"] == "forward" and result["busy"] in (True, False) and result["goals"] == []
+    assert result["command"] == " ".join(["python bench/forward.py", *quick_args, "--seconds", "0.05"])
     assert result["settings"]["batches"] == [1, 16] and result["settings"]["modes"] == ["bf16", "fp32"]
     rows = {row["name"]: row for row in result["figures"]}
     for batch in (1, 16):
