@@ -57,7 +57,7 @@ class Embedder:
         self.use_bf16 = True
         self.model = bundle.model.to(self.device, memory_format=torch.channels_last).eval()
         # torch.compile specialises on the batch size: a chunk is padded to the next compiled size.
-        # Until a size is compiled (`compile_sizes`, in the background) chunks of it run eagerly.
+        # Until a size is compiled (`compile_next`, by the thread that runs the model) chunks of it run eagerly.
         self.compile = compile
         self.compile_sizes = batch_buckets(max_batch) if compile else ()
         self._compiled: torch.nn.Module | None = None
@@ -115,24 +115,39 @@ class Embedder:
         """True while `compile_sizes` are not all compiled yet (searches run eagerly meanwhile)."""
         return len(self._compiled_sizes) < len(self.compile_sizes)
 
-    def compile_model(self) -> None:
-        """Compile the network (inductor, freezing) for every size of `compile_sizes`, largest first (the
-        indexer's), each usable as soon as it is done. Seconds to a minute: call it off the request path."""
-        if not self.compile_sizes:
-            return
-        import torch._inductor.config as inductor_config
+    def compile_next(self) -> bool:
+        """Compile the network (inductor, freezing) for the next size of `compile_sizes` not done yet, largest
+        first (the indexer's), usable as soon as it is done; False when there is none left. Seconds each.
 
-        inductor_config.freezing = True  # weights become constants: fewer copies, fused conv + batch norm
-        compiled = torch.compile(self.model, dynamic=False)
-        side = self.preprocessing.image_size
-        order = sorted(self.compile_sizes, key=lambda s: (s != self.max_batch, s))
+        Call it from the thread that runs the model, between forward passes: tracing in one thread while
+        another runs the eager model deadlocked here (torch 2.14.1, CPU).
+        """
+        pending = [s for s in self.compile_sizes if s not in self._compiled_sizes]
+        if not pending:
+            return False
+        size = max(pending) if self.max_batch in pending else min(pending)
         started = time.perf_counter()
-        for size in order:
-            predict(compiled, np.zeros((size, side, side, 3), dtype=np.uint8), preprocessing=self.preprocessing,
-                    device=self.device, bf16=self.use_bf16, batch_size=size)
-            self._compiled = compiled
-            self._compiled_sizes = tuple(sorted((*self._compiled_sizes, size)))
-            logger.info("compiled the model for batches of %d (%.0f s so far)", size, time.perf_counter() - started)
+        try:
+            if self._compiled is None:
+                import torch._inductor.config as inductor_config
+
+                inductor_config.freezing = True  # weights become constants: fused conv + batch norm
+                self._compiled = torch.compile(self.model, dynamic=False)
+            side = self.preprocessing.image_size  # the mirror, when there is one, is a second call of one shape
+            predict(self._compiled, np.zeros((size, side, side, 3), dtype=np.uint8), flip_tta=False,
+                    preprocessing=self.preprocessing, device=self.device, bf16=self.use_bf16, batch_size=size)
+        except Exception:  # noqa: BLE001 - serving goes on eagerly; the log says why
+            logger.exception("torch.compile failed for batches of %d; the model runs uncompiled", size)
+            self.compile_sizes, self._compiled = (), None
+            return False
+        self._compiled_sizes = tuple(sorted((*self._compiled_sizes, size)))
+        logger.info("compiled the model for batches of %d in %.1f s", size, time.perf_counter() - started)
+        return True
+
+    def compile_model(self) -> None:
+        """Every size of `compile_sizes` at once (tests, benches: nothing else runs the model meanwhile)."""
+        while self.compile_next():
+            pass
 
     def warm_up(self) -> None:
         size = self.preprocessing.image_size
@@ -196,7 +211,11 @@ class MicroBatcher:
             self._started = False
 
     def _run(self) -> None:
-        while (first := self._queue.get()) is not None:
+        # The model's size for full batches compiles before anything else (the indexer sends those), the
+        # rest whenever the queue is empty: a request that arrives meanwhile waits for one size's compile.
+        if self.embedder.compile_sizes:
+            self.embedder.compile_next()
+        while (first := self._next_request()) is not None:
             pending, size = [first], len(first.images)
             deadline = time.perf_counter() + self.max_wait
             while size < self.max_batch:
@@ -210,6 +229,14 @@ class MicroBatcher:
                 pending.append(extra)
                 size += len(extra.images)
             self._process(pending)
+
+    def _next_request(self) -> _Request | None:
+        while self.embedder.warming_up:
+            try:
+                return self._queue.get_nowait()
+            except queue.Empty:
+                self.embedder.compile_next()
+        return self._queue.get()
 
     def _process(self, requests: list[_Request]) -> None:
         for purpose in ("query", "index"):  # their views differ: one forward pass each
@@ -255,19 +282,10 @@ class LocalEmbeddingService:
                                     max_queue=max_queue)
 
     def start(self) -> None:
-        """Warm the eager model up and start serving; compilation, if asked for, goes on in the background."""
+        """Warm the eager model up and start serving; compilation, if asked for, goes on in the batcher's
+        thread: the largest size first, the others while no request waits."""
         self.embedder.warm_up()
         self.batcher.start()
-        if self.embedder.compile_sizes:
-            self._compiler = threading.Thread(target=self._compile, name="embedder-compile", daemon=True)
-            self._compiler.start()
-
-    def _compile(self) -> None:
-        try:
-            self.embedder.compile_model()
-        except Exception:  # noqa: BLE001 - serving goes on eagerly; the log says why
-            logger.exception("torch.compile failed; the model runs uncompiled")
-            self.embedder.compile_sizes = ()
 
     @property
     def warming_up(self) -> bool:

@@ -20,6 +20,9 @@ pytestmark = pytest.mark.anyio
 class GatedEmbedder:
     """Stands in for `Embedder`: records the size of every forward pass; the first one waits for `gate`."""
 
+    compile_sizes: tuple[int, ...] = ()
+    warming_up = False
+
     def __init__(self) -> None:
         self.batches: list[int] = []
         self.purposes: list[str] = []
@@ -137,3 +140,28 @@ def test_the_compiled_model_answers_as_the_eager_one_for_padded_batches(tiny_bun
         # bf16 kernels fused differently: close, not bit-identical
         assert np.abs(ours.vector - reference.vector).max() < 2e-2
         assert ours.confidence == pytest.approx(reference.confidence, abs=2e-2)
+
+
+@pytest.mark.slow
+async def test_the_service_compiles_in_its_own_thread_while_it_answers(tiny_bundle, mini_collection) -> None:
+    """Compilation runs in the batcher's thread between requests (tracing beside an eager forward pass in
+    another thread deadlocked): requests keep being answered, and every size gets compiled."""
+    from services.common.images import decode_image
+    from services.embedder.runtime import Embedder, LocalEmbeddingService
+
+    files = sorted((mini_collection / "test").glob("*/*.jpg"))[:3]
+    batch = np.stack([decode_image(path.read_bytes()) for path in files])
+    expected = [e.label for e in Embedder(tiny_bundle, max_batch=2).embed_batch(batch)]
+    service = LocalEmbeddingService(Embedder(tiny_bundle, max_batch=2, compile=True))
+    service.start()
+    answered = 0
+    try:
+        async with asyncio.timeout(180):
+            while service.warming_up or answered < 3:
+                embeddings = await service.embed(batch[answered % 3:][:2])
+                assert [e.label for e in embeddings] == expected[answered % 3:][:2]
+                answered += 1
+                await asyncio.sleep(0.2)  # idle moments: the next size compiles
+    finally:
+        await service.close()
+    assert service.embedder._compiled_sizes == (1, 2) and answered >= 3
