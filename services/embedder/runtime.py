@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 BATCH_IMAGES = Histogram("cbir_embedder_batch_images", "images per forward pass of the micro-batcher",
                          buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+COMPILE_WHEN_IDLE_S = 1.0  # how long the batcher's queue stays empty before it compiles the next batch size
 FORWARD_SECONDS = Histogram("cbir_embedder_forward_seconds", "time of one micro-batch forward pass")
 
 
@@ -212,7 +213,7 @@ class MicroBatcher:
 
     def _run(self) -> None:
         # The model's size for full batches compiles before anything else (the indexer sends those), the
-        # rest whenever the queue is empty: a request that arrives meanwhile waits for one size's compile.
+        # rest once the queue has been empty for a moment: a request that arrives during one waits for it.
         if self.embedder.compile_sizes:
             self.embedder.compile_next()
         while (first := self._next_request()) is not None:
@@ -232,8 +233,8 @@ class MicroBatcher:
 
     def _next_request(self) -> _Request | None:
         while self.embedder.warming_up:
-            try:
-                return self._queue.get_nowait()
+            try:  # a steady stream (an indexing run) never waits for a compile; an idle second does one
+                return self._queue.get(timeout=COMPILE_WHEN_IDLE_S)
             except queue.Empty:
                 self.embedder.compile_next()
         return self._queue.get()

@@ -147,7 +147,7 @@ async def test_the_service_compiles_in_its_own_thread_while_it_answers(tiny_bund
     """Compilation runs in the batcher's thread between requests (tracing beside an eager forward pass in
     another thread deadlocked): requests keep being answered, and every size gets compiled."""
     from services.common.images import decode_image
-    from services.embedder.runtime import Embedder, LocalEmbeddingService
+    from services.embedder.runtime import COMPILE_WHEN_IDLE_S, Embedder, LocalEmbeddingService
 
     files = sorted((mini_collection / "test").glob("*/*.jpg"))[:3]
     batch = np.stack([decode_image(path.read_bytes()) for path in files])
@@ -161,7 +161,7 @@ async def test_the_service_compiles_in_its_own_thread_while_it_answers(tiny_bund
                 embeddings = await service.embed(batch[answered % 3:][:2])
                 assert [e.label for e in embeddings] == expected[answered % 3:][:2]
                 answered += 1
-                await asyncio.sleep(0.2)  # idle moments: the next size compiles
+                await asyncio.sleep(COMPILE_WHEN_IDLE_S + 0.2)  # an idle moment: the next size compiles
     finally:
         await service.close()
     assert service.embedder._compiled_sizes == (1, 2) and answered >= 3
