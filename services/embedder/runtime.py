@@ -100,16 +100,24 @@ class Embedder:
         return results
 
     def _forward(self, chunk: np.ndarray, *, flip: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings and probabilities of at most `max_batch` images: compiled when a compiled size fits."""
-        count, compiled, sizes = len(chunk), self._compiled, self._compiled_sizes
-        size = next((s for s in sizes if s >= count), None)
-        if compiled is None or size is None:
+        """Embeddings and probabilities of at most `max_batch` images: eager until a compiled size fits, then
+        in compiled pieces (`compiled_pieces`)."""
+        if self._compiled is None or not self._compiled_sizes:
             return predict(self.model, chunk, preprocessing=self.preprocessing, device=self.device, flip_tta=flip,
                            bf16=self.use_bf16, batch_size=self.max_batch)
-        padded = np.concatenate([chunk, np.zeros((size - count, *chunk.shape[1:]), dtype=chunk.dtype)])
-        embeddings, probabilities = predict(compiled, padded, preprocessing=self.preprocessing, device=self.device,
-                                            flip_tta=flip, bf16=self.use_bf16, batch_size=size)
-        return embeddings[:count], probabilities[:count]
+        parts, start = [], 0
+        for size, take in compiled_pieces(len(chunk), self._compiled_sizes):
+            piece = chunk[start:start + take]
+            start += take
+            if size is None:  # no compiled size fits this remainder yet
+                parts.append(predict(self.model, piece, preprocessing=self.preprocessing, device=self.device,
+                                     flip_tta=flip, bf16=self.use_bf16, batch_size=self.max_batch))
+                continue
+            padded = np.concatenate([piece, np.zeros((size - take, *piece.shape[1:]), dtype=piece.dtype)])
+            embeddings, probabilities = predict(self._compiled, padded, preprocessing=self.preprocessing,
+                                                device=self.device, flip_tta=flip, bf16=self.use_bf16, batch_size=size)
+            parts.append((embeddings[:take], probabilities[:take]))
+        return np.concatenate([e for e, _ in parts]), np.concatenate([p for _, p in parts])
 
     @property
     def warming_up(self) -> bool:
@@ -153,6 +161,31 @@ class Embedder:
     def warm_up(self) -> None:
         size = self.preprocessing.image_size
         self.embed_batch(np.zeros((2, size, size, 3), dtype=np.uint8))
+
+
+def compiled_pieces(count: int, sizes: tuple[int, ...]) -> list[tuple[int | None, int]]:
+    """How `count` images go through a model compiled for `sizes`: (compiled size, images taken) per call.
+
+    A remainder is padded to the next compiled size when that wastes at most a quarter of it, else the
+    largest size that fits is split off (17 images at sizes 1, 2, 4, 8, 16, 32: 16 + 1, not 32 with 15
+    blank); None as the size: nothing compiled fits (run those eagerly).
+
+    >>> compiled_pieces(17, (1, 2, 4, 8, 16, 32))
+    [(16, 16), (1, 1)]
+    """
+    pieces, remaining = [], count
+    while remaining:
+        up = next((s for s in sizes if s >= remaining), None)
+        if up is not None and up - remaining <= up // 4:
+            pieces.append((up, remaining))
+            break
+        down = max((s for s in sizes if s <= remaining), default=None)
+        if down is None:
+            pieces.append((up, remaining))  # only larger sizes: pad, however wasteful (None if there are none)
+            break
+        pieces.append((down, down))
+        remaining -= down
+    return pieces
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:

@@ -105,6 +105,20 @@ def test_batch_buckets_cover_every_chunk_size() -> None:
     assert batch_buckets(1) == (1,)
 
 
+def test_a_chunk_goes_through_compiled_sizes_with_little_padding() -> None:
+    from services.embedder.runtime import compiled_pieces
+
+    sizes = (1, 2, 4, 8, 16, 32, 64)
+    assert compiled_pieces(13, sizes) == [(16, 13)]  # 3 blank of 16: padded
+    assert compiled_pieces(17, sizes) == [(16, 16), (1, 1)]  # 15 blank of 32 would be: split
+    assert compiled_pieces(50, sizes) == [(64, 50)]
+    assert compiled_pieces(5, (64,)) == [(64, 5)]  # only a larger size compiled so far
+    assert compiled_pieces(5, ()) == [(None, 5)]  # nothing compiled: eager
+    for count in range(1, 65):
+        pieces = compiled_pieces(count, sizes)
+        assert sum(take for _, take in pieces) == count and all(take <= size for size, take in pieces)
+
+
 @pytest.mark.slow
 def test_the_compiled_model_answers_as_the_eager_one_for_padded_batches(tiny_bundle, mini_collection) -> None:
     from services.common.images import decode_image
