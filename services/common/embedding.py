@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from services.common.errors import EmbedderUnavailableError, ImageError
+from services.common.images import IMAGE_SIZE, RESAMPLE
 from services.common.settings import EmbedderClientSettings, default
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,8 @@ class EmbedderInfo:
     dims: int
     classes: list[str]
     metadata: dict[str, Any]
-    image_size: int = 32
-    resize: str = "lanczos"
+    image_size: int = IMAGE_SIZE
+    resize: str = RESAMPLE
 
 
 class EmbeddingService(Protocol):
@@ -98,8 +99,8 @@ class HttpEmbeddingClient:
                 # Embedders from before the bundle named its decoding answer without it: 32 px, Lanczos.
                 self._info = EmbedderInfo(model_version=str(body["model_version"]), dims=int(body["dims"]),
                                           classes=list(body["classes"]), metadata=body,
-                                          image_size=int(body.get("image_size", 32)),
-                                          resize=str(body.get("resize", "lanczos")))
+                                          image_size=int(body.get("image_size", IMAGE_SIZE)),
+                                          resize=str(body.get("resize", RESAMPLE)))
         return self._info
 
     async def embed(self, images: np.ndarray, *, purpose: Purpose = "query") -> list[Embedding]:

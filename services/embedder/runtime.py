@@ -59,7 +59,6 @@ class Embedder:
         self.model = bundle.model.to(self.device, memory_format=torch.channels_last).eval()
         # torch.compile specialises on the batch size: a chunk is padded to the next compiled size.
         # Until a size is compiled (`compile_next`, by the thread that runs the model) chunks of it run eagerly.
-        self.compile = compile
         self.compile_sizes = batch_buckets(max_batch) if compile else ()
         self._compiled: torch.nn.Module | None = None
         self._compiled_sizes: tuple[int, ...] = ()  # replaced whole, never changed in place: read without a lock
@@ -102,21 +101,18 @@ class Embedder:
     def _forward(self, chunk: np.ndarray, *, flip: bool) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings and probabilities of at most `max_batch` images: eager until a compiled size fits, then
         in compiled pieces (`compiled_pieces`)."""
-        if self._compiled is None or not self._compiled_sizes:
-            return predict(self.model, chunk, preprocessing=self.preprocessing, device=self.device, flip_tta=flip,
-                           bf16=self.use_bf16, batch_size=self.max_batch)
+        compiled = self._compiled  # None again if compilation failed: then nothing compiled is used
         parts, start = [], 0
-        for size, take in compiled_pieces(len(chunk), self._compiled_sizes):
-            piece = chunk[start:start + take]
-            start += take
-            if size is None:  # no compiled size fits this remainder yet
-                parts.append(predict(self.model, piece, preprocessing=self.preprocessing, device=self.device,
-                                     flip_tta=flip, bf16=self.use_bf16, batch_size=self.max_batch))
-                continue
-            padded = np.concatenate([piece, np.zeros((size - take, *piece.shape[1:]), dtype=piece.dtype)])
-            embeddings, probabilities = predict(self._compiled, padded, preprocessing=self.preprocessing,
-                                                device=self.device, flip_tta=flip, bf16=self.use_bf16, batch_size=size)
+        for size, take in compiled_pieces(len(chunk), self._compiled_sizes if compiled is not None else ()):
+            piece, start = chunk[start:start + take], start + take
+            if size is not None:
+                piece = np.concatenate([piece, np.zeros((size - take, *piece.shape[1:]), dtype=piece.dtype)])
+            embeddings, probabilities = predict(self.model if size is None else compiled, piece, flip_tta=flip,
+                                                preprocessing=self.preprocessing, device=self.device,
+                                                bf16=self.use_bf16, batch_size=len(piece))
             parts.append((embeddings[:take], probabilities[:take]))
+        if len(parts) == 1:
+            return parts[0]
         return np.concatenate([e for e, _ in parts]), np.concatenate([p for _, p in parts])
 
     @property

@@ -117,6 +117,6 @@ def check_query_vector(vector: np.ndarray, *, dims: int | None, where: str) -> N
     values = np.asarray(vector, dtype=np.float32).ravel()
     if dims is not None and values.size != dims:
         raise StoreMismatchError(f"the query vector has {values.size} dims; {where} holds {dims}")
-    if not np.all(np.isfinite(values)) or not np.any(values):
-        raise StoreError(f"the query vector is {'not finite' if not np.all(np.isfinite(values)) else 'all zeros'}; "
-                         f"nothing can be ranked against it in {where}")
+    problem = "not finite" if not np.all(np.isfinite(values)) else "all zeros" if not np.any(values) else None
+    if problem:
+        raise StoreError(f"the query vector is {problem}; nothing can be ranked against it in {where}")
