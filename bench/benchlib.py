@@ -333,6 +333,7 @@ def cbir_process(args: Sequence[str], *, env: dict[str, str], log: Path) -> Iter
 
 
 def stop_process(process: subprocess.Popen, *, timeout_s: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited in `timeout_s`; only ever the process we started."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:

@@ -9,7 +9,6 @@ import argparse
 import importlib.util
 import io
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -26,6 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 import uvicorn
+from benchlib import free_port, stop_process  # noqa: F401 - re-exported: one copy, shared with the benches
 from PIL import Image
 
 from services.common.collection import REPO_ROOT
@@ -126,12 +126,6 @@ class FixedEmbedder:
 
     async def close(self) -> None:
         pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @asynccontextmanager
@@ -259,17 +253,6 @@ def start_cbir(*args: str, env: dict[str, str], cwd: Path, log: Path) -> subproc
     with log.open("wb") as output:
         return subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, cwd=cwd, stdout=output,
                                 stderr=subprocess.STDOUT)
-
-
-def stop_process(process: subprocess.Popen, *, timeout_s: float = 20.0) -> None:
-    """SIGTERM, then SIGKILL if it has not exited in `timeout_s`; only ever the process we started."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def read_index(path: Path) -> Mapping[str, np.ndarray]:

@@ -1,17 +1,13 @@
-"""The speed benches' scripts import their siblings by name (`import benchlib`), as `python bench/x.py` lets
-them: bench/ goes on the path for these tests, and this folder for their helpers (bench_helpers)."""
+"""Fixtures of the speed benches' tests. The scripts import their siblings by name (`import benchlib`), as
+`python bench/x.py` lets them: pyproject's pytest `pythonpath` puts bench/ (and this folder, for
+bench_helpers) on the path."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-from services.common.collection import REPO_ROOT
-
-sys.path.insert(0, str(REPO_ROOT / "bench"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 @pytest.fixture
 def quick_args(tmp_path: Path, tiny_bundle_dir: Path) -> list[str]:
