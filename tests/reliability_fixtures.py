@@ -114,6 +114,8 @@ def odd_images(photo: Image.Image) -> dict[str, bytes]:
 class FixedEmbedder:
     """An `EmbeddingService` without a model: every image gets the same unit vector."""
 
+    warming_up = False
+
     def __init__(self, *, dims: int = 26, model_version: str = "fixed-model") -> None:
         self.dims, self.model_version = dims, model_version
         self.vector = np.eye(dims, dtype=np.float32)[0]

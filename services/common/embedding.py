@@ -53,6 +53,9 @@ class EmbedderInfo:
 
 
 class EmbeddingService(Protocol):
+    # True while the model is still being compiled (it answers meanwhile, slower); /healthz says so.
+    warming_up: bool
+
     async def info(self) -> EmbedderInfo: ...
 
     async def embed(self, images: np.ndarray, *, purpose: Purpose = "query") -> list[Embedding]:
@@ -77,6 +80,7 @@ class HttpEmbeddingClient:
     >>> vectors = await client.embed(images)
     """
 
+    warming_up = False  # the embedder service reports its own warm-up in its /healthz
     # The embedder takes at most 512 images a request (CBIR_MAX_IMAGES_PER_REQUEST); stay well below.
     max_images_per_request = 256
 

@@ -152,9 +152,8 @@ async def healthz(engine: EngineDep) -> HealthResponse | JSONResponse:
         body = {"status": Status.failed} | error_body(exc)  # an unavailable embedder or store is `failed`
         retry_after = "2" if body["status"] == Status.indexing else "5"
         return JSONResponse(body, status_code=503, headers={"Retry-After": retry_after})
-    # Services that never compile (the HTTP client: the embedder reports its own warm-up) lack the attribute.
-    warming_up = getattr(engine.embedder, "warming_up", False)
-    return HealthResponse(status=Status.warming_up if warming_up else Status.ready, model_version=model_version,
+    status = Status.warming_up if engine.embedder.warming_up else Status.ready
+    return HealthResponse(status=status, model_version=model_version,
                           backend=engine.store.name, documents=documents)
 
 
