@@ -1,5 +1,5 @@
 """The HTTP edge shared by the services: one error envelope, the body-size limit, API keys, CORS,
-Prometheus metrics."""
+Prometheus metrics, the OpenAPI explorers."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from prometheus_client import Counter, Histogram, make_asgi_app
 from pydantic import BaseModel, SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.common.docs import install_offline_docs
 from services.common.errors import CbirError, EmbedderUnavailableError, IndexNotReadyError
 
 logger = logging.getLogger(__name__)
@@ -218,9 +219,11 @@ def install_http_edge(app: FastAPI, *, service: str, max_upload_bytes: int, cors
     """Everything between the network and a service's routes, in the right order.
 
     From the outside in: CORS (so refusals carry its headers too), metrics, the body-size limit,
-    then FastAPI with the one error envelope. `GET /metrics` serves Prometheus metrics.
+    then FastAPI with the one error envelope. `GET /metrics` serves Prometheus metrics; `/docs` and `/redoc`
+    load their scripts from the service itself, never a CDN.
     """
     install_error_handlers(app)
+    install_offline_docs(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_upload_bytes)
     app.add_middleware(MetricsMiddleware, service=service)
     install_cors(app, cors_origins)
