@@ -6,26 +6,9 @@ import math
 from pathlib import Path
 
 import pytest
-from reliability_fixtures import free_port, load_bench_script, start_cbir, stop_process, subprocess_env, wait_for_http
+from reliability_fixtures import load_bench_script, stop_process
 
 MAX_RSS_GROWTH = 100 * 2**20
-
-
-@pytest.fixture
-def served(tmp_path: Path, tiny_bundle_dir: Path, mini_collection: Path):
-    """`cbir serve` (tiny bundle, mini collection) as a subprocess on a free localhost port."""
-    port, log = free_port(), tmp_path / "serve.log"
-    env = subprocess_env(tiny_bundle_dir, mini_collection, tmp_path / "state")
-    process = start_cbir("serve", "--host", "127.0.0.1", "--port", str(port), env=env, cwd=tmp_path, log=log)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_for_http(f"{url}/healthz", timeout_s=180, process=process)
-        except (RuntimeError, TimeoutError) as exc:
-            pytest.fail(f"{exc}\n{log.read_text()[-3000:]}")
-        yield url, process, log
-    finally:
-        stop_process(process)
 
 
 @pytest.mark.slow
