@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from services.common.collection import Layout
+
     parser = argparse.ArgumentParser(prog="cbir", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -70,9 +73,22 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--port", type=int, default=port, help="port to listen on")
         if name == "serve":
             sub.add_argument("--no-index", action="store_true", help="serve the existing index as it is")
-    index = commands.add_parser("index", help="index a collection into the store")
-    index.add_argument("--data-dir", type=Path, default=None, help="collection root (default: CBIR_DATA_DIR)")
-    index.add_argument("--split", default=None, help="split to index (default: CBIR_INDEX_SPLIT, train)")
+    index = commands.add_parser(
+        "index", help="index a collection into the store (again: only new and changed files)",
+        description="Index the images under DIR: new files are added, files whose size or mtime changed are "
+                    "re-embedded, the rest is left as it is.")
+    index.add_argument("dir", nargs="?", type=Path, default=None, metavar="DIR",
+                       help="collection root (default: --data-dir, else CBIR_DATA_DIR, else CIFAR-10 where found)")
+    index.add_argument("--data-dir", type=Path, default=None, help=argparse.SUPPRESS)  # the older spelling of DIR
+    index.add_argument("--layout", choices=[layout.value for layout in Layout], default="auto",
+                       help="how folders give labels: split = DIR/<split>/<class>/<image>; "
+                            "class = DIR/<class>/<image>; flat = any image below DIR, no labels; "
+                            "auto (default) = split if DIR/<split>/ holds folders, else class if DIR holds "
+                            "only folders, else flat. Subfolders are searched recursively in every layout.")
+    index.add_argument("--split", default=None, help="the split of the split layout (default: CBIR_INDEX_SPLIT, train)")
+    index.add_argument("--sync", action="store_true",
+                       help="also remove the documents indexed from DIR whose file is gone (never uploads)")
+    index.add_argument("--json", action="store_true", help="print the counts as one JSON object on stdout")
     index.add_argument("--batch-size", type=int, default=None, help="images per embed call")
     index.add_argument("--concurrency", type=int, default=None, help="embed calls in flight")
     index.add_argument("--rebuild", action="store_true",
@@ -93,14 +109,15 @@ def _serve(args: argparse.Namespace) -> None:
 
 def _index(args: argparse.Namespace) -> None:
     from services import wiring
-    from services.common.collection import find_data_dir
+    from services.common.collection import Layout, find_data_dir
     from services.indexer.pipeline import index_collection
     from services.indexer.settings import IndexerSettings
 
     settings = IndexerSettings.load()
-    data_dir = find_data_dir(args.data_dir or settings.data_dir)
+    data_dir = find_data_dir(args.dir or args.data_dir or settings.data_dir)
     options = wiring.index_options(settings, rebuild=args.rebuild, progress_bar=not args.no_progress,
-                                   batch_size=args.batch_size, concurrency=args.concurrency)
+                                   batch_size=args.batch_size, concurrency=args.concurrency,
+                                   layout=Layout(args.layout), sync=args.sync)
 
     async def run() -> None:
         async with AsyncExitStack() as resources:
@@ -110,6 +127,8 @@ def _index(args: argparse.Namespace) -> None:
             resources.push_async_callback(store.close)
             report = await index_collection(data_dir, args.split or settings.index_split, service, store, options)
         logger.info("%s", report.summary())
+        if args.json:
+            print(json.dumps(report.counts()), flush=True)
 
     asyncio.run(run())
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from services.common.collection import find_data_dir
+from services.common.collection import Layout, find_data_dir
 from services.common.embedding import EmbeddingService, HttpEmbeddingClient
 from services.common.settings import (
     Backend,
@@ -79,13 +79,14 @@ def build_store(settings: StoreSettings) -> VectorStore:
 
 
 def index_options(settings: IndexingSettings, *, rebuild: bool, progress_bar: bool = True,
-                  batch_size: int | None = None, concurrency: int | None = None) -> IndexOptions:
+                  batch_size: int | None = None, concurrency: int | None = None, layout: Layout = Layout.auto,
+                  sync: bool = False) -> IndexOptions:
     """The indexer's options from `CBIR_INDEX_*`; explicit arguments (command-line flags) win."""
     from services.indexer.pipeline import IndexOptions
 
     return IndexOptions(batch_size=batch_size or settings.index_batch_size,
                         concurrency=concurrency or settings.index_concurrency,
-                        rebuild=rebuild, progress_bar=progress_bar)
+                        rebuild=rebuild, progress_bar=progress_bar, layout=layout, sync=sync)
 
 
 class OneMachineSettings(SearchSettings, IndexingSettings):

@@ -9,10 +9,12 @@ way Elasticsearch validates them and answered with Elasticsearch's bodies and st
     POST /{index}/_refresh            make writes visible to _search and _count
     POST /_bulk, /{index}/_bulk       index and delete actions, per-item results
     GET/POST /{index}/_count
-    GET/DELETE /{index}/_doc/{id}     realtime, like Elasticsearch
+    GET/DELETE /{index}/_doc/{id}     realtime, like Elasticsearch; DELETE takes `refresh`
+    PUT/POST /{index}/_create/{id}    create-only (409 when the id exists), `refresh`
     GET/POST /{index}/_mget
-    GET/POST /{index}/_search         match_all, bool (filter, must_not), terms, ids, script_score
-                                      (cosineSimilarity), top-level knn (with filter), from/size
+    GET/POST /{index}/_search         match_all, bool (filter, must_not), term, terms, ids, script_score
+                                      (cosineSimilarity), top-level knn (with filter), from/size,
+                                      sort on keyword fields with search_after, terms and missing aggs
     GET/POST /_msearch, /{index}/_msearch   NDJSON header/body pairs, one status per item
     GET /_cluster/health[/{index}]    wait_for_status and timeout; 408 when the wait times out
 
@@ -98,13 +100,16 @@ MAX_NUM_CANDIDATES = 10_000
 KNOWN_SETTINGS = {"number_of_shards", "number_of_replicas", "refresh_interval", "max_result_window"}
 FIELD_PARAMS = {
     "keyword": {"type", "index", "doc_values", "store", "ignore_above", "null_value", "norms"},
+    **dict.fromkeys(("float", "double", "long", "integer"),
+                    {"type", "index", "doc_values", "store", "null_value", "coerce", "ignore_malformed"}),
     "dense_vector": {"type", "dims", "similarity", "index", "index_options", "element_type"},
 }
 SIMILARITIES = {"cosine", "dot_product", "l2_norm", "max_inner_product"}
 INDEX_OPTION_TYPES = {"hnsw", "int8_hnsw", "int4_hnsw", "bbq_hnsw", "flat", "int8_flat", "int4_flat", "bbq_flat"}
 INDEX_OPTION_PARAMS = {"type", "m", "ef_construction", "confidence_interval", "rescore_vector"}
 MAPPING_ROOT_PARAMS = {"properties", "dynamic", "_meta", "_source"}
-SEARCH_KEYS = {"query", "knn", "size", "from", "_source", "track_total_hits", "timeout"}
+SEARCH_KEYS = {"query", "knn", "size", "from", "_source", "track_total_hits", "timeout", "sort", "search_after",
+               "aggs", "aggregations"}
 MSEARCH_HEADER_KEYS = {"index", "search_type", "preference", "routing", "request_cache", "allow_partial_search_results",
                        "ignore_unavailable", "expand_wildcards", "allow_no_indices"}  # fmt: skip
 BOOL_KEYS = {"filter", "must_not", "boost", "_name"}
@@ -123,6 +128,7 @@ ACTION_PRIVILEGES = {
     "indices:admin/refresh": "maintenance,manage,all",
     "indices:data/write/bulk": "create_doc,create,delete,index,write,all",
     "indices:data/write/delete": "delete,write,all",
+    "indices:data/write/index": "create_doc,create,index,write,all",
     "indices:data/read/get": "read,all",
     "indices:data/read/mget": "read,all",
     "indices:data/read/search": "read,all",
@@ -449,6 +455,8 @@ class EsDouble:
             ("POST", "/{index}/_count", self._count, "indices:data/read/search"),
             ("GET", "/{index}/_doc/{id}", self._get_doc, "indices:data/read/get"),
             ("DELETE", "/{index}/_doc/{id}", self._delete_doc, "indices:data/write/delete"),
+            ("PUT", "/{index}/_create/{id}", self._create_doc, "indices:data/write/index"),
+            ("POST", "/{index}/_create/{id}", self._create_doc, "indices:data/write/index"),
             ("GET", "/{index}/_mget", self._mget, "indices:data/read/mget"),
             ("POST", "/{index}/_mget", self._mget, "indices:data/read/mget"),
             ("GET", "/_msearch", self._msearch, "indices:data/read/msearch"),
@@ -710,8 +718,28 @@ class EsDouble:
         doc_id = request.match_info["id"]
         found = doc_id in index.docs
         written = self._write(index, doc_id, None)
+        _refresh_as_asked(index, request)
         body = {"_index": index.name, "_id": doc_id, **written, "result": "deleted" if found else "not_found"}
         return _json(body, status=200 if found else 404)
+
+    async def _create_doc(self, request: web.Request) -> web.StreamResponse:
+        """The create API: 409 `version_conflict_engine_exception` when the id exists (the check and the
+        write are one step, as on the primary shard, so of two concurrent creates exactly one wins)."""
+        index = self._index(request)
+        doc_id = request.match_info["id"]
+        source = await _json_body(request)
+        if not index.active:
+            raise EsError(503, "unavailable_shards_exception",
+                          f"[{index.name}][{index.shard_of(doc_id)}] primary shard is not active Timeout: [1m]")
+        _check_document(index, doc_id, source)
+        if doc_id in index.docs:
+            raise EsError(409, "version_conflict_engine_exception",
+                          f"[{doc_id}]: version conflict, document already exists (current version "
+                          f"[{index.versions[doc_id]}])", index_uuid=index.uuid, shard=str(index.shard_of(doc_id)),
+                          index=index.name)  # fmt: skip
+        written = self._write(index, doc_id, source)
+        _refresh_as_asked(index, request)
+        return _json({"_index": index.name, "_id": doc_id, **written, "result": "created"}, status=201)
 
     async def _mget(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["index"]
@@ -811,25 +839,39 @@ class EsDouble:
         except ShardError as exc:
             raise all_shards_failed(index, phase, dict.fromkeys(answering, exc.error), status=exc.status) from exc
         ranked = _ranked(index, scored)
-        hits = [
-            {"_index": index.name, "_id": doc_id, "_score": score,
-             **_source_part(index.searchable[doc_id], {}, body.get("_source", True))}
-            for doc_id, score in ranked[start : start + size]
-        ]  # fmt: skip
+        if "sort" in body:
+            sort_field = _sort_field(index, body["sort"])
+            ranked = _sorted_after(index, ranked, sort_field, body.get("search_after"))
+            hits = [{"_index": index.name, "_id": doc_id, "_score": None,
+                     **_source_part(index.searchable[doc_id], {}, body.get("_source", True)),
+                     "sort": [index.searchable[doc_id].get(sort_field)]}
+                    for doc_id, _ in ranked[start : start + size]]  # fmt: skip
+        else:
+            if "search_after" in body:
+                raise illegal_argument("Sort must contain at least one field.")
+            hits = [
+                {"_index": index.name, "_id": doc_id, "_score": score,
+                 **_source_part(index.searchable[doc_id], {}, body.get("_source", True))}
+                for doc_id, score in ranked[start : start + size]
+            ]  # fmt: skip
         shards: dict[str, Any] = {"total": index.shards, "successful": index.shards - len(failures),
                                   "skipped": 0, "failed": len(failures)}  # fmt: skip
         if failures:
             shards["failures"] = [_shard_failure(index, shard, error) for shard, error in sorted(failures.items())]
-        return {
+        response = {
             "took": int((time.perf_counter() - started) * 1000),
             "timed_out": timed_out,
             "_shards": shards,
             "hits": {
                 "total": {"value": len(ranked), "relation": "eq"},
-                "max_score": ranked[0][1] if ranked else None,
+                "max_score": ranked[0][1] if ranked and "sort" not in body else None,
                 "hits": hits,
             },
         }
+        aggregations = body.get("aggs", body.get("aggregations"))
+        if aggregations is not None:
+            response["aggregations"] = _aggregations(index, [doc_id for doc_id, _ in ranked], aggregations)
+        return response
 
     def _shard_failures(self, index: Index) -> dict[int, dict[str, Any]]:
         """The shards that cannot answer a search now, and why."""
@@ -1047,6 +1089,10 @@ def _check_document(index: Index, doc_id: str, source: dict[str, Any]) -> None:
             continue
         if spec["type"] == "keyword" and not isinstance(value, str | int | float | bool | None):
             raise _parse_failure(name, spec, f"failed to parse field [{name}] of type [keyword]", "illegal_state")
+        if spec["type"] in ("float", "double", "long", "integer") and not (
+                value is None or (isinstance(value, int | float) and not isinstance(value, bool))):
+            raise _parse_failure(name, spec, f"failed to parse field [{name}] of type [{spec['type']}]",
+                                 "illegal_argument")
         if spec["type"] == "dense_vector":
             _check_vector(name, spec, doc_id, value)
 
@@ -1090,6 +1136,8 @@ def _query_scores(index: Index, query: dict[str, Any]) -> dict[str, float]:
         return _bool_matches(index, spec)
     if kind == "terms":
         return _terms_matches(index, spec)
+    if kind == "term":
+        return _term_matches(index, spec)
     if kind == "ids":
         if not isinstance(spec, dict) or set(spec) - {"values", "boost", "_name"}:
             raise parsing_error("[ids] query does not support the given fields")
@@ -1124,7 +1172,91 @@ def _terms_matches(index: Index, spec: dict[str, Any]) -> dict[str, float]:
     if index.properties().get(field_name, {}).get("type") != "keyword":
         return {}  # an unmapped field matches nothing
     wanted = {str(value) for value in values}
-    return {doc_id: 1.0 for doc_id, source in index.searchable.items() if str(source.get(field_name)) in wanted}
+    return {doc_id: 1.0 for doc_id, source in index.searchable.items()
+            if source.get(field_name) is not None and str(source[field_name]) in wanted}  # null is never indexed
+
+
+def _term_matches(index: Index, spec: dict[str, Any]) -> dict[str, float]:
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise parsing_error("[term] query doesn't support multiple fields, found [" + ", ".join(spec) + "]")
+    ((field_name, value),) = spec.items()
+    if isinstance(value, dict):
+        value = value.get("value")
+    if not isinstance(value, str | int | float | bool):
+        raise parsing_error(f"[term] query does not support [{field_name}] with value [{value}]")
+    return _terms_matches(index, {field_name: [value]})
+
+
+def _sort_field(index: Index, sort: Any) -> str:
+    """The one keyword field of a `sort` the double runs: `[{"field": "asc"}]` or `["field"]`."""
+    clauses = sort if isinstance(sort, list) else [sort]
+    if len(clauses) != 1:
+        raise parsing_error("the double sorts on one field")
+    clause = clauses[0]
+    name, order = (clause, "asc") if isinstance(clause, str) else next(iter(clause.items()))
+    order = order.get("order", "asc") if isinstance(order, dict) else order
+    if order != "asc":
+        raise parsing_error("the double sorts ascending only")
+    spec = index.properties().get(name)
+    if spec is None:
+        raise EsError(400, "query_shard_exception", f"No mapping found for [{name}] in order to sort on")
+    if spec.get("type") != "keyword" or spec.get("doc_values") is False:
+        raise illegal_argument(f"Can't sort on field [{name}]; the double sorts keyword fields with doc values")
+    return name
+
+
+def _sorted_after(index: Index, ranked: list[tuple[str, float]], field_name: str, after: Any
+                  ) -> list[tuple[str, float]]:  # fmt: skip
+    """Sorted by the field (documents without it last, as `missing: _last`), after the `search_after` value."""
+    def key(item: tuple[str, float]) -> tuple[bool, str]:
+        value = index.searchable[item[0]].get(field_name)
+        return value is None, "" if value is None else str(value)
+
+    ordered = sorted(ranked, key=key)
+    if after is None:
+        return ordered
+    if not isinstance(after, list) or len(after) != 1:
+        raise illegal_argument("search_after has 1 value(s) but sort has 1.")
+    return [item for item in ordered if key(item) > (False, str(after[0]))]
+
+
+def _aggregations(index: Index, doc_ids: list[str], aggregations: dict[str, Any]) -> dict[str, Any]:
+    """`terms` (buckets by count, then key; `size`) and `missing` aggregations over the matched documents."""
+    results: dict[str, Any] = {}
+    for name, spec in aggregations.items():
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise parsing_error(f"Expected [START_OBJECT] under [{name}], the double runs one aggregation each")
+        kind, params = next(iter(spec.items()))
+        field_name = params.get("field")
+        if index.properties().get(field_name, {}).get("type") != "keyword":
+            raise illegal_argument(f"the double aggregates keyword fields, not [{field_name}]")
+        values = [index.searchable[doc_id].get(field_name) for doc_id in doc_ids]
+        if kind == "missing":
+            results[name] = {"doc_count": sum(value is None for value in values)}
+        elif kind == "terms":
+            counts: dict[str, int] = {}
+            for value in values:
+                if value is not None:
+                    counts[str(value)] = counts.get(str(value), 0) + 1
+            ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+            size = _int_param(params.get("size", 10), "size")
+            results[name] = {"doc_count_error_upper_bound": 0,
+                             "sum_other_doc_count": sum(count for _, count in ordered[size:]),
+                             "buckets": [{"key": key, "doc_count": count} for key, count in ordered[:size]]}
+        else:
+            raise parsing_error(f"Unknown aggregation type [{kind}] (the double runs terms and missing)")
+    return results
+
+
+def _refresh_as_asked(index: Index, request: web.Request) -> None:
+    """`refresh=true` refreshes now; `wait_for` waits for the next refresh, which the double does at once
+    (the same visible effect: the write is searchable when the answer comes)."""
+    value = request.query.get("refresh", "false")
+    if value not in ("", "true", "false", "wait_for"):
+        raise illegal_argument(f"Unknown value for refresh: [{value}].")
+    if value in ("", "true", "wait_for"):
+        index.searchable = dict(index.docs)
+        index.graphs.clear()
 
 
 def _script_scores(index: Index, spec: dict[str, Any]) -> dict[str, float]:

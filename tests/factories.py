@@ -19,6 +19,7 @@ from services.common.documents import ImageDocument
 
 DIMS = 16
 MODEL_VERSION = "v1"
+SOURCE = "/collections/test"
 LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -28,16 +29,27 @@ def unit_vectors(count: int, dims: int = DIMS, *, seed: int = 0) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
+def make_document(id: str, vector: np.ndarray, *, model_version: str = MODEL_VERSION, **fields: Any) -> ImageDocument:
+    """One document with plain defaults for every field not given (a cat from `SOURCE`)."""
+    values: dict[str, Any] = {"filename": f"{id}.jpg", "path": f"train/cat/{id}.jpg", "source": SOURCE,
+                              "label": "cat", "predicted_label": "cat", "confidence": 0.9, "size": 1, "mtime": 0.0}
+    return ImageDocument(id=id, vector=vector, model_version=model_version, **(values | fields))
+
+
 def make_documents(count: int, *, dims: int = DIMS, seed: int = 0, model_version: str = MODEL_VERSION,
-                   prefix: str = "doc", labels: tuple[str, ...] = LABELS) -> list[ImageDocument]:
-    """`count` documents with `unit_vectors(count, dims, seed=seed)`: document i is `{prefix}-000i`,
-    labelled `labels[i % len(labels)]` and stored at `train/{label}/000i.jpg`."""
+                   prefix: str = "doc", labels: tuple[str | None, ...] = LABELS, source: str = SOURCE,
+                   predicted: tuple[str, ...] | None = None) -> list[ImageDocument]:
+    """`count` documents with `unit_vectors(count, dims, seed=seed)`: document i is `{prefix}-000i`, from
+    `source`, labelled `labels[i % len(labels)]` (None: unlabelled), predicted `predicted[i % ...]` (default:
+    its label, else "cat"), stored at `train/{label}/000i.jpg`, i bytes big and modified at time i."""
     documents = []
     for i, vector in enumerate(unit_vectors(count, dims, seed=seed)):
         label = labels[i % len(labels)]
+        predicted_label = predicted[i % len(predicted)] if predicted else (label or "cat")
         documents.append(ImageDocument(id=f"{prefix}-{i:04d}", filename=f"{i:04d}.jpg",
-                                       path=f"train/{label}/{i:04d}.jpg", label=label,
-                                       model_version=model_version, vector=vector))
+                                       path=f"train/{label}/{i:04d}.jpg", source=source, label=label,
+                                       predicted_label=predicted_label, confidence=0.5 + (i % 5) / 10, size=i,
+                                       mtime=float(i), model_version=model_version, vector=vector))
     return documents
 
 

@@ -13,6 +13,9 @@
     ├── EmbedderUnavailableError   503, with Retry-After
     ├── IndexNotReadyError         503 (index missing, empty or still being built)
     ├── SearchApiError             `cbir evaluate --url`: the search API is not ready or failed a query
+    ├── DocumentNotFoundError      404 (no indexed image with that id)
+    ├── InvalidQueryError          422 (a query that cannot be searched: a zero example query, a bad page)
+    ├── StorageFullError           507 (the uploads folder is at CBIR_MAX_UPLOAD_STORAGE_BYTES)
     └── StoreError                 (a store refused an operation)
         ├── StoreMismatchError     409 (index built for other dims or another model version)
         ├── StoreUnavailableError  503 (unreachable, overloaded or timed out: try again later)
@@ -92,6 +95,24 @@ class IndexNotReadyError(CbirError):
 
 class SearchApiError(CbirError):
     """The search API is not ready, or did not answer a query after retries; names the image and the reason."""
+
+
+class DocumentNotFoundError(CbirError):
+    """404: no indexed image has this id (never was, or was deleted)."""
+
+    status_code = 404
+
+
+class InvalidQueryError(CbirError):
+    """422: the request is well formed, but it asks for a query that cannot be searched."""
+
+    status_code = 422
+
+
+class StorageFullError(CbirError):
+    """507: storing the upload would take the uploads folder past its quota; nothing was stored."""
+
+    status_code = 507
 
 
 class StoreError(CbirError):

@@ -8,7 +8,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -115,7 +115,8 @@ DISCARD_MAX_S = 5.0  # ... and past this long, however little has come
 
 
 class BodySizeLimitMiddleware:
-    """Answers 413 as soon as a request body passes `max_bytes`, before it is read into memory.
+    """Answers 413 as soon as a request body passes `max_bytes` (or its path's own limit in `route_limits`),
+    before it is read into memory.
 
     A declared Content-Length is checked up front; a chunked body is counted while it streams. The
     413 goes out at once, then whatever the client is still sending is read and dropped (never
@@ -125,10 +126,11 @@ class BodySizeLimitMiddleware:
         app.add_middleware(BodySizeLimitMiddleware, max_bytes=10 * 2**20)
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, discard_bytes: int = DISCARD_MAX_BYTES,
-                 discard_s: float = DISCARD_MAX_S) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, route_limits: Mapping[str, int] | None = None,
+                 discard_bytes: int = DISCARD_MAX_BYTES, discard_s: float = DISCARD_MAX_S) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.route_limits = dict(route_limits or {})
         self.discard_bytes = discard_bytes
         self.discard_s = discard_s
 
@@ -136,11 +138,12 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.route_limits.get(scope["path"], self.max_bytes)
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             holds_back = headers.get(b"expect", b"").lower() == b"100-continue"  # no 100 sent: no body coming
-            await self._refuse(receive, send, discard=not holds_back and int(declared) <= self.discard_bytes)
+            await self._refuse(receive, send, limit, discard=not holds_back and int(declared) <= self.discard_bytes)
             return
         received = 0
         exceeded = body_ended = False
@@ -151,7 +154,7 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 body_ended = not message.get("more_body", False)
-                if received > self.max_bytes:
+                if received > limit:
                     exceeded = True
                     raise _BodyTooLarge
             return message
@@ -163,11 +166,11 @@ class BodySizeLimitMiddleware:
         with contextlib.suppress(_BodyTooLarge):
             await self.app(scope, limited_receive, guarded_send)
         if exceeded:
-            await self._refuse(receive, send, discard=not body_ended)
+            await self._refuse(receive, send, limit, discard=not body_ended)
 
-    async def _refuse(self, receive: Receive, send: Send, *, discard: bool) -> None:
+    async def _refuse(self, receive: Receive, send: Send, limit: int, *, discard: bool) -> None:
         """The 413, then (with `discard`) the rest of the body read and dropped, then the close."""
-        body = json.dumps({"detail": f"the request body exceeds {self.max_bytes} bytes"}).encode()
+        body = json.dumps({"detail": f"the request body exceeds {limit} bytes"}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
                                 (b"content-length", str(len(body)).encode())]})
@@ -211,11 +214,12 @@ async def verify_api_key(request: Request) -> None:
 def install_cors(app: FastAPI, origins: Sequence[str]) -> None:
     """CORS stays closed unless origins are configured."""
     if origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST"],
+        app.add_middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["X-API-Key", "Content-Type"])
 
 
-def install_http_edge(app: FastAPI, *, service: str, max_upload_bytes: int, cors_origins: Sequence[str]) -> None:
+def install_http_edge(app: FastAPI, *, service: str, max_upload_bytes: int, cors_origins: Sequence[str],
+                      route_limits: Mapping[str, int] | None = None) -> None:
     """Everything between the network and a service's routes, in the right order.
 
     From the outside in: CORS (so refusals carry its headers too), metrics, the body-size limit,
@@ -224,7 +228,7 @@ def install_http_edge(app: FastAPI, *, service: str, max_upload_bytes: int, cors
     """
     install_error_handlers(app)
     install_offline_docs(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_upload_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_upload_bytes, route_limits=route_limits)
     app.add_middleware(MetricsMiddleware, service=service)
     install_cors(app, cors_origins)
     app.mount("/metrics", make_asgi_app())

@@ -9,8 +9,10 @@ normalisation belongs to the model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -58,6 +60,31 @@ def decode_image(
     resample_filter = resample_filter_named(resample)
     if size < 1:
         raise ValueError(f"size must be at least 1 pixel, got {size}")
+    # JPEG can decode straight at a reduced scale: far less work for large photos.
+    with _opened(data, max_bytes=max_bytes, max_pixels=max_pixels, draft=(size * 4, size * 4)) as (rgb, _):
+        rgb = rgb.resize((size, size), resample_filter, reducing_gap=3.0)
+        return np.asarray(rgb, dtype=np.uint8).copy()
+
+
+def reencode_image(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, str]:
+    """The image re-encoded from its decoded pixels at full size, upright (EXIF orientation applied), with
+    no metadata at all (no EXIF, GPS, ICC or text chunks): JPEG (quality 95) for a JPEG, PNG for anything
+    else. Returns the bytes and the file extension; raises what `decode_image` raises."""
+    with _opened(data, max_bytes=max_bytes, max_pixels=max_pixels, draft=None) as (rgb, original_format):
+        clean = Image.fromarray(np.asarray(rgb, dtype=np.uint8))  # a new image: nothing of the file's info
+        buffer = io.BytesIO()
+        if original_format == "JPEG":
+            clean.save(buffer, format="JPEG", quality=95)
+            return buffer.getvalue(), "jpg"
+        clean.save(buffer, format="PNG")
+        return buffer.getvalue(), "png"
+
+
+@contextlib.contextmanager
+def _opened(data: bytes, *, max_bytes: int, max_pixels: int,
+            draft: tuple[int, int] | None) -> Iterator[tuple[Image.Image, str]]:
+    """The upright RGB image of `data` and its format, every failure turned into an `ImageError`."""
     if not data:
         raise EmptyImageError("the uploaded file is empty")
     if len(data) > max_bytes:
@@ -72,12 +99,10 @@ def decode_image(
                     raise ImageTooLargeError(
                         f"the image is {width}×{height} pixels; the limit is {max_pixels} pixels"
                     )
-                # JPEG can decode straight at a reduced scale: far less work for large photos.
-                image.draft("RGB", (size * 4, size * 4))
+                if draft is not None:
+                    image.draft("RGB", draft)
                 image.load()
-                rgb = _to_rgb(ImageOps.exif_transpose(image))
-                rgb = rgb.resize((size, size), resample_filter, reducing_gap=3.0)
-                return np.asarray(rgb, dtype=np.uint8).copy()
+                yield _to_rgb(ImageOps.exif_transpose(image)), image.format or ""
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"the image has too many pixels: {exc}") from exc
     except UnidentifiedImageError as exc:
@@ -108,6 +133,12 @@ class UploadDecoder:
         async with self._slots:
             return await asyncio.to_thread(decode_image, data, max_bytes=max_bytes, max_pixels=max_pixels,
                                            size=size, resample=resample)
+
+    async def reencode(self, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, str]:
+        """`reencode_image` off the event loop, in the same slots as decodes (it takes as much memory)."""
+        async with self._slots:
+            return await asyncio.to_thread(reencode_image, data, max_bytes=max_bytes, max_pixels=max_pixels)
 
 
 def resample_filter_named(name: str) -> Image.Resampling:

@@ -248,7 +248,7 @@ def _embed(args: argparse.Namespace, collection: Collection, timings: dict[str, 
 
 def _search(args: argparse.Namespace, collection: Collection, vectors: LocalVectors | None, options: ApiOptions,
             model_version: str | None) -> Ranking:
-    rows = document_rows(collection.train.paths)
+    rows = document_rows(str(collection.root.resolve()), collection.train.paths)
     if args.url:
         files = [collection.root / path for path in collection.test.paths]
         return asyncio.run(search_api(args.url, files, classes=collection.classes, doc_rows=rows, k=args.k,

@@ -133,9 +133,10 @@ async def _post_search(client: httpx.AsyncClient, path: Path, k: int, retries: i
     raise SearchApiError(f"the search API at {client.base_url} failed for {path}: {problem}")
 
 
-def document_rows(paths: Sequence[str]) -> dict[str, int]:
-    """Document id (as the store and the API return it) → row of the document in `paths`."""
-    return {document_id(path): row for row, path in enumerate(paths)}
+def document_rows(source: str, paths: Sequence[str]) -> dict[str, int]:
+    """Document id (as the store and the API return it for the collection indexed from `source`, its
+    resolved root) → row of the document in `paths`."""
+    return {document_id(source, path): row for row, path in enumerate(paths)}
 
 
 def write_run(path: Path, query_ids: Sequence[str], hits: np.ndarray, doc_ids: Sequence[str], *, tag: str) -> None:

@@ -1,8 +1,11 @@
 """Indexing as three stages, as in clip-retrieval: reader (list + decode) → mapper (embed) → writer.
 
-Document ids are derived from the image's path, so a re-run overwrites rather than duplicates;
-images already in the store are skipped, so an interrupted run resumes where it stopped; the
-store is flushed every few batches, so a crash loses at most those.
+Document ids are derived from the collection root and the image's path, so a re-run overwrites rather
+than duplicates. A re-run embeds only what changed: files the store does not hold yet (added), files
+whose size or mtime differ from the stored ones (updated); the rest is unchanged and skipped, so an
+interrupted run resumes where it stopped. With `sync`, documents of the same root whose file is gone
+are removed (never uploads, never other roots). The store is flushed every few batches, so a crash
+loses at most those.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from services.common.collection import CollectionImage, iter_images
-from services.common.documents import ImageDocument
+from services.common.collection import CollectionImage, Layout, scan_collection
+from services.common.documents import ImageDocument, StoredImage
 from services.common.embedding import EmbedderInfo, EmbeddingService
 from services.common.errors import ImageError, StoreMismatchError
 from services.common.images import decode_image
@@ -30,24 +33,37 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class IndexReport:
-    """What an indexing run did; `failed` lists each skipped file with the reason."""
+    """What an indexing run did; `failed` lists each skipped (undecodable) file with the reason."""
 
     total: int = 0
-    indexed: int = 0
-    already_indexed: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    removed: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "embed": 0.0, "write": 0.0})
     documents: int = 0
 
     @property
+    def indexed(self) -> int:
+        """Images embedded and written by this run."""
+        return self.added + self.updated
+
+    @property
     def images_per_second(self) -> float:
         return self.indexed / self.seconds if self.seconds else 0.0
 
+    def counts(self) -> dict[str, int]:
+        """The machine-readable summary (`cbir index --json`)."""
+        return {"total": self.total, "added": self.added, "updated": self.updated, "unchanged": self.unchanged,
+                "removed": self.removed, "skipped": len(self.failed), "documents": self.documents}
+
     def summary(self) -> str:
         stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.stage_seconds.items())
-        return (f"{self.total} images: indexed {self.indexed}, already indexed {self.already_indexed}, "
-                f"skipped {len(self.failed)} undecodable, {self.documents} documents in the store; "
+        return (f"{self.total} images: indexed {self.indexed} (added {self.added}, updated {self.updated}), "
+                f"unchanged {self.unchanged}, removed {self.removed}, skipped {len(self.failed)} undecodable, "
+                f"{self.documents} documents in the store; "
                 f"{self.seconds:.1f} s, {self.images_per_second:.0f} images/s ({stages})")
 
 
@@ -59,6 +75,8 @@ class IndexOptions:
     concurrency: int
     rebuild: bool  # drop an index built by another model instead of refusing
     progress_bar: bool  # a tqdm bar on the terminal
+    layout: Layout = Layout.auto
+    sync: bool = False  # remove the documents of this root whose file is gone
     flush_every: int = 20  # batches between saves: what a crash can lose at most
 
 
@@ -76,9 +94,13 @@ async def open_store_for(embedder: EmbeddingService, store: VectorStore, *, rebu
     return info
 
 
+def _changed(image: CollectionImage, stored: StoredImage) -> bool:
+    return stored.size != image.size or stored.mtime != image.mtime
+
+
 async def index_collection(root: Path, split: str, embedder: EmbeddingService, store: VectorStore,
                            options: IndexOptions, *, progress: IndexProgress | None = None) -> IndexReport:
-    """Index every image of `root/split` that the store does not hold yet.
+    """Bring the store up to date with the collection at `root` (its `split`, in the split layout).
 
     `progress`, when given, is kept up to date for whoever reports on the run (the gateway's `/healthz`).
     """
@@ -86,16 +108,20 @@ async def index_collection(root: Path, split: str, embedder: EmbeddingService, s
     report = IndexReport()
     progress = progress if progress is not None else IndexProgress()
     info = await open_store_for(embedder, store, rebuild=options.rebuild)
-    images = await asyncio.to_thread(lambda: list(iter_images(root, split)))
+    images = await asyncio.to_thread(scan_collection, root, layout=options.layout, split=split)
+    source = str(root.resolve())
+    stored = {doc.id: doc async for doc in store.iter_documents(source=source)}
+    unreadable = [image for image in images if image.size is None]
+    report.failed += [(image.path, "the file cannot be read (a dangling link, or removed meanwhile)")
+                      for image in unreadable]
+    todo = [image for image in images if image.size is not None
+            and (image.id not in stored or _changed(image, stored[image.id]))]
     report.total = len(images)
-    present: set[str] = set()
-    for start in range(0, len(images), 5000):
-        present |= await store.existing_ids([image.id for image in images[start:start + 5000]])
-    todo = [image for image in images if image.id not in present]
-    report.already_indexed = len(images) - len(todo)
-    progress.indexed, progress.total = report.already_indexed, report.total
-    logger.info("%s/%s: %d images, %d already indexed, %d to index", root, split, len(images),
-                report.already_indexed, len(todo))
+    report.unchanged = len(images) - len(todo) - len(unreadable)
+    gone = sorted(set(stored) - {image.id for image in images}) if options.sync else []
+    progress.indexed, progress.total = report.unchanged + len(unreadable), report.total
+    logger.info("%s (%s): %d images, %d unchanged, %d new or changed%s", source, options.layout.value, len(images),
+                report.unchanged, len(todo), f", {len(gone)} gone" if options.sync else "")
 
     batches = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
     bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not options.progress_bar)
@@ -114,8 +140,10 @@ async def index_collection(root: Path, split: str, embedder: EmbeddingService, s
             embeddings = await embedder.embed(pixels, purpose="index") if decoded else []
             t2 = time.perf_counter()
             documents = [
-                ImageDocument(id=image.id, filename=image.filename, path=image.path, label=image.label,
-                              model_version=info.model_version, vector=embedding.vector)
+                ImageDocument(id=image.id, filename=image.filename, path=image.path, source=image.source,
+                              label=image.label, predicted_label=embedding.label, confidence=embedding.confidence,
+                              size=image.size or 0, mtime=image.mtime or 0.0, model_version=info.model_version,
+                              vector=embedding.vector)
                 for (image, _), embedding in zip(decoded, embeddings, strict=True)
             ]
             async with write_lock:
@@ -124,7 +152,9 @@ async def index_collection(root: Path, split: str, embedder: EmbeddingService, s
                 if written_batches % options.flush_every == 0:
                     await store.flush()
             t3 = time.perf_counter()
-            report.indexed += len(documents)
+            updates = sum(doc.id in stored for doc in documents)
+            report.updated += updates
+            report.added += len(documents) - updates
             for stage, seconds in zip(("read", "embed", "write"), (t1 - t0, t2 - t1, t3 - t2), strict=True):
                 report.stage_seconds[stage] += seconds
             progress.indexed += len(batch)
@@ -134,6 +164,8 @@ async def index_collection(root: Path, split: str, embedder: EmbeddingService, s
 
     try:
         await _gather_all([run_batch(batch) for batch in batches])
+        if gone:
+            report.removed = await store.delete(gone)
     finally:
         bar.close()
         await store.flush()  # keep what was written, also when a batch failed

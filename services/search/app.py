@@ -1,10 +1,20 @@
-"""The search gateway: `POST /search` with an image → ranked similar images as JSON.
+"""The search gateway: search a collection by an uploaded image, an indexed one or several examples, and
+add or delete the collection's images, as JSON.
 
-    POST /search        multipart `file`, query `k` (1–1000) → prediction + ranked hits
-    GET  /images/{id}   an indexed image (never anything outside the collection)
-    GET  /              a small web page to try it
-    GET  /healthz       200 `ready`, or 503 `indexing` (with progress), `empty` or `failed`
-    GET  /docs          OpenAPI explorer
+    POST   /search               multipart `file` → the query's prediction + ranked hits
+    POST   /search/batch         multipart `files` (≤ 32) → one search response (or error) per file
+    POST   /search/examples      JSON {positive, negative, beta} → hits "more like these, less like those"
+    GET    /images/{id}/similar  hits for an indexed image, itself excluded
+    POST   /images               multipart `file` [+ `label`] → 201 added (200: those bytes already were)
+    GET    /images/{id}          an indexed image's file (never anything outside its collection)
+    GET    /images/{id}/meta     the document, without its vector
+    DELETE /images/{id}          204; never a hit again
+    GET    /collection           documents by source and label, model version, status
+    GET    /healthz              200 `ready`, or 503 `indexing` (with progress), `empty` or `failed`
+    GET    /                     the web page; /docs and /redoc: the OpenAPI explorers (offline)
+
+Every search takes `k` (1–1000), `offset` (offset + k ≤ 10,000), `label` (repeatable: only hits with one
+of these ground-truth labels) and `same_class` (only hits the model put in the query's predicted class).
 """
 
 from __future__ import annotations
@@ -19,28 +29,45 @@ from functools import partial
 from importlib.resources import files
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+import numpy as np
+from fastapi import APIRouter, Body, Depends, FastAPI, File, Form, HTTPException, Query, Request, Response, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 from services import wiring
-from services.common.collection import find_data_dir
+from services.common.documents import StoredImage
 from services.common.embedding import EmbeddingService
-from services.common.errors import CbirError, CollectionError
-from services.common.http import (
-    ERROR_RESPONSES,
-    ErrorResponse,
-    error_body,
-    install_http_edge,
-    verify_api_key,
-)
+from services.common.errors import CbirError, ImageError
+from services.common.http import ERROR_RESPONSES, ErrorResponse, error_body, install_http_edge, verify_api_key
 from services.common.images import UploadDecoder
 from services.common.status import Status
-from services.common.stores.base import VectorStore
-from services.search.engine import IndexingJob, SearchEngine
-from services.search.schemas import HealthResponse, QueryPrediction, SearchHit, SearchResponse
-from services.search.settings import SearchSettings
+from services.common.stores.base import StoreHit, VectorStore
+from services.search.access import verify_write_access, writes_open
+from services.search.engine import STAGE_SECONDS, IndexingJob, SearchEngine, SearchOptions
+from services.search.schemas import (
+    BatchError,
+    BatchItemError,
+    BatchSearchResponse,
+    CollectionResponse,
+    ExamplesRequest,
+    HealthResponse,
+    ImageAdded,
+    ImageMeta,
+    QueryPrediction,
+    SearchHit,
+    SearchResponse,
+)
+from services.search.settings import MAX_BATCH_FILES, SearchSettings
+from services.search.uploads import UploadFolder
 
 logger = logging.getLogger(__name__)
+
+MAX_RESULT_WINDOW = 10_000  # offset + k: Elasticsearch's index.max_result_window, kept on both stores
+# Served images can neither run script nor be sniffed into HTML, whoever uploaded them.
+IMAGE_HEADERS = {"Cache-Control": "public, max-age=86400", "X-Content-Type-Options": "nosniff",
+                 "Content-Security-Policy": "default-src 'none'; img-src 'self'; sandbox"}
+IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif",
+               ".webp": "image/webp", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}
 
 
 def create_app(settings: SearchSettings | None = None, *,
@@ -61,12 +88,8 @@ def create_app(settings: SearchSettings | None = None, *,
             resources.push_async_callback(embedder.close)
             store = store_factory()
             resources.push_async_callback(store.close)
-            try:
-                data_dir = find_data_dir(settings.data_dir)
-            except CollectionError as exc:
-                logger.warning("images will not be served: %s", exc.message)
-                data_dir = None
-            app.state.engine = engine = SearchEngine(embedder, store, data_dir=data_dir)
+            uploads = UploadFolder(settings.uploads_dir, max_bytes=settings.max_upload_storage_bytes)
+            app.state.engine = engine = SearchEngine(embedder, store, uploads=uploads)
             if background is not None:
                 # Closed before the store and the embedder it uses (the stack unwinds last in, first out).
                 resources.push_async_callback(_cancel, engine.start_indexing(background))
@@ -78,11 +101,12 @@ def create_app(settings: SearchSettings | None = None, *,
             yield
 
     app = FastAPI(title="cbir search", version="0.1.0", lifespan=lifespan,
-                  summary="Upload an image, get the most similar indexed images.")
+                  summary="Search images by an image, add your own, and browse the collection.")
     app.state.settings = settings
     app.state.decoder = UploadDecoder(settings.max_concurrent_decodes)
     install_http_edge(app, service="search", max_upload_bytes=settings.max_upload_bytes,
-                      cors_origins=settings.cors_origins)
+                      cors_origins=settings.cors_origins,
+                      route_limits={"/search/batch": settings.max_batch_upload_bytes})
     app.include_router(router)
     return app
 
@@ -98,8 +122,53 @@ def get_engine(request: Request) -> SearchEngine:
     return request.app.state.engine
 
 
+def search_options(
+    k: Annotated[int, Query(ge=1, le=1000, description="how many hits to return")] = 10,
+    offset: Annotated[int, Query(ge=0, description="hits to skip: offset=10&k=10 is hits 10–19 of k=20")] = 0,
+    label: Annotated[list[str] | None, Query(description="only hits with one of these ground-truth labels "
+                                                          "(repeat the parameter for several)")] = None,
+    same_class: Annotated[bool, Query(description="only hits the model put in the query's predicted class")] = False,
+) -> SearchOptions:
+    if offset + k > MAX_RESULT_WINDOW:
+        raise RequestValidationError([{"loc": ("query", "offset"), "type": "value_error",
+                                       "msg": f"offset + k must be at most {MAX_RESULT_WINDOW}, got {offset + k}"}])
+    return SearchOptions(k=k, offset=offset, labels=frozenset(label) if label else None, same_class=same_class)
+
+
 EngineDep = Annotated[SearchEngine, Depends(get_engine)]
+OptionsDep = Annotated[SearchOptions, Depends(search_options)]
 router = APIRouter()
+NOT_FOUND = {404: {"model": ErrorResponse, "description": "No indexed image with that id"}}
+WRITE_ERRORS = ERROR_RESPONSES | {
+    403: {"model": ErrorResponse, "description": "Writes are not allowed here (CBIR_WRITE_API_KEYS; cross-site)"},
+    507: {"model": ErrorResponse, "description": "The uploads folder is at its quota"},
+}
+
+
+def _hit(request: Request, hit: StoreHit) -> SearchHit:
+    image = hit.image
+    return SearchHit(id=image.id, filename=image.filename, label=image.label, predicted_label=image.predicted_label,
+                     score=hit.score, image_url=request.app.url_path_for("get_image", id=image.id))
+
+
+def _answer(request: Request, engine: SearchEngine, prediction: QueryPrediction | None, hits: list[StoreHit],
+            started: float) -> SearchResponse:
+    return SearchResponse(query=prediction, hits=[_hit(request, hit) for hit in hits],
+                          model_version=engine.model_version or "",
+                          took_ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+async def _decode(request: Request, engine: SearchEngine, data: bytes) -> np.ndarray:
+    """An upload decoded as the model's bundle says, within the upload limits."""
+    settings: SearchSettings = request.app.state.settings
+    model = await engine.embedder.info()
+    with STAGE_SECONDS.labels(stage="decode").time():
+        return await request.app.state.decoder.decode(data, max_bytes=settings.max_upload_bytes,
+                                                      max_pixels=settings.max_image_pixels, size=model.image_size,
+                                                      resample=model.resize)
+
+
+# -- search -------------------------------------------------------------------------------------
 
 
 @router.post("/search", response_model=SearchResponse, responses=ERROR_RESPONSES, tags=["search"],
@@ -107,36 +176,165 @@ router = APIRouter()
 async def search(
     request: Request,
     engine: EngineDep,
+    options: OptionsDep,
     file: Annotated[UploadFile, File(description="the query image: JPEG, PNG, GIF, WebP, BMP or TIFF")],
-    k: Annotated[int, Query(ge=1, le=1000, description="how many hits to return")] = 10,
 ) -> SearchResponse:
-    """Find the `k` indexed images most similar to the uploaded one."""
+    """The indexed images most similar to the uploaded one: hits `offset` to `offset + k`."""
     started = time.perf_counter()
+    image = await _decode(request, engine, await file.read())
+    [(embedding, hits)] = await engine.search_images(image[np.newaxis], options)
+    prediction = QueryPrediction(predicted_label=embedding.label, confidence=embedding.confidence)
+    return _answer(request, engine, prediction, hits, started)
+
+
+@router.post("/search/batch", response_model=BatchSearchResponse, responses=ERROR_RESPONSES, tags=["search"],
+             dependencies=[Depends(verify_api_key)])
+async def search_batch(
+    request: Request,
+    engine: EngineDep,
+    options: OptionsDep,
+    files: Annotated[list[UploadFile], File(description=f"up to {MAX_BATCH_FILES} query images (repeat the field); "
+                                                        "the request is held to CBIR_MAX_BATCH_UPLOAD_BYTES "
+                                                        "(64 MiB by default), each file to CBIR_MAX_UPLOAD_BYTES")],
+) -> BatchSearchResponse:
+    """Several searches in one request, embedded as one micro-batch and searched in one store call. A file
+    that cannot be used gets `{"error": {"status", "detail"}}` in its place; the others are answered."""
+    started = time.perf_counter()
+    if len(files) > MAX_BATCH_FILES:
+        raise RequestValidationError([{"loc": ("body", "files"), "type": "too_long",
+                                       "msg": f"at most {MAX_BATCH_FILES} files, got {len(files)}"}])
+    await engine.ensure_ready()  # a batch the index cannot answer fails as a whole, with its status
+    decoded = await asyncio.gather(*(_decode_or_error(request, engine, file) for file in files))
+    images = [item for item in decoded if isinstance(item, np.ndarray)]
+    answers = iter(await engine.search_images(np.stack(images), options) if images else [])
+    results: list[SearchResponse | BatchItemError] = []
+    for item in decoded:
+        if isinstance(item, BatchItemError):
+            results.append(item)
+            continue
+        embedding, hits = next(answers)
+        prediction = QueryPrediction(predicted_label=embedding.label, confidence=embedding.confidence)
+        results.append(_answer(request, engine, prediction, hits, started))
+    return BatchSearchResponse(results=results)
+
+
+async def _decode_or_error(request: Request, engine: SearchEngine, file: UploadFile) -> np.ndarray | BatchItemError:
+    try:
+        return await _decode(request, engine, await file.read())
+    except ImageError as exc:
+        return BatchItemError(error=BatchError(status=exc.status_code, detail=f"{file.filename}: {exc.message}"))
+
+
+@router.post("/search/examples", response_model=SearchResponse, responses=ERROR_RESPONSES | NOT_FOUND,
+             tags=["search"], dependencies=[Depends(verify_api_key)])
+async def search_examples(request: Request, engine: EngineDep, options: OptionsDep,
+                          examples: Annotated[ExamplesRequest, Body()]) -> SearchResponse:
+    """"More like these, less like those": hits for the normalised mean of the positives' vectors minus `beta`
+    times the negatives' mean (Rocchio's relevance feedback); the examples themselves are never hits. 404 for an
+    unknown id, 422 when the examples cancel out."""
+    started = time.perf_counter()
+    hits = await engine.search_examples(examples.positive, examples.negative, beta=examples.beta, options=options)
+    return _answer(request, engine, None, hits, started)
+
+
+@router.get("/images/{id}/similar", response_model=SearchResponse, responses=ERROR_RESPONSES | NOT_FOUND,
+            tags=["search"], dependencies=[Depends(verify_api_key)])
+async def similar(request: Request, id: str, engine: EngineDep, options: OptionsDep) -> SearchResponse:
+    """The images most similar to an indexed one, by its stored vector; the image itself is left out. `query`
+    is its prediction as stored."""
+    started = time.perf_counter()
+    document, hits = await engine.similar(id, options)
+    prediction = QueryPrediction(predicted_label=document.predicted_label, confidence=document.confidence)
+    return _answer(request, engine, prediction, hits, started)
+
+
+# -- the collection -----------------------------------------------------------------------------
+
+
+@router.post("/images", response_model=ImageAdded, status_code=201, tags=["collection"],
+             dependencies=[Depends(verify_write_access)],
+             responses=WRITE_ERRORS | {200: {"model": ImageAdded, "description": "Those bytes were added before: "
+                                                                                 "the same document, nothing changed"}})
+async def add_image(
+    request: Request,
+    response: Response,
+    engine: EngineDep,
+    file: Annotated[UploadFile, File(description="the image: JPEG, PNG, GIF, WebP, BMP or TIFF")],
+    label: Annotated[str | None, Form(max_length=200, description="its ground-truth label, if known")] = None,
+) -> ImageAdded:
+    """Add an image to the collection. Its id is the hash of the bytes: the same bytes again answer 200 with
+    the same document, and nothing is stored twice. A 201 (or 200) means the image is kept as
+    `<state dir>/uploads/<id>.<ext>` (re-encoded from its pixels, so no EXIF or GPS), fsynced, and its document
+    is durable and already found by searches."""
     settings: SearchSettings = request.app.state.settings
-    model = await engine.embedder.info()  # the bundle says how its images are decoded
-    image = await request.app.state.decoder.decode(await file.read(), max_bytes=settings.max_upload_bytes,
-                                                   max_pixels=settings.max_image_pixels, size=model.image_size,
-                                                   resample=model.resize)
-    embedding, hits = await engine.search(image, k)
-    return SearchResponse(
-        query=QueryPrediction(predicted_label=embedding.label, confidence=embedding.confidence),
-        hits=[SearchHit(id=hit.id, filename=hit.filename, label=hit.label, score=hit.score,
-                        image_url=request.app.url_path_for("get_image", id=hit.id))
-              for hit in hits],
-        took_ms=round((time.perf_counter() - started) * 1000, 2),
-    )
+    data = await file.read()
+    pixels = await _decode(request, engine, data)
+    encoded, extension = await request.app.state.decoder.reencode(data, max_bytes=settings.max_upload_bytes,
+                                                                  max_pixels=settings.max_image_pixels)
+    document, added = await engine.add_image(data, pixels, encoded, extension, label=label or None)
+    if not added:
+        response.status_code = 200
+    return ImageAdded(id=document.id, filename=document.filename, label=document.label,
+                      predicted_label=document.predicted_label, model_version=document.model_version)
 
 
-@router.get("/images/{id}", name="get_image", tags=["search"], response_class=FileResponse,
+@router.get("/images/{id}", name="get_image", tags=["collection"], response_class=FileResponse,
+            dependencies=[Depends(verify_api_key)],
             responses={200: {"description": "The image file", "content": {"image/*": {}}},
                        404: {"model": ErrorResponse, "description": "No such indexed image"},
                        422: ERROR_RESPONSES[422]})
 async def get_image(id: str, engine: EngineDep) -> FileResponse:
-    """An indexed image by its document id."""
+    """An indexed image's file (a collection's or an upload), by its document id."""
     path = await engine.image_path(id)
     if path is None:
         raise HTTPException(404, f"no indexed image with id {id!r}")
-    return FileResponse(path, headers={"Cache-Control": "public, max-age=86400"})
+    media_type = IMAGE_TYPES.get(path.suffix.lower(), "application/octet-stream")
+    return FileResponse(path, media_type=media_type, headers=IMAGE_HEADERS)
+
+
+@router.get("/images/{id}/meta", response_model=ImageMeta, responses=ERROR_RESPONSES | NOT_FOUND,
+            tags=["collection"], dependencies=[Depends(verify_api_key)])
+async def image_meta(request: Request, id: str, engine: EngineDep) -> ImageMeta:
+    """An indexed image's document, without its vector."""
+    return _meta(request, await engine.document(id))
+
+
+def _meta(request: Request, document: StoredImage) -> ImageMeta:
+    return ImageMeta(id=document.id, filename=document.filename, source=document.source, label=document.label,
+                     predicted_label=document.predicted_label, confidence=document.confidence, size=document.size,
+                     mtime=document.mtime, model_version=document.model_version,
+                     image_url=request.app.url_path_for("get_image", id=document.id))
+
+
+@router.delete("/images/{id}", status_code=204, response_class=Response, tags=["collection"],
+               dependencies=[Depends(verify_write_access)], responses=WRITE_ERRORS | NOT_FOUND)
+async def delete_image(id: str, engine: EngineDep) -> Response:
+    """Delete an image: its document, and an upload's stored file. On return no search finds it, and its
+    `/images/{id}`, `/meta` and `/similar` answer 404."""
+    await engine.remove_image(id)
+    return Response(status_code=204)
+
+
+@router.get("/collection", response_model=CollectionResponse, tags=["collection"],
+            dependencies=[Depends(verify_api_key)], responses={503: ERROR_RESPONSES[503]})
+async def collection(request: Request, engine: EngineDep) -> CollectionResponse:
+    """What the collection holds: documents by source and label, the model version, and the status as `/healthz`
+    reports it (while indexing: `indexed` of `total` so far). `writes` says whether this client may add images
+    without a key."""
+    status, problem = await engine.status()
+    if problem is None:
+        stats = await engine.collection()
+        documents, sources, labels, unlabelled = stats.documents, stats.sources, stats.labels, stats.unlabelled
+    else:
+        documents, sources, labels, unlabelled = 0, {}, {}, 0
+    progress = problem.progress if problem is not None else {}
+    return CollectionResponse(documents=documents, model_version=engine.model_version, backend=engine.store.name,
+                              sources=sources, labels=labels, unlabelled=unlabelled, status=status,
+                              indexed=progress.get("indexed"), total=progress.get("total"),
+                              writes=writes_open(request))
+
+
+# -- operations ---------------------------------------------------------------------------------
 
 
 @router.get("/healthz", response_model=HealthResponse, tags=["ops"],
@@ -145,15 +343,16 @@ async def healthz(engine: EngineDep) -> HealthResponse | JSONResponse:
     """200 `ready` when the model and the index are (`warming_up` while the model is still being compiled:
     it answers, slower); else 503 with `status` `indexing` (and `indexed` of `total` images so far),
     `empty` or `failed`, and `detail` saying why."""
+    status, problem = await engine.status()
     try:
-        model_version = await engine.ensure_ready()
+        if problem is not None:
+            raise problem
         documents = await engine.store.count()
     except CbirError as exc:
-        body = {"status": Status.failed} | error_body(exc)  # an unavailable embedder or store is `failed`
+        body = {"status": Status.failed} | error_body(exc)  # a store gone since it was ready is `failed`
         retry_after = "2" if body["status"] == Status.indexing else "5"
         return JSONResponse(body, status_code=503, headers={"Retry-After": retry_after})
-    status = Status.warming_up if engine.embedder.warming_up else Status.ready
-    return HealthResponse(status=status, model_version=model_version,
+    return HealthResponse(status=status, model_version=engine.model_version or "",
                           backend=engine.store.name, documents=documents)
 
 

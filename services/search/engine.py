@@ -1,4 +1,5 @@
-"""What a search does: embed the decoded upload, ask the store, shape the hits; and whether it can yet.
+"""What a search does: embed the query image (or read an indexed one's vector), ask the store, shape the
+hits; what adding and deleting an image does; and whether any of it can run yet.
 
 Readiness is one status (`services.common.status.Status`): `indexing` while a background run fills
 the index, `empty` without documents, `failed` when indexing failed or a dependency is down, `ready`.
@@ -8,39 +9,75 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from prometheus_client import Histogram
+from prometheus_client import Gauge, Histogram
 
 from services.common.collection import resolve_inside
+from services.common.documents import UPLOAD_SOURCE, ImageDocument, StoredImage, content_id
 from services.common.embedding import Embedding, EmbeddingService
-from services.common.errors import CbirError, IndexNotReadyError, StoreError
+from services.common.errors import (
+    CbirError,
+    DocumentNotFoundError,
+    IndexNotReadyError,
+    InvalidQueryError,
+    StoreError,
+)
 from services.common.status import IndexProgress, Status
-from services.common.stores.base import StoreHit, StoreQuery, VectorStore
+from services.common.stores.base import CollectionStats, StoreHit, StoreQuery, VectorStore
+from services.search.uploads import UploadFolder
 
 logger = logging.getLogger(__name__)
 
 SEARCH_BATCH_QUERIES = Histogram("cbir_search_batch_queries", "queries per store call of the query batcher",
                                  buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+STAGE_SECONDS = Histogram("cbir_stage_seconds", "seconds a request spends in each stage: decode, embed, search",
+                          ["stage"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+DOCUMENTS = Gauge("cbir_documents", "documents in the index, as of the last readiness check or write")
+MODEL_VERSION = Gauge("cbir_model_version_info", "the model version searched (1 for the current one)",
+                      ["model_version"])
 
 
 # A background job: fills `store` with `embedder`'s vectors, keeping the progress up to date.
 IndexingJob = Callable[[EmbeddingService, VectorStore, IndexProgress], Awaitable[object]]
 
 
+@dataclass(frozen=True, kw_only=True)
+class SearchOptions:
+    """What every search takes besides its query: the page (hits `offset` to `offset + k`) and the filters
+    (ground-truth `labels`; `same_class`: only documents whose stored prediction is the query's class)."""
+
+    k: int = 10
+    offset: int = 0
+    labels: frozenset[str] | None = None
+    same_class: bool = False
+
+    def query(self, vector: np.ndarray, *, predicted_label: str | None,
+              exclude: frozenset[str] = frozenset()) -> StoreQuery:
+        if self.same_class and predicted_label is None:
+            raise InvalidQueryError("same_class needs one query image, whose predicted class it keeps; "
+                                    "restrict a query by several examples with label= instead")
+        return StoreQuery(vector=vector, k=self.k, offset=self.offset, labels=self.labels,
+                          predicted_labels=frozenset({predicted_label}) if self.same_class else None,
+                          exclude_ids=exclude)
+
+
 class SearchEngine:
-    """Joins an embedding service and a store; ready once both agree on the model version.
+    """Joins an embedding service, a store and the uploads folder; ready once embedder and store agree
+    on the model version.
 
     Readiness is re-checked on every call until it succeeds, so the gateway recovers by itself
     when the embedder or the store comes back, and becomes ready by itself when indexing ends.
     """
 
-    def __init__(self, embedder: EmbeddingService, store: VectorStore, *, data_dir: Path | None) -> None:
+    def __init__(self, embedder: EmbeddingService, store: VectorStore, *, uploads: UploadFolder) -> None:
         self.embedder = embedder
         self.store = store
-        self.data_dir = data_dir
+        self.uploads = uploads
         self.model_version: str | None = None
         self._readiness: asyncio.Task[str] | None = None
         self._indexing: IndexProgress | None = None  # set while a background run goes
@@ -96,31 +133,133 @@ class SearchEngine:
         # Missing or unreadable: IndexNotReadyError (503); another model's: 409; unreachable: 503; refused
         # credentials: StoreAuthError, naming the settings to fix.
         await self.store.open(dims=info.dims, model_version=info.model_version, create=False)
-        if await self.store.count() == 0:
+        documents = await self.store.count()
+        if documents == 0:
             raise IndexNotReadyError("the index is empty; build it with `cbir index`")
         self.model_version = info.model_version
+        DOCUMENTS.set(documents)
+        MODEL_VERSION.clear()
+        MODEL_VERSION.labels(model_version=info.model_version).set(1)
         logger.info("search ready: model %s, %s store", info.model_version, self.store.name)
         return self.model_version
 
-    async def search(self, image: np.ndarray, k: int) -> tuple[Embedding, list[StoreHit]]:
-        """The query's embedding and its `k` nearest indexed images, best first.
+    async def status(self) -> tuple[Status, IndexNotReadyError | None]:
+        """The status `/healthz` and `/collection` report, and the reason when it is not ready."""
+        try:
+            await self.ensure_ready()
+        except IndexNotReadyError as exc:
+            return Status(exc.status), exc
+        except CbirError as exc:  # an unavailable embedder or store is `failed`
+            return Status.failed, IndexNotReadyError(exc.message, status=Status.failed)
+        return (Status.warming_up if self.embedder.warming_up else Status.ready), None
+
+    # -- searches -------------------------------------------------------------------------------
+
+    async def search_images(self, images: np.ndarray, options: SearchOptions) -> list[tuple[Embedding, list[StoreHit]]]:
+        """Each image's embedding and its hits, best first.
 
         Concurrent searches share work twice: the micro-batcher embeds them in one forward pass, and
-        the query batcher sends the vectors that come out of it to the store in one `search_many`.
+        the query batcher sends the vectors that come out of it to the store in one `search_many`; the
+        images of one call (a batch request) are one micro-batch and one `search_many`.
         """
         await self.ensure_ready()
-        [embedding] = await self.embedder.embed(image[np.newaxis])
-        return embedding, await self._queries.search(StoreQuery(vector=embedding.vector, k=k))
+        with STAGE_SECONDS.labels(stage="embed").time():
+            embeddings = await self.embedder.embed(images)
+        queries = [options.query(e.vector, predicted_label=e.label) for e in embeddings]
+        with STAGE_SECONDS.labels(stage="search").time():
+            results = await asyncio.gather(*(self._queries.search(query) for query in queries))
+        return list(zip(embeddings, results, strict=True))
+
+    async def similar(self, id: str, options: SearchOptions) -> tuple[StoredImage, list[StoreHit]]:
+        """The images most similar to an indexed one (by its stored vector), itself left out."""
+        await self.ensure_ready()
+        document = await self.document(id)
+        vectors = await self.store.vectors([id])
+        if id not in vectors:  # deleted in between
+            raise DocumentNotFoundError(f"no indexed image with id {id!r}")
+        query = options.query(vectors[id], predicted_label=document.predicted_label, exclude=frozenset({id}))
+        with STAGE_SECONDS.labels(stage="search").time():
+            return document, await self._queries.search(query)
+
+    async def search_examples(self, positive: Sequence[str], negative: Sequence[str], *, beta: float,
+                              options: SearchOptions) -> list[StoreHit]:
+        """"More like these, less like those" (Rocchio): the query is the L2-normalised mean of the
+        positives' vectors minus `beta` times the mean of the negatives'; the examples are left out."""
+        await self.ensure_ready()
+        ids = list(dict.fromkeys([*positive, *negative]))
+        vectors = await self.store.vectors(ids)
+        missing = [i for i in ids if i not in vectors]
+        if missing:
+            shown = ", ".join(repr(i) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise DocumentNotFoundError(f"no indexed image with id {shown}")
+        query = np.mean([vectors[i] for i in positive], axis=0)
+        if negative:
+            query = query - beta * np.mean([vectors[i] for i in negative], axis=0)
+        norm = float(np.linalg.norm(query))
+        if norm < 1e-6:
+            raise InvalidQueryError("the examples cancel out (the positives' mean minus beta times the negatives' "
+                                    "is zero); use fewer negatives or a smaller beta")
+        with STAGE_SECONDS.labels(stage="search").time():
+            return await self._queries.search(options.query((query / norm).astype(np.float32),
+                                                            predicted_label=None, exclude=frozenset(ids)))
+
+    # -- documents ------------------------------------------------------------------------------
+
+    async def document(self, id: str) -> StoredImage:
+        document = await self.store.get(id)
+        if document is None:
+            raise DocumentNotFoundError(f"no indexed image with id {id!r}")
+        return document
+
+    async def add_image(self, data: bytes, pixels: np.ndarray, encoded: bytes, extension: str, *,
+                        label: str | None) -> tuple[StoredImage, bool]:
+        """Store an upload (`data`, decoded to `pixels` and re-encoded to `encoded`) as a document whose id is
+        the hash of `data`; returns it and whether it is new (False: those bytes were added before, and
+        nothing changed). On return the file is on disk and the document durable and searchable."""
+        model_version = await self.ensure_ready()
+        id = content_id(data)
+        existing = await self.store.get(id)
+        if existing is not None:
+            return existing, False
+        with STAGE_SECONDS.labels(stage="embed").time():
+            [embedding] = await self.embedder.embed(pixels[np.newaxis], purpose="index")
+        relative = await self.uploads.save(id, encoded, extension)
+        document = ImageDocument(id=id, filename=relative, path=relative, source=UPLOAD_SOURCE, label=label,
+                                 predicted_label=embedding.label, confidence=embedding.confidence,
+                                 size=len(encoded), mtime=time.time(), model_version=model_version,
+                                 vector=embedding.vector)
+        try:
+            added = await self.store.add(document)
+        except BaseException:
+            if await self.store.get(id) is None:  # no document refers to the file: do not leave it behind
+                await self.uploads.delete(relative)
+            raise
+        DOCUMENTS.inc(added)
+        return (document.stored() if added else await self.document(id)), added
+
+    async def remove_image(self, id: str) -> StoredImage:
+        """Delete a document (and, for an upload, its file); on return no search finds it."""
+        await self.ensure_ready()
+        document = await self.document(id)
+        if not await self.store.remove(id):
+            raise DocumentNotFoundError(f"no indexed image with id {id!r}")
+        DOCUMENTS.dec()
+        if document.source == UPLOAD_SOURCE:
+            await self.uploads.delete(document.path)
+        return document
+
+    async def collection(self) -> CollectionStats:
+        return await self.store.stats()
 
     async def image_path(self, id: str) -> Path | None:
-        """The file of an indexed image, never a path outside the collection."""
-        if self.data_dir is None:
-            return None
+        """The file of an indexed image, never a path outside its collection root or the uploads folder."""
         document = await self.store.get(id)
         if document is None:
             return None
         try:
-            return resolve_inside(self.data_dir, document.path)
+            if document.source == UPLOAD_SOURCE:
+                return self.uploads.path_of(document.path)
+            return resolve_inside(Path(document.source), document.path)
         except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, name too long, symlink loop
             logger.warning("image %s has an unusable stored path %r: %s", id, document.path[:200], exc)
             return None

@@ -2,8 +2,34 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+
 from services.common.settings import CollectionSettings, EmbeddingSettings, StoreSettings, UploadSettings
+
+MAX_BATCH_FILES = 32  # images of one POST /search/batch
 
 
 class SearchSettings(StoreSettings, EmbeddingSettings, UploadSettings, CollectionSettings):
     """Everything the gateway reads; `CBIR_EMBEDDER_URL` unset runs the model in-process."""
+
+    write_api_keys: list[SecretStr] = Field(
+        default_factory=list, description="X-API-Key values that may add and delete images (JSON list); with "
+        "none, writes are accepted only in development on a loopback address, and refused otherwise")
+    max_upload_storage_bytes: int = Field(
+        1024**3, ge=0, description="most bytes the uploads folder (<state dir>/uploads) may hold (507 past it)")
+    max_batch_upload_bytes: int = Field(
+        64 * 1024**2, ge=1024, description="largest request body of POST /search/batch (413); each file of it is "
+        "held to CBIR_MAX_UPLOAD_BYTES too")
+
+    @model_validator(mode="after")
+    def _no_placeholder_write_keys(self) -> SearchSettings:
+        weak = any(k.get_secret_value() in ("changeme", "secret", "") for k in self.write_api_keys)
+        if weak and self.environment != "development":
+            raise ValueError("CBIR_WRITE_API_KEYS holds a placeholder key; set real keys outside development")
+        return self
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.state_dir / "uploads"

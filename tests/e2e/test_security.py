@@ -8,9 +8,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from factories import make_document
 from reliability_fixtures import FixedEmbedder, asgi_client, encode, sample_image
 
-from services.common.documents import ImageDocument
 from services.common.settings import UploadSettings
 from services.common.stores.faiss_store import FaissStore
 from services.search.settings import SearchSettings
@@ -60,8 +60,9 @@ async def gallery(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
     store = FaissStore(state / "index.npz")
     await store.open(dims=26, model_version="fixed-model")
     vector = np.eye(26, dtype=np.float32)[0]
-    await store.upsert([ImageDocument(id=id, filename=Path(path).name or "x", path=path, label="cat",
-                                      model_version="fixed-model", vector=vector) for id, path in paths.items()])
+    source = str(root.resolve())
+    await store.upsert([make_document(id, vector, filename=Path(path).name or "x", path=path, source=source,
+                                      model_version="fixed-model") for id, path in paths.items()])
     await store.flush()
     return state, root, paths
 

@@ -16,16 +16,17 @@ async def test_search_api_retries_busy_answers_and_maps_hit_ids(tmp_path: Path) 
     query = tmp_path / "q.jpg"
     query.write_bytes(b"jpeg bytes")
     paths = ["train/cat/0.jpg", "train/dog/1.jpg"]
+    root = "/data/cifar10"  # the collection root the server indexed
     calls = []
 
     def answer(request: httpx.Request) -> httpx.Response:
         calls.append(request)
         if len(calls) == 1:
             return httpx.Response(503, json={"detail": "busy"}, headers={"Retry-After": "1"})
-        hits = [{"id": document_id(paths[1]), "score": 1.9}, {"id": "not-in-the-collection", "score": 1.5}]
+        hits = [{"id": document_id(root, paths[1]), "score": 1.9}, {"id": "not-in-the-collection", "score": 1.5}]
         return httpx.Response(200, json={"query": {"predicted_label": "dog", "confidence": 0.9}, "hits": hits})
 
-    ranking = await search_api("http://search", [query], classes=["cat", "dog"], doc_rows=document_rows(paths),
+    ranking = await search_api("http://search", [query], classes=["cat", "dog"], doc_rows=document_rows(root, paths),
                                k=3, transport=httpx.MockTransport(answer))
     assert len(calls) == 2 and calls[1].url.params["k"] == "3"
     assert ranking.hits.tolist() == [[1, -1, -1]] and ranking.unknown_hits == 1

@@ -1,7 +1,9 @@
-"""The indexer: every image once, resumable, idempotent, corrupt files skipped and listed."""
+"""The indexer: every image once, resumable, idempotent, changed files re-embedded, vanished ones removed with
+sync (of its own root only), every layout, corrupt files skipped and listed."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from services.common.collection import iter_images
+from services.common.collection import Layout, iter_images
 from services.common.embedding import HttpEmbeddingClient
 from services.common.errors import StoreMismatchError
 from services.common.images import decode_image
@@ -40,21 +42,93 @@ async def test_indexes_every_image_once_and_reruns_add_nothing(collection: Path,
                                                                 local_service: LocalEmbeddingService) -> None:
     store = FaissStore(tmp_path / "index.npz")
     report = await index_collection(collection, "train", local_service, store, OPTIONS)
-    assert (report.indexed, report.already_indexed, report.failed) == (500, 0, [])
+    assert (report.added, report.unchanged, report.failed) == (500, 0, [])
     again = await index_collection(collection, "train", local_service, FaissStore(tmp_path / "index.npz"), OPTIONS)
-    assert (again.indexed, again.already_indexed, again.documents) == (0, 500, 500)
+    assert again.counts() == {"total": 500, "added": 0, "updated": 0, "unchanged": 500, "removed": 0, "skipped": 0,
+                              "documents": 500}
+    document = await store.get(next(iter_images(collection, "train")).id)
+    assert document is not None and document.source == str(collection.resolve()) and document.label == "airplane"
+    assert document.predicted_label in (await local_service.info()).classes and 0 < document.confidence <= 1
+    assert document.size == (collection / document.path).stat().st_size
+
+
+async def test_a_rerun_re_embeds_changed_files_and_sync_removes_vanished_ones(
+        collection: Path, tmp_path: Path, local_service: LocalEmbeddingService) -> None:
+    await index_collection(collection, "train", local_service, FaissStore(tmp_path / "index.npz"), OPTIONS)
+    cats = sorted((collection / "train" / "cat").iterdir())
+    cats[0].write_bytes((collection / "train" / "dog" / sorted(os.listdir(collection / "train" / "dog"))[0])
+                        .read_bytes())  # another image under the same name: size and mtime change
+    cats[1].unlink()
+    (collection / "train" / "cat" / "zz-new.jpg").write_bytes(cats[2].read_bytes())
+    store = FaissStore(tmp_path / "index.npz")
+    report = await index_collection(collection, "train", local_service, store, OPTIONS)
+    assert (report.added, report.updated, report.unchanged, report.removed) == (1, 1, 498, 0)
+    assert report.documents == 501  # without --sync the vanished file's document stays
+    await store.close()
+    synced = await index_collection(collection, "train", local_service, FaissStore(tmp_path / "index.npz"),
+                                    IndexOptions(**{**OPTIONS.__dict__, "sync": True}))
+    assert (synced.added, synced.updated, synced.unchanged, synced.removed, synced.documents) == (0, 0, 500, 1, 500)
+
+
+async def test_sync_removes_only_documents_of_its_own_root(collection: Path, tmp_path: Path,
+                                                           local_service: LocalEmbeddingService) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(collection / "train" / "cat", other / "cat")
+    path = tmp_path / "index.npz"
+    await index_collection(collection, "train", local_service, FaissStore(path), OPTIONS)
+    await index_collection(other, "train", local_service, FaissStore(path), OPTIONS)  # class layout: 50 cats
+    shutil.rmtree(collection / "train" / "dog")
+    store = FaissStore(path)
+    report = await index_collection(collection, "train", local_service, store,
+                                    IndexOptions(**{**OPTIONS.__dict__, "sync": True}))
+    assert (report.removed, report.documents) == (50, 500)  # 450 of the collection + the other root's 50
+    sources = (await store.stats()).sources
+    assert sources == {str(collection.resolve()): 450, str(other.resolve()): 50}
+
+
+@pytest.mark.parametrize("layout", [Layout.flat, Layout.auto])
+async def test_a_flat_folder_is_indexed_recursively_without_labels(tmp_path: Path, mini_collection: Path,
+                                                                   local_service: LocalEmbeddingService,
+                                                                   layout: Layout) -> None:
+    photos = tmp_path / "photos"
+    (photos / "2024" / "summer").mkdir(parents=True)
+    for i, image in enumerate(sorted((mini_collection / "train" / "cat").iterdir())[:6]):
+        shutil.copyfile(image, (photos if i % 2 else photos / "2024" / "summer") / f"p{i}.jpg")
+    store = FaissStore(tmp_path / "index.npz")
+    report = await index_collection(photos, "train", local_service, store,
+                                    IndexOptions(**{**OPTIONS.__dict__, "layout": layout}))
+    assert report.added == 6
+    documents = [doc async for doc in store.iter_documents()]
+    assert {doc.label for doc in documents} == {None}
+    assert sorted(doc.path for doc in documents) == ["2024/summer/p0.jpg", "2024/summer/p2.jpg", "2024/summer/p4.jpg",
+                                                     "p1.jpg", "p3.jpg", "p5.jpg"]
+    assert (await store.stats()).unlabelled == 6
+
+
+async def test_the_class_layout_labels_by_top_folder(tmp_path: Path, mini_collection: Path,
+                                                     local_service: LocalEmbeddingService) -> None:
+    root = tmp_path / "pets"
+    shutil.copytree(mini_collection / "train" / "cat", root / "cat" / "indoor")
+    shutil.copytree(mini_collection / "train" / "dog", root / "dog")
+    store = FaissStore(tmp_path / "index.npz")
+    await index_collection(root, "train", local_service, store, OPTIONS)  # auto: only folders in the root → class
+    assert (await store.stats()).labels == {"cat": 50, "dog": 50}
 
 
 async def test_resumes_where_an_interrupted_run_stopped(collection: Path, tmp_path: Path,
                                                         local_service: LocalEmbeddingService) -> None:
-    # An earlier run that got through two classes only.
-    partial = tmp_path / "partial"
-    for label in ("airplane", "automobile"):
-        shutil.copytree(collection / "train" / label, partial / "train" / label)
-    await index_collection(partial, "train", local_service, FaissStore(tmp_path / "index.npz"), OPTIONS)
+    # An earlier run that got through two classes only (the others were not there yet).
+    later = tmp_path / "later"
+    later.mkdir()
+    for label in os.listdir(collection / "train"):
+        if label not in ("airplane", "automobile"):
+            shutil.move(collection / "train" / label, later / label)
+    await index_collection(collection, "train", local_service, FaissStore(tmp_path / "index.npz"), OPTIONS)
+    for label in os.listdir(later):
+        shutil.move(later / label, collection / "train" / label)
     store = FaissStore(tmp_path / "index.npz")
     report = await index_collection(collection, "train", local_service, store, OPTIONS)
-    assert (report.already_indexed, report.indexed, report.documents) == (100, 400, 500)
+    assert (report.unchanged, report.added, report.documents) == (100, 400, 500)
     ids = {image.id for image in iter_images(collection, "train")}
     assert await store.existing_ids(sorted(ids)) == ids
 

@@ -14,7 +14,7 @@ async def test_search_returns_ranked_hits(search_client: httpx.AsyncClient, test
     response = await search_client.post("/search", params={"k": 7}, files={"file": ("q.jpg", test_image, "image/jpeg")})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"query", "hits", "took_ms"}
+    assert set(body) == {"query", "hits", "model_version", "took_ms"}
     assert body["query"]["predicted_label"] in {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
                                                 "horse", "ship", "truck"}
     assert 0.0 <= body["query"]["confidence"] <= 1.0

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from factories import make_document
 
 from services.common.documents import StoreHit
 from services.common.errors import StoreUnavailableError
@@ -30,8 +31,7 @@ class CountingStore:
         await self.gate.wait()
         if self.fail:
             raise StoreUnavailableError("the store went away")
-        return [[StoreHit(id=f"hit-{q.vector[0]:g}", filename="f", path="p", label="cat", score=1.0)] * q.k
-                for q in queries]
+        return [[StoreHit(make_document(f"hit-{q.vector[0]:g}", q.vector).stored(), 1.0)] * q.k for q in queries]
 
 
 def query(value: float, k: int = 1) -> StoreQuery:

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.common.documents import ImageDocument, StoredImage, StoreHit
+from services.common.documents import DOCUMENT_SCHEMA, ImageDocument, StoredImage, StoreHit
 from services.common.errors import StoreError, StoreMismatchError
 
 
 @dataclass(frozen=True, slots=True)
 class StoreQuery:
     """One nearest-neighbour query: the hits ranked `offset` to `offset + k` by score, among the
-    documents whose label is one of `labels` (None: any) and whose id is not in `exclude_ids`.
+    documents whose label is one of `labels`, whose predicted label is one of `predicted_labels`
+    (None: any) and whose id is not in `exclude_ids`.
 
     >>> StoreQuery(vector, k=10, offset=10, labels=frozenset({"cat"}))  # the second page of cats
     """
@@ -24,21 +25,34 @@ class StoreQuery:
     k: int
     offset: int = 0
     labels: frozenset[str] | None = None
+    predicted_labels: frozenset[str] | None = None
     exclude_ids: frozenset[str] = frozenset()
 
     @property
-    def filter_key(self) -> tuple[frozenset[str] | None, frozenset[str]]:
+    def filter_key(self) -> tuple[frozenset[str] | None, frozenset[str] | None, frozenset[str]]:
         """Queries with the same key can be answered by one search over the same documents."""
-        return self.labels, self.exclude_ids
+        return self.labels, self.predicted_labels, self.exclude_ids
 
 
 @dataclass(frozen=True, slots=True)
 class StoreInfo:
-    """What an index holds: vector size, the model version that wrote it, and its size."""
+    """What an index holds: vector size, the model version that wrote it, its document schema
+    (`DOCUMENT_SCHEMA` when written by this code; None when empty or unknown) and its size."""
 
     dims: int | None
     model_version: str | None
     count: int
+    schema: int | None = DOCUMENT_SCHEMA
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionStats:
+    """How many documents an index holds, by source and by label (`unlabelled`: those with a null label)."""
+
+    documents: int
+    sources: dict[str, int] = field(default_factory=dict)
+    labels: dict[str, int] = field(default_factory=dict)
+    unlabelled: int = 0
 
 
 class VectorStore(abc.ABC):
@@ -61,8 +75,18 @@ class VectorStore(abc.ABC):
     async def upsert(self, documents: Sequence[ImageDocument]) -> None: ...
 
     @abc.abstractmethod
+    async def add(self, document: ImageDocument) -> bool:
+        """Store `document` unless its id is already stored (then nothing changes): True if it was added.
+        Two concurrent adds of one id store it once. On return the document is durable and searchable."""
+
+    @abc.abstractmethod
     async def delete(self, ids: Sequence[str]) -> int:
         """Delete documents by id; returns how many existed."""
+
+    @abc.abstractmethod
+    async def remove(self, id: str) -> bool:
+        """Delete one document: True if it existed. On return the deletion is durable and no search
+        finds the document any more."""
 
     @abc.abstractmethod
     async def count(self) -> int: ...
@@ -71,8 +95,19 @@ class VectorStore(abc.ABC):
     async def get(self, id: str) -> StoredImage | None: ...
 
     @abc.abstractmethod
+    async def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The stored vectors of those of `ids` that are stored (a query by indexed images)."""
+
+    @abc.abstractmethod
     async def existing_ids(self, ids: Sequence[str]) -> set[str]:
         """The subset of `ids` already stored (the indexer's resume check)."""
+
+    @abc.abstractmethod
+    def iter_documents(self, *, source: str | None = None) -> AsyncIterator[StoredImage]:
+        """Every stored document (of `source` only, when given), without vectors, in id order."""
+
+    @abc.abstractmethod
+    async def stats(self) -> CollectionStats: ...
 
     @abc.abstractmethod
     async def search_many(self, queries: Sequence[StoreQuery]) -> list[list[StoreHit]]:
@@ -108,6 +143,11 @@ def check_compatible(info: StoreInfo, *, dims: int, model_version: str, where: s
         raise StoreMismatchError(
             f"{where} was built by model version {info.model_version!r} but the model is "
             f"{model_version!r}; re-index with the current model (cbir index --rebuild)"
+        )
+    if info.count and info.schema != DOCUMENT_SCHEMA:
+        raise StoreMismatchError(
+            f"{where} holds documents of schema {info.schema or 1}, from before documents recorded their "
+            f"source and prediction (schema {DOCUMENT_SCHEMA}); re-index (cbir index --rebuild)"
         )
 
 

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ from elasticsearch import (
     AuthenticationException,
     AuthorizationException,
     BadRequestError,
+    ConflictError,
     ConnectionTimeout,
     NotFoundError,
     TransportError,
@@ -46,7 +48,7 @@ from elasticsearch import (
 )
 from elasticsearch.helpers import async_streaming_bulk
 
-from services.common.documents import ImageDocument, StoredImage, StoreHit
+from services.common.documents import DOCUMENT_SCHEMA, ImageDocument, StoredImage, StoreHit
 from services.common.errors import (
     BulkWriteError,
     CbirError,
@@ -58,16 +60,24 @@ from services.common.errors import (
 )
 from services.common.scoring import ES_SCRIPT_SOURCE, score_from_es_knn
 from services.common.settings import EsSearchMode, StoreSettings, default
-from services.common.stores.base import StoreInfo, StoreQuery, VectorStore, check_compatible, check_query_vector
+from services.common.stores.base import (
+    CollectionStats,
+    StoreInfo,
+    StoreQuery,
+    VectorStore,
+    check_compatible,
+    check_query_vector,
+)
 
 logger = logging.getLogger(__name__)
 
 VECTOR_FIELD = "features"  # ES_SCRIPT_SOURCE names this field too
-HIT_FIELDS = ["id", "filename", "path", "label"]
-STORED_FIELDS = [*HIT_FIELDS, "model_version"]
+STORED_FIELDS = [field.name for field in dataclasses.fields(StoredImage)]  # every field but the vector
 
 BULK_CHUNK = 500  # documents per _bulk request: ~0.5 MB with 74-dim vectors
 MGET_CHUNK = 1000  # ids per _mget request of the resume check
+SCAN_PAGE = 1000  # documents per search_after page when listing documents
+STATS_BUCKETS = 10_000  # most sources / labels /collection counts (terms aggregation size)
 MAX_RESULT_WINDOW = 10_000  # index.max_result_window, and the ceiling of knn num_candidates
 MAX_BACKOFF_S = 60.0
 FAILURES_SHOWN = 10  # failed ids spelled out in an error message; all are on `.failures`
@@ -175,11 +185,13 @@ class ElasticsearchStore(VectorStore):
         _check_vector_mapping(mapping, where=self._where)
         info = await self._info_from(mapping)
         check_compatible(info, dims=dims, model_version=model_version, where=self._where)
-        if info.model_version != model_version:
-            # An empty index left by another model: claim it, as the FAISS store does.
+        if info.model_version != model_version or info.schema != DOCUMENT_SCHEMA:
+            # An empty index left by another model or schema: claim it, as the FAISS store does (adding the
+            # fields this schema has is a mapping update Elasticsearch allows).
+            mappings = self._index_body(dims=dims, model_version=model_version)["mappings"]
             with self._translated("recording the model version"):
                 await self._client.indices.put_mapping(
-                    index=self.index, meta={"model_version": model_version}
+                    index=self.index, meta=mappings["_meta"], properties=mappings["properties"]
                 )
         self._dims, self._model_version = dims, model_version
 
@@ -247,6 +259,32 @@ class ElasticsearchStore(VectorStore):
             )
         return sum(item.get("result") == "deleted" for item in items)
 
+    async def add(self, document: ImageDocument) -> bool:
+        """`op_type=create` with `refresh=wait_for`: of two concurrent adds of one id, Elasticsearch stores
+        the first and answers the second 409, and the answer comes once a search can find the document
+        (its translog is fsynced per request by default, so it is durable too)."""
+        if document.model_version != self._require_open():
+            raise StoreMismatchError(f"document {document.id} is from model {document.model_version!r}, "
+                                     f"the index holds {self._model_version!r}")
+        action = self._index_action(document)
+        with self._translated("adding a document"):
+            try:
+                await self._client.create(index=self.index, id=document.id, document=action["_source"],
+                                          refresh="wait_for")
+            except ConflictError:
+                return False
+        return True
+
+    async def remove(self, id: str) -> bool:
+        with self._translated("deleting a document"):
+            try:
+                await self._client.delete(index=self.index, id=id, refresh="wait_for")
+            except NotFoundError as exc:
+                if isinstance(exc.body, dict) and exc.body.get("result") == "not_found":
+                    return False
+                raise
+        return True
+
     async def count(self) -> int:
         with self._translated("counting documents"):
             response = await self._client.count(index=self.index)
@@ -262,13 +300,55 @@ class ElasticsearchStore(VectorStore):
                 if isinstance(exc.body, dict) and exc.body.get("found") is False:  # no such document
                     return None
                 raise
-        source = response["_source"]
-        return StoredImage(
-            id=source["id"],
-            filename=source["filename"],
-            path=source["path"],
-            label=source["label"],
-            model_version=source["model_version"],
+        return _stored(response["_source"])
+
+    async def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), MGET_CHUNK):
+            with self._translated("reading vectors"):
+                response = await self._client.mget(index=self.index, ids=unique[start:start + MGET_CHUNK],
+                                                   source_includes=[VECTOR_FIELD])
+            for doc in response["docs"]:
+                if _error_type(doc) == "index_not_found_exception":
+                    raise self._not_ready()
+                if doc.get("found"):
+                    found[doc["_id"]] = np.asarray(doc["_source"][VECTOR_FIELD], dtype=np.float32)
+        return found
+
+    async def iter_documents(self, *, source: str | None = None) -> AsyncIterator[StoredImage]:
+        """Pages of `SCAN_PAGE` documents sorted by id, each after the last id of the one before
+        (`search_after`): no scroll context to keep open between pages."""
+        query = {"term": {"source": source}} if source is not None else {"match_all": {}}
+        after: list[str] | None = None
+        while True:
+            page: dict[str, Any] = {"query": query, "size": SCAN_PAGE, "sort": [{"id": "asc"}],
+                                    "_source": STORED_FIELDS}
+            if after is not None:
+                page["search_after"] = after
+            with self._translated("listing documents"):
+                response = await self._client.search(index=self.index, **page)
+            self._check_search_answer(response.body, "listing documents")
+            hits = response["hits"]["hits"]
+            for hit in hits:
+                yield _stored(hit["_source"])
+            if len(hits) < SCAN_PAGE:
+                return
+            after = hits[-1]["sort"]
+
+    async def stats(self) -> CollectionStats:
+        aggregations = {"sources": {"terms": {"field": "source", "size": STATS_BUCKETS}},
+                        "labels": {"terms": {"field": "label", "size": STATS_BUCKETS}},
+                        "unlabelled": {"missing": {"field": "label"}}}
+        with self._translated("counting documents by source and label"):
+            response = await self._client.search(index=self.index, size=0, aggs=aggregations, track_total_hits=True)
+        self._check_search_answer(response.body, "counting documents by source and label")
+        found = response["aggregations"]
+        return CollectionStats(
+            documents=int(response["hits"]["total"]["value"]),
+            sources={bucket["key"]: bucket["doc_count"] for bucket in found["sources"]["buckets"]},
+            labels=dict(sorted((bucket["key"], bucket["doc_count"]) for bucket in found["labels"]["buckets"])),
+            unlabelled=int(found["unlabelled"]["doc_count"]),
         )
 
     async def existing_ids(self, ids: Sequence[str]) -> set[str]:
@@ -310,11 +390,8 @@ class ElasticsearchStore(VectorStore):
         to_score = score_from_es_knn if self.search_mode is EsSearchMode.knn else float
         for position, answer in zip(sent, response["responses"], strict=True):
             self._check_search_answer(answer, doing)
-            results[position] = [
-                StoreHit(id=hit["_source"]["id"], filename=hit["_source"]["filename"], path=hit["_source"]["path"],
-                         label=hit["_source"]["label"], score=to_score(hit["_score"]))
-                for hit in answer["hits"]["hits"]
-            ]  # fmt: skip
+            results[position] = [StoreHit(_stored(hit["_source"]), to_score(hit["_score"]))
+                                 for hit in answer["hits"]["hits"]]
         return results
 
     def _search_body(self, query: StoreQuery) -> dict[str, Any]:
@@ -322,7 +399,7 @@ class ElasticsearchStore(VectorStore):
         the service's scale; kNN's `(1 + cos) / 2` is converted back by `score_from_es_knn`)."""
         size = _window(query)
         vector = np.asarray(query.vector, dtype=np.float32).ravel().tolist()
-        page = {"from": query.offset, "size": size, "_source": HIT_FIELDS}
+        page = {"from": query.offset, "size": size, "_source": STORED_FIELDS}
         allowed = _filter(query)
         if self.search_mode is EsSearchMode.knn:
             depth = query.offset + size
@@ -393,12 +470,18 @@ class ElasticsearchStore(VectorStore):
             "settings": {"number_of_shards": self.shards, "number_of_replicas": self.replicas},
             "mappings": {
                 "dynamic": "strict",  # a typo in a field name fails loudly instead of mapping
-                "_meta": {"model_version": model_version},  # info() works on an empty index
+                # info() works on an empty index; `schema` is DOCUMENT_SCHEMA of the documents it holds.
+                "_meta": {"model_version": model_version, "schema": DOCUMENT_SCHEMA},
                 "properties": {
-                    "id": keyword,
+                    "id": keyword,  # also the sort key of iter_documents
                     "filename": keyword,
                     "path": {"type": "keyword", "index": False},  # returned, never queried
-                    "label": keyword,
+                    "source": keyword,
+                    "label": keyword,  # null when unknown: absent from the inverted index, as it should be
+                    "predicted_label": keyword,
+                    "confidence": {"type": "float", "index": False},
+                    "size": {"type": "long", "index": False},
+                    "mtime": {"type": "double", "index": False},
                     "model_version": keyword,
                     VECTOR_FIELD: {
                         "type": "dense_vector",
@@ -457,11 +540,9 @@ class ElasticsearchStore(VectorStore):
 
     async def _info_from(self, mapping: dict[str, Any]) -> StoreInfo:
         vector = mapping.get("properties", {}).get(VECTOR_FIELD, {})
-        return StoreInfo(
-            dims=vector.get("dims"),
-            model_version=mapping.get("_meta", {}).get("model_version"),
-            count=await self.count(),
-        )
+        meta = mapping.get("_meta", {})
+        return StoreInfo(dims=vector.get("dims"), model_version=meta.get("model_version"),
+                         count=await self.count(), schema=meta.get("schema", 1))
 
     def _index_action(self, doc: ImageDocument) -> dict[str, Any]:
         return {
@@ -469,11 +550,7 @@ class ElasticsearchStore(VectorStore):
             "_index": self.index,
             "_id": doc.id,
             "_source": {
-                "id": doc.id,
-                "filename": doc.filename,
-                "path": doc.path,
-                "label": doc.label,
-                "model_version": doc.model_version,
+                **{name: getattr(doc, name) for name in STORED_FIELDS},
                 VECTOR_FIELD: np.asarray(doc.vector, dtype=np.float32).ravel().tolist(),
             },
         }
@@ -585,11 +662,18 @@ def _window(query: StoreQuery) -> int:
     return max(min(query.k, MAX_RESULT_WINDOW - query.offset), 0)
 
 
+def _stored(source: dict[str, Any]) -> StoredImage:
+    return StoredImage(**{name: source.get(name) for name in STORED_FIELDS})
+
+
 def _filter(query: StoreQuery) -> dict[str, Any] | None:
-    """The `bool` filter of a query's labels and excluded ids, or None when it has neither."""
+    """The `bool` filter of a query's labels, predicted labels and excluded ids, or None when it has none."""
     clauses: dict[str, Any] = {}
-    if query.labels is not None:
-        clauses["filter"] = [{"terms": {"label": sorted(query.labels)}}]
+    terms = [{"terms": {field_name: sorted(values)}}
+             for field_name, values in (("label", query.labels), ("predicted_label", query.predicted_labels))
+             if values is not None]
+    if terms:
+        clauses["filter"] = terms
     if query.exclude_ids:
         clauses["must_not"] = [{"ids": {"values": sorted(query.exclude_ids)}}]
     return {"bool": clauses} if clauses else None

@@ -21,7 +21,6 @@ from elasticsearch import ApiError, AsyncElasticsearch
 from es_double import WWW_AUTHENTICATE, EsDouble
 from factories import DIMS, make_documents, unit_vectors
 
-from services.common.documents import StoredImage
 from services.common.errors import (
     BulkWriteError,
     CbirError,
@@ -207,9 +206,7 @@ async def test_elasticsearch_delete_get_and_existing_ids(es_store: Elasticsearch
     await es_store.upsert(docs)
     # Lookups by id are realtime: no flush needed.
     assert await es_store.existing_ids([docs[0].id, docs[9].id, "nope"]) == {docs[0].id, docs[9].id}
-    assert await es_store.get(docs[4].id) == StoredImage(
-        id=docs[4].id, filename=docs[4].filename, path=docs[4].path, label=docs[4].label, model_version=MODEL
-    )
+    assert await es_store.get(docs[4].id) == docs[4].stored()
 
     assert await es_store.delete([docs[1].id, docs[2].id, docs[2].id, "nope"]) == 2
     await es_store.flush()

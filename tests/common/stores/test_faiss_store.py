@@ -34,7 +34,7 @@ async def test_round_trip_returns_exact_cosine_ranking(tmp_path: Path) -> None:
     assert hits[0].id == "doc-0007"
     assert hits[0].score == pytest.approx(2.0, abs=1e-5)
     assert [hit.score for hit in hits] == pytest.approx([c + 1.0 for c in cosines[expected]], abs=1e-5)
-    assert hits[0].label == "horse" and hits[0].path == "train/horse/0007.jpg"
+    assert hits[0].image.label == "horse" and hits[0].image.path == "train/horse/0007.jpg"
 
 
 async def test_upsert_is_idempotent_and_overwrites(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 from es_double import EsDouble
-from factories import make_documents, unit_vectors
+from factories import make_document, make_documents, unit_vectors
 
 from services.common.documents import ImageDocument
 from services.common.errors import StoreError, StoreMismatchError
@@ -35,11 +35,14 @@ def anyio_backend() -> str:
 
 
 def corpus() -> list[ImageDocument]:
-    return make_documents(90, dims=DIMS, seed=3, labels=LABELS)
+    """90 documents: labels cycle through cat, dog, ship and none (null); predictions through cat, dog,
+    ship, cat, dog, so label and prediction disagree for many of them."""
+    return make_documents(90, dims=DIMS, seed=3, labels=(*LABELS, None), predicted=("cat", "dog", "ship", "cat", "dog"))
 
 
 def brute_force(documents: list[ImageDocument], query: StoreQuery) -> list[str]:
     allowed = [d for d in documents if (query.labels is None or d.label in query.labels)
+               and (query.predicted_labels is None or d.predicted_label in query.predicted_labels)
                and d.id not in query.exclude_ids]  # fmt: skip
     ranked = sorted(allowed, key=lambda d: -float(np.dot(d.vector, query.vector)))
     return [d.id for d in ranked[query.offset:query.offset + query.k]]
@@ -73,6 +76,10 @@ def mixed_queries(documents: list[ImageDocument]) -> list[StoreQuery]:
         StoreQuery(vector=documents[10].vector, k=6, labels=frozenset({"dog"}), exclude_ids=frozenset({"doc-0010"})),
         StoreQuery(vector=probe, k=3, labels=frozenset({"horse"})),  # no such label: no hits
         StoreQuery(vector=probe, k=50, offset=80),  # past the end: what is left
+        StoreQuery(vector=probe, k=8, predicted_labels=frozenset({"dog"})),  # same_class
+        StoreQuery(vector=probe, k=8, offset=2, labels=frozenset({"cat"}), predicted_labels=frozenset({"cat"}),
+                   exclude_ids=frozenset({"doc-0000"})),
+        StoreQuery(vector=probe, k=3, labels=frozenset({"None"})),  # a null label is never the string "None"
     ]
 
 
@@ -84,8 +91,12 @@ async def test_filters_pages_and_exclusions_match_a_brute_force_ranking(store: V
     results = await store.search_many(queries)
     assert [[hit.id for hit in hits] for hits in results] == [brute_force(documents, q) for q in queries]
     assert results[0][0].id == "doc-0004" and results[0][0].score == pytest.approx(2.0, abs=1e-5)
-    assert all(hit.label == "cat" for hit in results[2])
+    assert all(hit.image.label == "cat" for hit in results[2])
     assert len(results[7]) == 10
+    assert len(results[8]) == 8 and all(hit.image.predicted_label == "dog" for hit in results[8])
+    assert {hit.image.label for hit in results[8]} > {"dog"}  # the prediction filters, not the label
+    assert results[9] and results[10] == []
+    assert any(hit.image.label is None for hit in results[0] + results[1])  # null labels come back null
 
 
 async def test_elasticsearch_answers_every_query_of_a_call_in_one_msearch(
@@ -129,8 +140,7 @@ async def test_faiss_search_reads_a_snapshot_that_writes_replace_but_never_chang
     assert isinstance(store, FaissStore)
     snapshot = store._take_snapshot()
     await store.delete(["doc-0004"])
-    newcomer = ImageDocument(id="new", filename="n.jpg", path="train/cat/n.jpg", label="cat",
-                             model_version=documents[0].model_version, vector=documents[4].vector)  # fmt: skip
+    newcomer = make_document("new", documents[4].vector, model_version=documents[0].model_version)
     await store.upsert([newcomer])
     before = snapshot.search_many([StoreQuery(vector=documents[4].vector, k=1)])
     after = await store.search_many([StoreQuery(vector=documents[4].vector, k=1)])
@@ -171,7 +181,7 @@ async def test_elasticsearch_knn_recall_at_10_against_exact_search_at_the_defaul
         assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
         for hit in hits:
             assert hit.score == pytest.approx(1.0 + float(np.dot(vectors[hit.id], query.vector)), abs=1e-5)
-            assert hit.id not in query.exclude_ids and (query.labels is None or hit.label in query.labels)
+            assert hit.id not in query.exclude_ids and (query.labels is None or hit.image.label in query.labels)
 
 
 async def test_elasticsearch_knn_recall_falls_with_fewer_candidates_so_equality_would_be_luck(
