@@ -151,7 +151,9 @@ def _run_server(app: FastAPI, host: str, port: int, *, ready_note: str = "") -> 
     of uvicorn's traceback. The lifespan loads the model, then the server listens within seconds."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="off"))
+    # access_log off: the services log one JSON line per request themselves, with its request id (cbir.access).
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="off",
+                                           access_log=False))
 
     async def run() -> None:
         async with app.router.lifespan_context(app):

@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import secrets
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -222,15 +224,17 @@ def install_http_edge(app: FastAPI, *, service: str, max_upload_bytes: int, cors
                       route_limits: Mapping[str, int] | None = None) -> None:
     """Everything between the network and a service's routes, in the right order.
 
-    From the outside in: CORS (so refusals carry its headers too), metrics, the body-size limit,
-    then FastAPI with the one error envelope. `GET /metrics` serves Prometheus metrics; `/docs` and `/redoc`
-    load their scripts from the service itself, never a CDN.
+    From the outside in: the request id and its log line (so every answer has both, refusals included),
+    CORS (so refusals carry its headers too), metrics, the body-size limit (`route_limits`: paths with a limit
+    of their own), then FastAPI with the one error envelope. `GET /metrics` serves Prometheus metrics; `/docs`
+    and `/redoc` load their scripts from the service itself, never a CDN.
     """
     install_error_handlers(app)
     install_offline_docs(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_upload_bytes, route_limits=route_limits)
     app.add_middleware(MetricsMiddleware, service=service)
     install_cors(app, cors_origins)
+    app.add_middleware(RequestLogMiddleware, service=service)
     app.mount("/metrics", make_asgi_app())
 
 
@@ -261,3 +265,47 @@ class MetricsMiddleware:
             method = scope["method"]
             REQUESTS.labels(self.service, method, route, str(status)).inc()
             LATENCY.labels(self.service, method, route).observe(time.perf_counter() - started)
+
+
+REQUEST_ID_HEADER = "x-request-id"
+# An incoming id is kept when it is short and plainly printable (a proxy's or a client's trace id); anything
+# else is replaced, so a log line can never be forged or bloated through it.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,64}")
+access_logger = logging.getLogger("cbir.access")
+
+
+class RequestLogMiddleware:
+    """Gives every request an id, returns it as `X-Request-ID`, and logs one JSON line per request on the
+    `cbir.access` logger: `{"request_id", "service", "method", "path", "route", "status", "ms", "client"}`."""
+
+    def __init__(self, app: ASGIApp, *, service: str) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
+        request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (REQUEST_ID_HEADER.encode(), request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            client = scope.get("client")
+            access_logger.info("%s", json.dumps({
+                "request_id": request_id, "service": self.service, "method": scope["method"],
+                "path": scope["path"][:200], "route": getattr(scope.get("route"), "path", None), "status": status,
+                "ms": round((time.perf_counter() - started) * 1000, 2), "client": client[0] if client else None,
+            }))

@@ -171,3 +171,58 @@ async def test_discarding_stops_when_the_client_goes_away() -> None:
     exchange = await Exchange(zeros(6), disconnect=True).run(middleware([]))
     assert_refused(exchange)
     assert exchange.log[-2:] == [("receive", "disconnect"), ("send", "end")]
+
+
+# -- route limits, request ids and the access log -------------------------------------------------
+
+
+def edge_app() -> FastAPI:
+    from services.common.http import install_http_edge
+
+    app = FastAPI()
+    install_http_edge(app, service="test", max_upload_bytes=LIMIT, cors_origins=[],
+                      route_limits={"/big": 4 * LIMIT})
+
+    @app.post("/big")
+    @app.post("/upload")
+    async def upload(request: Request) -> dict[str, int]:
+        return {"bytes": len(await request.body())}
+
+    return app
+
+
+async def test_a_route_limit_raises_the_cap_for_its_path_only() -> None:
+    import httpx
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=edge_app()), base_url="http://t") as client:
+        body = b"x" * (2 * LIMIT)
+        assert (await client.post("/big", content=body)).json() == {"bytes": 2 * LIMIT}
+        refused = await client.post("/upload", content=body)
+        assert refused.status_code == 413 and str(LIMIT) in refused.json()["detail"]
+        refused = await client.post("/big", content=body * 3)
+        assert refused.status_code == 413 and str(4 * LIMIT) in refused.json()["detail"]
+
+
+@pytest.mark.parametrize(("incoming", "kept"), [(None, False), ("trace-42.abc", True), ("x" * 65, False),
+                                                ("evil\nline", False), ("spaced id", False)],
+                         ids=["none", "short", "too-long", "newline", "space"])
+async def test_every_answer_has_a_request_id_and_one_json_log_line(
+        incoming: str | None, kept: bool, caplog: pytest.LogCaptureFixture) -> None:
+    import re
+
+    import httpx
+
+    headers = {"X-Request-ID": incoming} if incoming is not None else {}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=edge_app()), base_url="http://t") as client:
+        with caplog.at_level("INFO", logger="cbir.access"):
+            response = await client.post("/upload", content=b"abc", headers=headers)
+            refused = await client.post("/upload", content=b"x" * (LIMIT + 1))
+    request_id = response.headers["x-request-id"]
+    assert request_id == incoming if kept else re.fullmatch(r"[0-9a-f]{32}", request_id)
+    assert re.fullmatch(r"[0-9a-f]{32}", refused.headers["x-request-id"])  # refusals have one too
+    lines = [json.loads(record.getMessage()) for record in caplog.records if record.name == "cbir.access"]
+    assert [line["request_id"] for line in lines] == [request_id, refused.headers["x-request-id"]]
+    assert lines[0] | {"ms": 0, "client": None} == {"request_id": request_id, "service": "test", "method": "POST",
+                                                    "path": "/upload", "route": "/upload", "status": 200, "ms": 0,
+                                                    "client": None}
+    assert lines[1]["status"] == 413
