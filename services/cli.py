@@ -110,6 +110,7 @@ def _serve(args: argparse.Namespace) -> None:
 def _index(args: argparse.Namespace) -> None:
     from services import wiring
     from services.common.collection import Layout, find_data_dir
+    from services.common.settings import Backend
     from services.indexer.pipeline import index_collection
     from services.indexer.settings import IndexerSettings
 
@@ -123,9 +124,14 @@ def _index(args: argparse.Namespace) -> None:
         async with AsyncExitStack() as resources:
             service = await asyncio.to_thread(wiring.build_embedding_service, settings)
             resources.push_async_callback(service.close)
-            store = wiring.build_store(settings)
+            beside = await wiring.rebuild_path(settings, service) if args.rebuild else None
+            if beside is not None:
+                logger.info("building the new model's index in %s; the served one stays until it is done", beside)
+            store = wiring.build_store(settings, faiss_path=beside)
             resources.push_async_callback(store.close)
             report = await index_collection(data_dir, args.split or settings.index_split, service, store, options)
+            if settings.backend is Backend.faiss and hasattr(service, "embedder"):  # one machine: what serves
+                wiring.record_served(settings, service, store.path.name)  # type: ignore[attr-defined]
         logger.info("%s", report.summary())
         if args.json:
             print(json.dumps(report.counts()), flush=True)

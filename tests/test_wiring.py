@@ -40,10 +40,10 @@ async def test_healthz_and_search_report_progress_then_ready_by_itself(cbir_env:
 
     release = asyncio.Event()
 
-    async def held_indexing(embedder, store, progress: IndexProgress) -> None:
+    async def held_indexing(engine, progress: IndexProgress) -> None:
         progress.total, progress.indexed = 500, 120  # where a run would stand; then the real run
         await release.wait()
-        await index_configured_collection(OneMachineSettings.load(), embedder, store, progress)
+        await index_configured_collection(OneMachineSettings.load(), engine.embedder, engine.store, progress)
 
     async with asgi_client(one_machine_app(held_indexing)) as client:
         health = await client.get("/healthz")
@@ -63,7 +63,7 @@ async def test_healthz_and_search_report_progress_then_ready_by_itself(cbir_env:
 
 
 async def test_a_failed_indexing_run_leaves_the_server_up_and_says_why(cbir_env: Path, test_image: bytes) -> None:
-    async def failing(embedder, store, progress: IndexProgress) -> None:
+    async def failing(engine, progress: IndexProgress) -> None:
         raise CollectionError("the collection root /nowhere is not a directory")
 
     async with asgi_client(one_machine_app(failing)) as client:
@@ -87,7 +87,7 @@ async def test_shutdown_cancels_indexing_before_closing_the_store(cbir_env: Path
             events.append("store closed")
             await super().close()
 
-    async def endless(embedder, store, progress: IndexProgress) -> None:
+    async def endless(engine, progress: IndexProgress) -> None:
         try:
             await asyncio.Event().wait()
         finally:
@@ -123,3 +123,87 @@ def test_the_faiss_store_searches_with_the_configured_threads(tmp_path: Path, mo
             assert isinstance(store, FaissStore) and faiss.omp_get_max_threads() == threads
     finally:
         faiss.omp_set_num_threads(before)
+
+
+async def test_a_new_model_is_indexed_while_the_old_one_serves_then_both_swap_at_once(
+        cbir_env: Path, test_image: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cbir serve` with another model (here: the same bundle at other PCA dims, so another vector space) goes
+    on answering with the recorded model while the new index is built; every answer holds one model version;
+    an upload and a deletion made meanwhile are carried over; the new pair is recorded, the old index removed."""
+    import json
+
+    from services import wiring
+
+    async with asgi_client(one_machine_app(), base_url="http://127.0.0.1") as client:
+        old = (await wait_until(client, "ready")).json()
+    record = json.loads((cbir_env / "serving.json").read_text())
+    assert record["model_version"] == old["model_version"] and record["index"] == "index.npz"
+
+    monkeypatch.setenv("CBIR_PCA_DIMS", "8")
+    release = asyncio.Event()
+    real_indexing = wiring.index_configured_collection
+
+    async def held(*args, **kwargs):
+        await release.wait()  # the writes below happen while the new index is being built
+        return await real_indexing(*args, **kwargs)
+
+    monkeypatch.setattr(wiring, "index_configured_collection", held)
+    files = {"file": ("q.jpg", test_image, "image/jpeg")}
+    async with asgi_client(one_machine_app(), base_url="http://127.0.0.1") as client:
+        serving = (await client.get("/healthz")).json()
+        assert serving["status"] == "ready" and serving["model_version"] == old["model_version"]
+        added = (await client.post("/images", files={"file": ("mine.png", test_image, "image/jpeg")})).json()
+        hits = (await client.post("/search", params={"k": 2}, files=files)).json()["hits"]
+        doomed = next(hit["id"] for hit in hits if hit["id"] != added["id"])  # a collection image
+        assert (await client.delete(f"/images/{doomed}")).status_code == 204
+        versions: list[str] = []
+
+        async def search_loop() -> None:
+            while not versions or versions[-1] == old["model_version"]:
+                response = await client.post("/search", params={"k": 5}, files=files)
+                assert response.status_code == 200, response.text
+                body = response.json()
+                versions.append(body["model_version"])
+                assert len(body["hits"]) == 5 and doomed not in {hit["id"] for hit in body["hits"]}
+
+        release.set()
+        await asyncio.wait_for(search_loop(), timeout=120)
+        new_version = versions[-1]
+        assert versions[0] == old["model_version"] and new_version != old["model_version"]
+        assert set(versions) == {old["model_version"], new_version}
+        meta = (await client.get(f"/images/{added['id']}/meta")).json()
+        assert meta["model_version"] == new_version and meta["source"] == "upload"
+        assert (await client.get(f"/images/{doomed}/meta")).status_code == 404
+        collection = (await client.get("/collection")).json()
+        assert collection["documents"] == 500 and collection["sources"]["upload"] == 1
+    record = json.loads((cbir_env / "serving.json").read_text())
+    assert record["model_version"] == new_version and record["index"] != "index.npz" and record["pca_dims"] == 8
+    assert (cbir_env / record["index"]).is_file() and not (cbir_env / "index.npz").exists()
+    async with asgi_client(one_machine_app(), base_url="http://127.0.0.1") as client:  # a restart serves the new pair
+        restarted = (await client.get("/healthz")).json()
+        assert restarted["status"] == "ready" and restarted["model_version"] == new_version
+
+
+async def test_cbir_index_rebuild_builds_beside_the_served_index_and_a_running_server_swaps_to_it(
+        cbir_env: Path, test_image: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from services.cli import main
+
+    files = {"file": ("q.jpg", test_image, "image/jpeg")}
+    async with asgi_client(one_machine_app(), base_url="http://127.0.0.1") as client:
+        old = (await wait_until(client, "ready")).json()["model_version"]
+        monkeypatch.setenv("CBIR_PCA_DIMS", "8")  # `cbir index --rebuild` in another shell, with another model
+        rebuilt = asyncio.create_task(asyncio.to_thread(main, ["index", "--rebuild", "--no-progress"]))
+        versions = []
+        while not versions or versions[-1] == old:
+            response = await client.post("/search", params={"k": 3}, files=files)
+            assert response.status_code == 200, response.text  # served all along
+            versions.append(response.json()["model_version"])
+            await asyncio.sleep(0.05)
+            assert len(versions) < 2000, "the server never swapped"
+        await rebuilt
+        record = json.loads((cbir_env / "serving.json").read_text())
+        assert versions[-1] == record["model_version"] != old and set(versions) == {old, versions[-1]}
+        assert (await client.get("/healthz")).json()["documents"] == 500
+    assert not (cbir_env / "index.npz").exists() and (cbir_env / record["index"]).is_file()

@@ -47,6 +47,12 @@ class ImageDocument(StoredImage):
 
     vector: np.ndarray
 
+    @classmethod
+    def of(cls, image: StoredImage, *, vector: np.ndarray, **changes: object) -> ImageDocument:
+        """`image` with a vector (and `changes` to its fields): a stored image re-embedded by another model."""
+        fields = {f.name: getattr(image, f.name) for f in dataclasses.fields(StoredImage)}
+        return cls(**(fields | changes), vector=vector)
+
     def stored(self) -> StoredImage:
         """The document without its vector."""
         return StoredImage(**{f.name: getattr(self, f.name) for f in dataclasses.fields(StoredImage)})

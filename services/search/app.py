@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from importlib.resources import files
@@ -43,7 +43,7 @@ from services.common.images import UploadDecoder
 from services.common.status import Status
 from services.common.stores.base import StoreHit, VectorStore
 from services.search.access import verify_write_access, writes_open
-from services.search.engine import STAGE_SECONDS, IndexingJob, SearchEngine, SearchOptions
+from services.search.engine import STAGE_SECONDS, Answer, IndexingJob, SearchEngine, SearchOptions
 from services.search.schemas import (
     BatchError,
     BatchItemError,
@@ -73,10 +73,12 @@ IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
 def create_app(settings: SearchSettings | None = None, *,
                embedder_factory: Callable[[], EmbeddingService] | None = None,
                store_factory: Callable[[], VectorStore] | None = None,
-               background: IndexingJob | None = None) -> FastAPI:
+               background: IndexingJob | None = None,
+               watch: Callable[[SearchEngine], Awaitable[object]] | None = None) -> FastAPI:
     """The gateway. Its lifespan builds the embedding service and the store (by default as the settings
-    say, through `services.wiring`; tests pass factories), runs `background` (one-machine indexing) as a
-    task while the server already answers, and closes all of it on shutdown."""
+    say, through `services.wiring`; tests pass factories), runs `background` (one-machine indexing) and
+    `watch` (one machine: swap to a model another process recorded) as tasks while the server already
+    answers, and closes all of it on shutdown."""
     settings = settings or SearchSettings.load()
     embedder_factory = embedder_factory or partial(wiring.build_embedding_service, settings)
     store_factory = store_factory or partial(wiring.build_store, settings)
@@ -90,9 +92,16 @@ def create_app(settings: SearchSettings | None = None, *,
             resources.push_async_callback(store.close)
             uploads = UploadFolder(settings.uploads_dir, max_bytes=settings.max_upload_storage_bytes)
             app.state.engine = engine = SearchEngine(embedder, store, uploads=uploads)
+            resources.pop_all()  # the engine owns them now (a swap replaces both)
+            resources.push_async_callback(engine.close)
             if background is not None:
-                # Closed before the store and the embedder it uses (the stack unwinds last in, first out).
-                resources.push_async_callback(_cancel, engine.start_indexing(background))
+                # An index that can be searched as it is stays searchable while the run updates it or builds
+                # the next one; otherwise search answers 503 `indexing` until the run is done. The run is
+                # cancelled before the engine closes (the stack unwinds last in, first out).
+                task = engine.start_indexing(background, serving=await engine.servable())
+                resources.push_async_callback(_cancel, task)
+            if watch is not None:
+                resources.push_async_callback(_cancel, asyncio.create_task(watch(engine), name="watch"))
             else:
                 try:
                     await engine.ensure_ready()
@@ -151,11 +160,15 @@ def _hit(request: Request, hit: StoreHit) -> SearchHit:
                      score=hit.score, image_url=request.app.url_path_for("get_image", id=image.id))
 
 
-def _answer(request: Request, engine: SearchEngine, prediction: QueryPrediction | None, hits: list[StoreHit],
-            started: float) -> SearchResponse:
-    return SearchResponse(query=prediction, hits=[_hit(request, hit) for hit in hits],
-                          model_version=engine.model_version or "",
-                          took_ms=round((time.perf_counter() - started) * 1000, 2))
+def _answer(request: Request, prediction: QueryPrediction | None, answer: Answer, started: float) -> SearchResponse:
+    return SearchResponse(query=prediction, hits=[_hit(request, hit) for hit in answer.hits],
+                          model_version=answer.model_version, took_ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+def _predicted(answer: Answer) -> QueryPrediction | None:
+    embedding = answer.embedding
+    return None if embedding is None else QueryPrediction(predicted_label=embedding.label,
+                                                          confidence=embedding.confidence)
 
 
 async def _decode(request: Request, engine: SearchEngine, data: bytes) -> np.ndarray:
@@ -182,9 +195,8 @@ async def search(
     """The indexed images most similar to the uploaded one: hits `offset` to `offset + k`."""
     started = time.perf_counter()
     image = await _decode(request, engine, await file.read())
-    [(embedding, hits)] = await engine.search_images(image[np.newaxis], options)
-    prediction = QueryPrediction(predicted_label=embedding.label, confidence=embedding.confidence)
-    return _answer(request, engine, prediction, hits, started)
+    [answer] = await engine.search_images(image[np.newaxis], options)
+    return _answer(request, _predicted(answer), answer, started)
 
 
 @router.post("/search/batch", response_model=BatchSearchResponse, responses=ERROR_RESPONSES, tags=["search"],
@@ -212,9 +224,8 @@ async def search_batch(
         if isinstance(item, BatchItemError):
             results.append(item)
             continue
-        embedding, hits = next(answers)
-        prediction = QueryPrediction(predicted_label=embedding.label, confidence=embedding.confidence)
-        results.append(_answer(request, engine, prediction, hits, started))
+        answer = next(answers)
+        results.append(_answer(request, _predicted(answer), answer, started))
     return BatchSearchResponse(results=results)
 
 
@@ -233,8 +244,8 @@ async def search_examples(request: Request, engine: EngineDep, options: OptionsD
     times the negatives' mean (Rocchio's relevance feedback); the examples themselves are never hits. 404 for an
     unknown id, 422 when the examples cancel out."""
     started = time.perf_counter()
-    hits = await engine.search_examples(examples.positive, examples.negative, beta=examples.beta, options=options)
-    return _answer(request, engine, None, hits, started)
+    answer = await engine.search_examples(examples.positive, examples.negative, beta=examples.beta, options=options)
+    return _answer(request, None, answer, started)
 
 
 @router.get("/images/{id}/similar", response_model=SearchResponse, responses=ERROR_RESPONSES | NOT_FOUND,
@@ -243,9 +254,9 @@ async def similar(request: Request, id: str, engine: EngineDep, options: Options
     """The images most similar to an indexed one, by its stored vector; the image itself is left out. `query`
     is its prediction as stored."""
     started = time.perf_counter()
-    document, hits = await engine.similar(id, options)
+    document, answer = await engine.similar(id, options)
     prediction = QueryPrediction(predicted_label=document.predicted_label, confidence=document.confidence)
-    return _answer(request, engine, prediction, hits, started)
+    return _answer(request, prediction, answer, started)
 
 
 # -- the collection -----------------------------------------------------------------------------
@@ -327,7 +338,9 @@ async def collection(request: Request, engine: EngineDep) -> CollectionResponse:
         documents, sources, labels, unlabelled = stats.documents, stats.sources, stats.labels, stats.unlabelled
     else:
         documents, sources, labels, unlabelled = 0, {}, {}, 0
-    progress = problem.progress if problem is not None else {}
+    running = engine.progress  # a run that does not block search (an update, or the next model's index)
+    progress = problem.progress if problem is not None else (
+        {"indexed": running.indexed, "total": running.total} if running is not None else {})
     return CollectionResponse(documents=documents, model_version=engine.model_version, backend=engine.store.name,
                               sources=sources, labels=labels, unlabelled=unlabelled, status=status,
                               indexed=progress.get("indexed"), total=progress.get("total"),

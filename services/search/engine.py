@@ -8,9 +8,10 @@ the index, `empty` without documents, `failed` when indexing failed or a depende
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from services.common.errors import (
     InvalidQueryError,
     StoreError,
 )
+from services.common.images import decode_image
 from services.common.status import IndexProgress, Status
 from services.common.stores.base import CollectionStats, StoreHit, StoreQuery, VectorStore
 from services.search.uploads import UploadFolder
@@ -42,8 +44,9 @@ MODEL_VERSION = Gauge("cbir_model_version_info", "the model version searched (1 
                       ["model_version"])
 
 
-# A background job: fills `store` with `embedder`'s vectors, keeping the progress up to date.
-IndexingJob = Callable[[EmbeddingService, VectorStore, IndexProgress], Awaitable[object]]
+# A background job of the gateway's lifespan (`cbir serve`): indexes into the engine's store, or builds a new
+# generation (`SearchEngine.swap`), keeping the progress up to date.
+IndexingJob = Callable[["SearchEngine", IndexProgress], Awaitable[object]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,50 +69,129 @@ class SearchOptions:
                           exclude_ids=exclude)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """The hits of one query and the model version of every vector behind them (the query's and the hits')."""
+
+    hits: list[StoreHit]
+    model_version: str
+    embedding: Embedding | None = None  # the query image's, when it was embedded
+
+
+class Generation:
+    """A model and the index its vectors fill: what one request uses from start to end, so a swap to a new
+    model (`SearchEngine.swap`) never mixes two vector spaces in one answer."""
+
+    def __init__(self, embedder: EmbeddingService, store: VectorStore, *, model_version: str | None = None) -> None:
+        self.embedder = embedder
+        self.store = store
+        self.model_version = model_version  # set once embedder and store agree
+        self.queries = QueryBatcher(store)
+        self._users = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def used(self) -> Iterator[Generation]:
+        self._users += 1
+        self._idle.clear()
+        try:
+            yield self
+        finally:
+            self._users -= 1
+            if not self._users:
+                self._idle.set()
+
+    async def close(self, *, wait_s: float = 60.0) -> None:
+        """Close embedder and store once the requests still using them are done (at most `wait_s`)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                await self._idle.wait()
+        await self.store.close()
+        await self.embedder.close()
+
+
 class SearchEngine:
     """Joins an embedding service, a store and the uploads folder; ready once embedder and store agree
     on the model version.
 
     Readiness is re-checked on every call until it succeeds, so the gateway recovers by itself
-    when the embedder or the store comes back, and becomes ready by itself when indexing ends.
+    when the embedder or the store comes back, and becomes ready by itself when indexing ends. The engine
+    owns embedder and store (`close`); `swap` replaces both at once by a new generation.
     """
 
     def __init__(self, embedder: EmbeddingService, store: VectorStore, *, uploads: UploadFolder) -> None:
-        self.embedder = embedder
-        self.store = store
+        self._active = Generation(embedder, store)
         self.uploads = uploads
-        self.model_version: str | None = None
         self._readiness: asyncio.Task[str] | None = None
-        self._indexing: IndexProgress | None = None  # set while a background run goes
+        self._indexing: IndexProgress | None = None  # set while a background run blocks search
+        self._background: IndexProgress | None = None  # set while any background run goes
         self._indexing_failure: str | None = None
-        self._queries = QueryBatcher(store)
+        self._writes = asyncio.Lock()  # adds and deletes, against a swap
+        self._deleted_meanwhile: set[str] = set()  # ids deleted while a background run goes: replayed on a swap
 
-    def start_indexing(self, job: IndexingJob) -> asyncio.Task[None]:
-        """Run `job` in the background; until it ends, searches and `/healthz` answer 503 `indexing`.
+    @property
+    def embedder(self) -> EmbeddingService:
+        return self._active.embedder
+
+    @property
+    def store(self) -> VectorStore:
+        return self._active.store
+
+    @property
+    def model_version(self) -> str | None:
+        return self._active.model_version
+
+    async def close(self) -> None:
+        await self._active.close(wait_s=0)
+
+    async def servable(self) -> bool:
+        """Whether the index can be searched as it is (its model is the embedder's, and it holds documents)."""
+        try:
+            await self.ensure_ready()
+        except CbirError:
+            return False
+        return True
+
+    def start_indexing(self, job: IndexingJob, *, serving: bool = False) -> asyncio.Task[None]:
+        """Run `job` in the background. With `serving`, search goes on meanwhile (the index is usable as it
+        is: the job updates it, or builds the next generation); without, searches and `/healthz` answer 503
+        `indexing` until it ends.
 
         The caller owns the task (the gateway's lifespan cancels it on shutdown). A failed run leaves
-        the engine `failed` with the reason, and the process up.
+        the engine `failed` with the reason (still serving, with `serving`), and the process up.
         """
         progress = IndexProgress()
-        self._indexing, self._indexing_failure, self.model_version = progress, None, None
-        return asyncio.create_task(self._run_indexing(job, progress), name="indexing")
+        self._background, self._indexing_failure = progress, None
+        self._deleted_meanwhile = set()
+        if not serving:
+            self._indexing, self._active.model_version = progress, None
+        return asyncio.create_task(self._run_indexing(job, progress, serving=serving), name="indexing")
 
-    async def _run_indexing(self, job: IndexingJob, progress: IndexProgress) -> None:
+    async def _run_indexing(self, job: IndexingJob, progress: IndexProgress, *, serving: bool) -> None:
+        failure = None
         try:
-            await job(self.embedder, self.store, progress)
+            await job(self, progress)
         except CbirError as exc:
-            self._indexing_failure = f"indexing failed: {exc.message}"
-            logger.error("%s", self._indexing_failure)
+            failure = f"indexing failed: {exc.message}"
+            logger.error("%s", failure)
         except Exception as exc:  # a bug: keep serving, say so in /healthz, keep the traceback in the log
-            self._indexing_failure = f"indexing failed: {type(exc).__name__}: {exc}"
+            failure = f"indexing failed: {type(exc).__name__}: {exc}"
             logger.exception("indexing failed")
         finally:
-            self._indexing = None
-        if self._indexing_failure is None:
+            self._indexing = self._background = None
+        if failure is not None and not serving:
+            self._indexing_failure = failure
+        elif failure is None:
             try:
                 await self.ensure_ready()
             except CbirError as exc:
                 logger.warning("indexing finished, but search is not ready: %s", exc.message)
+
+    @property
+    def progress(self) -> IndexProgress | None:
+        """The running background job's progress (blocking search or not), for `/collection`."""
+        return self._background
 
     async def ensure_ready(self) -> str:
         """The model version searched; raises the reason (503 or 409) while search cannot answer."""
@@ -119,29 +201,77 @@ class SearchEngine:
                                      progress={"indexed": progress.indexed, "total": progress.total})
         if self._indexing_failure is not None:
             raise IndexNotReadyError(self._indexing_failure, status=Status.failed)
-        if self.model_version is not None:
-            return self.model_version
+        if self._active.model_version is not None:
+            return self._active.model_version
         # Requests arriving while a check runs share its outcome instead of queueing for checks of
         # their own, so with the embedder down each still gets its 503 within one embedder timeout.
         if self._readiness is None or self._readiness.done():
-            self._readiness = asyncio.create_task(self._check_ready())
+            self._readiness = asyncio.create_task(self._check_ready(self._active))
             self._readiness.add_done_callback(_consume_exception)
         return await asyncio.shield(self._readiness)
 
-    async def _check_ready(self) -> str:
-        info = await self.embedder.info()
+    async def _check_ready(self, generation: Generation) -> str:
+        info = await generation.embedder.info()
         # Missing or unreadable: IndexNotReadyError (503); another model's: 409; unreachable: 503; refused
         # credentials: StoreAuthError, naming the settings to fix.
-        await self.store.open(dims=info.dims, model_version=info.model_version, create=False)
-        documents = await self.store.count()
+        await generation.store.open(dims=info.dims, model_version=info.model_version, create=False)
+        documents = await generation.store.count()
         if documents == 0:
             raise IndexNotReadyError("the index is empty; build it with `cbir index`")
-        self.model_version = info.model_version
+        generation.model_version = info.model_version
         DOCUMENTS.set(documents)
         MODEL_VERSION.clear()
         MODEL_VERSION.labels(model_version=info.model_version).set(1)
-        logger.info("search ready: model %s, %s store", info.model_version, self.store.name)
-        return self.model_version
+        logger.info("search ready: model %s, %s store", info.model_version, generation.store.name)
+        return info.model_version
+
+    @contextlib.asynccontextmanager
+    async def _ready_generation(self) -> AsyncIterator[Generation]:
+        """The generation a request uses from start to end: ready, and not closed under it by a swap."""
+        await self.ensure_ready()
+        with self._active.used() as generation:
+            yield generation
+
+    async def swap(self, embedder: EmbeddingService, store: VectorStore) -> None:
+        """Serve `embedder` and `store` (a complete index of that embedder's vectors) from now on, both at once;
+        the old generation closes when its last request is done. Uploads added and images deleted since the
+        background run began are replayed onto the new index first, with adds and deletes held meanwhile."""
+        info = await embedder.info()
+        await store.open(dims=info.dims, model_version=info.model_version, create=False)
+        async with self._writes:
+            old = self._active
+            await self._replay_writes(old, Generation(embedder, store, model_version=info.model_version))
+            documents = await store.count()
+            self._active = Generation(embedder, store, model_version=info.model_version)
+        DOCUMENTS.set(documents)
+        MODEL_VERSION.clear()
+        MODEL_VERSION.labels(model_version=info.model_version).set(1)
+        logger.info("now serving model %s (%d documents); closing model %s", info.model_version, documents,
+                    old.model_version)
+        await old.close()
+
+    async def _replay_writes(self, old: Generation, new: Generation) -> None:
+        """Bring `new` up to date with what the API changed in `old` while `new` was being built: uploads that
+        only `old` holds are embedded with the new model and added, those only `new` holds (deleted meanwhile)
+        removed, and so are the other images deleted meanwhile."""
+        theirs = {doc.id: doc async for doc in old.store.iter_documents(source=UPLOAD_SOURCE)}
+        ours = {doc.id async for doc in new.store.iter_documents(source=UPLOAD_SOURCE)}
+        info = await new.embedder.info()
+        for doc_id in sorted(set(theirs) - ours):
+            document, path = theirs[doc_id], self.uploads.path_of(theirs[doc_id].path)
+            if path is None:
+                logger.warning("upload %s has no file any more; not carried over to model %s", doc_id,
+                               info.model_version)
+                continue
+            pixels = await asyncio.to_thread(decode_image, path.read_bytes(), size=info.image_size,
+                                             resample=info.resize)
+            [embedding] = await new.embedder.embed(pixels[np.newaxis], purpose="index")
+            await new.store.add(ImageDocument.of(document, vector=embedding.vector, predicted_label=embedding.label,
+                                                 confidence=embedding.confidence, model_version=info.model_version))
+        for doc_id in sorted((ours - set(theirs)) | self._deleted_meanwhile):
+            await new.store.remove(doc_id)
+        logger.info("carried %d uploads and %d deletions over to model %s", len(set(theirs) - ours),
+                    len((ours - set(theirs)) | self._deleted_meanwhile), info.model_version)
 
     async def status(self) -> tuple[Status, IndexNotReadyError | None]:
         """The status `/healthz` and `/collection` report, and the reason when it is not ready."""
@@ -155,58 +285,64 @@ class SearchEngine:
 
     # -- searches -------------------------------------------------------------------------------
 
-    async def search_images(self, images: np.ndarray, options: SearchOptions) -> list[tuple[Embedding, list[StoreHit]]]:
-        """Each image's embedding and its hits, best first.
+    async def search_images(self, images: np.ndarray, options: SearchOptions) -> list[Answer]:
+        """Each image's hits, best first, with its embedding.
 
         Concurrent searches share work twice: the micro-batcher embeds them in one forward pass, and
         the query batcher sends the vectors that come out of it to the store in one `search_many`; the
         images of one call (a batch request) are one micro-batch and one `search_many`.
         """
-        await self.ensure_ready()
-        with STAGE_SECONDS.labels(stage="embed").time():
-            embeddings = await self.embedder.embed(images)
-        queries = [options.query(e.vector, predicted_label=e.label) for e in embeddings]
-        with STAGE_SECONDS.labels(stage="search").time():
-            results = await asyncio.gather(*(self._queries.search(query) for query in queries))
-        return list(zip(embeddings, results, strict=True))
+        async with self._ready_generation() as generation:
+            with STAGE_SECONDS.labels(stage="embed").time():
+                embeddings = await generation.embedder.embed(images)
+            queries = [options.query(e.vector, predicted_label=e.label) for e in embeddings]
+            with STAGE_SECONDS.labels(stage="search").time():
+                results = await asyncio.gather(*(generation.queries.search(query) for query in queries))
+            return [Answer(hits, generation.model_version or "", embedding)
+                    for embedding, hits in zip(embeddings, results, strict=True)]
 
-    async def similar(self, id: str, options: SearchOptions) -> tuple[StoredImage, list[StoreHit]]:
+    async def similar(self, id: str, options: SearchOptions) -> tuple[StoredImage, Answer]:
         """The images most similar to an indexed one (by its stored vector), itself left out."""
-        await self.ensure_ready()
-        document = await self.document(id)
-        vectors = await self.store.vectors([id])
-        if id not in vectors:  # deleted in between
-            raise DocumentNotFoundError(f"no indexed image with id {id!r}")
-        query = options.query(vectors[id], predicted_label=document.predicted_label, exclude=frozenset({id}))
-        with STAGE_SECONDS.labels(stage="search").time():
-            return document, await self._queries.search(query)
+        async with self._ready_generation() as generation:
+            document = await self._document(generation, id)
+            vectors = await generation.store.vectors([id])
+            if id not in vectors:  # deleted in between
+                raise DocumentNotFoundError(f"no indexed image with id {id!r}")
+            query = options.query(vectors[id], predicted_label=document.predicted_label, exclude=frozenset({id}))
+            with STAGE_SECONDS.labels(stage="search").time():
+                return document, Answer(await generation.queries.search(query), generation.model_version or "")
 
     async def search_examples(self, positive: Sequence[str], negative: Sequence[str], *, beta: float,
-                              options: SearchOptions) -> list[StoreHit]:
+                              options: SearchOptions) -> Answer:
         """"More like these, less like those" (Rocchio): the query is the L2-normalised mean of the
         positives' vectors minus `beta` times the mean of the negatives'; the examples are left out."""
-        await self.ensure_ready()
-        ids = list(dict.fromkeys([*positive, *negative]))
-        vectors = await self.store.vectors(ids)
-        missing = [i for i in ids if i not in vectors]
-        if missing:
-            shown = ", ".join(repr(i) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise DocumentNotFoundError(f"no indexed image with id {shown}")
-        query = np.mean([vectors[i] for i in positive], axis=0)
-        if negative:
-            query = query - beta * np.mean([vectors[i] for i in negative], axis=0)
-        norm = float(np.linalg.norm(query))
-        if norm < 1e-6:
-            raise InvalidQueryError("the examples cancel out (the positives' mean minus beta times the negatives' "
-                                    "is zero); use fewer negatives or a smaller beta")
-        with STAGE_SECONDS.labels(stage="search").time():
-            return await self._queries.search(options.query((query / norm).astype(np.float32),
-                                                            predicted_label=None, exclude=frozenset(ids)))
+        async with self._ready_generation() as generation:
+            ids = list(dict.fromkeys([*positive, *negative]))
+            vectors = await generation.store.vectors(ids)
+            missing = [i for i in ids if i not in vectors]
+            if missing:
+                shown = ", ".join(repr(i) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
+                raise DocumentNotFoundError(f"no indexed image with id {shown}")
+            query = np.mean([vectors[i] for i in positive], axis=0)
+            if negative:
+                query = query - beta * np.mean([vectors[i] for i in negative], axis=0)
+            norm = float(np.linalg.norm(query))
+            if norm < 1e-6:
+                raise InvalidQueryError("the examples cancel out (the positives' mean minus beta times the "
+                                        "negatives' is zero); use fewer negatives or a smaller beta")
+            store_query = options.query((query / norm).astype(np.float32), predicted_label=None,
+                                        exclude=frozenset(ids))
+            with STAGE_SECONDS.labels(stage="search").time():
+                return Answer(await generation.queries.search(store_query), generation.model_version or "")
 
     # -- documents ------------------------------------------------------------------------------
 
     async def document(self, id: str) -> StoredImage:
-        document = await self.store.get(id)
+        return await self._document(self._active, id)
+
+    @staticmethod
+    async def _document(generation: Generation, id: str) -> StoredImage:
+        document = await generation.store.get(id)
         if document is None:
             raise DocumentNotFoundError(f"no indexed image with id {id!r}")
         return document
@@ -216,37 +352,39 @@ class SearchEngine:
         """Store an upload (`data`, decoded to `pixels` and re-encoded to `encoded`) as a document whose id is
         the hash of `data`; returns it and whether it is new (False: those bytes were added before, and
         nothing changed). On return the file is on disk and the document durable and searchable."""
-        model_version = await self.ensure_ready()
-        id = content_id(data)
-        existing = await self.store.get(id)
-        if existing is not None:
-            return existing, False
-        with STAGE_SECONDS.labels(stage="embed").time():
-            [embedding] = await self.embedder.embed(pixels[np.newaxis], purpose="index")
-        relative = await self.uploads.save(id, encoded, extension)
-        document = ImageDocument(id=id, filename=relative, path=relative, source=UPLOAD_SOURCE, label=label,
-                                 predicted_label=embedding.label, confidence=embedding.confidence,
-                                 size=len(encoded), mtime=time.time(), model_version=model_version,
-                                 vector=embedding.vector)
-        try:
-            added = await self.store.add(document)
-        except BaseException:
-            if await self.store.get(id) is None:  # no document refers to the file: do not leave it behind
-                await self.uploads.delete(relative)
-            raise
-        DOCUMENTS.inc(added)
-        return (document.stored() if added else await self.document(id)), added
+        async with self._writes, self._ready_generation() as generation:
+            id = content_id(data)
+            existing = await generation.store.get(id)
+            if existing is not None:
+                return existing, False
+            with STAGE_SECONDS.labels(stage="embed").time():
+                [embedding] = await generation.embedder.embed(pixels[np.newaxis], purpose="index")
+            relative = await self.uploads.save(id, encoded, extension)
+            document = ImageDocument(id=id, filename=relative, path=relative, source=UPLOAD_SOURCE, label=label,
+                                     predicted_label=embedding.label, confidence=embedding.confidence,
+                                     size=len(encoded), mtime=time.time(), model_version=generation.model_version,
+                                     vector=embedding.vector)
+            try:
+                added = await generation.store.add(document)
+            except BaseException:
+                if await generation.store.get(id) is None:  # no document refers to the file: do not leave it
+                    await self.uploads.delete(relative)
+                raise
+            DOCUMENTS.inc(added)
+            return (document.stored() if added else await self._document(generation, id)), added
 
     async def remove_image(self, id: str) -> StoredImage:
         """Delete a document (and, for an upload, its file); on return no search finds it."""
-        await self.ensure_ready()
-        document = await self.document(id)
-        if not await self.store.remove(id):
-            raise DocumentNotFoundError(f"no indexed image with id {id!r}")
-        DOCUMENTS.dec()
-        if document.source == UPLOAD_SOURCE:
-            await self.uploads.delete(document.path)
-        return document
+        async with self._writes, self._ready_generation() as generation:
+            document = await self._document(generation, id)
+            if not await generation.store.remove(id):
+                raise DocumentNotFoundError(f"no indexed image with id {id!r}")
+            if self._background is not None:
+                self._deleted_meanwhile.add(id)
+            DOCUMENTS.dec()
+            if document.source == UPLOAD_SOURCE:
+                await self.uploads.delete(document.path)
+            return document
 
     async def collection(self) -> CollectionStats:
         return await self.store.stats()
