@@ -3,6 +3,7 @@
     cbir serve              one machine: the gateway with the model in-process, indexing in the background
     cbir train              train the VGG-16 embedder and write a model bundle
     cbir index              index a collection (in-process, or through CBIR_EMBEDDER_URL)
+    cbir promote VERSION    serve the Elasticsearch index of VERSION (after cbir index --rebuild)
     cbir embedder           run the embedder service
     cbir gateway            run the search gateway alone (no indexing)
     cbir evaluate           the original study's evaluation (MAP@100, P@k, mAP@ALL, report)
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         elif command is None:
             parser.print_help()
         else:
-            {"serve": _serve, "index": _index, "embedder": _embedder, "gateway": _gateway,
+            {"serve": _serve, "index": _index, "promote": _promote, "embedder": _embedder, "gateway": _gateway,
              "download-cifar10": _download}[command](rest)
     except CbirError as exc:  # anything else is a bug: its traceback shows
         logger.error("%s", exc.message)
@@ -92,8 +93,16 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("--batch-size", type=int, default=None, help="images per embed call")
     index.add_argument("--concurrency", type=int, default=None, help="embed calls in flight")
     index.add_argument("--rebuild", action="store_true",
-                       help="drop an index built by another model version and rebuild it")
+                       help="build the index of the configured model beside one built by another model version, "
+                            "which goes on serving until the new one is done: one machine then records it (a "
+                            "running cbir serve swaps to it), Elasticsearch waits for `cbir promote VERSION`")
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
+    promote = commands.add_parser(
+        "promote", help="serve an Elasticsearch index built by `cbir index --rebuild` (moves the alias)",
+        description="Carry the uploads and deletions made meanwhile over from the served index to the index of "
+                    "VERSION (re-embedding uploads from CBIR_STATE_DIR/uploads with the configured model, which "
+                    "must be VERSION's), then move the CBIR_ES_INDEX alias to it in one atomic call.")
+    promote.add_argument("version", metavar="VERSION", help="the model version whose index to serve")
     download = commands.add_parser("download-cifar10", help="fetch CIFAR-10 as JPEG folders (internet)")
     download.add_argument("--dest", type=Path, default=Path("data/cifar10"), help="destination folder")
     return parser
@@ -127,14 +136,53 @@ def _index(args: argparse.Namespace) -> None:
             beside = await wiring.rebuild_path(settings, service) if args.rebuild else None
             if beside is not None:
                 logger.info("building the new model's index in %s; the served one stays until it is done", beside)
-            store = wiring.build_store(settings, faiss_path=beside)
+            # On Elasticsearch a rebuild fills the index of its own model version; the alias moves with promote.
+            versioned = args.rebuild and settings.backend is Backend.elasticsearch
+            store = wiring.build_store(settings, faiss_path=beside, versioned=versioned)
             resources.push_async_callback(store.close)
             report = await index_collection(data_dir, args.split or settings.index_split, service, store, options)
             if settings.backend is Backend.faiss and hasattr(service, "embedder"):  # one machine: what serves
                 wiring.record_served(settings, service, store.path.name)  # type: ignore[attr-defined]
+            if versioned and await store.served_index() != store.index:  # type: ignore[attr-defined]
+                version = (await service.info()).model_version
+                logger.info("built %s beside the served index; serve it with `cbir promote %s`", store.index,
+                            version)  # type: ignore[attr-defined]
         logger.info("%s", report.summary())
         if args.json:
             print(json.dumps(report.counts()), flush=True)
+
+    asyncio.run(run())
+
+
+def _promote(args: argparse.Namespace) -> None:
+    from services import wiring
+    from services.common.carry_over import carry_over_uploads
+    from services.common.errors import ConfigError, IndexNotReadyError
+    from services.common.settings import Backend
+    from services.indexer.settings import IndexerSettings
+
+    settings = IndexerSettings.load()
+    if settings.backend is not Backend.elasticsearch:
+        raise ConfigError("cbir promote moves an Elasticsearch alias (CBIR_BACKEND=elasticsearch); on one machine "
+                          "cbir serve and cbir index --rebuild swap to the new model by themselves")
+
+    async def run() -> None:
+        async with AsyncExitStack() as resources:
+            service = await asyncio.to_thread(wiring.build_embedding_service, settings)
+            resources.push_async_callback(service.close)
+            info = await service.info()
+            if info.model_version != args.version:
+                raise ConfigError(f"the configured model is {info.model_version!r}, not {args.version!r}: promote "
+                                  "re-embeds the uploads with it; configure the model of the version to promote")
+            store = wiring.build_store(settings, versioned=True)
+            resources.push_async_callback(store.close)
+            await store.open(dims=info.dims, model_version=info.model_version, create=False)
+            if await store.count() == 0:
+                raise IndexNotReadyError(f"{store.index} is empty; build it with `cbir index --rebuild`")
+            previous = await store.promote(  # type: ignore[attr-defined]
+                lambda served: carry_over_uploads(served, store, service, settings.uploads_dir))
+        logger.info("serving %s (model %s) behind %s; before: %s", store.index, args.version,
+                    store.alias, previous)  # type: ignore[attr-defined]
 
     asyncio.run(run())
 

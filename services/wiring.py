@@ -70,13 +70,15 @@ def build_embedding_service(settings: EmbeddingSettings) -> EmbeddingService:
                                retries=settings.embedder_retries, api_key=api_key)
 
 
-def build_store(settings: StoreSettings, *, faiss_path: Path | None = None) -> VectorStore:
+def build_store(settings: StoreSettings, *, faiss_path: Path | None = None, versioned: bool = False) -> VectorStore:
     """The store named by `CBIR_BACKEND`; nothing is opened or created until `open()`. The FAISS file is
-    `faiss_path`, else the index one machine serves (`<state dir>/serving.json`), else `<state dir>/index.npz`."""
+    `faiss_path`, else the index one machine serves (`<state dir>/serving.json`), else `<state dir>/index.npz`;
+    Elasticsearch's index is the one behind the `CBIR_ES_INDEX` alias, or with `versioned` the index of the
+    model version it is opened with (a rebuild beside the served one)."""
     if settings.backend is Backend.elasticsearch:
         from services.common.stores.elasticsearch_store import ElasticsearchStore
 
-        return ElasticsearchStore.from_settings(settings)
+        return ElasticsearchStore.from_settings(settings, versioned=versioned)
     import faiss
 
     from services.common.stores.faiss_store import FaissStore

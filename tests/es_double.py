@@ -17,6 +17,12 @@ way Elasticsearch validates them and answered with Elasticsearch's bodies and st
                                       sort on keyword fields with search_after, terms and missing aggs
     GET/POST /_msearch, /{index}/_msearch   NDJSON header/body pairs, one status per item
     GET /_cluster/health[/{index}]    wait_for_status and timeout; 408 when the wait times out
+    POST /_aliases                    add, remove, remove_index: all or none, atomically
+    GET /_alias/{name}, /{index}/_alias   the aliases (index patterns with `*`)
+    POST /_reindex                    copy every document of one index into another
+
+Every endpoint that takes an index also takes an alias that points at one index, as Elasticsearch
+resolves it; a write to an alias of several indices without a write index fails as there.
 
 How a real cluster behaves, and the double too:
 
@@ -134,13 +140,17 @@ ACTION_PRIVILEGES = {
     "indices:data/read/search": "read,all",
     "indices:data/read/msearch": "read,all",
     "cluster:monitor/health": "monitor,manage,all",
+    "indices:admin/aliases": "manage,all",
+    "indices:admin/aliases/get": "view_index_metadata,manage,all",
+    "indices:data/write/reindex": "write,all",
 }
 CLUSTER_ACTIONS = frozenset({"cluster:monitor/health"})
 Role = Literal["superuser", "viewer", "monitoring_user"]
 # What each built-in role may do on the store's index: everything, read it, nothing.
 ROLE_ACTIONS: dict[str, frozenset[str]] = {
     "superuser": frozenset(ACTION_PRIVILEGES),
-    "viewer": frozenset({"indices:admin/get", "indices:admin/mappings/get", "indices:data/read/get",
+    "viewer": frozenset({"indices:admin/get", "indices:admin/mappings/get", "indices:admin/aliases/get",
+                         "indices:data/read/get",
                          "indices:data/read/mget", "indices:data/read/search", "indices:data/read/msearch",
                          "cluster:monitor/health"}),  # fmt: skip
     "monitoring_user": frozenset({"cluster:monitor/health"}),
@@ -370,6 +380,7 @@ class EsDouble:
 
     def __init__(self) -> None:
         self.indices: dict[str, Index] = {}
+        self.aliases: dict[str, set[str]] = {}  # alias -> the indices it points at
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
         self.reject_bulk_requests = 0
         self.reject_bulk_items = 0
@@ -462,6 +473,10 @@ class EsDouble:
             ("GET", "/_msearch", self._msearch, "indices:data/read/msearch"),
             ("POST", "/_msearch", self._msearch, "indices:data/read/msearch"),
             ("GET", "/_cluster/health", self._cluster_health, "cluster:monitor/health"),
+            ("POST", "/_aliases", self._update_aliases, "indices:admin/aliases"),
+            ("GET", "/_alias/{name}", self._get_alias, "indices:admin/aliases/get"),
+            ("GET", "/{index}/_alias", self._get_alias, "indices:admin/aliases/get"),
+            ("POST", "/_reindex", self._reindex, "indices:data/write/reindex"),
             ("GET", "/_cluster/health/{index}", self._cluster_health, "cluster:monitor/health"),
             ("GET", "/{index}/_msearch", self._msearch, "indices:data/read/msearch"),
             ("POST", "/{index}/_msearch", self._msearch, "indices:data/read/msearch"),
@@ -515,15 +530,32 @@ class EsDouble:
         return _json({"error": reason, "status": 405}, status=405)
 
     def _index(self, request: web.Request) -> Index:
-        name = request.match_info["index"]
-        if name not in self.indices:
+        return self.resolve(request.match_info["index"])
+
+    def resolve(self, name: str) -> Index:
+        """The index `name` names: itself, or the one index of an alias (IndexNameExpressionResolver)."""
+        if name in self.indices:
+            return self.indices[name]
+        targets = self.aliases.get(name)
+        if not targets:
             raise index_not_found(name)
-        return self.indices[name]
+        if len(targets) > 1:
+            raise illegal_argument(
+                f"no write index is defined for alias [{name}]. The write index may be explicitly disabled using "
+                "is_write_index=false or the alias points to multiple indices without one being designated as a "
+                "write index")  # fmt: skip
+        return self.indices[next(iter(targets))]
+
+    def _lookup(self, name: str) -> Index | None:
+        try:
+            return self.resolve(name)
+        except EsError:
+            return None
 
     # -- indices --------------------------------------------------------------------------------
 
     async def _index_exists(self, request: web.Request) -> web.StreamResponse:
-        exists = request.match_info["index"] in self.indices
+        exists = self._lookup(request.match_info["index"]) is not None
         return web.Response(status=200 if exists else 404, headers={"Content-Type": JSON_TYPE})
 
     async def _create_index(self, request: web.Request) -> web.StreamResponse:
@@ -533,6 +565,9 @@ class EsDouble:
         unknown = set(body) - {"settings", "mappings", "aliases"}
         if unknown:
             raise parsing_error(f"unknown key [{sorted(unknown)[0]}] for create index")
+        if name in self.aliases:
+            raise EsError(400, "invalid_index_name_exception", f"Invalid index name [{name}], already exists as alias",
+                          index_uuid="_na_", index=name)  # fmt: skip
         if name in self.indices:
             existing = self.indices[name]
             raise EsError(
@@ -543,15 +578,109 @@ class EsDouble:
         mappings = body.get("mappings", {})
         _check_mappings(mappings)
         starting = self.primaries_start_s > 0
+        aliases = body.get("aliases", {})
+        for alias in aliases:
+            if alias in self.indices:
+                raise EsError(400, "invalid_alias_name_exception", f"Invalid alias name [{alias}]: an index or data "
+                              "stream exists with the same name as the alias", index_uuid="_na_", index=alias)
         self.indices[name] = Index(name=name, settings=settings, mappings=mappings,
                                    active_at=time.monotonic() + self.primaries_start_s)  # fmt: skip
+        for alias in aliases:
+            self.aliases.setdefault(alias, set()).add(name)
         # The create call waits for the primaries (wait_for_active_shards=1) and says when that timed out.
         return _json({"acknowledged": True, "shards_acknowledged": not starting, "index": name})
 
     async def _delete_index(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["index"]
+        if name in self.aliases:
+            raise illegal_argument(f"The provided expression [{name}] matches an alias, specify the corresponding "
+                                   "concrete indices instead.")
         index = self._index(request)
-        del self.indices[index.name]
+        self._drop(index.name)
         return _json({"acknowledged": True})
+
+    def _drop(self, name: str) -> None:
+        del self.indices[name]
+        for alias in list(self.aliases):  # an index takes its aliases with it
+            self.aliases[alias].discard(name)
+            if not self.aliases[alias]:
+                del self.aliases[alias]
+
+    # -- aliases and reindex --------------------------------------------------------------------
+
+    async def _update_aliases(self, request: web.Request) -> web.StreamResponse:
+        """All the actions or none (MetadataIndexAliasesService applies them to one new cluster state)."""
+        body = await _json_body(request)
+        actions = body.get("actions")
+        if not isinstance(actions, list) or not actions:
+            raise EsError(400, "action_request_validation_exception", "Validation Failed: 1: No action specified;")
+        aliases = {alias: set(names) for alias, names in self.aliases.items()}
+        for action in actions:
+            if not isinstance(action, dict) or len(action) != 1:
+                raise parsing_error("[aliases] an action must hold exactly one of add, remove, remove_index")
+            if next(iter(action)) not in ("add", "remove", "remove_index"):
+                raise parsing_error(f"Unknown action [{next(iter(action))}]")
+        # An alias may take the name of an index the same call removes (the documented index-to-alias swap).
+        doomed = [action["remove_index"].get("index") for action in actions if "remove_index" in action]
+        for action in actions:
+            kind, spec = next(iter(action.items()))
+            name, alias = spec.get("index"), spec.get("alias")
+            if name not in self.indices:
+                raise index_not_found(str(name))
+            if kind == "remove_index":
+                continue
+            if kind == "add":
+                if alias in self.indices and alias not in doomed:
+                    raise EsError(400, "invalid_alias_name_exception", f"Invalid alias name [{alias}]: an index or "
+                                  "data stream exists with the same name as the alias", index_uuid="_na_", index=alias)
+                aliases.setdefault(alias, set()).add(name)
+            elif name not in aliases.get(alias, set()):
+                raise EsError(404, "aliases_not_found_exception", f"aliases [{alias}] missing",
+                              **{"resource.type": "aliases", "resource.id": alias})
+            else:
+                aliases[alias].discard(name)
+        for name in doomed:
+            del self.indices[name]
+            for names in aliases.values():
+                names.discard(name)
+        self.aliases = {alias: names for alias, names in aliases.items() if names}
+        return _json({"acknowledged": True, "errors": False})
+
+    async def _get_alias(self, request: web.Request) -> web.StreamResponse:
+        """`GET /_alias/{name}` (404 when missing) or `GET /{index}/_alias` (an index, or a `*` pattern)."""
+        if "name" in request.match_info:
+            alias = request.match_info["name"]
+            if alias not in self.aliases:
+                return _json({"error": f"alias [{alias}] missing", "status": 404}, status=404)
+            return _json({name: {"aliases": {alias: {}}} for name in sorted(self.aliases[alias])})
+        pattern = request.match_info["index"]
+        if "*" in pattern:
+            expression = re.escape(pattern).replace(r"\*", ".*")
+            names = [name for name in sorted(self.indices) if re.fullmatch(expression, name)]
+        else:
+            names = [self._index(request).name]
+        return _json({name: {"aliases": {alias: {} for alias, targets in sorted(self.aliases.items())
+                                         if name in targets}} for name in names})
+
+    async def _reindex(self, request: web.Request) -> web.StreamResponse:
+        """Copy the source's documents into the destination (which must exist: the store creates it with its
+        mapping), `refresh` making them searchable; synchronous, as with wait_for_completion=true."""
+        started = time.perf_counter()
+        body = await _json_body(request)
+        source, dest = self.resolve(body.get("source", {}).get("index", "")), self.resolve(
+            body.get("dest", {}).get("index", ""))
+        created = updated = 0
+        for doc_id, document in list(source.docs.items()):
+            _check_document(dest, doc_id, document)
+            created += doc_id not in dest.docs
+            updated += doc_id in dest.docs
+            self._write(dest, doc_id, document)
+        _refresh_as_asked(dest, request)
+        return _json({"took": int((time.perf_counter() - started) * 1000), "timed_out": False,
+                      "total": created + updated, "created": created, "updated": updated, "deleted": 0,
+                      "batches": 1, "version_conflicts": 0, "noops": 0, "retries": {"bulk": 0, "search": 0},
+                      "throttled_millis": 0, "requests_per_second": -1.0, "throttled_until_millis": 0,
+                      "failures": []})
 
     async def _get_mapping(self, request: web.Request) -> web.StreamResponse:
         index = self._index(request)
@@ -636,7 +765,7 @@ class EsDouble:
         """How many items of this bulk go to each shard (Elasticsearch sends one BulkShardRequest each)."""
         counts: dict[tuple[str, int], int] = {}
         for _, name, doc_id, _ in operations:
-            index = self.indices.get(name)
+            index = self._lookup(name)
             if index is not None and doc_id is not None:
                 key = (name, index.shard_of(doc_id))
                 counts[key] = counts.get(key, 0) + 1
@@ -644,7 +773,7 @@ class EsDouble:
 
     def _inactive_primary(self, name: str, doc_id: str | None, per_shard: dict[tuple[str, int], int]) -> dict | None:
         """The 503 item of a write to a primary that has not started yet (TransportReplicationAction)."""
-        index = self.indices.get(name)
+        index = self._lookup(name)
         if index is None or index.active or doc_id is None:
             return None
         shard = index.shard_of(doc_id)
@@ -663,7 +792,7 @@ class EsDouble:
                 "reason": "rejected execution of primary operation on EsThreadPoolExecutor"
                 "[name = double/write, queue capacity = 10000, active threads = 2, queued tasks = 10000]",
             }}  # fmt: skip
-        index = self.indices.get(name)
+        index = self._lookup(name)
         if index is None:
             return {**head, "status": 404, "error": index_not_found(name).error}
         try:
@@ -675,7 +804,7 @@ class EsDouble:
                 "status": 201 if created else 200}  # fmt: skip
 
     def _bulk_delete(self, name: str, doc_id: str | None) -> dict[str, Any]:
-        index = self.indices.get(name)
+        index = self._lookup(name)
         if index is None:
             return {"_index": name, "_id": doc_id, "status": 404, "error": index_not_found(name).error}
         found = doc_id in index.docs
@@ -749,7 +878,7 @@ class EsDouble:
         ids = body.get("ids") or [doc.get("_id") for doc in body.get("docs", [])]
         if not ids:
             raise EsError(400, "action_request_validation_exception", "Validation Failed: 1: no documents to get;")
-        index = self.indices.get(name)
+        index = self._lookup(name)
         docs = []
         for doc_id in ids:
             if index is None:
@@ -799,9 +928,7 @@ class EsDouble:
             try:
                 if name is None:
                     raise EsError(400, "action_request_validation_exception", "Validation Failed: 1: index is missing;")
-                if name not in self.indices:
-                    raise index_not_found(name)
-                responses.append({**self._search_response(self.indices[name], body), "status": 200})
+                responses.append({**self._search_response(self.resolve(name), body), "status": 200})
             except EsError as exc:
                 responses.append(exc.body())
         return _json({"took": int((time.perf_counter() - started) * 1000), "responses": responses})
@@ -884,9 +1011,7 @@ class EsDouble:
         """Cluster health, waiting up to `timeout` for `wait_for_status`; 408 when that wait timed out
         (ClusterHealthResponse.status())."""
         name = request.match_info.get("index")
-        if name is not None and name not in self.indices:
-            raise index_not_found(name)
-        indices = [self.indices[name]] if name is not None else list(self.indices.values())
+        indices = [self.resolve(name)] if name is not None else list(self.indices.values())
         wanted = request.query.get("wait_for_status")
         if wanted is not None and wanted not in HEALTH_RANK:
             raise illegal_argument(f"unknown cluster health status [{wanted}]")

@@ -70,6 +70,11 @@ class StoreSettings(BaseCbirSettings):
     def faiss_path(self) -> Path:
         return self.state_dir / "index.npz"
 
+    @property
+    def uploads_dir(self) -> Path:
+        """Where the gateway keeps added images (`cbir promote` re-embeds them from there)."""
+        return self.state_dir / "uploads"
+
 
 class ModelSettings(BaseCbirSettings):
     """Which bundle embeds images, where, and how its vectors are built."""

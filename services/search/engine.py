@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import Gauge, Histogram
 
+from services.common.carry_over import carry_over_uploads
 from services.common.collection import resolve_inside
 from services.common.documents import UPLOAD_SOURCE, ImageDocument, StoredImage, content_id
 from services.common.embedding import Embedding, EmbeddingService
@@ -27,8 +28,8 @@ from services.common.errors import (
     IndexNotReadyError,
     InvalidQueryError,
     StoreError,
+    StoreMismatchError,
 )
-from services.common.images import decode_image
 from services.common.status import IndexProgress, Status
 from services.common.stores.base import CollectionStats, StoreHit, StoreQuery, VectorStore
 from services.search.uploads import UploadFolder
@@ -40,6 +41,7 @@ SEARCH_BATCH_QUERIES = Histogram("cbir_search_batch_queries", "queries per store
 STAGE_SECONDS = Histogram("cbir_stage_seconds", "seconds a request spends in each stage: decode, embed, search",
                           ["stage"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 DOCUMENTS = Gauge("cbir_documents", "documents in the index, as of the last readiness check or write")
+VERIFY_EVERY_S = 5.0  # how often a ready engine checks that its index is still the served one
 MODEL_VERSION = Gauge("cbir_model_version_info", "the model version searched (1 for the current one)",
                       ["model_version"])
 
@@ -128,6 +130,7 @@ class SearchEngine:
         self._background: IndexProgress | None = None  # set while any background run goes
         self._indexing_failure: str | None = None
         self._writes = asyncio.Lock()  # adds and deletes, against a swap
+        self._verified_at = time.monotonic()
         self._deleted_meanwhile: set[str] = set()  # ids deleted while a background run goes: replayed on a swap
 
     @property
@@ -202,6 +205,8 @@ class SearchEngine:
         if self._indexing_failure is not None:
             raise IndexNotReadyError(self._indexing_failure, status=Status.failed)
         if self._active.model_version is not None:
+            if time.monotonic() - self._verified_at > VERIFY_EVERY_S:
+                await self._verify(self._active)
             return self._active.model_version
         # Requests arriving while a check runs share its outcome instead of queueing for checks of
         # their own, so with the embedder down each still gets its 503 within one embedder timeout.
@@ -209,6 +214,16 @@ class SearchEngine:
             self._readiness = asyncio.create_task(self._check_ready(self._active))
             self._readiness.add_done_callback(_consume_exception)
         return await asyncio.shield(self._readiness)
+
+    async def _verify(self, generation: Generation) -> None:
+        """Whether the index is still the served one (an Elasticsearch alias may have moved to another model's
+        index); if not, search is not ready any more, and the next check says why (409)."""
+        self._verified_at = time.monotonic()  # one request verifies; the others go on meanwhile
+        try:
+            await generation.store.verify(generation.model_version or "")
+        except StoreMismatchError:
+            generation.model_version = None
+            raise
 
     async def _check_ready(self, generation: Generation) -> str:
         info = await generation.embedder.info()
@@ -240,7 +255,7 @@ class SearchEngine:
         await store.open(dims=info.dims, model_version=info.model_version, create=False)
         async with self._writes:
             old = self._active
-            await self._replay_writes(old, Generation(embedder, store, model_version=info.model_version))
+            await carry_over_uploads(old.store, store, embedder, self.uploads.root, deleted=self._deleted_meanwhile)
             documents = await store.count()
             self._active = Generation(embedder, store, model_version=info.model_version)
         DOCUMENTS.set(documents)
@@ -249,29 +264,6 @@ class SearchEngine:
         logger.info("now serving model %s (%d documents); closing model %s", info.model_version, documents,
                     old.model_version)
         await old.close()
-
-    async def _replay_writes(self, old: Generation, new: Generation) -> None:
-        """Bring `new` up to date with what the API changed in `old` while `new` was being built: uploads that
-        only `old` holds are embedded with the new model and added, those only `new` holds (deleted meanwhile)
-        removed, and so are the other images deleted meanwhile."""
-        theirs = {doc.id: doc async for doc in old.store.iter_documents(source=UPLOAD_SOURCE)}
-        ours = {doc.id async for doc in new.store.iter_documents(source=UPLOAD_SOURCE)}
-        info = await new.embedder.info()
-        for doc_id in sorted(set(theirs) - ours):
-            document, path = theirs[doc_id], self.uploads.path_of(theirs[doc_id].path)
-            if path is None:
-                logger.warning("upload %s has no file any more; not carried over to model %s", doc_id,
-                               info.model_version)
-                continue
-            pixels = await asyncio.to_thread(decode_image, path.read_bytes(), size=info.image_size,
-                                             resample=info.resize)
-            [embedding] = await new.embedder.embed(pixels[np.newaxis], purpose="index")
-            await new.store.add(ImageDocument.of(document, vector=embedding.vector, predicted_label=embedding.label,
-                                                 confidence=embedding.confidence, model_version=info.model_version))
-        for doc_id in sorted((ours - set(theirs)) | self._deleted_meanwhile):
-            await new.store.remove(doc_id)
-        logger.info("carried %d uploads and %d deletions over to model %s", len(set(theirs) - ours),
-                    len((ours - set(theirs)) | self._deleted_meanwhile), info.model_version)
 
     async def status(self) -> tuple[Status, IndexNotReadyError | None]:
         """The status `/healthz` and `/collection` report, and the reason when it is not ready."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import Field, SecretStr, model_validator
 
 from services.common.settings import CollectionSettings, EmbeddingSettings, StoreSettings, UploadSettings
@@ -29,7 +27,3 @@ class SearchSettings(StoreSettings, EmbeddingSettings, UploadSettings, Collectio
         if weak and self.environment != "development":
             raise ValueError("CBIR_WRITE_API_KEYS holds a placeholder key; set real keys outside development")
         return self
-
-    @property
-    def uploads_dir(self) -> Path:
-        return self.state_dir / "uploads"

@@ -128,6 +128,10 @@ class VectorStore(abc.ABC):
     async def reset(self) -> None:
         """Drop every document (the index is rebuilt for a new model version)."""
 
+    async def verify(self, model_version: str) -> None:  # noqa: B027 - optional hook
+        """Raise `StoreMismatchError` when the index this store searches is no longer the one served for
+        `model_version` (an Elasticsearch alias moved to another model's index); one file cannot move."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and files."""
 

@@ -1,6 +1,16 @@
 """The cluster store: image documents in one Elasticsearch index, searched exactly
 (`script_score` over every vector) or approximately (HNSW `knn`), scored like the FAISS store.
 
+Indices are versioned: `cbir-images-<model version>` behind the alias `cbir-images` (`CBIR_ES_INDEX`).
+A store resolves the alias once, when it opens, and reads and writes that concrete index from then on, so
+a service never writes one model's vectors into another's index. `cbir index --rebuild` opens the index of
+its own model version (`versioned=True`) without touching the alias; `cbir promote VERSION` carries the
+uploads over and moves the alias in one atomic `_aliases` call (`promote`); a service whose index is no
+longer the one behind the alias finds out within `VERIFY_EVERY_S` (`verify`) and answers 409 from then on
+if its model is not the new index's. An index created before aliases (a concrete index named like the
+alias) is moved behind one: `_reindex` into its versioned name, then one `_aliases` call that removes it
+and adds the alias.
+
 Elasticsearch does the sharding, replication and persistence; this module only states the
 mapping, writes through the bulk helper, and turns every client error into a `CbirError`
 (`_translated`): a missing index is `IndexNotReadyError`, refused credentials `StoreAuthError`,
@@ -30,7 +40,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -90,6 +101,11 @@ API_KEY_SETTING = "CBIR_ES_API_KEY"
 BASIC_AUTH_SETTINGS = "CBIR_ES_USERNAME/CBIR_ES_PASSWORD"
 
 
+def versioned_index(alias: str, model_version: str) -> str:
+    """The concrete index of a model version behind `alias`: lower case, no character an index name refuses."""
+    return f"{alias}-{re.sub(r'[^a-z0-9._-]', '-', model_version.lower())}"
+
+
 class ElasticsearchStore(VectorStore):
     """One Elasticsearch index of `ImageDocument`s, searched by cosine similarity.
 
@@ -118,9 +134,12 @@ class ElasticsearchStore(VectorStore):
         max_retries: int = default(StoreSettings, "es_max_retries"),
         initial_backoff_s: float = 1.0,
         credentials_from: str | None = None,
+        versioned: bool = False,
     ) -> None:
         self._client = client
-        self.index = index
+        self.alias = index
+        self.index = index  # what requests name: the concrete index once open
+        self.versioned = versioned  # open the index of the model version given, beside the served one
         self.url = url  # for messages only: never holds credentials
         self.credentials_from = credentials_from  # the settings naming the credentials, for messages
         self.shards = shards
@@ -134,7 +153,7 @@ class ElasticsearchStore(VectorStore):
 
     @classmethod
     def from_settings(
-        cls, settings: StoreSettings, *, initial_backoff_s: float = 1.0
+        cls, settings: StoreSettings, *, initial_backoff_s: float = 1.0, versioned: bool = False
     ) -> ElasticsearchStore:
         """A store with its own `AsyncElasticsearch` client, configured from `CBIR_ES_*`."""
         url = settings.es_url
@@ -167,16 +186,20 @@ class ElasticsearchStore(VectorStore):
             max_retries=settings.es_max_retries,
             initial_backoff_s=initial_backoff_s,
             credentials_from=credentials_from,
+            versioned=versioned,
         )
 
     # -- the index ----------------------------------------------------------------------------
 
     async def open(self, *, dims: int, model_version: str, create: bool = True) -> None:
+        """Resolve the index to use (the alias's, or with `versioned` the model version's), create it if needed
+        and allowed (behind the alias when no index is served yet), then check it matches."""
+        self.index = await self._target(model_version)
         mapping = await self._read_mapping()
         if mapping is None:
             if not create:
                 raise self._not_ready()
-            if await self._create_index(dims=dims, model_version=model_version):
+            if await self._create_index(dims=dims, model_version=model_version, serve=await self._nothing_served()):
                 self._dims, self._model_version = dims, model_version
                 return
             mapping = await self._read_mapping()  # another process created it first
@@ -195,6 +218,95 @@ class ElasticsearchStore(VectorStore):
                 )
         self._dims, self._model_version = dims, model_version
 
+    async def _target(self, model_version: str) -> str:
+        if self.versioned:
+            return versioned_index(self.alias, model_version)
+        served = await self._alias_target()
+        if served is not None:
+            return served
+        if await self._exists(self.alias):  # an index from before aliases
+            return await self._move_behind_alias()
+        return versioned_index(self.alias, model_version)
+
+    async def served_index(self) -> str | None:
+        """The concrete index the alias serves now (None: none yet)."""
+        return await self._alias_target()
+
+    async def _alias_target(self) -> str | None:
+        """The concrete index behind the alias, None when there is no such alias."""
+        with self._translated("resolving the alias"):
+            response = await self._client.options(ignore_status=404).indices.get_alias(name=self.alias)
+        if response.meta.status == 404:
+            return None
+        targets = sorted(response.body)
+        if len(targets) != 1:
+            raise StoreError(f"the alias {self.alias!r} at {self.url} points at {len(targets)} indices "
+                             f"({', '.join(targets)}); point it at one (POST /_aliases)")
+        return targets[0]
+
+    async def _exists(self, name: str) -> bool:
+        with self._translated("checking the index"):
+            return bool(await self._client.indices.exists(index=name))
+
+    async def _nothing_served(self) -> bool:
+        return await self._alias_target() is None and not await self._exists(self.alias)
+
+    async def _move_behind_alias(self) -> str:
+        """Move the concrete index named like the alias to its versioned name, behind the alias: `_reindex`
+        into a copy with its mapping, then one atomic `_aliases` call (add the alias, remove the old index)."""
+        self.index = self.alias
+        mapping = await self._read_mapping()
+        version = (mapping or {}).get("_meta", {}).get("model_version") or "unversioned"
+        target = versioned_index(self.alias, version)
+        with self._translated(f"moving index {self.alias!r} behind an alias"):
+            await self._client.options(ignore_status=400).indices.create(
+                index=target, settings={"number_of_shards": self.shards, "number_of_replicas": self.replicas},
+                mappings=mapping or {})
+            await self._wait_for_primaries(target)
+            await self._client.reindex(source={"index": self.alias}, dest={"index": target}, refresh=True,
+                                       wait_for_completion=True)
+            await self._client.indices.update_aliases(actions=[{"add": {"index": target, "alias": self.alias}},
+                                                               {"remove_index": {"index": self.alias}}])
+        logger.info("moved index %r to %r behind the alias %r", self.alias, target, self.alias)
+        return target
+
+    async def verify(self, model_version: str) -> None:
+        """Raise `StoreMismatchError` when the alias has moved to an index of another model version than
+        `model_version` (after `cbir promote`): this service must not go on searching the old index as if
+        it were the served one. A move to an index of the same version is followed."""
+        if self.versioned:
+            return
+        served = await self._alias_target()
+        if served is None or served == self.index:
+            return
+        with self._translated("reading the served index's mapping"):
+            response = await self._client.indices.get_mapping(index=served)
+        served_version = next(iter(response.body.values()))["mappings"].get("_meta", {}).get("model_version")
+        if served_version != model_version:
+            raise StoreMismatchError(
+                f"the alias {self.alias!r} now points at {served!r}, built by model version {served_version!r}; "
+                f"this service's model is {model_version!r}: restart it with the model of {served_version!r}")
+        logger.info("the alias %r moved to %r (the same model version); following it", self.alias, served)
+        self.index = served
+
+    async def promote(self, carry_over: Callable[[ElasticsearchStore], Awaitable[object]]) -> str | None:
+        """Serve this (open, versioned) index: `carry_over(served)` first brings it up to date with the index
+        the alias points at now, then one `_aliases` call moves the alias here. Returns the index served before."""
+        served = await self._alias_target()
+        if served == self.index:
+            return served
+        if served is not None:
+            previous = ElasticsearchStore(self._client, index=served, url=self.url, shards=self.shards,
+                                          replicas=self.replicas, credentials_from=self.credentials_from)
+            await carry_over(previous)
+            await self.flush()
+        actions = ([{"remove": {"index": served, "alias": self.alias}}] if served is not None else []) + [
+            {"add": {"index": self.index, "alias": self.alias}}]
+        with self._translated("moving the alias"):
+            await self._client.indices.update_aliases(actions=actions)
+        logger.info("the alias %r now points at %r (was %r)", self.alias, self.index, served)
+        return served
+
     async def info(self) -> StoreInfo:
         mapping = await self._read_mapping()
         if mapping is None:
@@ -210,11 +322,15 @@ class ElasticsearchStore(VectorStore):
 
         Before `open` this only deletes, so `reset(); open(...)` rebuilds for a new model.
         """
+        target = await self._alias_target()
+        if self.index == self.alias and target is not None:  # not open yet: the index the alias serves
+            self.index = target
+        served = target == self.index
         with self._translated("deleting the index"):
             await self._client.options(ignore_status=404).indices.delete(index=self.index)
         logger.info("deleted %s", self._where)
         if self._dims is not None and self._model_version is not None:
-            await self._create_index(dims=self._dims, model_version=self._model_version)
+            await self._create_index(dims=self._dims, model_version=self._model_version, serve=served)
 
     async def close(self) -> None:
         await self._client.close()
@@ -276,9 +392,19 @@ class ElasticsearchStore(VectorStore):
         return True
 
     async def remove(self, id: str) -> bool:
+        """Delete from this index, and from the other versioned indices behind the alias (a rebuild's index
+        being built), so that a deletion made during a rebuild is not undone by the promotion."""
+        existed = await self._remove_from(self.index, id)
+        with self._translated("listing the versioned indices"):
+            response = await self._client.indices.get_alias(index=f"{self.alias}-*")
+        for other in sorted(set(response.body) - {self.index}):
+            await self._remove_from(other, id)
+        return existed
+
+    async def _remove_from(self, index: str, id: str) -> bool:
         with self._translated("deleting a document"):
             try:
-                await self._client.delete(index=self.index, id=id, refresh="wait_for")
+                await self._client.delete(index=index, id=id, refresh="wait_for")
             except NotFoundError as exc:
                 if isinstance(exc.body, dict) and exc.body.get("result") == "not_found":
                     return False
@@ -457,7 +583,10 @@ class ElasticsearchStore(VectorStore):
         return f"Elasticsearch index {self.index!r} at {self.url}"
 
     def _not_ready(self) -> IndexNotReadyError:
-        return IndexNotReadyError(f"there is no {self._where}; build one with `cbir index`")
+        if self.versioned:
+            return IndexNotReadyError(f"there is no {self._where}; build it with `cbir index --rebuild`")
+        return IndexNotReadyError(f"there is no Elasticsearch index {self.alias!r} at {self.url} (nor an alias of "
+                                  "that name); build one with `cbir index`")
 
     def _require_open(self) -> str:
         if self._model_version is None:
@@ -496,9 +625,12 @@ class ElasticsearchStore(VectorStore):
             },
         }
 
-    async def _create_index(self, *, dims: int, model_version: str) -> bool:
-        """Create the index; False when it already existed (a concurrent creator won)."""
+    async def _create_index(self, *, dims: int, model_version: str, serve: bool) -> bool:
+        """Create the index (with `serve`, behind the alias); False when it already existed (a concurrent
+        creator won)."""
         body = self._index_body(dims=dims, model_version=model_version)
+        if serve:
+            body["aliases"] = {self.alias: {}}
         with self._translated("creating the index"):
             try:
                 await self._client.indices.create(index=self.index, **body)
@@ -506,20 +638,20 @@ class ElasticsearchStore(VectorStore):
                 if _error_type(exc) != "resource_already_exists_exception":
                     raise
                 return False
-        await self._wait_for_primaries()
+        await self._wait_for_primaries(self.index)
         logger.info(
             "created %s: %d shards, %d replicas, %d-dim cosine vectors of model %s",
             self._where, self.shards, self.replicas, dims, model_version,
         )  # fmt: skip
         return True
 
-    async def _wait_for_primaries(self) -> None:
+    async def _wait_for_primaries(self, index: str) -> None:
         """Wait until every primary of the new index has started (health yellow): until then each bulk
         item routed to a starting shard fails with 503 `unavailable_shards_exception`."""
         with self._translated("waiting for the new index's shards to start"):
             response = await self._client.options(
                 request_timeout=PRIMARIES_WAIT_S + 10, ignore_status=408  # 408: the wait itself timed out
-            ).cluster.health(index=self.index, wait_for_status="yellow", timeout=f"{PRIMARIES_WAIT_S}s")
+            ).cluster.health(index=index, wait_for_status="yellow", timeout=f"{PRIMARIES_WAIT_S}s")
         if response.body.get("timed_out"):
             raise StoreUnavailableError(
                 f"the primaries of {self._where} did not start within {PRIMARIES_WAIT_S} s "

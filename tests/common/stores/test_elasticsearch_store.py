@@ -551,7 +551,7 @@ async def test_elasticsearch_credentials_without_any_privilege_cannot_even_open(
 ) -> None:
     es_double.secure(users={"cbir": PASSWORD}, role="monitoring_user")
     store = make_es_store(es_username="cbir", es_password=PASSWORD)
-    with pytest.raises(StoreAuthError, match=r"action \[indices:admin/mappings/get\] is unauthorized") as caught:
+    with pytest.raises(StoreAuthError, match=r"action \[indices:admin/aliases/get\] is unauthorized") as caught:
         await store.open(dims=DIMS, model_version=MODEL)
     assert "on index 'cbir-test'" in caught.value.message and "not ready" not in caught.value.message
 
