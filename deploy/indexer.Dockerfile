@@ -18,7 +18,8 @@ COPY pyproject.toml README.md ./
 COPY services services
 RUN pip install --no-deps .
 
-RUN useradd --create-home --uid 10001 cbir
+# /state: where a named volume mounted there takes its owner from (uploads are written there).
+RUN useradd --create-home --uid 10001 cbir && mkdir -p /state && chown cbir /state
 USER cbir
 
 CMD ["cbir", "index", "--no-progress"]

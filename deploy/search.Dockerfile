@@ -30,7 +30,8 @@ RUN pip install --no-deps .
 COPY models/vgg16-cifar10 models/vgg16-cifar10
 ENV CBIR_MODEL_DIR=/app/models/vgg16-cifar10
 
-RUN useradd --create-home --uid 10001 cbir
+# /state: where a named volume mounted there takes its owner from (uploads are written there).
+RUN useradd --create-home --uid 10001 cbir && mkdir -p /state && chown cbir /state
 USER cbir
 
 EXPOSE 8000

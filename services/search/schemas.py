@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 MAX_EXAMPLES = 100  # ids of one POST /search/examples, positive and negative together
+MODEL = "vgg16-10c-181913bd0bb3-d64-w2"  # the examples below are real answers of the shipped model (README, API)
+HIT = {"id": "08df7e6fb1028ba8d710", "filename": "3195.jpg", "label": "cat", "predicted_label": "cat",
+       "score": 1.9999485611915588, "image_url": "/images/08df7e6fb1028ba8d710"}
+ANSWER = {"query": {"predicted_label": "cat", "confidence": 0.9154655933380127}, "hits": [HIT],
+          "model_version": MODEL, "took_ms": 20.34}
+
+
+def examples(*values: dict) -> ConfigDict:
+    return ConfigDict(json_schema_extra={"examples": list(values)})
 
 
 class QueryPrediction(BaseModel):
@@ -13,6 +22,8 @@ class QueryPrediction(BaseModel):
 
 
 class SearchHit(BaseModel):
+    model_config = examples(HIT)
+
     id: str
     filename: str
     label: str | None = Field(description="the ground-truth label, null when the collection has none")
@@ -22,6 +33,8 @@ class SearchHit(BaseModel):
 
 
 class SearchResponse(BaseModel):
+    model_config = examples(ANSWER)
+
     query: QueryPrediction | None = Field(
         description="the query image's prediction (the upload's, or the indexed image's as stored); null for a "
                     "query by several examples")
@@ -40,6 +53,10 @@ class BatchItemError(BaseModel):
 
 
 class BatchSearchResponse(BaseModel):
+    model_config = examples({"results": [ANSWER, {"error": {"status": 415, "detail": "README.md: the file is not a "
+                                                             "supported image; send one of: JPEG, PNG, GIF, WEBP, "
+                                                             "BMP, TIFF"}}]})
+
     results: list[SearchResponse | BatchItemError] = Field(
         description="one per file, in the order sent: a search response, or the error of that file")
 
@@ -53,12 +70,17 @@ class ExamplesRequest(BaseModel):
                                 description="ids of images not to look like")
     beta: float = Field(0.5, ge=0, le=1, description="weight of the negatives")
 
-    model_config = {"json_schema_extra": {"examples": [{"positive": ["731880588693fe375d2b"], "negative": [],
-                                                         "beta": 0.5}]}}
+    model_config = examples({"positive": ["08df7e6fb1028ba8d710", "b097de4ed18b4a5040cc"], "negative": [],
+                             "beta": 0.5})
 
 
 class ImageMeta(BaseModel):
     """An indexed image without its vector."""
+
+    model_config = examples({"id": "08df7e6fb1028ba8d710", "filename": "3195.jpg", "source": "/data/cifar10",
+                             "label": "cat", "predicted_label": "cat", "confidence": 0.9130068421363831, "size": 840,
+                             "mtime": 1796124199.9495785, "model_version": MODEL,
+                             "image_url": "/images/08df7e6fb1028ba8d710"})
 
     id: str
     filename: str
@@ -73,6 +95,9 @@ class ImageMeta(BaseModel):
 
 
 class ImageAdded(BaseModel):
+    model_config = examples({"id": "135628d08dac85584d93", "filename": "135628d08dac85584d93.jpg", "label": "dog",
+                             "predicted_label": "dog", "model_version": MODEL})
+
     id: str = Field(description="the hash of the uploaded bytes: the same bytes give the same id")
     filename: str = Field(description="the stored file's name (the id and an extension)")
     label: str | None
@@ -81,6 +106,11 @@ class ImageAdded(BaseModel):
 
 
 class CollectionResponse(BaseModel):
+    model_config = examples({"documents": 50001, "model_version": MODEL, "backend": "faiss",
+                             "sources": {"/data/cifar10": 50000, "upload": 1},
+                             "labels": {"cat": 5000, "dog": 5001}, "unlabelled": 0, "status": "ready",
+                             "indexed": None, "total": None, "writes": True})
+
     documents: int
     model_version: str | None
     backend: str
@@ -94,6 +124,8 @@ class CollectionResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
+    model_config = examples({"status": "ready", "model_version": MODEL, "backend": "faiss", "documents": 50000})
+
     status: str
     model_version: str
     backend: str

@@ -42,11 +42,12 @@ def env_names(settings_class: type[BaseSettings]) -> set[str]:
     return {f"{prefix}{name}".upper() for name in settings_class.model_fields}
 
 
-def common_env_names() -> set[str]:
+def known_env_names() -> set[str]:
+    """What any settings class reads: the shared pieces, and each service's own class (the gateway's write keys)."""
     classes = [
         cls for _, cls in inspect.getmembers(common_settings, inspect.isclass)
         if issubclass(cls, BaseSettings) and cls.__module__ == common_settings.__name__
-    ]  # fmt: skip
+    ] + list(SERVICE_SETTINGS.values())  # fmt: skip
     return set().union(*(env_names(cls) for cls in classes))
 
 
@@ -60,11 +61,11 @@ def cbir_env(service: dict[str, Any]) -> dict[str, str]:
 
 
 def test_compose_sets_only_variables_the_settings_classes_read(compose: dict[str, Any]) -> None:
-    known = common_env_names()
+    known = known_env_names()
     assert "CBIR_ES_URL" in known and "CBIR_EMBEDDER_URL" in known
     for name, service in compose["services"].items():
         unknown = set(cbir_env(service)) - known
-        assert not unknown, f"{name} sets {sorted(unknown)}, which no class in services/common/settings.py reads"
+        assert not unknown, f"{name} sets {sorted(unknown)}, which no settings class reads"
 
 
 @pytest.mark.parametrize("service_name", sorted(SERVICE_SETTINGS))
@@ -75,7 +76,7 @@ def test_compose_environment_is_valid_for_each_service(compose: dict[str, Any], 
     assert set(env) <= env_names(settings_class), f"{service_name} does not read {set(env) - env_names(settings_class)}"
     prefix = settings_class.model_config["env_prefix"]
     fields = {name.removeprefix(prefix).lower(): value for name, value in env.items()}
-    fields = {k: yaml.safe_load(v) if k == "api_keys" else v for k, v in fields.items()}
+    fields = {k: yaml.safe_load(v) if k in ("api_keys", "write_api_keys") else v for k, v in fields.items()}
     settings_class(_env_file=None, **fields)  # type: ignore[call-arg]
 
 
@@ -196,3 +197,19 @@ def test_compose_build_context_leaves_out_state_data_and_secrets() -> None:
     ignored = {line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()}
     assert {".git", ".env", "state/", "data/", "runs/", ".pytest_cache/"} <= ignored
     assert not {"models/", "services/", "deploy/"} & ignored
+
+
+def test_compose_rebuild_profile_builds_beside_the_served_index_and_shares_the_uploads(compose: dict[str, Any]) -> None:
+    """README "A new model without downtime": a second embedder runs the new bundle, a one-shot job rebuilds
+    beside the served index through it (and promotes with the same image), and it sees the gateway's uploads."""
+    services = compose["services"]
+    nxt, job, search = services["embedder-next"], services["indexer-next"], services["search"]
+    assert nxt["profiles"] == job["profiles"] == ["rebuild"] and "ports" not in nxt
+    assert cbir_env(nxt)["CBIR_MODEL_DIR"] == "/models/next" and nxt["volumes"][0].endswith(":/models/next:ro")
+    assert job["command"] == ["cbir", "index", "--rebuild", "--no-progress"]
+    assert cbir_env(job)["CBIR_EMBEDDER_URL"] == "http://embedder-next:8001"
+    assert cbir_env(job)["CBIR_STATE_DIR"] == cbir_env(search)["CBIR_STATE_DIR"] == "/state"
+    assert "state:/state" in job["volumes"] and "state:/state" in search["volumes"] and "state" in compose["volumes"]
+    assert cbir_env(services["embedder"])["CBIR_MODEL_DIR"] == "/models/current"
+    # The stack publishes 8000 on every interface: writes need a key there, none is configured by default.
+    assert resolved(search["environment"]["CBIR_WRITE_API_KEYS"]) == "[]"

@@ -68,3 +68,30 @@ async def test_metrics_count_requests_per_route_template(search_client: httpx.As
     forward_passes = "cbir_embedder_batch_images_count"
     assert metric(text, forward_passes) - metric(before, forward_passes) >= 1
     assert not re.search(r'route="/images/[0-9a-f]+"', text)  # ids never become label values
+
+
+async def test_every_operation_documents_its_answers_errors_and_examples(search_client: httpx.AsyncClient) -> None:
+    """OpenAPI: every operation has a description, a success answer with an example (JSON) or a content type,
+    and its error models; the README's API table lists every one of them."""
+    from services.common.collection import REPO_ROOT
+
+    schema = (await search_client.get("/openapi.json")).json()
+    components = schema["components"]["schemas"]
+    readme = (REPO_ROOT / "README.md").read_text()
+    operations = [(path, method, spec) for path, methods in schema["paths"].items() for method, spec in methods.items()]
+    assert len(operations) >= 10
+    for path, method, spec in operations:
+        where = f"{method.upper()} {path}"
+        assert spec.get("description"), where
+        assert f"`{method.upper()} {path}`" in readme, f"README's API table lacks {where}"
+        success = {code: answer for code, answer in spec["responses"].items() if code.startswith("2")}
+        assert success, where
+        for code, answer in success.items():
+            content = answer.get("content", {})
+            if "application/json" in content and code != "204":
+                ref = content["application/json"]["schema"].get("$ref", "")
+                assert components[ref.rsplit("/", 1)[-1]].get("examples"), f"{where} {code}: no example"
+        errors = [code for code in spec["responses"] if code[0] in "45"]
+        assert "422" in errors or not spec.get("parameters"), where
+        for code in errors:
+            assert "$ref" in spec["responses"][code]["content"]["application/json"]["schema"], f"{where} {code}"
