@@ -82,13 +82,17 @@ def build_store(settings: StoreSettings, *, faiss_path: Path | None = None, vers
     import faiss
 
     from services.common.stores.faiss_store import FaissStore
-    from services.indexer.serving import read_record
 
     faiss.omp_set_num_threads(settings.faiss_threads)  # process-wide: searches run beside the model's threads
-    if faiss_path is None:
-        record = read_record(settings.state_dir)
-        faiss_path = settings.state_dir / record.index if record is not None else settings.faiss_path
-    return FaissStore(faiss_path)
+    return FaissStore(faiss_path or served_faiss_path(settings))
+
+
+def served_faiss_path(settings: StoreSettings) -> Path:
+    """The FAISS file one machine serves: the one `<state dir>/serving.json` records, else `index.npz`."""
+    from services.indexer.serving import read_record
+
+    record = read_record(settings.state_dir)
+    return settings.state_dir / record.index if record is not None else settings.faiss_path
 
 
 def index_options(settings: IndexingSettings, *, rebuild: bool, progress_bar: bool = True,
@@ -160,14 +164,13 @@ class OneMachine:
         return build_store(self.settings)
 
     async def background(self, engine: SearchEngine, progress: IndexProgress) -> None:
-        from services.indexer.serving import DEFAULT_INDEX, index_file_for
+        from services.indexer.serving import index_file_for
 
         state = self.settings.state_dir
         if self.next is None:  # index in place: the first build, or an update of the served index
             await index_configured_collection(self.settings, engine.embedder, engine.store, progress)
             if self.settings.backend is Backend.faiss and self.settings.embedder_url is None:
-                index = self.record.index if self.record is not None else DEFAULT_INDEX
-                self.record = record_served(self.settings, engine.embedder, index)
+                self.record = record_served(self.settings, engine.embedder, engine.store.path.name)  # type: ignore
             return
         assert self.record is not None
         next_embedder, self.next = self.next, None

@@ -224,47 +224,17 @@ def install_http_edge(app: FastAPI, *, service: str, max_upload_bytes: int, cors
                       route_limits: Mapping[str, int] | None = None) -> None:
     """Everything between the network and a service's routes, in the right order.
 
-    From the outside in: the request id and its log line (so every answer has both, refusals included),
-    CORS (so refusals carry its headers too), metrics, the body-size limit (`route_limits`: paths with a limit
-    of their own), then FastAPI with the one error envelope. `GET /metrics` serves Prometheus metrics; `/docs`
+    From the outside in: the request id, its log line and its metrics (so every answer has them, refusals
+    included), CORS (so refusals carry its headers too), the body-size limit (`route_limits`: paths with a
+    limit of their own), then FastAPI with the one error envelope. `GET /metrics` serves Prometheus metrics; `/docs`
     and `/redoc` load their scripts from the service itself, never a CDN.
     """
     install_error_handlers(app)
     install_offline_docs(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_upload_bytes, route_limits=route_limits)
-    app.add_middleware(MetricsMiddleware, service=service)
     install_cors(app, cors_origins)
     app.add_middleware(RequestLogMiddleware, service=service)
     app.mount("/metrics", make_asgi_app())
-
-
-class MetricsMiddleware:
-    """Counts requests and times them per route template (never per raw path: ids would explode it)."""
-
-    def __init__(self, app: ASGIApp, *, service: str) -> None:
-        self.app = app
-        self.service = service
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def recording_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, recording_send)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            method = scope["method"]
-            REQUESTS.labels(self.service, method, route, str(status)).inc()
-            LATENCY.labels(self.service, method, route).observe(time.perf_counter() - started)
 
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -275,8 +245,9 @@ access_logger = logging.getLogger("cbir.access")
 
 
 class RequestLogMiddleware:
-    """Gives every request an id, returns it as `X-Request-ID`, and logs one JSON line per request on the
-    `cbir.access` logger: `{"request_id", "service", "method", "path", "route", "status", "ms", "client"}`."""
+    """Gives every request an id, returns it as `X-Request-ID`, logs one JSON line per request on the
+    `cbir.access` logger (`{"request_id", "service", "method", "path", "route", "status", "ms", "client"}`),
+    and counts and times it per route template (never per raw path: ids would explode the metrics)."""
 
     def __init__(self, app: ASGIApp, *, service: str) -> None:
         self.app = app
@@ -303,9 +274,13 @@ class RequestLogMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            seconds, method = time.perf_counter() - started, scope["method"]
+            route = getattr(scope.get("route"), "path", None)
+            REQUESTS.labels(self.service, method, route or "unmatched", str(status)).inc()
+            LATENCY.labels(self.service, method, route or "unmatched").observe(seconds)
             client = scope.get("client")
             access_logger.info("%s", json.dumps({
-                "request_id": request_id, "service": self.service, "method": scope["method"],
-                "path": scope["path"][:200], "route": getattr(scope.get("route"), "path", None), "status": status,
-                "ms": round((time.perf_counter() - started) * 1000, 2), "client": client[0] if client else None,
+                "request_id": request_id, "service": self.service, "method": method, "path": scope["path"][:200],
+                "route": route, "status": status, "ms": round(seconds * 1000, 2),
+                "client": client[0] if client else None,
             }))
