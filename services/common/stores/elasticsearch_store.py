@@ -121,6 +121,11 @@ class ElasticsearchStore(VectorStore):
 
     name = "elasticsearch"
 
+    @property
+    def index_kind(self) -> str:
+        """`exact` (script_score over every vector) or `knn` (each shard's HNSW graph)."""
+        return self.search_mode.value
+
     def __init__(
         self,
         client: AsyncElasticsearch,
