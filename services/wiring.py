@@ -84,7 +84,7 @@ def build_store(settings: StoreSettings, *, faiss_path: Path | None = None, vers
     from services.common.stores.faiss_store import FaissStore
 
     faiss.omp_set_num_threads(settings.faiss_threads)  # process-wide: searches run beside the model's threads
-    return FaissStore(faiss_path or served_faiss_path(settings))
+    return FaissStore(faiss_path or served_faiss_path(settings), index=settings.faiss_index)
 
 
 def served_faiss_path(settings: StoreSettings) -> Path:

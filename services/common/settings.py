@@ -54,6 +54,9 @@ class StoreSettings(BaseCbirSettings):
     state_dir: Path = Field(Path("state"), description="index file and other state of one-machine mode")
     faiss_threads: int = Field(1, ge=1, le=256, description="OpenMP threads of the embedded FAISS index; "
                                "one leaves the other cores to the forward pass that runs beside it")
+    faiss_index: Literal["auto", "flat", "hnsw"] = Field(
+        "auto", description="the embedded index: flat (exact), hnsw (approximate, for millions of images), or auto: "
+        "exact below the size bench/scale.py measured (reports/scale.md), HNSW above it")
     es_url: AnyHttpUrl = Field("http://localhost:9200", description="Elasticsearch URL")
     es_api_key: SecretStr | None = Field(None, description="Elasticsearch API key (instead of basic auth)")
     es_username: str | None = Field(None, description="Elasticsearch basic-auth user")

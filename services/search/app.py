@@ -342,7 +342,8 @@ async def collection(request: Request, engine: EngineDep) -> CollectionResponse:
     progress = problem.progress if problem is not None else (
         {"indexed": running.indexed, "total": running.total} if running is not None else {})
     return CollectionResponse(documents=documents, model_version=engine.model_version, backend=engine.store.name,
-                              sources=sources, labels=labels, unlabelled=unlabelled, status=status,
+                              index=engine.store.index_kind, sources=sources, labels=labels, unlabelled=unlabelled,
+                              status=status,
                               indexed=progress.get("indexed"), total=progress.get("total"),
                               writes=writes_open(request))
 
@@ -365,8 +366,8 @@ async def healthz(engine: EngineDep) -> HealthResponse | JSONResponse:
         body = {"status": Status.failed} | error_body(exc)  # a store gone since it was ready is `failed`
         retry_after = "2" if body["status"] == Status.indexing else "5"
         return JSONResponse(body, status_code=503, headers={"Retry-After": retry_after})
-    return HealthResponse(status=status, model_version=engine.model_version or "",
-                          backend=engine.store.name, documents=documents)
+    return HealthResponse(status=status, model_version=engine.model_version or "", backend=engine.store.name,
+                          index=engine.store.index_kind, documents=documents)
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)

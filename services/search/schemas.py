@@ -106,7 +106,7 @@ class ImageAdded(BaseModel):
 
 
 class CollectionResponse(BaseModel):
-    model_config = examples({"documents": 50001, "model_version": MODEL, "backend": "faiss",
+    model_config = examples({"documents": 50001, "model_version": MODEL, "backend": "faiss", "index": "flat",
                              "sources": {"/data/cifar10": 50000, "upload": 1},
                              "labels": {"cat": 5000, "dog": 5001}, "unlabelled": 0, "status": "ready",
                              "indexed": None, "total": None, "writes": True})
@@ -114,6 +114,7 @@ class CollectionResponse(BaseModel):
     documents: int
     model_version: str | None
     backend: str
+    index: str = Field(description="what answers searches, as in /healthz")
     sources: dict[str, int] = Field(description="documents per source: `upload` and each collection root")
     labels: dict[str, int] = Field(description="documents per ground-truth label")
     unlabelled: int = Field(description="documents whose label is null")
@@ -124,10 +125,13 @@ class CollectionResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    model_config = examples({"status": "ready", "model_version": MODEL, "backend": "faiss", "documents": 50000})
+    model_config = examples({"status": "ready", "model_version": MODEL, "backend": "faiss", "index": "flat",
+                             "documents": 50000})
 
     status: str
     model_version: str
     backend: str
+    index: str = Field(description="what answers searches: flat (exact), hnsw, or flat while the hnsw graph is "
+                                   "built (FAISS); exact or knn (Elasticsearch)")
     documents: int
 

@@ -64,6 +64,11 @@ class VectorStore(abc.ABC):
 
     name: str
 
+    @property
+    def index_kind(self) -> str:
+        """What answers searches (`/healthz` and `/collection` report it): `flat` (exact), `hnsw`, ..."""
+        return "exact"
+
     @abc.abstractmethod
     async def open(self, *, dims: int, model_version: str, create: bool = True) -> None:
         """Create the index if needed (and allowed), then check it matches `dims`/`model_version`."""

@@ -1,4 +1,13 @@
-"""The embedded store: exact inner-product search with FAISS, persisted to one file on disk.
+"""The embedded store: inner-product search with FAISS, persisted to one file on disk.
+
+Search is exact (`IndexFlatIP`) for the collections of one machine; from `AUTO_HNSW_FROM` documents on
+(`CBIR_FAISS_INDEX=auto`, measured by bench/scale.py: reports/scale.md), or always with `hnsw`, an HNSW
+graph answers instead. The graph is built in a worker thread from the documents as they are then, and
+replaced by a new one once a tenth of the documents changed since; the documents written meanwhile are
+searched exactly beside it and the graph's copies of changed or deleted ones are filtered out, so a
+search always sees every write. A filtered query that lets through few documents is searched exactly
+(a graph walked through a narrow filter misses neighbours). The graph lives in memory only: after a
+restart it is built again, and exact search answers until it is ready.
 
 The vectors are L2-normalised, so inner product is cosine. Everything lives in memory; `flush`
 writes a single `.npz` file through a temporary file and an atomic rename, so a crash during
@@ -11,15 +20,18 @@ readers take no lock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import fcntl
 import logging
 import os
 import tempfile
+import time
 import zipfile
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import faiss
 import numpy as np
@@ -42,8 +54,19 @@ logger = logging.getLogger(__name__)
 _TEXT_COLUMNS = ("id", "filename", "path", "source", "predicted_label")
 
 
+# CBIR_FAISS_INDEX=auto uses the graph from this many documents on, with these parameters: bench/scale.py's
+# rule (exact search's p50 past a tenth of the model's time per query) and its smallest efSearch whose
+# recall@100 stayed >= 0.99 at every size measured (reports/scale.md, 2026-12-01).
+AUTO_HNSW_FROM = 1_000_000
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 512
+REBUILD_AFTER = 0.1  # share of documents changed since the graph was built that makes it rebuild
+EXACT_BELOW = 0.2  # a filter letting through less than this share of documents is searched exactly
+IndexKind = Literal["auto", "flat", "hnsw"]
+
+
 class FaissStore(VectorStore):
-    """FAISS `IndexFlatIP` over an in-memory table, saved atomically to `path`.
+    """FAISS `IndexFlatIP` (or an HNSW graph, see the module's docstring) over an in-memory table, saved
+    atomically to `path`.
 
     >>> store = FaissStore(Path("state/index.npz"))
     >>> await store.open(dims=74, model_version="abc")
@@ -56,8 +79,13 @@ class FaissStore(VectorStore):
 
     name = "faiss"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, index: IndexKind = "auto") -> None:
         self.path = Path(path)
+        self.index_option = index
+        self._graph: _Graph | None = None  # the HNSW graph, once built
+        self._changed: set[str] = set()  # ids written or deleted since the graph was built
+        self._changed_during_build: set[str] | None = None  # the same, while a new graph is being built
+        self._building: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._dims: int | None = None
         self._model_version: str | None = None
@@ -66,7 +94,7 @@ class FaissStore(VectorStore):
         self._docs: list[StoredImage] = []
         self._vectors = np.zeros((0, 0), dtype=np.float32)
         self._rows: dict[str, int] = {}
-        self._snapshot: _Snapshot | None = None  # what searches read; None after a write until the next search
+        self._snapshot: _Snapshot | _GraphSnapshot | None = None  # what searches read; None after a write
         self._dirty = False
         self._loaded = False
         self._writer_lock: int | None = None  # file descriptor holding the flock, once this store writes
@@ -87,6 +115,16 @@ class FaissStore(VectorStore):
         self._loaded = True
         if self._vectors.shape[1] != dims:
             self._vectors = np.zeros((0, dims), dtype=np.float32)
+
+    @property
+    def index_kind(self) -> str:
+        """What answers searches now: `flat`, `hnsw`, or `flat (hnsw building)`."""
+        if self._wants_graph():
+            return "hnsw" if self._graph is not None else "flat (hnsw building)"
+        return "flat"
+
+    def _wants_graph(self) -> bool:
+        return self.index_option == "hnsw" or (self.index_option == "auto" and len(self._rows) >= AUTO_HNSW_FROM)
 
     async def info(self) -> StoreInfo:
         return StoreInfo(dims=self._dims, model_version=self._model_version,
@@ -128,6 +166,7 @@ class FaissStore(VectorStore):
     def _write(self, documents: Sequence[ImageDocument], vectors: np.ndarray) -> None:
         """Upsert under `self._lock`: a known id is overwritten in place, a new one appended."""
         new_rows = []
+        updated = False
         for doc, vector in zip(documents, vectors, strict=True):
             row = self._rows.get(doc.id)
             if row is None:
@@ -135,12 +174,13 @@ class FaissStore(VectorStore):
                 self._docs.append(doc.stored())
                 new_rows.append(vector)
             else:
+                if not updated:  # a snapshot may hold the array: never change it in place
+                    self._vectors, updated = self._vectors.copy(), True
                 self._docs[row] = doc.stored()
                 self._vectors[row] = vector
         if new_rows:
             self._vectors = np.concatenate([self._vectors, np.stack(new_rows)])
-        self._snapshot = None
-        self._dirty = True
+        self._changed_ids(doc.id for doc in documents)
 
     async def delete(self, ids: Sequence[str]) -> int:
         self._acquire_writer_lock()
@@ -149,12 +189,22 @@ class FaissStore(VectorStore):
             if not doomed:
                 return 0
             keep = np.setdiff1d(np.arange(len(self._docs)), doomed)
+            gone = [self._docs[i].id for i in doomed]
             self._vectors = self._vectors[keep]
             self._docs = [self._docs[i] for i in keep]
             self._rows = {doc.id: row for row, doc in enumerate(self._docs)}
-            self._snapshot = None
-            self._dirty = True
+            self._changed_ids(gone)
             return len(doomed)
+
+    def _changed_ids(self, ids: Iterable[str]) -> None:
+        """After a write (under `self._lock`): the snapshot is stale, the file unsaved, the graph behind."""
+        ids = list(ids)
+        self._snapshot = None
+        self._dirty = True
+        if self._graph is not None:
+            self._changed.update(ids)
+        if self._changed_during_build is not None:
+            self._changed_during_build.update(ids)
 
     async def remove(self, id: str) -> bool:
         removed = await self.delete([id]) > 0
@@ -190,14 +240,50 @@ class FaissStore(VectorStore):
         snapshot = self._snapshot or self._take_snapshot()
         return await asyncio.to_thread(snapshot.search_many, queries)
 
-    def _take_snapshot(self) -> _Snapshot:
-        """A copy of the table as it is now (on the event loop, so no write is half done): later
-        writes replace the store's snapshot, never change this one under a running search."""
-        index = faiss.IndexFlatIP(self._vectors.shape[1] or self._dims or 1)
-        if len(self._rows):
-            index.add(np.ascontiguousarray(self._vectors))  # FAISS keeps its own copy
-        self._snapshot = _Snapshot(index=index, rows=dict(self._rows), docs=tuple(self._docs))
+    def _take_snapshot(self) -> _Snapshot | _GraphSnapshot:
+        """The table as it is now (on the event loop, so no write is half done): later writes replace the
+        store's snapshot, never change this one under a running search."""
+        self._maybe_build_graph()
+        graph = self._graph if self._wants_graph() else None
+        if graph is None:
+            index = faiss.IndexFlatIP(self._vectors.shape[1] or self._dims or 1)
+            if len(self._rows):
+                index.add(np.ascontiguousarray(self._vectors))  # FAISS keeps its own copy
+            self._snapshot = _Snapshot(index=index, rows=dict(self._rows), docs=tuple(self._docs))
+        else:
+            self._snapshot = _GraphSnapshot(graph=graph, changed=frozenset(self._changed), rows=dict(self._rows),
+                                            docs=tuple(self._docs), vectors=self._vectors)
         return self._snapshot
+
+    async def wait_for_graph(self) -> None:
+        """Start the graph's build if one is due, and wait for it (searches never need to: they go on
+        exactly meanwhile)."""
+        self._maybe_build_graph()
+        if self._building is not None:
+            await asyncio.shield(self._building)
+
+    def _maybe_build_graph(self) -> None:
+        """Start building a graph in a worker thread when one is wanted and there is none, or the one there is
+        has fallen a tenth behind; searches go on with what there is meanwhile."""
+        if not self._wants_graph() or (self._building is not None and not self._building.done()):
+            return
+        if self._graph is not None and len(self._changed) <= REBUILD_AFTER * max(len(self._rows), 1):
+            return
+        ids, vectors = tuple(doc.id for doc in self._docs), self._vectors  # never changed in place
+        self._changed_during_build = set()
+        self._building = asyncio.get_running_loop().create_task(self._build_graph(ids, vectors))
+
+    async def _build_graph(self, ids: tuple[str, ...], vectors: np.ndarray) -> None:
+        started = time.perf_counter()
+        try:
+            graph = await asyncio.to_thread(_Graph.build, ids, vectors)
+        except BaseException:
+            self._changed_during_build = None
+            raise
+        self._graph, self._changed = graph, self._changed_during_build or set()
+        self._changed_during_build, self._snapshot = None, None
+        logger.info("built the HNSW graph of %d documents in %.1f s (%d written since)", len(ids),
+                    time.perf_counter() - started, len(self._changed))
 
     async def flush(self) -> None:
         async with self._lock:
@@ -211,6 +297,7 @@ class FaissStore(VectorStore):
         self._acquire_writer_lock()
         async with self._lock:
             self._docs = []
+            self._graph, self._changed = None, set()
             self._schema, self._legacy_count = DOCUMENT_SCHEMA, 0
             self._vectors = np.zeros((0, 0), dtype=np.float32)
             self._rows = {}
@@ -220,6 +307,10 @@ class FaissStore(VectorStore):
             self._loaded = True
 
     async def close(self) -> None:
+        if self._building is not None and not self._building.done():
+            self._building.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._building
         self._release_writer_lock()
 
     def __del__(self) -> None:  # a dropped store lets go of the lock, as an ended process does
@@ -295,6 +386,7 @@ class FaissStore(VectorStore):
         self._docs = docs if docs is not None else []
         self._vectors = vectors if docs is not None else np.zeros((0, vectors.shape[1]), dtype=np.float32)
         self._rows = {doc.id: row for row, doc in enumerate(self._docs)}
+        self._graph, self._changed = None, set()
         self._legacy_count = 0 if docs is not None else len(ids)
         self._dims = int(vectors.shape[1]) if ids else None
         self._model_version = model_version if ids else None
@@ -315,14 +407,27 @@ def _documents_from(data: np.lib.npyio.NpzFile, model_version: str) -> list[Stor
     ]
 
 
-@dataclasses.dataclass(frozen=True)
-class _Snapshot:
-    """The index and its documents as of one moment, searched from worker threads."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Table:
+    """The documents as of one moment, and which rows hold a label or a prediction (computed on demand)."""
 
-    index: faiss.Index
     rows: dict[str, int]
     docs: tuple[StoredImage, ...]
     _row_cache: dict[tuple[str, str], np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def _rows_where(self, field_name: str, value: str) -> np.ndarray:
+        key = (field_name, value)
+        if key not in self._row_cache:  # computed twice at worst by two threads: same answer
+            self._row_cache[key] = np.asarray(
+                [row for row, doc in enumerate(self.docs) if getattr(doc, field_name) == value], dtype=np.int64)
+        return self._row_cache[key]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Snapshot(_Table):
+    """The exact index of the documents as of one moment, searched from worker threads."""
+
+    index: faiss.Index
 
     def search_many(self, queries: Sequence[StoreQuery]) -> list[list[StoreHit]]:
         """One FAISS search per distinct filter, each over all the queries that share it."""
@@ -362,9 +467,90 @@ class _Snapshot:
         allowed = np.setdiff1d(allowed, excluded)
         return (faiss.IDSelectorBatch(allowed),), len(allowed)
 
-    def _rows_where(self, field_name: str, value: str) -> np.ndarray:
-        key = (field_name, value)
-        if key not in self._row_cache:  # computed twice at worst by two threads: same answer
-            self._row_cache[key] = np.asarray(
-                [row for row, doc in enumerate(self.docs) if getattr(doc, field_name) == value], dtype=np.int64)
-        return self._row_cache[key]
+
+@dataclasses.dataclass(frozen=True)
+class _Graph:
+    """An HNSW graph of the documents as they were when it was built: `ids[row]` is row's document."""
+
+    index: faiss.IndexHNSWFlat
+    ids: tuple[str, ...]
+    rows: dict[str, int]
+
+    @classmethod
+    def build(cls, ids: tuple[str, ...], vectors: np.ndarray) -> _Graph:
+        index = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.add(np.ascontiguousarray(vectors[:len(ids)]))
+        return cls(index=index, ids=ids, rows={doc_id: row for row, doc_id in enumerate(ids)})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _GraphSnapshot(_Table):
+    """The graph, the documents changed since it was built (searched exactly beside it; their graph copies
+    filtered out), and the table as of one moment: an exact search's answers, approximately."""
+
+    graph: _Graph
+    changed: frozenset[str]
+    vectors: np.ndarray  # the table's, never changed in place
+
+    def search_many(self, queries: Sequence[StoreQuery]) -> list[list[StoreHit]]:
+        results: list[list[StoreHit]] = [[] for _ in queries]
+        for query_position, query in enumerate(queries):
+            results[query_position] = self._search(query)
+        return results
+
+    def _search(self, query: StoreQuery) -> list[StoreHit]:
+        vector = np.asarray(query.vector, dtype=np.float32).ravel()
+        depth = query.offset + query.k
+        allowed = self._allowed(query)  # None: every document
+        if allowed is not None and len(allowed) < EXACT_BELOW * len(self.docs):
+            return self._page(self._exact(vector, allowed, depth), query)
+        # The graph, minus its copies of documents changed since, restricted to the filter ...
+        stale = {self.graph.rows[i] for i in self.changed | query.exclude_ids if i in self.graph.rows}
+        if allowed is not None:
+            in_graph = (self.graph.rows.get(self.docs[row].id) for row in allowed)
+            graph_rows = np.asarray(sorted(r for r in in_graph if r is not None and r not in stale), dtype=np.int64)
+            selector = faiss.IDSelectorBatch(graph_rows)
+            keep: tuple = (selector,)
+        elif stale:
+            inner = faiss.IDSelectorBatch(np.asarray(sorted(stale), dtype=np.int64))
+            selector = faiss.IDSelectorNot(inner)
+            keep = (selector, inner)
+        else:
+            selector, keep = None, ()
+        params = faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, depth), sel=selector) if selector else \
+            faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, depth))
+        cosines, rows = self.graph.index.search(vector[np.newaxis], depth, params=params)
+        del keep  # the selectors lived through the search
+        found = [(float(c), self.rows[self.graph.ids[int(r)]]) for c, r in zip(cosines[0], rows[0], strict=True)
+                 if r >= 0 and self.graph.ids[int(r)] in self.rows]
+        # ... and the documents written since, exactly.
+        fresh = np.asarray([self.rows[i] for i in self.changed if i in self.rows and i not in query.exclude_ids],
+                           dtype=np.int64)
+        if allowed is not None:
+            fresh = np.intersect1d(fresh, allowed)
+        found += self._exact(vector, fresh, depth)
+        found.sort(key=lambda hit: -hit[0])
+        return self._page(found[:depth], query)
+
+    def _allowed(self, query: StoreQuery) -> np.ndarray | None:
+        if query.labels is None and query.predicted_labels is None:
+            return None
+        allowed = np.arange(len(self.docs), dtype=np.int64)
+        for field_name, values in (("label", query.labels), ("predicted_label", query.predicted_labels)):
+            if values is not None:
+                allowed = np.intersect1d(allowed, np.concatenate(
+                    [self._rows_where(field_name, value) for value in sorted(values)] or [np.zeros(0, np.int64)]))
+        excluded = [self.rows[i] for i in query.exclude_ids if i in self.rows]
+        return np.setdiff1d(allowed, np.asarray(excluded, dtype=np.int64))
+
+    def _exact(self, vector: np.ndarray, rows: np.ndarray, depth: int) -> list[tuple[float, int]]:
+        if not len(rows):
+            return []
+        cosines = self.vectors[rows] @ vector
+        best = np.argsort(-cosines, kind="stable")[:depth]
+        return [(float(cosines[i]), int(rows[i])) for i in best]
+
+    def _page(self, found: list[tuple[float, int]], query: StoreQuery) -> list[StoreHit]:
+        return [StoreHit(self.docs[row], score_from_cosine(cosine))
+                for cosine, row in found[query.offset:query.offset + query.k]]

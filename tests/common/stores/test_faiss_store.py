@@ -1,4 +1,6 @@
-"""The embedded FAISS store: round trip, upsert idempotence, persistence, delete, mismatch."""
+"""The embedded FAISS store: round trip, upsert idempotence, persistence, delete, mismatch; and its HNSW graph:
+as good as exact search, every write seen at once, rebuilt when a tenth changed, narrow filters exact, auto's
+switch at the measured size."""
 
 from __future__ import annotations
 
@@ -8,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from factories import DIMS, make_documents
+from factories import DIMS, MODEL_VERSION, make_document, make_documents, unit_vectors
 
 from services.common.errors import IndexNotReadyError, StoreMismatchError, StoreUnavailableError
+from services.common.stores.base import StoreQuery
 from services.common.stores.faiss_store import FaissStore
 
 pytestmark = pytest.mark.anyio
@@ -143,3 +146,84 @@ async def test_a_second_writer_is_refused_until_the_first_closes(tmp_path: Path)
     await second.upsert(make_documents(3, prefix="other"))
     await second.flush()
     assert await (await open_store(path)).count() == 8  # nothing the first writer stored was lost
+
+
+# -- the HNSW graph (CBIR_FAISS_INDEX=hnsw, or auto above AUTO_HNSW_FROM) --------------------------------------
+
+
+def brute_force(documents: list, vector: np.ndarray, k: int, *, skip: set[str] = frozenset()) -> list[str]:
+    ranked = sorted((d for d in documents if d.id not in skip), key=lambda d: -float(np.dot(d.vector, vector)))
+    return [d.id for d in ranked[:k]]
+
+
+async def graph_store(tmp_path: Path, documents: list, **kwargs) -> FaissStore:
+    store = FaissStore(tmp_path / "index.npz", index="hnsw", **kwargs)
+    await store.open(dims=documents[0].vector.size, model_version=MODEL_VERSION)
+    await store.upsert(documents)
+    assert store.index_kind == "flat (hnsw building)"
+    await store.wait_for_graph()
+    assert store.index_kind == "hnsw"
+    return store
+
+
+async def test_the_graph_finds_what_exact_search_finds(tmp_path: Path) -> None:
+    documents = make_documents(3000, seed=4)
+    store = await graph_store(tmp_path, documents)
+    probes = unit_vectors(40, seed=9)
+    results = await store.search_many([StoreQuery(vector=v, k=10) for v in probes])
+    recalls = [len({h.id for h in hits} & set(brute_force(documents, v, 10))) / 10
+               for v, hits in zip(probes, results, strict=True)]
+    assert np.mean(recalls) >= 0.99
+    for v, hits in zip(probes, results, strict=True):
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+        assert hits[0].score == pytest.approx(1.0 + max(float(np.dot(d.vector, v)) for d in documents), abs=1e-5)
+
+
+async def test_writes_after_the_graph_are_searched_at_once_and_deleted_ones_never_come_back(tmp_path: Path) -> None:
+    documents = make_documents(500, seed=4)
+    store = await graph_store(tmp_path, documents)
+    newcomer = make_document("new", documents[7].vector)  # the same vector as doc-0007
+    moved = make_document("doc-0003", documents[8].vector)  # doc-0003 rewritten with doc-0008's vector
+    await store.upsert([newcomer, moved])
+    await store.delete(["doc-0008", "doc-0007"])
+    [hits] = await store.search_many([StoreQuery(vector=documents[7].vector, k=3)])
+    assert hits[0].id == "new" and hits[0].score == pytest.approx(2.0, abs=1e-5)
+    [hits] = await store.search_many([StoreQuery(vector=documents[8].vector, k=3)])
+    assert hits[0].id == "doc-0003" and {h.id for h in hits}.isdisjoint({"doc-0007", "doc-0008"})
+    [hits] = await store.search_many([StoreQuery(vector=documents[3].vector, k=500)])
+    assert len(hits) == 499 and len({h.id for h in hits}) == 499  # every document once, none deleted
+    assert store.index_kind == "hnsw" and store._graph is not None and "new" not in store._graph.rows  # not rebuilt
+
+
+async def test_a_tenth_of_the_documents_changed_rebuilds_the_graph(tmp_path: Path) -> None:
+    documents = make_documents(200, seed=4)
+    store = await graph_store(tmp_path, documents)
+    first = store._graph
+    await store.upsert(make_documents(30, prefix="more", seed=5))
+    await store.search_many([StoreQuery(vector=documents[0].vector, k=1)])  # a search starts the rebuild
+    await store.wait_for_graph()
+    assert store._graph is not first and "more-0029" in store._graph.rows and not store._changed
+
+
+async def test_a_narrow_filter_is_searched_exactly(tmp_path: Path) -> None:
+    documents = make_documents(1000, seed=4, labels=("cat",) * 19 + ("dog",))  # 5% dogs
+    store = await graph_store(tmp_path, documents)
+    dogs = [d for d in documents if d.label == "dog"]
+    probe = unit_vectors(1, seed=2)[0]
+    [hits] = await store.search_many([StoreQuery(vector=probe, k=50, labels=frozenset({"dog"}))])
+    assert [h.id for h in hits] == brute_force(dogs, probe, 50)  # all 50 dogs, in exact order
+
+
+async def test_auto_uses_the_graph_from_the_measured_size_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.common.stores import faiss_store
+
+    monkeypatch.setattr(faiss_store, "AUTO_HNSW_FROM", 100)
+    store = FaissStore(tmp_path / "index.npz")  # auto
+    await store.open(dims=16, model_version=MODEL_VERSION)
+    await store.upsert(make_documents(99))
+    assert store.index_kind == "flat"
+    await store.upsert(make_documents(1, prefix="one-more"))
+    assert store.index_kind == "flat (hnsw building)"
+    await store.wait_for_graph()
+    assert store.index_kind == "hnsw"
+    assert FaissStore(tmp_path / "flat.npz", index="flat").index_kind == "flat"

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.anyio
 DIMS, LABELS = 8, ("cat", "dog", "ship")
-BACKENDS = ["faiss", "elasticsearch-exact", "elasticsearch-knn"]
+BACKENDS = ["faiss", "faiss-hnsw", "elasticsearch-exact", "elasticsearch-knn"]
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +50,15 @@ def brute_force(documents: list[ImageDocument], query: StoreQuery) -> list[str]:
 
 async def open_store(backend: str, tmp_path: Path, make_es_store: MakeEsStore, documents: list[ImageDocument],
                      **es_settings: object) -> VectorStore:  # fmt: skip
-    if backend == "faiss":
-        store: VectorStore = FaissStore(tmp_path / "index.npz")
+    if backend.startswith("faiss"):
+        store: VectorStore = FaissStore(tmp_path / "index.npz", index="hnsw" if backend == "faiss-hnsw" else "flat")
     else:
         store = make_es_store(es_search_mode=backend.removeprefix("elasticsearch-"), **es_settings)
     await store.open(dims=len(documents[0].vector), model_version=documents[0].model_version)
     await store.upsert(documents)
     await store.flush()
+    if isinstance(store, FaissStore):
+        await store.wait_for_graph()  # with hnsw: the graph, which at 90 documents and efSearch 256 finds all
     return store
 
 
