@@ -38,6 +38,12 @@ How a real cluster behaves, and the double too:
   `num_candidates`, or whose `filter` passes no more, is searched exactly, as Lucene falls back to an
   exact search (AbstractKnnVectorQuery). It is an approximation of the same kind, not a prediction of
   Elasticsearch's recall.
+- **Index options.** A `dense_vector`'s `index_options` are checked as Elasticsearch 8.19 checks them (the eight
+  types, the parameters each takes, `rescore_vector`'s bounds, bbq's 64 dims and int4's even dims, float only for
+  the quantised ones) and stored with the defaults it fills in (`m` 16, `ef_construction` 100, bbq's oversample 3),
+  an indexed float vector without any getting `int8_hnsw`, as GET _mapping shows them. The `*_flat` types search
+  every vector of a shard; the `*_hnsw` types walk the graph above. Quantisation is not modelled: scores are the
+  float cosine, as a search that rescores its candidates (`rescore_vector`) returns them.
 - **Partial results.** `break_shards(3, 7)` makes those shards fail every search: the response is
   still 200, with `_shards.failed` and `_shards.failures` (ShardSearchFailure: shard, index, node,
   reason) and the other shards' hits; when every shard fails it is `search_phase_execution_exception`
@@ -111,8 +117,30 @@ FIELD_PARAMS = {
     "dense_vector": {"type", "dims", "similarity", "index", "index_options", "element_type"},
 }
 SIMILARITIES = {"cosine", "dot_product", "l2_norm", "max_inner_product"}
-INDEX_OPTION_TYPES = {"hnsw", "int8_hnsw", "int4_hnsw", "bbq_hnsw", "flat", "int8_flat", "int4_flat", "bbq_flat"}
-INDEX_OPTION_PARAMS = {"type", "m", "ef_construction", "confidence_interval", "rescore_vector"}
+# The dense_vector index_options Elasticsearch 8.19 accepts, and the parameters each type takes besides `type`
+# (DenseVectorFieldMapper.VectorIndexType.parseIndexOptions; `early_exit` and `bbq_disk` are 9.x only). Read in
+# github.com/elastic/elasticsearch: server/src/main/java/org/elasticsearch/index/mapper/vectors/
+# DenseVectorFieldMapper.java (VectorIndexType, *IndexOptions.toXContent, RescoreVector.fromIndexOptions),
+# DenseVectorFieldMapperTests.testInvalidParameters, MappingParser.checkNoRemainingFields, and IndexVersions
+# (rescore_vector and the bbq default oversample are in 8.x from ADD_RESCORE_PARAMS_TO_QUANTIZED_VECTORS_BACKPORT_8_X
+# and DEFAULT_OVERSAMPLE_VALUE_FOR_BBQ_BACKPORT_8_X, both before 8.19).
+HNSW_PARAMS = ("m", "ef_construction")
+INDEX_OPTION_PARAMS: dict[str, tuple[str, ...]] = {
+    "hnsw": HNSW_PARAMS,
+    "int8_hnsw": (*HNSW_PARAMS, "confidence_interval", "rescore_vector"),
+    "int4_hnsw": (*HNSW_PARAMS, "confidence_interval", "rescore_vector"),
+    "bbq_hnsw": (*HNSW_PARAMS, "rescore_vector"),
+    "flat": (),
+    "int8_flat": ("confidence_interval", "rescore_vector"),
+    "int4_flat": ("confidence_interval", "rescore_vector"),
+    "bbq_flat": ("rescore_vector",),
+}
+INDEX_OPTION_TYPES = set(INDEX_OPTION_PARAMS)
+QUANTISED_TYPES = INDEX_OPTION_TYPES - {"hnsw", "flat"}  # float vectors only
+EVEN_DIMS_TYPES = {"int4_hnsw", "int4_flat"}  # "... only supports even dimensions; provided=7"
+BBQ_TYPES, BBQ_MIN_DIMS = {"bbq_hnsw", "bbq_flat"}, 64  # "... does not support dimensions fewer than 64; provided=16"
+HNSW_DEFAULT_M, HNSW_DEFAULT_EF_CONSTRUCTION = 16, 100  # Lucene99HnswVectorsFormat DEFAULT_MAX_CONN, DEFAULT_BEAM_WIDTH
+BBQ_DEFAULT_OVERSAMPLE = 3.0  # DenseVectorFieldMapper.DEFAULT_OVERSAMPLE: a bbq index created by 8.19 rescores
 MAPPING_ROOT_PARAMS = {"properties", "dynamic", "_meta", "_source"}
 SEARCH_KEYS = {"query", "knn", "size", "from", "_source", "track_total_hits", "timeout", "sort", "search_after",
                "aggs", "aggregations"}
@@ -196,11 +224,15 @@ def illegal_argument(reason: str) -> EsError:
     return EsError(400, "illegal_argument_exception", reason)
 
 
-def mapping_error(reason: str) -> EsError:
-    return EsError(
-        400, "mapper_parsing_exception", f"Failed to parse mapping: {reason}",
-        caused_by={"type": "mapper_parsing_exception", "reason": reason},
-    )  # fmt: skip
+def mapping_error(reason: str, cause: str = "mapper_parsing_exception") -> EsError:
+    """400 as MapperService.parseMapping wraps what the mapping parser threw: "Failed to parse mapping: <reason>",
+    caused by it. The root cause is the inner error when it is an ElasticsearchException (mapper_parsing_exception,
+    parse_exception), else the wrapper: guessRootCauses stops above a plain Java exception (illegal_argument ...)."""
+    error = EsError(400, "mapper_parsing_exception", f"Failed to parse mapping: {reason}",
+                    caused_by={"type": cause, "reason": reason})
+    if cause in ("mapper_parsing_exception", "parse_exception"):
+        error.root_causes = [{"type": cause, "reason": reason}]
+    return error
 
 
 @dataclass
@@ -1175,12 +1207,117 @@ def _check_field(name: str, spec: dict[str, Any]) -> None:
     if similarity not in SIMILARITIES:
         raise mapping_error(f"Unknown value [{similarity}] for field [similarity] - accepted values are "
                             f"{sorted(SIMILARITIES)}")  # fmt: skip
+    indexed = spec.get("index", True) not in (False, "false")
     options = spec.get("index_options")
-    if options is not None:
-        if options.get("type") not in INDEX_OPTION_TYPES:
-            raise mapping_error(f"Unknown vector index options type [{options.get('type')}] for field [{name}]")
-        for param in set(options) - INDEX_OPTION_PARAMS:
-            raise mapping_error(f"Mapping definition for [{name}] has unsupported parameters:  [{param}]")
+    if options is not None and not indexed:
+        raise mapping_error("Field [index_options] can only be specified for a field of type [dense_vector] when it "
+                            "is indexed", "illegal_argument_exception")  # fmt: skip
+    if options is None:
+        # 8.14+ maps an indexed float vector as int8_hnsw unless told otherwise, and says so in its mapping.
+        if indexed and spec.get("element_type", "float") == "float":
+            spec["index_options"] = _index_options(name, {"type": "int8_hnsw"}, spec)
+        return
+    spec["index_options"] = _index_options(name, options, spec)
+
+
+def _index_options(name: str, options: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """`options` checked as DenseVectorFieldMapper parses them, and written back as it serialises them (defaults
+    filled in), so that GET _mapping answers what Elasticsearch answers."""
+    if not isinstance(options, dict):
+        raise mapping_error(f"class {_java_class(options)} cannot be cast to class java.util.Map",
+                            "class_cast_exception")  # abridged: Java goes on to name the modules
+    remaining = dict(options)
+    kind = remaining.pop("type", None)
+    if kind is None:
+        raise mapping_error("[index_options] requires field [type] to be configured")
+    kind = _java_str(kind)
+    if kind not in INDEX_OPTION_TYPES:
+        raise mapping_error(f"Unknown vector index options type [{kind}] for field [{name}]")
+    parsed: dict[str, Any] = {"type": kind}
+    for param in INDEX_OPTION_PARAMS[kind]:
+        if param in remaining:
+            value = remaining.pop(param)
+            parsed[param] = (_rescore_vector(value) if param == "rescore_vector" else
+                             _java_double(value) if param == "confidence_interval" else _java_int(value))
+    if remaining:  # MappingParser.checkNoRemainingFields: two spaces, then " [key : value]" for each
+        detail = "".join(f" [{key} : {_java_str(value)}]" for key, value in remaining.items())
+        raise mapping_error(f"Mapping definition for [{name}] has unsupported parameters: {detail}")
+    element_type = spec.get("element_type", "float")
+    if kind in QUANTISED_TYPES and element_type != "float":
+        raise mapping_error(f"[element_type] cannot be [{element_type}] when using index type [{kind}]",
+                            "illegal_argument_exception")  # fmt: skip
+    dims = spec["dims"]
+    if kind in EVEN_DIMS_TYPES and dims % 2:
+        raise mapping_error(f"{kind} only supports even dimensions; provided={dims}", "illegal_argument_exception")
+    if kind in BBQ_TYPES and dims < BBQ_MIN_DIMS:
+        raise mapping_error(f"{kind} does not support dimensions fewer than {BBQ_MIN_DIMS}; provided={dims}",
+                            "illegal_argument_exception")  # fmt: skip
+    if kind.endswith("hnsw"):
+        parsed.setdefault("m", HNSW_DEFAULT_M)
+        parsed.setdefault("ef_construction", HNSW_DEFAULT_EF_CONSTRUCTION)
+    if kind.startswith("int4"):
+        parsed.setdefault("confidence_interval", 0.0)  # int4's default: dynamic quantiles, always serialised
+    if kind in BBQ_TYPES:
+        parsed.setdefault("rescore_vector", {"oversample": BBQ_DEFAULT_OVERSAMPLE})
+    order = ("type", "m", "ef_construction", "confidence_interval", "rescore_vector")  # as toXContent writes them
+    return {key: parsed[key] for key in order if key in parsed}
+
+
+def _rescore_vector(value: Any) -> dict[str, float]:
+    """RescoreVector.fromIndexOptions: `oversample` 0 (off) or 1 to 10; other keys of the object are ignored."""
+    if not isinstance(value, dict):
+        raise mapping_error(f"[rescore_vector] should be a hash but was of type: class {_java_class(value)}",
+                            "parse_exception")  # XContentMapValues.nodeMapValue
+    if value.get("oversample") is None:
+        raise mapping_error("Invalid rescore_vector value. Missing required field oversample",
+                            "illegal_argument_exception")  # fmt: skip
+    oversample = _java_double(value["oversample"])
+    if oversample < 1 and oversample != 0:
+        raise mapping_error("oversample must be greater than 1 or exactly 0", "illegal_argument_exception")
+    if oversample > 10:
+        raise mapping_error("oversample must be less than or equal to 10", "illegal_argument_exception")
+    return {"oversample": oversample}
+
+
+def _java_int(value: Any) -> int:
+    """XContentMapValues.nodeIntegerValue: a number as it is, anything else through Integer.parseInt."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    text = _java_str(value)
+    if re.fullmatch(r"[+-]?\d+", text) and -(2**31) <= int(text) < 2**31:
+        return int(text)
+    raise mapping_error(f'For input string: "{text}"', "number_format_exception")  # the double's wording for 16.5
+
+
+def _java_double(value: Any) -> float:
+    """XContentMapValues.nodeDoubleValue: a number as it is, anything else through Double.parseDouble."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    try:
+        return float(_java_str(value))
+    except ValueError:
+        raise mapping_error(f'For input string: "{_java_str(value)}"', "number_format_exception") from None
+
+
+def _java_str(value: Any) -> str:
+    """How Java's toString prints a parsed JSON value: true, 1, 0.9, {k=v}, [a, b]."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}={_java_str(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_java_str(item) for item in value) + "]"
+    return str(value)
+
+
+def _java_class(value: Any) -> str:
+    kinds = {bool: "java.lang.Boolean", int: "java.lang.Integer", float: "java.lang.Double", str: "java.lang.String",
+             list: "java.util.ArrayList"}  # fmt: skip
+    return kinds.get(type(value), "java.lang.Object")
 
 
 def _bulk_action(line: str, line_no: int) -> dict[str, Any]:
@@ -1451,13 +1588,15 @@ def _knn_scores(index: Index, knn: dict[str, Any], shards: list[int]) -> dict[st
     for clause in _clauses(knn.get("filter", [])):
         passing &= set(_query_scores(index, clause))
     unit = query / np.linalg.norm(query)
+    # A flat type has no graph: each shard compares every vector (ES813FlatVectorFormat and its quantised kin).
+    flat = spec.get("index_options", {}).get("type", "").endswith("flat")
     merged: dict[str, float] = {}
     for shard in shards:
         graph = _shard_graph(index, knn["field"], shard)
         if graph is None:
             continue
         accept = np.asarray([doc_id in passing for doc_id in graph.ids], dtype=bool)
-        found = graph.search(unit, candidates, accept)
+        found = [int(row) for row in np.flatnonzero(accept)] if flat else graph.search(unit, candidates, accept)
         # Lucene's cosine similarity score: (1 + cos) / 2, always in [0, 1].
         scores = {graph.ids[row]: _as_float32((1.0 + _cosine(knn["query_vector"], graph.vectors[row])) / 2.0)
                   for row in found}  # fmt: skip

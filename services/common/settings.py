@@ -64,6 +64,10 @@ class StoreSettings(BaseCbirSettings):
     es_index: str = Field("cbir-images", description="Elasticsearch index name")
     es_shards: int = Field(30, ge=1, le=1024, description="number_of_shards of a new index")
     es_replicas: int = Field(0, ge=0, le=16, description="number_of_replicas of a new index")
+    es_index_options: Literal["hnsw", "int8_hnsw", "bbq_hnsw", "flat", "int8_flat", "bbq_flat"] = Field(
+        "hnsw", description="index_options.type of the vectors of a new index: hnsw (float HNSW), int8_hnsw, "
+        "bbq_hnsw (quantised HNSW, rescored), flat, int8_flat, bbq_flat (no graph: every vector compared); bbq "
+        "needs at least 64 dims")
     es_search_mode: EsSearchMode = Field(EsSearchMode.exact, description="exact (script_score) or knn")
     es_num_candidates: int = Field(200, ge=1, le=10000, description="kNN candidates per shard")
     es_timeout_s: float = Field(60.0, gt=0, description="request timeout to Elasticsearch, seconds")

@@ -42,7 +42,7 @@ import dataclasses
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from elasticsearch import (
@@ -63,6 +63,7 @@ from services.common.documents import DOCUMENT_SCHEMA, ImageDocument, StoredImag
 from services.common.errors import (
     BulkWriteError,
     CbirError,
+    ConfigError,
     IndexNotReadyError,
     StoreAuthError,
     StoreError,
@@ -99,6 +100,15 @@ PRIMARIES_WAIT_S = 30  # how long a new index's primaries may take to start (the
 UNAVAILABLE_STATUSES = frozenset({429, 502, 503, 504})
 API_KEY_SETTING = "CBIR_ES_API_KEY"
 BASIC_AUTH_SETTINGS = "CBIR_ES_USERNAME/CBIR_ES_PASSWORD"
+INDEX_OPTIONS_SETTING = "CBIR_ES_INDEX_OPTIONS"
+# The dense_vector index_options types CBIR_ES_INDEX_OPTIONS may name: every type of Elasticsearch 8.19 but int4_hnsw
+# and int4_flat, which need an even number of dims (CBIR_PCA_DIMS does not promise one).
+INDEX_OPTIONS: tuple[str, ...] = get_args(StoreSettings.model_fields["es_index_options"].annotation)
+BBQ_MIN_DIMS = 64  # DenseVectorFieldMapper.BBQ_MIN_DIMS: bbq_hnsw and bbq_flat refuse fewer dims
+# Quantised vectors are compared approximately; `rescore_vector` has each shard rescore its best k × oversample
+# candidates with the float vectors, so the hits and their scores are the float cosine's again. Elastic's kNN guide:
+# int8 needs "minimal if any" rescoring, bbq 3-5x oversampling, more "for fewer dimensions" (ours are 74).
+RESCORE_OVERSAMPLE = {"int8": 2.0, "bbq": 5.0}
 
 
 def versioned_index(alias: str, model_version: str) -> str:
@@ -136,6 +146,7 @@ class ElasticsearchStore(VectorStore):
         replicas: int = default(StoreSettings, "es_replicas"),
         search_mode: EsSearchMode = default(StoreSettings, "es_search_mode"),
         num_candidates: int = default(StoreSettings, "es_num_candidates"),
+        index_options: str = default(StoreSettings, "es_index_options"),
         max_retries: int = default(StoreSettings, "es_max_retries"),
         initial_backoff_s: float = 1.0,
         credentials_from: str | None = None,
@@ -151,6 +162,9 @@ class ElasticsearchStore(VectorStore):
         self.replicas = replicas
         self.search_mode = EsSearchMode(search_mode)
         self.num_candidates = num_candidates
+        if index_options not in INDEX_OPTIONS:
+            raise ConfigError(f"{INDEX_OPTIONS_SETTING} {index_options!r} is not one of: {', '.join(INDEX_OPTIONS)}")
+        self.index_options = index_options  # of an index this store creates; an existing one keeps its own
         self.max_retries = max_retries
         self.initial_backoff_s = initial_backoff_s
         self._dims: int | None = None
@@ -188,6 +202,7 @@ class ElasticsearchStore(VectorStore):
             replicas=settings.es_replicas,
             search_mode=settings.es_search_mode,
             num_candidates=settings.es_num_candidates,
+            index_options=settings.es_index_options,
             max_retries=settings.es_max_retries,
             initial_backoff_s=initial_backoff_s,
             credentials_from=credentials_from,
@@ -213,14 +228,17 @@ class ElasticsearchStore(VectorStore):
         _check_vector_mapping(mapping, where=self._where)
         info = await self._info_from(mapping)
         check_compatible(info, dims=dims, model_version=model_version, where=self._where)
+        vector = mapping["properties"][VECTOR_FIELD]
+        self._note_index_options(vector)
         if info.model_version != model_version or info.schema != DOCUMENT_SCHEMA:
             # An empty index left by another model or schema: claim it, as the FAISS store does (adding the
-            # fields this schema has is a mapping update Elasticsearch allows).
+            # fields this schema has is a mapping update Elasticsearch allows). Its vectors keep their index_options.
             mappings = self._index_body(dims=dims, model_version=model_version)["mappings"]
             with self._translated("recording the model version"):
                 await self._client.indices.put_mapping(
-                    index=self.index, meta=mappings["_meta"], properties=mappings["properties"]
-                )
+                    index=self.index, meta=mappings["_meta"],
+                    properties={**mappings["properties"], VECTOR_FIELD: vector},
+                )  # fmt: skip
         self._dims, self._model_version = dims, model_version
 
     async def _target(self, model_version: str) -> str:
@@ -622,17 +640,45 @@ class ElasticsearchStore(VectorStore):
                         "dims": dims,
                         "similarity": "cosine",
                         "index": True,
-                        # Plain float HNSW: the default int8 quantisation (8.14+) would make kNN
-                        # scores drift ~1e-3 from the exact cosine the FAISS store reports.
-                        "index_options": {"type": "hnsw"},
+                        "index_options": self._vector_index_options(),
                     },
                 },
             },
         }
 
+    def _vector_index_options(self) -> dict[str, Any]:
+        """`index_options` of the vectors of a new index (CBIR_ES_INDEX_OPTIONS). The default, plain float `hnsw`,
+        is named because 8.14+ would quantise to int8 unasked and kNN scores would drift ~1e-3 from the exact
+        cosine the FAISS store reports; the quantised types rescore with the float vectors (RESCORE_OVERSAMPLE)."""
+        options: dict[str, Any] = {"type": self.index_options}
+        oversample = RESCORE_OVERSAMPLE.get(self.index_options.split("_")[0])
+        if oversample is not None:
+            options["rescore_vector"] = {"oversample": oversample}
+        return options
+
+    def _check_index_options(self, dims: int) -> None:
+        """Refuse what Elasticsearch would refuse for these vectors, before asking it (a 400 would say less)."""
+        if self.index_options.startswith("bbq") and dims < BBQ_MIN_DIMS:
+            raise ConfigError(
+                f"{INDEX_OPTIONS_SETTING}={self.index_options} needs vectors of at least {BBQ_MIN_DIMS} dims and "
+                f"these have {dims} (Elasticsearch refuses fewer); choose hnsw or int8_hnsw, or more CBIR_PCA_DIMS"
+            )
+
+    def _note_index_options(self, vector: dict[str, Any]) -> None:
+        """Say so when an existing index was built with other index_options than CBIR_ES_INDEX_OPTIONS names: a
+        mapping keeps them for life, the setting applies to indices created from now on."""
+        existing = (vector.get("index_options") or {}).get("type")
+        if existing != self.index_options:
+            logger.warning(
+                "%s keeps its vector index_options %s; %s=%s applies to indices created from now on "
+                "(delete the index or set another CBIR_ES_INDEX, then cbir index)",
+                self._where, existing, INDEX_OPTIONS_SETTING, self.index_options,
+            )  # fmt: skip
+
     async def _create_index(self, *, dims: int, model_version: str, serve: bool) -> bool:
         """Create the index (with `serve`, behind the alias); False when it already existed (a concurrent
         creator won)."""
+        self._check_index_options(dims)
         body = self._index_body(dims=dims, model_version=model_version)
         if serve:
             body["aliases"] = {self.alias: {}}
@@ -645,8 +691,8 @@ class ElasticsearchStore(VectorStore):
                 return False
         await self._wait_for_primaries(self.index)
         logger.info(
-            "created %s: %d shards, %d replicas, %d-dim cosine vectors of model %s",
-            self._where, self.shards, self.replicas, dims, model_version,
+            "created %s: %d shards, %d replicas, %d-dim cosine vectors (%s) of model %s",
+            self._where, self.shards, self.replicas, dims, self.index_options, model_version,
         )  # fmt: skip
         return True
 

@@ -63,7 +63,7 @@ async def test_elasticsearch_open_creates_the_index_once_with_its_mapping(
     features = index.mappings["properties"]["features"]
     assert features == {
         "type": "dense_vector", "dims": DIMS, "similarity": "cosine", "index": True,
-        "index_options": {"type": "hnsw"},
+        "index_options": {"type": "hnsw", "m": 16, "ef_construction": 100},  # as GET _mapping shows the default
     }  # fmt: skip
     assert all(index.mappings["properties"][f]["type"] == "keyword" for f in ("id", "label", "model_version"))
     info = await es_store.info()
