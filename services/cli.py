@@ -144,12 +144,12 @@ def _index(args: argparse.Namespace) -> None:
             if settings.backend is Backend.faiss and hasattr(service, "embedder"):  # one machine: what serves
                 wiring.record_served(settings, service, store.path.name)  # type: ignore[attr-defined]
             if versioned and await store.served_index() != store.index:  # type: ignore[attr-defined]
-                version = (await service.info()).model_version
-                logger.info("built %s beside the served index; serve it with `cbir promote %s`", store.index,
-                            version)  # type: ignore[attr-defined]
+                logger.info("built %s beside the served index; serve it with `cbir promote %s`",
+                            store.index, (await service.info()).model_version)  # type: ignore[attr-defined]
         logger.info("%s", report.summary())
-        if args.json:
-            print(json.dumps(report.counts()), flush=True)
+        if args.json:  # the one line on stdout: the log goes to stderr
+            sys.stdout.write(json.dumps(report.counts()) + "\n")
+            sys.stdout.flush()
 
     asyncio.run(run())
 
