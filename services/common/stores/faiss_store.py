@@ -6,8 +6,9 @@ graph answers instead. The graph is built in a worker thread from the documents 
 replaced by a new one once a tenth of the documents changed since; the documents written meanwhile are
 searched exactly beside it and the graph's copies of changed or deleted ones are filtered out, so a
 search always sees every write. A filtered query that lets through few documents is searched exactly
-(a graph walked through a narrow filter misses neighbours). The graph lives in memory only: after a
-restart it is built again, and exact search answers until it is ready.
+(a graph walked through a narrow filter misses neighbours). A store that writes keeps each graph it builds
+beside the index (`<index>.<token>.hnsw`, written once, atomically) and records it in the index file with
+the documents changed since, so a restart loads it instead of building it again.
 
 The vectors are L2-normalised, so inner product is cosine. Everything lives in memory; `flush`
 writes a single `.npz` file through a temporary file and an atomic rename, so a crash during
@@ -27,6 +28,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 import zipfile
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -275,8 +277,9 @@ class FaissStore(VectorStore):
 
     async def _build_graph(self, ids: tuple[str, ...], vectors: np.ndarray) -> None:
         started = time.perf_counter()
+        keep = self._writer_lock is not None  # only a store that writes the index writes beside it
         try:
-            graph = await asyncio.to_thread(_Graph.build, ids, vectors)
+            graph = await asyncio.to_thread(_Graph.build, ids, vectors, path=self.path if keep else None)
         except BaseException:
             self._changed_during_build = None
             raise
@@ -284,6 +287,9 @@ class FaissStore(VectorStore):
         self._changed_during_build, self._snapshot = None, None
         logger.info("built the HNSW graph of %d documents in %.1f s (%d written since)", len(ids),
                     time.perf_counter() - started, len(self._changed))
+        if keep:
+            self._dirty = True
+            await self.flush()  # the index file now names the graph: a restart loads it
 
     async def flush(self) -> None:
         async with self._lock:
@@ -351,6 +357,10 @@ class FaissStore(VectorStore):
             "sizes": np.asarray([doc.size for doc in docs], dtype=np.int64),
             "mtimes": np.asarray([doc.mtime for doc in docs], dtype=np.float64),
         }
+        graph = self._graph if self._graph is not None and self._graph.token else None
+        if graph is not None:  # the graph kept beside the index, and what changed since it was built
+            columns |= {"graph_token": np.asarray(graph.token), "graph_ids": np.asarray(graph.ids, dtype=str),
+                        "graph_changed": np.asarray(sorted(self._changed), dtype=str)}
         fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
         try:
             with os.fdopen(fd, "wb") as file:
@@ -367,6 +377,9 @@ class FaissStore(VectorStore):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        for stale in self.path.parent.glob(self.path.name + ".*.hnsw"):  # graphs the index no longer names
+            if graph is None or stale.name != _Graph.file_name(self.path, graph.token):
+                stale.unlink(missing_ok=True)
         logger.debug("saved %d documents to %s", len(docs), self.path)
 
     def _load(self) -> None:
@@ -377,6 +390,8 @@ class FaissStore(VectorStore):
                 schema = int(data["schema"]) if "schema" in data else 1
                 docs = _documents_from(data, model_version or "") if schema == DOCUMENT_SCHEMA else None
                 ids = data["ids"].tolist()
+                kept = (str(data["graph_token"]), tuple(data["graph_ids"].tolist()),
+                        set(data["graph_changed"].tolist())) if "graph_token" in data else None
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise IndexNotReadyError(
                 f"the index at {self.path} is unreadable ({exc}); delete it and run `cbir index`"
@@ -387,6 +402,10 @@ class FaissStore(VectorStore):
         self._vectors = vectors if docs is not None else np.zeros((0, vectors.shape[1]), dtype=np.float32)
         self._rows = {doc.id: row for row, doc in enumerate(self._docs)}
         self._graph, self._changed = None, set()
+        if kept is not None and docs is not None and self._wants_graph():
+            token, graph_ids, changed = kept
+            self._graph = _Graph.read(self.path, token, graph_ids)
+            self._changed = changed if self._graph is not None else set()
         self._legacy_count = 0 if docs is not None else len(ids)
         self._dims = int(vectors.shape[1]) if ids else None
         self._model_version = model_version if ids else None
@@ -470,18 +489,44 @@ class _Snapshot(_Table):
 
 @dataclasses.dataclass(frozen=True)
 class _Graph:
-    """An HNSW graph of the documents as they were when it was built: `ids[row]` is row's document."""
+    """An HNSW graph of the documents as they were when it was built: `ids[row]` is row's document; `token`
+    names its file beside the index ("" when it was not kept)."""
 
     index: faiss.IndexHNSWFlat
     ids: tuple[str, ...]
     rows: dict[str, int]
+    token: str = ""
 
     @classmethod
-    def build(cls, ids: tuple[str, ...], vectors: np.ndarray) -> _Graph:
+    def build(cls, ids: tuple[str, ...], vectors: np.ndarray, *, path: Path | None = None) -> _Graph:
+        """Build the graph; with `path` (the index file), also keep it beside it, atomically."""
         index = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         index.add(np.ascontiguousarray(vectors[:len(ids)]))
-        return cls(index=index, ids=ids, rows={doc_id: row for row, doc_id in enumerate(ids)})
+        token = ""
+        if path is not None:
+            token = uuid.uuid4().hex[:12]
+            target = path.with_name(cls.file_name(path, token))
+            tmp = target.with_name(target.name + ".tmp")
+            faiss.write_index(index, str(tmp))
+            os.replace(tmp, target)
+        return cls(index=index, ids=ids, rows={doc_id: row for row, doc_id in enumerate(ids)}, token=token)
+
+    @staticmethod
+    def file_name(path: Path, token: str) -> str:
+        return f"{path.name}.{token}.hnsw"
+
+    @classmethod
+    def read(cls, path: Path, token: str, ids: tuple[str, ...]) -> _Graph | None:
+        """The graph kept beside `path`, or None when its file is missing or does not match (then it is built)."""
+        try:
+            index = faiss.read_index(str(path.with_name(cls.file_name(path, token))))
+        except RuntimeError as exc:  # FAISS's error for a missing or unreadable file
+            logger.warning("the HNSW graph %s of %s cannot be read (%s); building it again", token, path, exc)
+            return None
+        if index.ntotal != len(ids):
+            return None
+        return cls(index=index, ids=ids, rows={doc_id: row for row, doc_id in enumerate(ids)}, token=token)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -227,3 +227,24 @@ async def test_auto_uses_the_graph_from_the_measured_size_on(tmp_path: Path, mon
     await store.wait_for_graph()
     assert store.index_kind == "hnsw"
     assert FaissStore(tmp_path / "flat.npz", index="flat").index_kind == "flat"
+
+
+async def test_a_writing_store_keeps_its_graph_and_a_restart_loads_it(tmp_path: Path) -> None:
+    documents = make_documents(400, seed=4)
+    store = await graph_store(tmp_path, documents)
+    [kept] = list(tmp_path.glob("index.npz.*.hnsw"))
+    await store.upsert([make_document("late", documents[5].vector)])  # written after the graph
+    await store.flush()
+    await store.close()
+    again = FaissStore(tmp_path / "index.npz", index="hnsw")
+    await again.open(dims=DIMS, model_version=MODEL_VERSION, create=False)
+    assert again.index_kind == "hnsw" and again._graph is not None and again._graph.token in kept.name
+    assert again._changed == {"late"}  # searched exactly beside the loaded graph
+    [hits] = await again.search_many([StoreQuery(vector=documents[5].vector, k=2)])
+    assert {h.id for h in hits} == {"late", "doc-0005"}
+    await again.upsert(make_documents(60, prefix="more", seed=6))  # past a tenth: a new graph replaces the old
+    await again.wait_for_graph()
+    assert [p.name for p in tmp_path.glob("index.npz.*.hnsw")] == [f"index.npz.{again._graph.token}.hnsw"]
+    flat = FaissStore(tmp_path / "index.npz", index="flat")  # the option changed: the graph is not used
+    await flat.open(dims=DIMS, model_version=MODEL_VERSION, create=False)
+    assert flat.index_kind == "flat" and flat._graph is None
