@@ -207,3 +207,20 @@ async def test_cbir_index_rebuild_builds_beside_the_served_index_and_a_running_s
         assert versions[-1] == record["model_version"] != old and set(versions) == {old, versions[-1]}
         assert (await client.get("/healthz")).json()["documents"] == 500
     assert not (cbir_env / "index.npz").exists() and (cbir_env / record["index"]).is_file()
+
+
+async def test_a_failed_run_beside_a_serving_index_keeps_search_up_and_collection_says_why(
+        cbir_env: Path, test_image: bytes) -> None:
+    async with asgi_client(one_machine_app()) as client:
+        await wait_until(client, "ready")
+
+    async def failing_update(engine, progress: IndexProgress) -> None:
+        raise CollectionError("the collection root /gone is not a directory")
+
+    async with asgi_client(one_machine_app(failing_update)) as client:  # the index is there and servable
+        await asyncio.sleep(0.05)
+        assert (await client.get("/healthz")).json()["status"] == "ready"
+        search = await client.post("/search", files={"file": ("q.jpg", test_image, "image/jpeg")})
+        assert search.status_code == 200
+        collection = (await client.get("/collection")).json()
+        assert collection["last_indexing_error"] == "indexing failed: the collection root /gone is not a directory"

@@ -345,7 +345,7 @@ async def collection(request: Request, engine: EngineDep) -> CollectionResponse:
                               index=engine.store.index_kind, sources=sources, labels=labels, unlabelled=unlabelled,
                               status=status,
                               indexed=progress.get("indexed"), total=progress.get("total"),
-                              writes=writes_open(request))
+                              writes=writes_open(request), last_indexing_error=engine.last_failure)
 
 
 # -- operations ---------------------------------------------------------------------------------

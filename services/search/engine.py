@@ -129,6 +129,7 @@ class SearchEngine:
         self._indexing: IndexProgress | None = None  # set while a background run blocks search
         self._background: IndexProgress | None = None  # set while any background run goes
         self._indexing_failure: str | None = None
+        self.last_failure: str | None = None  # why the last background run failed (None: it did not)
         self._writes = asyncio.Lock()  # adds and deletes, against a swap
         self._verified_at = time.monotonic()
         self._deleted_meanwhile: set[str] = set()  # ids deleted while a background run goes: replayed on a swap
@@ -183,6 +184,7 @@ class SearchEngine:
             logger.exception("indexing failed")
         finally:
             self._indexing = self._background = None
+        self.last_failure = failure  # /collection says it, also when search went on meanwhile
         if failure is not None and not serving:
             self._indexing_failure = failure
         elif failure is None:

@@ -122,6 +122,9 @@ class CollectionResponse(BaseModel):
     indexed: int | None = Field(None, description="while indexing: images done so far")
     total: int | None = Field(None, description="while indexing: images in the collection")
     writes: bool = Field(description="whether this client may add and delete images without a write key")
+    last_indexing_error: str | None = Field(
+        None, description="why the last background indexing run failed, when it did (search may have gone on "
+                          "with the index as it was: an update or a new model's index that did not finish)")
 
 
 class HealthResponse(BaseModel):
