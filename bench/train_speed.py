@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from services.embedder.inference import Preprocessing, pick_device
-from services.embedder.model import build_model
+from services.embedder.model import DEFAULT_BACKBONE, build_model
 from services.training import get_args_parser
 from services.training.loop import make_optimizer, train_step
-from services.training.trainer import ARCHITECTURE
 
 
 def main() -> None:
@@ -42,7 +41,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     recipe = get_args_parser().parse_args(["--batch-size", str(args.batch_size), "--cutout", str(args.cutout)])
-    model = build_model({"name": ARCHITECTURE, "embedding_dim": recipe.embedding_dim,
+    model = build_model({"name": DEFAULT_BACKBONE, "embedding_dim": recipe.embedding_dim,
                          "width_mult": recipe.width_mult}, 10)
     preprocessing = Preprocessing()  # CIFAR-10's mean and std, as `cbir train` normalises
     model = model.to(device, memory_format=torch.channels_last).train()

@@ -21,6 +21,8 @@ from torch import nn
 from torchvision.models import VGG16_BN_Weights, vgg16_bn
 from torchvision.models.vgg import cfgs, make_layers
 
+from services.embedder import backbones
+
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
@@ -88,7 +90,16 @@ class Backbone:
 
 BACKBONES: dict[str, Backbone] = {
     "CifarVGG16": Backbone(constructor=CifarVGG16, input_size=32, version_prefix="vgg16"),
+    # The original study's other deep models (services/embedder/backbones.py).
+    "CifarMLP": Backbone(constructor=backbones.CifarMLP, input_size=32, version_prefix="mlp"),
+    "CifarCNN": Backbone(constructor=backbones.CifarCNN, input_size=32, version_prefix="cnn"),
+    "CifarAlexNet": Backbone(constructor=backbones.CifarAlexNet, input_size=32, version_prefix="alexnet"),
+    "CifarGoogLeNet": Backbone(constructor=backbones.CifarGoogLeNet, input_size=32, version_prefix="googlenet"),
+    "CifarResNet50": Backbone(constructor=backbones.CifarResNet50, input_size=32, version_prefix="resnet50"),
 }
+
+
+DEFAULT_BACKBONE = "CifarVGG16"  # the shipped bundle's, and `cbir train`'s unless --arch says otherwise
 
 
 def backbone(name: str) -> Backbone:

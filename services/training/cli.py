@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from services.embedder.bundle import DEFAULT_BUNDLE_DIR
+from services.embedder.model import BACKBONES, DEFAULT_BACKBONE
 
 # Options that change how a run goes but not what it makes; the recorded command leaves them out.
 _NOT_RECORDED = ("resume", "quiet", "threads", "checkpoint_every")
@@ -41,6 +42,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="the last this many epochs run at the constant --swa-lr and the bundle gets the "
                         "average of the weights at their ends (stochastic weight averaging; 0 = off)")
     parser.add_argument("--swa-lr", type=float, default=0.01, help="learning rate of the SWA epochs")
+    parser.add_argument("--arch", choices=list(BACKBONES), default=DEFAULT_BACKBONE,
+                        help="the backbone: our VGG-16 (default) or one of the study's other models, adapted to "
+                             "32x32 (services/embedder/backbones.py)")
     parser.add_argument("--embedding-dim", type=int, default=512, help="width of the hidden FC layer")
     parser.add_argument("--width-mult", type=float, default=1.0,
                         help="scale of every convolution's width (1.0 = VGG-16)")

@@ -45,9 +45,6 @@ from services.training.writer import training_record, write_bundle
 
 logger = logging.getLogger("cbir.train")
 
-ARCHITECTURE = "CifarVGG16"
-
-
 def train(args: argparse.Namespace, *, settings: TrainingSettings | None = None) -> dict[str, Any]:
     """Train as `args` (from `get_args_parser()`) say and write the bundle; returns its version and
     test metrics. `TrainingError` names the option that cannot work; `settings` (default: read from
@@ -65,8 +62,9 @@ def train(args: argparse.Namespace, *, settings: TrainingSettings | None = None)
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     root = find_data_dir(args.data_dir or settings.data_dir)
     classes = list_classes(root, "train")
-    architecture = {"name": ARCHITECTURE, "embedding_dim": args.embedding_dim, "width_mult": args.width_mult}
-    preprocessing = Preprocessing(image_size=backbone(ARCHITECTURE).input_size, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+    arch = args.arch
+    architecture = {"name": arch, "embedding_dim": args.embedding_dim, "width_mult": args.width_mult}
+    preprocessing = Preprocessing(image_size=backbone(arch).input_size, mean=CIFAR10_MEAN, std=CIFAR10_STD,
                                   flip_tta=args.flip_tta)
     cache_dir = args.checkpoint_dir / "cache"
     train_x, train_y = load_split(root, "train", classes, limit_per_class=args.limit_per_class,
@@ -106,9 +104,12 @@ def check_options(args: argparse.Namespace) -> None:
 
 def initial_model(args: argparse.Namespace, architecture: dict[str, Any], num_classes: int) -> nn.Module:
     """A fresh network, with `--pretrained` convolutions or the weights of `--init-bundle` (unless resuming)."""
-    model = build_model(architecture, num_classes)
-    if args.pretrained == "imagenet":
-        model.load_imagenet_features()
+    try:
+        model = build_model(architecture, num_classes)
+        if args.pretrained == "imagenet":
+            model.load_imagenet_features()
+    except ValueError as exc:  # an option this backbone does not take (width, ImageNet weights)
+        raise TrainingError(f"--arch {architecture['name']}: {exc}") from exc
     if args.init_bundle is not None and not args.resume:
         try:
             model.load_state_dict(load_bundle(args.init_bundle).model.state_dict())

@@ -167,3 +167,23 @@ def test_train_takes_the_collection_from_a_dotenv_file(
     result = train(args)
     assert (result["train_images"], result["test_images"]) == (30, 20)
     assert "--data-dir" not in json.loads((args.output / "bundle.json").read_text())["training"]["command"]
+
+
+def test_the_studys_other_backbones_train_into_bundles_the_embedder_serves(tmp_path: Path,
+                                                                          mini_collection: Path) -> None:
+    """`cbir train --arch`: a bundle of the study's small CNN records its architecture and version prefix,
+    loads back, and embeds like the VGG-16 one; a backbone that cannot take an option says so."""
+    from services.embedder.runtime import Embedder
+
+    result = train(quick_args(mini_collection, tmp_path, "--arch", "CifarCNN", epochs=2, output=tmp_path / "cnn"))
+    bundle = load_bundle(tmp_path / "cnn")
+    assert bundle.metadata["architecture"]["name"] == "CifarCNN" and bundle.version.startswith("cnn-10c-")
+    assert result["version"] == bundle.version
+    [embedding] = Embedder(bundle, device="cpu").embed_batch(np.zeros((1, 32, 32, 3), dtype=np.uint8))
+    assert embedding.vector.shape == (8 + 10,) and embedding.label in bundle.classes
+    with pytest.raises(TrainingError, match="--arch CifarResNet50: ResNet-50 comes at full width only"):
+        train(quick_args(mini_collection, tmp_path, "--arch", "CifarResNet50", "--width-mult", "0.5", epochs=1,
+                         output=tmp_path / "r"))
+    with pytest.raises(TrainingError, match="--arch CifarMLP: --pretrained imagenet is not available"):
+        train(quick_args(mini_collection, tmp_path, "--arch", "CifarMLP", "--pretrained", "imagenet", epochs=1,
+                         output=tmp_path / "m"))
