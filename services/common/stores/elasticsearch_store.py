@@ -452,18 +452,22 @@ class ElasticsearchStore(VectorStore):
         return _stored(response["_source"])
 
     async def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
-        found: dict[str, np.ndarray] = {}
+        return {doc["_id"]: np.asarray(doc["_source"][VECTOR_FIELD], dtype=np.float32)
+                async for doc in self._found(ids, "reading vectors", source_includes=[VECTOR_FIELD])}
+
+    async def _found(self, ids: Sequence[str], doing: str, **source: Any) -> AsyncIterator[dict[str, Any]]:
+        """The stored ones of `ids` (`_mget` in chunks, each doc checked for errors), with `source` as asked."""
         unique = list(dict.fromkeys(ids))
         for start in range(0, len(unique), MGET_CHUNK):
-            with self._translated("reading vectors"):
-                response = await self._client.mget(index=self.index, ids=unique[start:start + MGET_CHUNK],
-                                                   source_includes=[VECTOR_FIELD])
+            with self._translated(doing):
+                response = await self._client.mget(index=self.index, ids=unique[start:start + MGET_CHUNK], **source)
             for doc in response["docs"]:
                 if _error_type(doc) == "index_not_found_exception":
                     raise self._not_ready()
+                if "error" in doc:
+                    raise StoreError(f"{self._where} could not look up {doc['_id']}: {_reason(doc)}")
                 if doc.get("found"):
-                    found[doc["_id"]] = np.asarray(doc["_source"][VECTOR_FIELD], dtype=np.float32)
-        return found
+                    yield doc
 
     async def iter_documents(self, *, source: str | None = None) -> AsyncIterator[StoredImage]:
         """Pages of `SCAN_PAGE` documents sorted by id, each after the last id of the one before
@@ -501,21 +505,7 @@ class ElasticsearchStore(VectorStore):
         )
 
     async def existing_ids(self, ids: Sequence[str]) -> set[str]:
-        found: set[str] = set()
-        unique = list(dict.fromkeys(ids))
-        for start in range(0, len(unique), MGET_CHUNK):
-            with self._translated("checking which documents exist"):
-                response = await self._client.mget(
-                    index=self.index, ids=unique[start : start + MGET_CHUNK], source=False
-                )
-            for doc in response["docs"]:
-                if _error_type(doc) == "index_not_found_exception":
-                    raise self._not_ready()
-                if "error" in doc:
-                    raise StoreError(f"{self._where} could not look up {doc['_id']}: {_reason(doc)}")
-                if doc.get("found"):
-                    found.add(doc["_id"])
-        return found
+        return {doc["_id"] async for doc in self._found(ids, "checking which documents exist", source=False)}
 
     async def search_many(self, queries: Sequence[StoreQuery]) -> list[list[StoreHit]]:
         """Every query in one `_msearch` request; each answer checked for errors and partial results.

@@ -434,6 +434,21 @@ class _Table:
     docs: tuple[StoredImage, ...]
     _row_cache: dict[tuple[str, str], np.ndarray] = dataclasses.field(default_factory=dict)
 
+    def _excluded_rows(self, exclude_ids: frozenset[str]) -> np.ndarray:
+        return np.asarray(sorted(self.rows[i] for i in exclude_ids if i in self.rows), dtype=np.int64)
+
+    def _passing_rows(self, labels: frozenset[str] | None, predicted_labels: frozenset[str] | None,
+                      exclude_ids: frozenset[str]) -> np.ndarray | None:
+        """The rows a label / predicted-label filter lets through, minus the excluded ids; None without a filter."""
+        if labels is None and predicted_labels is None:
+            return None
+        allowed = np.arange(len(self.docs), dtype=np.int64)
+        for field_name, values in (("label", labels), ("predicted_label", predicted_labels)):
+            if values is not None:
+                allowed = np.intersect1d(allowed, np.concatenate(
+                    [self._rows_where(field_name, value) for value in sorted(values)] or [np.zeros(0, np.int64)]))
+        return np.setdiff1d(allowed, self._excluded_rows(exclude_ids))
+
     def _rows_where(self, field_name: str, value: str) -> np.ndarray:
         key = (field_name, value)
         if key not in self._row_cache:  # computed twice at worst by two threads: same answer
@@ -472,19 +487,14 @@ class _Snapshot(_Table):
     def _selector(self, labels: frozenset[str] | None, predicted_labels: frozenset[str] | None,
                   exclude_ids: frozenset[str]) -> tuple[tuple | None, int]:
         """A FAISS id selector for the filter (kept with what it points to) and how many rows pass it."""
-        excluded = np.asarray(sorted(self.rows[i] for i in exclude_ids if i in self.rows), dtype=np.int64)
-        if labels is None and predicted_labels is None:
-            if not len(excluded):
-                return None, len(self.docs)
-            inner = faiss.IDSelectorBatch(excluded)
-            return (faiss.IDSelectorNot(inner), inner), len(self.docs) - len(excluded)
-        allowed = np.arange(len(self.docs), dtype=np.int64)
-        for field_name, values in (("label", labels), ("predicted_label", predicted_labels)):
-            if values is not None:
-                allowed = np.intersect1d(allowed, np.concatenate(
-                    [self._rows_where(field_name, value) for value in sorted(values)] or [np.zeros(0, np.int64)]))
-        allowed = np.setdiff1d(allowed, excluded)
-        return (faiss.IDSelectorBatch(allowed),), len(allowed)
+        allowed = self._passing_rows(labels, predicted_labels, exclude_ids)
+        if allowed is not None:
+            return (faiss.IDSelectorBatch(allowed),), len(allowed)
+        excluded = self._excluded_rows(exclude_ids)
+        if not len(excluded):
+            return None, len(self.docs)
+        inner = faiss.IDSelectorBatch(excluded)
+        return (faiss.IDSelectorNot(inner), inner), len(self.docs) - len(excluded)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -547,7 +557,7 @@ class _GraphSnapshot(_Table):
     def _search(self, query: StoreQuery) -> list[StoreHit]:
         vector = np.asarray(query.vector, dtype=np.float32).ravel()
         depth = query.offset + query.k
-        allowed = self._allowed(query)  # None: every document
+        allowed = self._passing_rows(*query.filter_key)  # None: every document
         if allowed is not None and len(allowed) < EXACT_BELOW * len(self.docs):
             return self._page(self._exact(vector, allowed, depth), query)
         # The graph, minus its copies of documents changed since, restricted to the filter ...
@@ -577,17 +587,6 @@ class _GraphSnapshot(_Table):
         found += self._exact(vector, fresh, depth)
         found.sort(key=lambda hit: -hit[0])
         return self._page(found[:depth], query)
-
-    def _allowed(self, query: StoreQuery) -> np.ndarray | None:
-        if query.labels is None and query.predicted_labels is None:
-            return None
-        allowed = np.arange(len(self.docs), dtype=np.int64)
-        for field_name, values in (("label", query.labels), ("predicted_label", query.predicted_labels)):
-            if values is not None:
-                allowed = np.intersect1d(allowed, np.concatenate(
-                    [self._rows_where(field_name, value) for value in sorted(values)] or [np.zeros(0, np.int64)]))
-        excluded = [self.rows[i] for i in query.exclude_ids if i in self.rows]
-        return np.setdiff1d(allowed, np.asarray(excluded, dtype=np.int64))
 
     def _exact(self, vector: np.ndarray, rows: np.ndarray, depth: int) -> list[tuple[float, int]]:
         if not len(rows):
