@@ -177,11 +177,11 @@ class OneMachine:
         store = build_store(self.settings, faiss_path=state / index_file_for(next_embedder.embedder.model_version))
         try:
             await index_configured_collection(self.settings, next_embedder, store, progress)
-            await engine.swap(next_embedder, store)
         except BaseException:
             await store.close()
             await next_embedder.close()
             raise
+        await engine.swap(next_embedder, store)  # which closes both if it fails
         self.record = record_served(self.settings, next_embedder, store.path.name)  # type: ignore[attr-defined]
 
     async def watch(self, engine: SearchEngine, *, every_s: float = 2.0) -> None:
@@ -203,13 +203,7 @@ class OneMachine:
             except CbirError as exc:
                 logger.error("cannot serve the recorded model %s: %s", record.model_version, exc.message)
                 continue
-            store = build_store(self.settings, faiss_path=self.settings.state_dir / record.index)
-            try:
-                await engine.swap(embedder, store)
-            except BaseException:
-                await store.close()
-                await embedder.close()
-                raise
+            await engine.swap(embedder, build_store(self.settings, faiss_path=self.settings.state_dir / record.index))
             self.record = record
 
 

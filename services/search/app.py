@@ -37,11 +37,11 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from services import wiring
 from services.common.documents import StoredImage
 from services.common.embedding import EmbeddingService
-from services.common.errors import CbirError, ImageError
+from services.common.errors import CbirError, ImageError, IndexNotReadyError
 from services.common.http import ERROR_RESPONSES, ErrorResponse, error_body, install_http_edge, verify_api_key
 from services.common.images import UploadDecoder
 from services.common.status import Status
-from services.common.stores.base import StoreHit, VectorStore
+from services.common.stores.base import CollectionStats, StoreHit, VectorStore
 from services.search.access import verify_write_access, writes_open
 from services.search.engine import STAGE_SECONDS, Answer, IndexingJob, SearchEngine, SearchOptions
 from services.search.schemas import (
@@ -333,16 +333,13 @@ async def collection(request: Request, engine: EngineDep) -> CollectionResponse:
     reports it (while indexing: `indexed` of `total` so far). `writes` says whether this client may add images
     without a key."""
     status, problem = await engine.status()
-    if problem is None:
-        stats = await engine.collection()
-        documents, sources, labels, unlabelled = stats.documents, stats.sources, stats.labels, stats.unlabelled
-    else:
-        documents, sources, labels, unlabelled = 0, {}, {}, 0
+    stats = await engine.collection() if problem is None else CollectionStats(documents=0)
     running = engine.progress  # a run that does not block search (an update, or the next model's index)
     progress = problem.progress if problem is not None else (
         {"indexed": running.indexed, "total": running.total} if running is not None else {})
-    return CollectionResponse(documents=documents, model_version=engine.model_version, backend=engine.store.name,
-                              index=engine.store.index_kind, sources=sources, labels=labels, unlabelled=unlabelled,
+    return CollectionResponse(documents=stats.documents, model_version=engine.model_version, backend=engine.store.name,
+                              index=engine.store.index_kind, sources=stats.sources, labels=stats.labels,
+                              unlabelled=stats.unlabelled,
                               status=status,
                               indexed=progress.get("indexed"), total=progress.get("total"),
                               writes=writes_open(request), last_indexing_error=engine.last_failure)
@@ -358,14 +355,14 @@ async def healthz(engine: EngineDep) -> HealthResponse | JSONResponse:
     it answers, slower); else 503 with `status` `indexing` (and `indexed` of `total` images so far),
     `empty` or `failed`, and `detail` saying why."""
     status, problem = await engine.status()
-    try:
-        if problem is not None:
-            raise problem
-        documents = await engine.store.count()
-    except CbirError as exc:
-        body = {"status": Status.failed} | error_body(exc)  # a store gone since it was ready is `failed`
-        retry_after = "2" if body["status"] == Status.indexing else "5"
-        return JSONResponse(body, status_code=503, headers={"Retry-After": retry_after})
+    if problem is None:
+        try:
+            documents = await engine.store.count()
+        except CbirError as exc:  # a store gone since it was ready
+            status, problem = Status.failed, IndexNotReadyError(exc.message, status=Status.failed)
+    if problem is not None:
+        retry_after = "2" if status == Status.indexing else "5"
+        return JSONResponse(error_body(problem), status_code=503, headers={"Retry-After": retry_after})
     return HealthResponse(status=status, model_version=engine.model_version or "", backend=engine.store.name,
                           index=engine.store.index_kind, documents=documents)
 

@@ -236,9 +236,7 @@ class SearchEngine:
         if documents == 0:
             raise IndexNotReadyError("the index is empty; build it with `cbir index`")
         generation.model_version = info.model_version
-        DOCUMENTS.set(documents)
-        MODEL_VERSION.clear()
-        MODEL_VERSION.labels(model_version=info.model_version).set(1)
+        _publish(info.model_version, documents)
         logger.info("search ready: model %s, %s store", info.model_version, generation.store.name)
         return info.model_version
 
@@ -252,17 +250,21 @@ class SearchEngine:
     async def swap(self, embedder: EmbeddingService, store: VectorStore) -> None:
         """Serve `embedder` and `store` (a complete index of that embedder's vectors) from now on, both at once;
         the old generation closes when its last request is done. Uploads added and images deleted since the
-        background run began are replayed onto the new index first, with adds and deletes held meanwhile."""
-        info = await embedder.info()
-        await store.open(dims=info.dims, model_version=info.model_version, create=False)
-        async with self._writes:
-            old = self._active
-            await carry_over_uploads(old.store, store, embedder, self.uploads.root, deleted=self._deleted_meanwhile)
-            documents = await store.count()
-            self._active = Generation(embedder, store, model_version=info.model_version)
-        DOCUMENTS.set(documents)
-        MODEL_VERSION.clear()
-        MODEL_VERSION.labels(model_version=info.model_version).set(1)
+        background run began are replayed onto the new index first, with adds and deletes held meanwhile. The
+        engine owns both from the call on: if the swap fails, it closes them and the old generation serves on."""
+        try:
+            info = await embedder.info()
+            await store.open(dims=info.dims, model_version=info.model_version, create=False)
+            async with self._writes:
+                old = self._active
+                await carry_over_uploads(old.store, store, embedder, self.uploads.root,
+                                         deleted=self._deleted_meanwhile)
+                documents = await store.count()
+                self._active = Generation(embedder, store, model_version=info.model_version)
+        except BaseException:
+            await Generation(embedder, store).close(wait_s=0)
+            raise
+        _publish(info.model_version, documents)
         logger.info("now serving model %s (%d documents); closing model %s", info.model_version, documents,
                     old.model_version)
         await old.close()
@@ -451,6 +453,13 @@ class QueryBatcher:
         for (_, future), hits in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(hits)
+
+
+def _publish(model_version: str, documents: int) -> None:
+    """The gauges of what is searched now."""
+    DOCUMENTS.set(documents)
+    MODEL_VERSION.clear()
+    MODEL_VERSION.labels(model_version=model_version).set(1)
 
 
 def _consume_exception(task: asyncio.Task) -> None:
