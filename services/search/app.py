@@ -279,10 +279,14 @@ async def add_image(
     is durable and already found by searches."""
     settings: SearchSettings = request.app.state.settings
     data = await file.read()
-    pixels = await _decode(request, engine, data)
-    encoded, extension = await request.app.state.decoder.reencode(data, max_bytes=settings.max_upload_bytes,
-                                                                  max_pixels=settings.max_image_pixels)
-    document, added = await engine.add_image(data, pixels, encoded, extension, label=label or None)
+
+    async def decode() -> tuple[np.ndarray, bytes, str]:  # the model's pixels, and the file to keep
+        pixels = await _decode(request, engine, data)
+        encoded, extension = await request.app.state.decoder.reencode(data, max_bytes=settings.max_upload_bytes,
+                                                                      max_pixels=settings.max_image_pixels)
+        return pixels, encoded, extension
+
+    document, added = await engine.add_image(data, decode, label=label or None)
     if not added:
         response.status_code = 200
     return ImageAdded(id=document.id, filename=document.filename, label=document.label,

@@ -343,14 +343,19 @@ class SearchEngine:
             raise DocumentNotFoundError(f"no indexed image with id {id!r}")
         return document
 
-    async def add_image(self, data: bytes, pixels: np.ndarray, encoded: bytes, extension: str, *,
+    async def add_image(self, data: bytes, decode: Callable[[], Awaitable[tuple[np.ndarray, bytes, str]]], *,
                         label: str | None) -> tuple[StoredImage, bool]:
-        """Store an upload (`data`, decoded to `pixels` and re-encoded to `encoded`) as a document whose id is
-        the hash of `data`; returns it and whether it is new (False: those bytes were added before, and
-        nothing changed). On return the file is on disk and the document durable and searchable."""
+        """Store an upload as a document whose id is the hash of `data`; returns it and whether it is new (False:
+        those bytes were added before, and nothing changed). `decode()` gives the model's pixels, the re-encoded
+        file and its extension; it is called only for bytes not stored yet. On return the file is on disk and
+        the document durable and searchable."""
+        id = content_id(data)
+        existing = await self.store.get(id)
+        if existing is not None:  # the same bytes again: nothing to decode
+            return existing, False
+        pixels, encoded, extension = await decode()
         async with self._writes, self._ready_generation() as generation:
-            id = content_id(data)
-            existing = await generation.store.get(id)
+            existing = await generation.store.get(id)  # a concurrent upload of the same bytes may have won
             if existing is not None:
                 return existing, False
             with STAGE_SECONDS.labels(stage="embed").time():
