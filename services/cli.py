@@ -1,12 +1,14 @@
 """The `cbir` command: train, index, serve, and run each service on its own.
 
     cbir serve              one machine: the gateway with the model in-process, indexing in the background
-    cbir train              train the VGG-16 embedder and write a model bundle
+    cbir train              train the VGG-16 embedder (or --arch another network) and write a model bundle
+    cbir train-bovw         train the study's Bag-of-Visual-Words model and write its bundle
     cbir index              index a collection (in-process, or through CBIR_EMBEDDER_URL)
     cbir promote VERSION    serve the Elasticsearch index of VERSION (after cbir index --rebuild)
     cbir embedder           run the embedder service
     cbir gateway            run the search gateway alone (no indexing)
     cbir evaluate           the original study's evaluation (MAP@100, P@k, mAP@ALL, report)
+    cbir compare            the study's comparison of models (reports/comparison.md; --train retrains)
     cbir download-cifar10   fetch CIFAR-10 into data/cifar10 (needs internet)
 """
 
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = _parser()
-    if argv and argv[0] in ("train", "evaluate"):  # they own their argument parsers
+    if argv and argv[0] in ("train", "train-bovw", "evaluate", "compare"):  # they own their argument parsers
         command, rest = argv[0], argv[1:]
     else:
         args = parser.parse_args(argv)
@@ -44,6 +46,15 @@ def main(argv: list[str] | None = None) -> None:
             from services.training import get_args_parser, train
 
             train(get_args_parser().parse_args(rest))
+        elif command == "train-bovw":
+            from services.training.bovw import get_args_parser as bovw_parser
+            from services.training.bovw import train_bovw
+
+            train_bovw(bovw_parser().parse_args(rest))
+        elif command == "compare":
+            from services.evaluation.compare import main as compare
+
+            compare(rest)
         elif command == "evaluate":
             from services.evaluation.cli import main as evaluate
 
@@ -65,7 +76,10 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("train", help="train the embedder (cbir train --help)", add_help=False)
+    commands.add_parser("train-bovw", help="train the Bag-of-Visual-Words model (cbir train-bovw --help)",
+                        add_help=False)
     commands.add_parser("evaluate", help="evaluate retrieval (cbir evaluate --help)", add_help=False)
+    commands.add_parser("compare", help="compare the study's models (cbir compare --help)", add_help=False)
     for name, help_text, port in (("serve", "serve search on one machine, indexing in the background if needed", 8000),
                                   ("embedder", "run the embedder service", 8001),
                                   ("gateway", "run the search gateway only", 8000)):

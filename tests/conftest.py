@@ -21,7 +21,7 @@ import httpx
 import pytest
 import torch
 from factories import copy_collection
-from reliability_fixtures import asgi_client, train_tiny_bundle
+from reliability_fixtures import asgi_client, train_tiny_bovw_bundle, train_tiny_bundle
 
 from services.common.collection import REPO_ROOT
 from services.embedder.bundle import Bundle, load_bundle
@@ -62,6 +62,12 @@ def tiny_bundle_dir(tmp_path_factory: pytest.TempPathFactory, mini_collection: P
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_bundle_dir: Path) -> Bundle:
     return load_bundle(tiny_bundle_dir)
+
+
+@pytest.fixture(scope="session")
+def bovw_bundle_dir(tmp_path_factory: pytest.TempPathFactory, mini_collection: Path) -> Path:
+    """A Bag-of-Visual-Words bundle trained on the mini collection (`TINY_BOVW_OPTIONS`, a few seconds)."""
+    return train_tiny_bovw_bundle(mini_collection, tmp_path_factory.mktemp("bovw"))
 
 
 @pytest.fixture

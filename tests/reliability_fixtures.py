@@ -295,6 +295,25 @@ def train_tiny_bundle(collection: Path, work: Path, *extra: str, epochs: int = 1
     return args.output
 
 
+# `cbir train-bovw` on the mini collection in seconds: two feature sets, two fast classifiers, a tiny vocabulary.
+TINY_BOVW_OPTIONS = ("--feature-sets", "hog+sift,gch", "--classifiers", "logreg,gnb", "--vocabulary-sizes", "8,16,24",
+                     "--kmeans-descriptors", "4000", "--db-descriptors", "1000", "--grid-images", "200",
+                     "--folds", "3", "--quiet")
+
+
+def train_tiny_bovw_bundle(collection: Path, work: Path, *extra: str) -> Path:
+    """A BOVW bundle trained on `collection` with `TINY_BOVW_OPTIONS` (a few seconds); returns its directory.
+    Its measurements are also in `work/results.json`."""
+    from services.training.bovw import get_args_parser as bovw_parser
+    from services.training.bovw import train_bovw
+
+    args = bovw_parser().parse_args(["--data-dir", str(collection), "--output", str(work / "bovw"), "--cache-dir",
+                                     str(work / "cache"), "--results", str(work / "results.json"),
+                                     *TINY_BOVW_OPTIONS, *extra])
+    train_bovw(args)
+    return args.output
+
+
 def classify_test_images(bundle: Bundle, collection: Path, *, per_class: int,
                          skip: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Predicted and true class names of `per_class` test images a class (after the first `skip`),

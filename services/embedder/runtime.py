@@ -56,10 +56,14 @@ class Embedder:
         # bf16 pays off on CUDA and on CPUs with bf16 units; float32 elsewhere would be the safe
         # choice, but every bundle is measured with bf16 inference, so keep the numbers identical.
         self.use_bf16 = True
-        self.model = bundle.model.to(self.device, memory_format=torch.channels_last).eval()
+        # A BOVW bundle's model is a `BovwModel` (descriptors and a scikit-learn classifier on the CPU):
+        # nothing of it moves to a device or compiles.
+        self.deep = bundle.family == "deep"
+        self.model = bundle.model.to(self.device, memory_format=torch.channels_last).eval() if self.deep else \
+            bundle.model
         # torch.compile specialises on the batch size: a chunk is padded to the next compiled size.
         # Until a size is compiled (`compile_next`, by the thread that runs the model) chunks of it run eagerly.
-        self.compile_sizes = batch_buckets(max_batch) if compile else ()
+        self.compile_sizes = batch_buckets(max_batch) if compile and self.deep else ()
         self._compiled: torch.nn.Module | None = None
         self._compiled_sizes: tuple[int, ...] = ()  # replaced whole, never changed in place: read without a lock
 
@@ -100,7 +104,9 @@ class Embedder:
 
     def _forward(self, chunk: np.ndarray, *, flip: bool) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings and probabilities of at most `max_batch` images: eager until a compiled size fits, then
-        in compiled pieces (`compiled_pieces`)."""
+        in compiled pieces (`compiled_pieces`). A BOVW model has no mirror views."""
+        if not self.deep:
+            return self.model.predict(chunk)
         compiled = self._compiled  # None again if compilation failed: then nothing compiled is used
         parts, start = [], 0
         for size, take in compiled_pieces(len(chunk), self._compiled_sizes if compiled is not None else ()):

@@ -6,4 +6,5 @@
     ablations  one-hot weight, PCA dims, fusion and exact-vs-HNSW, reusing the embeddings
     figures    precision–recall, per-class AP, confusion matrix, example queries
     report     JSON and Markdown under reports/
+    compare    `cbir compare`: the study's table of systems (BOVW and six deep models) from their results
 """

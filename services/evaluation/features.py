@@ -87,10 +87,15 @@ def embed_split(bundle: Bundle, split: Split, *, purpose: Purpose, cache_dir: Pa
             logger.info("%s features of %d images from %s", split.name, len(split), cache)
             return Features(embeddings=data["embeddings"], probabilities=data["probabilities"])
     logger.info("embedding %d %s images (flip TTA %s)", len(split), split.name, "on" if flip_tta else "off")
-    target = pick_device(device)
-    model = bundle.model.to(target, memory_format=torch.channels_last)  # as the Embedder holds it
-    embeddings, probabilities = predict(model, split.images, preprocessing=bundle.preprocessing, device=target,
-                                        flip_tta=flip_tta, bf16=True, batch_size=EMBED_BATCH)
+    if bundle.family == "bovw":  # descriptors and classifier, in the embedder's chunks
+        parts = [bundle.model.predict(split.images[start:start + EMBED_BATCH])
+                 for start in range(0, len(split), EMBED_BATCH)]
+        embeddings, probabilities = (np.concatenate([part[i] for part in parts]) for i in (0, 1))
+    else:
+        target = pick_device(device)
+        model = bundle.model.to(target, memory_format=torch.channels_last)  # as the Embedder holds it
+        embeddings, probabilities = predict(model, split.images, preprocessing=bundle.preprocessing, device=target,
+                                            flip_tta=flip_tta, bf16=True, batch_size=EMBED_BATCH)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, embeddings=embeddings, probabilities=probabilities)
     return Features(embeddings=embeddings, probabilities=probabilities)

@@ -101,3 +101,36 @@ def _show(axes: Axes, image: np.ndarray, frame: str) -> None:
     for spine in axes.spines.values():
         spine.set_edgecolor(frame)
         spine.set_linewidth(2.5)
+
+
+def comparison_bars(path: Path, titles: list[str], *, ours_accuracy: list[float], study_accuracy: list[float | None],
+                    ours_map: list[float], study_map: list[float | None]) -> Path:
+    """`cbir compare`'s chart: test accuracy and MAP@100 per row, ours beside the study's (where it has one)."""
+    figure = Figure(figsize=(9, 3.8))
+    x = np.arange(len(titles))
+    for index, (ours, study, label) in enumerate(((ours_accuracy, study_accuracy, "test accuracy"),
+                                                  (ours_map, study_map, "MAP@100"))):
+        axes = figure.add_subplot(1, 2, index + 1)
+        axes.bar(x - 0.2, ours, width=0.4, color="#2c7bb6", label="cbir")
+        axes.bar(x + 0.2, [np.nan if s is None else s for s in study], width=0.4, color="#fdae61", label="study")
+        axes.set(title=label, xticks=x)
+        axes.set_xticklabels(titles, rotation=35, ha="right", fontsize=8)
+        axes.grid(axis="y", alpha=0.3)
+        if index == 0:
+            axes.set_ylim(0, 1)
+            axes.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def vocabulary_sweep(path: Path, words: list[int], davies_bouldin: list[float], *, chosen: int) -> Path:
+    """The Davies–Bouldin index of each visual vocabulary size, the chosen one marked."""
+    figure = Figure(figsize=(5, 3.2))
+    axes = figure.add_subplot()
+    axes.plot(words, davies_bouldin, marker="o", color="#2c7bb6")
+    axes.axvline(chosen, color="#d73027", linestyle=":", label=f"chosen: {chosen} words")
+    axes.set(xlabel="visual words (k-means clusters)", ylabel="Davies–Bouldin index (lower is better)",
+             title="Vocabulary sweep")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return _save(figure, path)

@@ -7,7 +7,8 @@
     losses.py    batch-hard triplet and distillation terms
     loop.py      optimizer, schedule, step, epoch, checkpoint and resume, SWA
     writer.py    write_bundle(): measure, fit the PCA, write the bundle
-    trainer.py   train(args): the above in order
+    trainer.py   train(args): the above in order (or `--time-budget-min` of training steps)
+    bovw.py      `cbir train-bovw`: the study's Bag-of-Visual-Words model, its sweep and grid searches
 """
 
 from services.training.cli import get_args_parser

@@ -29,6 +29,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-every", type=int, default=1,
                         help="write the checkpoint every this many epochs (and after the last)")
     parser.add_argument("--epochs", type=int, default=40, help="total epochs of the schedule")
+    parser.add_argument("--time-budget-min", type=float, default=None,
+                        help="train for this many minutes of training steps instead of --epochs epochs (the "
+                        "one-cycle schedule follows the clock; the last epoch stops where the budget ends; the "
+                        "per-epoch test measurement is not counted): how `cbir compare --train` gives every "
+                        "model the same budget")
     parser.add_argument("--batch-size", type=int, default=256, help="images per step")
     parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate (SGD, Nesterov)")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")

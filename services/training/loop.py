@@ -10,6 +10,7 @@ import argparse
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -33,7 +34,11 @@ CHECKPOINT_FILE = "checkpoint.pt"
 ONECYCLE_MIN_STEPS = 8
 # Options that must not change when a run is resumed.
 RESUME_FIXED = ("embedding_dim", "width_mult", "batch_size", "schedule", "limit_per_class", "swa_epochs",
-                "teacher", "distill_weight", "distill_temperature")
+                "teacher", "distill_weight", "distill_temperature", "time_budget_min")
+# The one-cycle shape of torch's OneCycleLR as `cbir train` configures it (cosine phases), for the
+# time-budget mode, whose steps are not known in advance.
+ONECYCLE_PCT_START, ONECYCLE_DIV, ONECYCLE_FINAL_DIV = 0.25, 10, 100
+ONECYCLE_MOMENTUM = (0.85, 0.95)  # OneCycleLR's base and max momentum
 
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -47,7 +52,10 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Op
 
 def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer,
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """The schedule of the epochs before the SWA ones (`None` when every epoch is an SWA one)."""
+    """The schedule of the epochs before the SWA ones (`None` when every epoch is an SWA one, or with
+    `--time-budget-min`, whose one-cycle follows the clock: `one_cycle`)."""
+    if args.time_budget_min:
+        return None
     total = (args.epochs - args.swa_epochs) * steps_per_epoch
     if total == 0:
         return None
@@ -94,6 +102,23 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn
     return loss.detach(), logits
 
 
+def one_cycle(progress: float, *, max_lr: float) -> tuple[float, float]:
+    """Learning rate and momentum at `progress` (0 to 1) of a one-cycle schedule: OneCycleLR's curve
+    (cosine from max_lr/10 up to max_lr over the first quarter, then down to max_lr/1000, momentum
+    the other way between 0.95 and 0.85) as a function of the fraction of the budget spent."""
+    def cosine(start: float, end: float, fraction: float) -> float:
+        return end + (start - end) / 2 * (1 + math.cos(math.pi * fraction))
+
+    low, high = ONECYCLE_MOMENTUM
+    initial = max_lr / ONECYCLE_DIV
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < ONECYCLE_PCT_START:
+        fraction = progress / ONECYCLE_PCT_START
+        return cosine(initial, max_lr, fraction), cosine(high, low, fraction)
+    fraction = (progress - ONECYCLE_PCT_START) / (1 - ONECYCLE_PCT_START)
+    return cosine(max_lr, initial / ONECYCLE_FINAL_DIV, fraction), cosine(low, high, fraction)
+
+
 @dataclass
 class TrainingRun:
     """Everything a checkpoint holds, and what the loop needs to go on from it."""
@@ -108,6 +133,13 @@ class TrainingRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     replans: list[dict[str, int]] = field(default_factory=list)  # resumes that changed --epochs
     start_epoch: int = 0
+    budget_s: float | None = None  # --time-budget-min: seconds of training steps the run may spend
+    trained_s: float = 0.0  # seconds spent in training steps so far (per-epoch test measurements excluded)
+    images_seen: int = 0
+
+    @property
+    def budget_spent(self) -> bool:
+        return self.budget_s is not None and self.trained_s >= self.budget_s
 
     @classmethod
     def start(cls, model: nn.Module, args: argparse.Namespace, *, train_images: int) -> TrainingRun:
@@ -116,7 +148,8 @@ class TrainingRun:
         return cls(model=model, optimizer=optimizer, scheduler=make_scheduler(args, optimizer, steps_per_epoch),
                    swa_model=torch.optim.swa_utils.AveragedModel(model) if args.swa_epochs else None,
                    generator=torch.Generator().manual_seed(args.seed), steps_per_epoch=steps_per_epoch,
-                   swa_start=args.epochs - args.swa_epochs)
+                   swa_start=sys.maxsize if args.time_budget_min else args.epochs - args.swa_epochs,
+                   budget_s=args.time_budget_min * 60 if args.time_budget_min else None)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -134,6 +167,7 @@ def checkpoint_state(run: TrainingRun, args: argparse.Namespace, epoch: int, dev
         "swa_model": run.swa_model and run.swa_model.state_dict(), "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "epoch": epoch, "history": run.history, "replans": run.replans, "args": jsonable(vars(args)),
+        "trained_s": run.trained_s, "images_seen": run.images_seen,
     }
 
 
@@ -157,6 +191,7 @@ def resume(run: TrainingRun, args: argparse.Namespace, path: Path, device: torch
         torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
     run.history, run.start_epoch = state["history"], state["epoch"] + 1
     run.replans = state.get("replans", [])
+    run.trained_s, run.images_seen = state.get("trained_s", 0.0), state.get("images_seen", 0)
     if run.swa_model is not None and state.get("swa_model") is not None:
         run.swa_model.load_state_dict(state["swa_model"])
     if run.scheduler is not None and state["args"]["epochs"] == args.epochs:
@@ -189,7 +224,8 @@ class DeviceSplit:
 def train_epoch(run: TrainingRun, epoch: int, data: DeviceSplit, *, args: argparse.Namespace, criterion: nn.Module,
                 teachers: Sequence[nn.Module], preprocessing: Preprocessing) -> dict[str, float]:
     """One pass over `data` in a fresh random order (the SWA epochs at `--swa-lr`, their ends averaged);
-    the mean loss, train accuracy and throughput."""
+    the mean loss, train accuracy and throughput. With a time budget the pass stops where the budget
+    is spent, and the learning rate and momentum follow `one_cycle` of the budget's fraction spent."""
     run.model.train()
     device = data.images.device
     started = time.perf_counter()
@@ -204,11 +240,18 @@ def train_epoch(run: TrainingRun, epoch: int, data: DeviceSplit, *, args: argpar
     bar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", unit="step",
                disable=args.quiet, leave=False)
     for step in bar:
+        if run.budget_s is not None:
+            spent = run.trained_s + time.perf_counter() - started
+            if spent >= run.budget_s:
+                break
+            lr, momentum = one_cycle(spent / run.budget_s, max_lr=args.lr)
+            for group in run.optimizer.param_groups:
+                group["lr"], group["momentum"] = lr, momentum
         index = order[step * args.batch_size:(step + 1) * args.batch_size]
         labels = data.labels[index]
         loss, logits = train_step(run.model, run.optimizer, criterion, data.images[index], labels, run.generator,
                                   args, teachers, preprocessing=preprocessing)
-        if epoch < run.swa_start:
+        if epoch < run.swa_start and run.scheduler is not None:
             run.scheduler.step()
         total_loss += loss.float() * len(index)
         correct += (logits.argmax(1) == labels).sum()
@@ -218,6 +261,8 @@ def train_epoch(run: TrainingRun, epoch: int, data: DeviceSplit, *, args: argpar
     if epoch >= run.swa_start:
         run.swa_model.update_parameters(run.model)
     seconds = time.perf_counter() - started
+    run.trained_s += seconds
+    run.images_seen += seen
     return {"loss": round(total_loss.item() / max(seen, 1), 4),
             "train_accuracy": round(correct.item() / max(seen, 1), 4),
             "images_per_second": round(seen / seconds, 1), "seconds": round(seconds, 1)}

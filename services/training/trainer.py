@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,10 @@ def train(args: argparse.Namespace, *, settings: TrainingSettings | None = None)
                                batch_size=args.batch_size, preprocessing=preprocessing)
     training = training_record(command=recorded_command(args), recipe=jsonable(vars(args)), history=run.history,
                                replans=run.replans, init_bundle=args.init_bundle, teachers=args.teacher or ())
+    if run.budget_s is not None:
+        training["budget"] = {"minutes": args.time_budget_min, "trained_seconds": round(run.trained_s, 1),
+                              "images_seen": run.images_seen,
+                              "epochs_reached": round(run.images_seen / len(train_x), 3)}
     return write_bundle(args.output, model=model, device=device, classes=classes, architecture=architecture,
                         preprocessing=preprocessing, train_images=train_x, test_images=test_x, test_labels=test_y,
                         pca_components=args.pca_components, pca_dims=args.pca_dims,
@@ -98,6 +103,8 @@ def check_options(args: argparse.Namespace) -> None:
         raise TrainingError("--checkpoint-every must be at least 1")
     if not 0 <= args.swa_epochs <= args.epochs:
         raise TrainingError("--swa-epochs must be between 0 and --epochs")
+    if args.time_budget_min is not None and (args.time_budget_min <= 0 or args.swa_epochs):
+        raise TrainingError("--time-budget-min must be above 0, and cannot be combined with --swa-epochs")
     if not 0 <= args.distill_weight <= 1 or args.distill_temperature <= 0:
         raise TrainingError("--distill-weight must be between 0 and 1 and --distill-temperature above 0")
 
@@ -112,9 +119,15 @@ def initial_model(args: argparse.Namespace, architecture: dict[str, Any], num_cl
         raise TrainingError(f"--arch {architecture['name']}: {exc}") from exc
     if args.init_bundle is not None and not args.resume:
         try:
-            model.load_state_dict(load_bundle(args.init_bundle).model.state_dict())
+            parent = load_bundle(args.init_bundle)
         except BundleError as exc:
             raise TrainingError(f"--init-bundle {args.init_bundle}: {exc}") from exc
+        if parent.family != "deep":
+            raise TrainingError(f"--init-bundle {args.init_bundle}: a {parent.family} bundle has no network")
+        try:
+            model.load_state_dict(parent.model.state_dict())
+        except RuntimeError as exc:
+            raise TrainingError(f"--init-bundle {args.init_bundle}: its network is not --arch's ({exc})") from exc
         logger.info("starting from the weights of %s", args.init_bundle)
     return model
 
@@ -127,6 +140,8 @@ def load_teachers(directories: list[Path], classes: list[str], device: torch.dev
             bundle = load_bundle(directory)
         except BundleError as exc:
             raise TrainingError(f"--teacher {directory}: {exc}") from exc
+        if bundle.family != "deep":
+            raise TrainingError(f"--teacher {directory}: a {bundle.family} bundle has no logits to distil")
         if bundle.classes != classes:
             raise TrainingError(f"--teacher {directory}: its classes {bundle.classes} are not the collection's "
                                 f"{classes}")
@@ -138,14 +153,20 @@ def load_teachers(directories: list[Path], classes: list[str], device: torch.dev
 def run_epochs(run: TrainingRun, args: argparse.Namespace, train_data: DeviceSplit,
                test: tuple[np.ndarray, np.ndarray], *, teachers: list[nn.Module],
                preprocessing: Preprocessing) -> None:
-    """The epochs from `run.start_epoch` to `--epochs`, each measured on the test split and recorded,
-    with a checkpoint every `--checkpoint-every` epochs and after the last."""
+    """The epochs from `run.start_epoch` to `--epochs` (with `--time-budget-min`: until the budget is spent,
+    the last epoch partial), each measured on the test split and recorded, with a checkpoint every
+    `--checkpoint-every` epochs and after the last."""
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     device = train_data.images.device
-    for epoch in range(run.start_epoch, args.epochs):
+    last = args.epochs if run.budget_s is None else sys.maxsize
+    for epoch in range(run.start_epoch, last):
+        if run.budget_spent:
+            break
         stats = train_epoch(run, epoch, train_data, args=args, criterion=criterion, teachers=teachers,
                             preprocessing=preprocessing)
-        record = {"epoch": epoch + 1, "loss": stats["loss"], "train_accuracy": stats["train_accuracy"],
+        record = {"epoch": epoch + 1, "epochs_reached": round(run.images_seen / len(train_data.images), 3),
+                  "trained_seconds": round(run.trained_s, 1), "loss": stats["loss"],
+                  "train_accuracy": stats["train_accuracy"],
                   "test_accuracy": accuracy_of(run.model, *test, preprocessing=preprocessing, device=device,
                                                bf16=args.bf16),
                   "lr": round(run.optimizer.param_groups[0]["lr"], 6),
@@ -153,6 +174,6 @@ def run_epochs(run: TrainingRun, args: argparse.Namespace, train_data: DeviceSpl
         run.history.append(record)
         logger.info("epoch %(epoch)d: loss %(loss).4f, train acc %(train_accuracy).4f, "
                     "test acc %(test_accuracy).4f, %(images_per_second).1f img/s, %(seconds).0f s", record)
-        if (epoch + 1) % args.checkpoint_every and epoch + 1 < args.epochs:
+        if (epoch + 1) % args.checkpoint_every and epoch + 1 < args.epochs and not run.budget_spent:
             continue
         save_checkpoint(args.checkpoint_dir / CHECKPOINT_FILE, checkpoint_state(run, args, epoch, device))

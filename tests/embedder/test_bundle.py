@@ -61,3 +61,38 @@ def test_a_bundle_with_unknown_preprocessing_or_architecture_is_refused(
     bundle = copy_bundle(tiny_bundle_dir, tmp_path / "bundle", change)
     with pytest.raises(BundleError, match=message):
         load_bundle(bundle)
+
+
+def test_format_1_bundles_load_as_deep_ones_and_unknown_formats_or_families_are_refused(
+        tmp_path: Path, tiny_bundle_dir: Path) -> None:
+    def as_format_1(metadata: dict) -> None:
+        metadata["format"] = 1
+        del metadata["family"]
+
+    old = load_bundle(copy_bundle(tiny_bundle_dir, tmp_path / "old", as_format_1))
+    assert old.family == "deep" and old.version == load_bundle(tiny_bundle_dir).version
+    with pytest.raises(BundleError, match="format 3; this cbir reads formats 1, 2"):
+        load_bundle(copy_bundle(tiny_bundle_dir, tmp_path / "new", lambda m: m.update(format=3)))
+    with pytest.raises(BundleError, match="family 'svm'; this cbir runs deep, bovw"):
+        load_bundle(copy_bundle(tiny_bundle_dir, tmp_path / "svm", lambda m: m.update(family="svm")))
+
+
+def test_a_bovw_classifier_holding_an_untrusted_type_is_refused_before_it_is_loaded(
+        tmp_path: Path, bovw_bundle_dir: Path) -> None:
+    import skops.io
+    from sklearn.preprocessing import FunctionTransformer
+
+    bundle = copy_bundle(bovw_bundle_dir, tmp_path / "bundle")
+    skops.io.dump(FunctionTransformer(func=print), bundle / "classifier.skops")  # a function it would call
+    with pytest.raises(BundleError, match="holds types this cbir does not load: builtins.print"):
+        load_bundle(bundle)
+    (bundle / "classifier.skops").write_bytes(b"not a zip")
+    with pytest.raises(BundleError, match="is corrupt"):
+        load_bundle(bundle)
+
+
+def test_a_bovw_bundle_whose_parts_do_not_fit_is_refused(tmp_path: Path, bovw_bundle_dir: Path) -> None:
+    bundle = copy_bundle(bovw_bundle_dir, tmp_path / "bundle",
+                         lambda m: m["architecture"].update(features=["hog", "colour"]))
+    with pytest.raises(BundleError, match="the BOVW model in .* is invalid: feature set"):
+        load_bundle(bundle)

@@ -3,8 +3,10 @@ and resume, distillation from teacher bundles, SWA, and starting from a bundle."
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +25,23 @@ def quick_args(collection: Path, work: Path, *extra: str, epochs: int, output: P
     return tiny_training_args(collection, work, "--batch-size", "100", "--embedding-dim", "32", "--pca-components",
                               "16", "--pca-dims", "8", "--limit-per-class", "20", "--no-flip-tta", *extra,
                               epochs=epochs, output=output)
+
+
+def test_a_time_budget_trains_until_it_is_spent_whatever_epochs_say_and_the_bundle_records_how_far(
+        tmp_path: Path, mini_collection: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = itertools.count(0.0, 0.5)  # every reading of the loop's clock is half a second after the last
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    train(quick_args(mini_collection, tmp_path, "--time-budget-min", "0.2", epochs=1, output=tmp_path / "b"))
+    training = json.loads((tmp_path / "b" / "bundle.json").read_text())["training"]
+    budget, history = training["budget"], training["history"]
+    assert budget["minutes"] == 0.2 and 12 <= budget["trained_seconds"] < 14  # stops at the first step past 12 s
+    assert len(history) > 1 and budget["epochs_reached"] == budget["images_seen"] / 200 > 1
+    assert history[-1]["epochs_reached"] == budget["epochs_reached"]
+    assert history[-1]["lr"] < 0.05 / 10 < history[0]["lr"] / 2  # the cycle (peak 0.05) ran down by the end
+    assert "--time-budget-min 0.2" in training["command"]
+    with pytest.raises(TrainingError, match="--time-budget-min"):
+        train(quick_args(mini_collection, tmp_path, "--time-budget-min", "1", "--swa-epochs", "1", epochs=2,
+                         output=tmp_path / "c"))
 
 
 def test_training_resumes_from_its_checkpoint(tmp_path: Path, mini_collection: Path) -> None:

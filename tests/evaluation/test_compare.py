@@ -1,0 +1,94 @@
+"""`cbir compare` (services/evaluation/compare.py): retrain and measure rows, render the study's tables from
+their results, and reuse a committed result only while it describes the bundle present."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+from reliability_fixtures import TINY_BOVW_OPTIONS
+
+from services.common.errors import ConfigError
+from services.evaluation import compare
+
+DEEP_ARGS = "--batch-size 50 --embedding-dim 32 --pca-components 16 --pca-dims 8"
+
+
+def options(work: Path, *extra: str) -> list[str]:
+    return ["--models-dir", str(work / "models"), "--results-dir", str(work / "results"), "--output-dir",
+            str(work / "reports"), "--cache-dir", str(work / "cache"), "--rows", "bovw,cnn", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, mini_collection: Path) -> Path:
+    """`cbir compare --train` of the BOVW and small-CNN rows on the mini collection (a CNN budget of 3 s)."""
+    work = tmp_path_factory.mktemp("compare")
+    compare.main(options(work, "--train", "--budget-min", "0.05", "--data-dir", str(mini_collection),
+                         "--train-args", DEEP_ARGS, "--bovw-args", shlex.join(TINY_BOVW_OPTIONS)))
+    return work
+
+
+@pytest.mark.slow
+def test_train_retrains_measures_and_renders_the_rows_it_names(trained: Path) -> None:
+    results = {key: json.loads((trained / "results" / f"{key}.json").read_text()) for key in ("bovw", "cnn")}
+    assert sorted(p.name for p in (trained / "results").iterdir()) == ["bovw.json", "cnn.json"]
+    cnn, bovw = results["cnn"], results["bovw"]
+    assert cnn["bundle_version"] == json.loads((trained / "models" / "cnn" / "bundle.json").read_text())["version"]
+    assert cnn["budget"]["minutes"] == 0.05 and cnn["budget"]["epochs_reached"] > 0
+    assert {"--arch CifarCNN", "--time-budget-min 0.05"} <= {" ".join(pair) for pair in itertools.pairwise(
+        cnn["train_command"].split())}
+    assert cnn["retrieval"]["queries"] == 50 and cnn["retrieval"]["documents"] == 500
+    assert bovw["family"] == "bovw" and len(bovw["bovw"]["cells"]) == 4
+    for result in results.values():
+        assert 0 <= result["retrieval"]["map_at_100"] <= 1 and 0 <= result["test"]["precision"] <= 1
+        assert result["train"]["accuracy"] >= result["test"]["accuracy"] - 0.3  # both measured, on their splits
+
+    report = (trained / "reports" / "comparison.md").read_text()
+    cnn_line = next(line for line in report.splitlines() if line.startswith("| small CNN |"))
+    assert f"{100 * cnn['test']['accuracy']:.1f}%" in cnn_line and "budget-limited: 0.05 min" in cnn_line
+    assert f"{cnn['retrieval']['map_at_100']:.5f}" in cnn_line and "67.0%" in cnn_line  # the study's beside ours
+    for row in compare.ROWS:  # every row of the study's table, measured or not
+        assert f"| {row.title} | {row.study_title} |" in report
+    assert report.count("not measured yet") == len(compare.ROWS) - 2
+    for cell in bovw["bovw"]["cells"]:
+        assert f"| {cell['feature_set']} | {cell['classifier_name']} | {cell['dims']} |" in report
+    assert "chosen: **" in report and "500 train images" in report and "the 50 test images query" in report
+    summary = json.loads((trained / "reports" / "comparison.json").read_text())
+    assert [row["key"] for row in summary["rows"]] == list(compare.ROW_KEYS)
+    for figure in summary["figures"].values():
+        assert (trained / "reports" / figure).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_committed_results_render_without_their_bundles_and_a_changed_bundle_is_measured_again(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mini_collection: Path) -> None:
+    work = tmp_path / "clone"
+    shutil.copytree(trained / "results", work / "results")  # a fresh clone: the results, no bundles
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("a committed result was measured again")
+
+    monkeypatch.setattr(compare, "measure_row", no_measuring)
+    compare.main(options(work))
+    report = (work / "reports" / "comparison.md").read_text()
+    version = json.loads((work / "results" / "cnn.json").read_text())["bundle_version"]
+    assert f"`{version}` (not here)" in report and "not measured yet" in report
+
+    # The bundle present is not the one measured: measured again (and the result rewritten).
+    shutil.copytree(trained / "models" / "cnn", work / "models" / "cnn")
+    stale = json.loads((work / "results" / "cnn.json").read_text())
+    (work / "results" / "cnn.json").write_text(json.dumps({**stale, "bundle_version": "cnn-10c-older"}))
+    measured = []
+    monkeypatch.setattr(compare, "measure_row", lambda row, bundle, args: measured.append(row.key) or stale)
+    compare.main(options(work, "--data-dir", str(mini_collection)))
+    assert measured == ["cnn"]
+    assert json.loads((work / "results" / "cnn.json").read_text())["bundle_version"] == version
+
+
+def test_it_names_the_rows_it_knows_when_asked_for_another(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--rows 'bovw,svm': name some of bovw, mlp, cnn"):
+        compare.main(["--rows", "bovw,svm", "--results-dir", str(tmp_path)])
