@@ -298,7 +298,7 @@ def train_tiny_bundle(collection: Path, work: Path, *extra: str, epochs: int = 1
 # `cbir train-bovw` on the mini collection in seconds: two feature sets, two fast classifiers, a tiny vocabulary.
 TINY_BOVW_OPTIONS = ("--feature-sets", "hog+sift,gch", "--classifiers", "logreg,gnb", "--vocabulary-sizes", "8,16,24",
                      "--kmeans-descriptors", "4000", "--db-descriptors", "1000", "--grid-images", "200",
-                     "--folds", "3", "--quiet")
+                     "--folds", "3", "--jobs", "1", "--quiet")
 
 
 def train_tiny_bovw_bundle(collection: Path, work: Path, *extra: str) -> Path:

@@ -1,5 +1,5 @@
 """The `cbir` command (services/cli.py): `cbir index DIR` with a layout and a machine-readable summary, and
-`cbir promote`'s refusal off Elasticsearch."""
+`cbir promote`'s refusal off Elasticsearch, the comparison commands' refusals."""
 
 from __future__ import annotations
 
@@ -30,3 +30,15 @@ def test_cbir_promote_needs_elasticsearch(cbir_env: Path, caplog: pytest.LogCapt
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_info:
         main(["promote", "vgg16-10c-0-d64-w2"])
     assert exit_info.value.code == 2 and "CBIR_BACKEND=elasticsearch" in caplog.text
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["compare", "--rows", "vgg19"], "--rows 'vgg19': name some of bovw, mlp"),
+    (["train-bovw", "--classifiers", "xgboost"], "--classifiers 'xgboost': name some of gnb, logreg"),
+    (["train", "--time-budget-min", "0"], "--time-budget-min must be above 0"),
+])
+def test_the_comparison_commands_refuse_bad_options_with_one_line(argv: list[str], message: str,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in caplog.text

@@ -58,7 +58,7 @@ from services.embedder.bovw import (
 from services.embedder.bundle import BundleSpec, save_bovw_bundle
 from services.embedder.inference import Preprocessing
 from services.embedder.vectors import PcaProjection
-from services.training.cli import jsonable
+from services.training.cli import jsonable, recorded_command
 from services.training.data import load_split
 from services.training.settings import TrainingSettings
 
@@ -104,6 +104,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--grid-images", type=int, default=10_000,
                         help="train images (stratified sample) of the grid searches; the best is refitted on all")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds of the grid searches")
+    parser.add_argument("--jobs", type=int, default=2, help="grid-search fits run in parallel (processes)")
     parser.add_argument("--serve", default=None, metavar="FEATURES:CLASSIFIER",
                         help="the pair the bundle serves, e.g. hog+sift:logreg (default: best CV accuracy)")
     parser.add_argument("--onehot-weight", type=float, default=2.0,
@@ -212,8 +213,9 @@ def train_bovw(args: argparse.Namespace, *, settings: TrainingSettings | None = 
                "train_accuracy": served["train_accuracy"], "train_precision": served["train_precision"],
                "train_images": int(len(train.labels)), "test_images": int(len(test.labels))}
     timings["total"] = round(time.perf_counter() - started, 1)
-    record = {"command": recorded_command(args), "recipe": jsonable(vars(args)), "grids": GRIDS,
-              "descriptors": {"gch_bins": GCH_BINS, "hog": {k: v for k, v in HOG_OPTIONS.items()}},
+    command = recorded_command(args, parser=get_args_parser(), not_recorded=("quiet", "jobs", "results"))
+    record = {"command": command, "recipe": jsonable(vars(args)), "grids": GRIDS,
+              "descriptors": {"gch_bins": GCH_BINS, "hog": dict(HOG_OPTIONS)},
               "sift_keypoints": keypoints, "vocabulary_sweep": sweep,
               "vocabulary_size": None if vocabulary is None else int(len(vocabulary)),
               "grid_images": int(len(grid_index)), "folds": args.folds, "cells": cells,
@@ -293,7 +295,7 @@ def grid_search_cell(feature_set: str, classifier: str, x_train: np.ndarray, y_t
     measured on train and test (accuracy and macro precision)."""
     title, estimator, grid = CLASSIFIERS[classifier]
     started = time.perf_counter()
-    search = GridSearchCV(clone(estimator), grid, scoring="accuracy", n_jobs=1, refit=False,
+    search = GridSearchCV(clone(estimator), grid, scoring="accuracy", n_jobs=args.jobs, refit=False,
                           cv=StratifiedKFold(n_splits=args.folds, shuffle=True, random_state=args.seed))
     search.fit(x_train[grid_index], y_train[grid_index])
     searched = time.perf_counter() - started
@@ -325,16 +327,6 @@ def pick_served(cells: list[dict[str, Any]], serve: str | None) -> dict[str, Any
     features, _, classifier = serve.partition(":")
     name = feature_set_name(parse_feature_set(features))
     return next(cell for cell in cells if (cell["feature_set"], cell["classifier"]) == (name, classifier))
-
-
-def recorded_command(args: argparse.Namespace) -> str:
-    """`cbir train-bovw` with the options that differ from their defaults."""
-    default = vars(get_args_parser().parse_args([]))
-    words = []
-    for key, value in vars(args).items():
-        if key != "quiet" and value != default.get(key):
-            words += ["--" + key.replace("_", "-"), str(value)]
-    return " ".join(["cbir train-bovw", *words])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -102,12 +102,15 @@ def jsonable(values: dict[str, Any]) -> dict[str, Any]:
     return {k: plain(v) for k, v in values.items()}
 
 
-def recorded_command(args: argparse.Namespace) -> str:
-    """`cbir train` with the options that differ from their defaults: the command that remakes the bundle."""
-    default = defaults()
+def recorded_command(args: argparse.Namespace, *, parser: argparse.ArgumentParser | None = None,
+                     not_recorded: tuple[str, ...] = _NOT_RECORDED) -> str:
+    """The command (`cbir train`, or `parser`'s) with the options that differ from their defaults: the
+    command that remakes the bundle."""
+    parser = parser or get_args_parser()
+    default = vars(parser.parse_args([]))
     words = []
     for key, value in vars(args).items():
-        if key in _NOT_RECORDED or value == default.get(key):
+        if key in not_recorded or value == default.get(key):
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
@@ -117,7 +120,7 @@ def recorded_command(args: argparse.Namespace) -> str:
                 words += [flag, str(item)]
         else:
             words += [flag, str(value)]
-    return " ".join(["cbir train", *words])
+    return " ".join([parser.prog, *words])
 
 
 def main(argv: list[str] | None = None) -> None:

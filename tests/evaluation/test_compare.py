@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from reliability_fixtures import TINY_BOVW_OPTIONS
 
+from services.common.collection import REPO_ROOT
 from services.common.errors import ConfigError
 from services.evaluation import compare
 
@@ -92,3 +93,18 @@ def test_committed_results_render_without_their_bundles_and_a_changed_bundle_is_
 def test_it_names_the_rows_it_knows_when_asked_for_another(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--rows 'bovw,svm': name some of bovw, mlp, cnn"):
         compare.main(["--rows", "bovw,svm", "--results-dir", str(tmp_path)])
+
+
+def test_the_committed_report_is_what_cbir_compare_renders_from_the_committed_results(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fresh clone has the results and the shipped bundle, not the other rows' bundles: nothing is measured.
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("a committed result was measured again")
+
+    monkeypatch.setattr(compare, "measure_row", no_measuring)
+    monkeypatch.chdir(REPO_ROOT)
+    compare.main(["--models-dir", str(tmp_path / "no-bundles"), "--output-dir", str(tmp_path)])
+    committed = (REPO_ROOT / "reports" / "comparison.md").read_text()
+    rendered = (tmp_path / "comparison.md").read_text()
+    assert rendered.replace(" (not here)", "") == committed.replace(" (not here)", "")
+    assert "not measured yet" not in committed  # every row of the study's table has our measured row
