@@ -268,8 +268,8 @@ def markdown(results: dict[str, dict[str, Any]], figure_paths: dict[str, str], a
     for row in ROWS:
         result = results.get(row.key)
         if result is None:
-            lines.append(f"| {row.title} | {row.study_title} | {_pct(row.study_accuracy)} | not measured yet "
-                         "| | | | | | | | |")
+            lines.append(f"| {row.title} | {row.study_title} | {_pct(row.study_accuracy)} | not measured yet: "
+                         f"`cbir compare --train --rows {row.key}` | | | | | {_num(row.study_map_at_100)} | | | |")
             continue
         lines.append(" | ".join([
             f"| {row.title}", row.study_title, _pct(row.study_accuracy), _pct(result["train"]["accuracy"]),
