@@ -166,6 +166,8 @@ def current_result(row: Row, args: argparse.Namespace, *, measure: bool) -> dict
 def measure_row(row: Row, bundle: Any, args: argparse.Namespace) -> dict[str, Any]:
     """`cbir evaluate` of the row's bundle, and accuracy and macro precision on both splits."""
     directory = bundle_dir(row, args)
+    if directory.is_absolute() and directory.is_relative_to(Path.cwd()):  # the shipped bundle: as a user types it
+        directory = directory.relative_to(Path.cwd())
     cache = args.cache_dir / "evaluation"
     command = ["--model-dir", str(directory), "--output-dir", str(args.cache_dir / "reports"), "--name", row.key,
                "--cache-dir", str(cache), "--quiet", *shlex.split(args.evaluate_args)]

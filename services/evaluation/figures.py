@@ -118,7 +118,7 @@ def comparison_bars(path: Path, titles: list[str], *, ours_accuracy: list[float]
         axes.grid(axis="y", alpha=0.3)
         if index == 0:
             axes.set_ylim(0, 1)
-            axes.legend(fontsize=8, loc="lower right")
+            axes.legend(fontsize=8, loc="upper left")
     figure.tight_layout()
     return _save(figure, path)
 
