@@ -156,8 +156,8 @@ def current_result(row: Row, args: argparse.Namespace, *, measure: bool) -> dict
     if committed is not None and committed["bundle_version"] == bundle.version:
         committed["bundle_present"] = True
         return committed
-    if not measure:
-        return committed
+    if not measure:  # a row left out of --rows: its result is of another bundle than the one here
+        return None if committed is None else {**committed, "bundle_present": False, "stale": True}
     result = measure_row(row, bundle, args)
     write_json(path, result)
     return {**result, "bundle_present": True}
@@ -290,7 +290,9 @@ def markdown(results: dict[str, dict[str, Any]], figure_paths: dict[str, str], a
         command = train_commands(row, args)
         train = result.get("train_command") or ("cbir " + shlex.join(command) if command else "")
         bundle = f"`{result['bundle_version']}`" if result else "—"
-        if result and not result.get("bundle_present"):
+        if result.get("stale"):
+            bundle += " (stale: the bundle here is another)"
+        elif result and not result.get("bundle_present"):
             bundle += " (not here)"
         evaluate_command = f"`{result['evaluate_command']}`" if result else ""
         lines.append(f"| {row.key} | {bundle} | {result.get('measured', '—')[:10]} | `{train}` | {evaluate_command} |")

@@ -83,6 +83,8 @@ def test_committed_results_render_without_their_bundles_and_a_changed_bundle_is_
     shutil.copytree(trained / "models" / "cnn", work / "models" / "cnn")
     stale = json.loads((work / "results" / "cnn.json").read_text())
     (work / "results" / "cnn.json").write_text(json.dumps({**stale, "bundle_version": "cnn-10c-older"}))
+    compare.main(options(work, "--rows", "bovw"))  # left out of --rows: shown, and said to be stale
+    assert "`cnn-10c-older` (stale: the bundle here is another)" in (work / "reports" / "comparison.md").read_text()
     measured = []
     monkeypatch.setattr(compare, "measure_row", lambda row, bundle, args: measured.append(row.key) or stale)
     compare.main(options(work, "--data-dir", str(mini_collection)))
