@@ -120,6 +120,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 @dataclass
 class SplitDescriptors:
+    images: np.ndarray  # (N, S, S, 3) uint8, decoded once
     labels: np.ndarray
     descriptors: Descriptors
 
@@ -178,9 +179,7 @@ def train_bovw(args: argparse.Namespace, *, settings: TrainingSettings | None = 
     vocabulary, sweep, keypoints = None, [], {}
     if "sift" in needed:
         step = time.perf_counter()
-        images, _ = load_split(root, "train", classes, limit_per_class=args.limit_per_class,
-                               preprocessing=preprocessing, cache_dir=args.cache_dir, quiet=True)
-        detected = detected_keypoints(gray(images[grid_index]))
+        detected = detected_keypoints(gray(train.images[grid_index]))
         keypoints = {"images": int(len(detected)), "without_any": round(float((detected == 0).mean()), 4),
                      "median": float(np.median(detected)), "mean": round(float(detected.mean()), 2),
                      "dense_grid": {"step": SIFT_STEP, "size": SIFT_SIZE,
@@ -256,7 +255,7 @@ def describe_split(root: Path, split: str, classes: list[str], limit: int | None
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, **arrays)
     arrays["sift"] = arrays["sift"].astype(np.float32)
-    return SplitDescriptors(labels=labels, descriptors=Descriptors(**arrays))
+    return SplitDescriptors(images=images, labels=labels, descriptors=Descriptors(**arrays))
 
 
 def vocabulary_sweep(sift: np.ndarray, sizes: list[int], args: argparse.Namespace) -> tuple[np.ndarray, list[dict]]:
