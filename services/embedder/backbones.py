@@ -9,15 +9,22 @@ without the first max-pool, and GoogLeNet's stem keeps its convolutions at strid
 max-pools, so the feature maps are not pooled away before the last stage. `width_mult` scales the
 channels of the networks built here (tests use narrow ones); torchvision's GoogLeNet and ResNet-50 come
 at full width only.
+
+`load_imagenet_features` (`cbir train --pretrained imagenet`, the study's transfer mode) copies
+torchvision's ImageNet weights into every layer they fit — all but the layers adapted to 32×32 (the
+stems, AlexNet's second convolution), which keep their initialisation — and returns the names of the
+parameters it copied (`--freeze-pretrained` freezes those). The plain network and the small CNN have no
+ImageNet weights.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torchvision.models import googlenet, resnet50
+from torchvision.models import AlexNet_Weights, GoogLeNet_Weights, ResNet50_Weights, WeightsEnum, googlenet, resnet50
 from torchvision.models.googlenet import BasicConv2d
 
 logger = logging.getLogger(__name__)
@@ -47,6 +54,30 @@ def _full_width_only(name: str, width_mult: float) -> None:
         raise ValueError(f"{name} comes at full width only (width_mult 1.0), not {width_mult:g}")
 
 
+def imagenet_state_dict(weights: WeightsEnum) -> Mapping[str, torch.Tensor]:
+    """torchvision's ImageNet weights (downloaded on first use into torch's hub cache)."""
+    return weights.get_state_dict(progress=True)
+
+
+def copy_imagenet(target: nn.Module, state: Mapping[str, torch.Tensor], *, adapted: tuple[str, ...] = (),
+                  prefix: str = "") -> list[str]:
+    """Copy into `target` the tensors of `state` it has a place for, except those under the `adapted`
+    prefixes (layers changed for 32×32 inputs, left at their initialisation); return the copied
+    parameters' names with `prefix`. A tensor of another shape (a narrowed network) is a ValueError."""
+    own = target.state_dict()
+    wanted = {name: tensor for name, tensor in state.items() if name in own and not name.startswith(adapted)}
+    misfits = [name for name, tensor in wanted.items() if tensor.shape != own[name].shape]
+    if misfits or not wanted:
+        raise ValueError(f"torchvision's ImageNet weights do not fit {type(target).__name__} "
+                         f"({', '.join(misfits[:3]) or 'no layer in common'}): they fit the full-width network only")
+    target.load_state_dict(wanted, strict=False)
+    copied = [name for name, _ in target.named_parameters() if name in wanted]
+    left = [name for name, _ in target.named_parameters() if name not in wanted]
+    logger.info("ImageNet weights: %d parameters copied, %d left at their initialisation (%s)", len(copied),
+                len(left), ", ".join(left[:6]) + (" ..." if len(left) > 6 else ""))
+    return [prefix + name for name in copied]
+
+
 class _Backbone(nn.Module):
     """features → global average pool → `EmbeddingHead`."""
 
@@ -64,9 +95,10 @@ class _Backbone(nn.Module):
         """Return `(embedding, logits)` for a normalised `(N, 3, 32, 32)` batch."""
         return self.head(nn.functional.adaptive_avg_pool2d(self.features(images), 1))
 
-    def load_imagenet_features(self) -> None:
-        raise ValueError(f"--pretrained imagenet is not available for {type(self).__name__} (only CifarVGG16 loads "
-                         "ImageNet convolutions so far)")
+    def load_imagenet_features(self) -> list[str]:
+        raise ValueError(f"--pretrained imagenet is not available for {type(self).__name__}: torchvision has no "
+                         "ImageNet weights of the study's own networks (VGG-16, AlexNet, GoogLeNet and ResNet-50 "
+                         "have them)")
 
 
 class CifarMLP(_Backbone):
@@ -126,6 +158,13 @@ class CifarAlexNet(_Backbone):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(images)
 
+    def load_imagenet_features(self) -> list[str]:
+        """The third to fifth convolutions' ImageNet weights (the first two are 3×3 here, 11×11 and 5×5 there)."""
+        state = imagenet_state_dict(AlexNet_Weights.IMAGENET1K_V1)
+        convolutions = {name.removeprefix("features."): tensor for name, tensor in state.items()
+                        if name.startswith("features.")}  # torchvision's layer indices are ours
+        return copy_imagenet(self.body, convolutions, adapted=("0.", "3."), prefix="body.")
+
 
 class CifarGoogLeNet(_Backbone):
     """torchvision's GoogLeNet (Inception v1, no auxiliary heads) with a stride-1 3×3 stem and without the
@@ -149,6 +188,11 @@ class CifarGoogLeNet(_Backbone):
             x = block(x)
         return net.inception5b(net.inception5a(net.maxpool4(x)))
 
+    def load_imagenet_features(self) -> list[str]:
+        """Every ImageNet weight but the 7×7 stem's (3×3 here) and the unused 1000-class layer's."""
+        return copy_imagenet(self.net, imagenet_state_dict(GoogLeNet_Weights.IMAGENET1K_V1),
+                             adapted=("conv1.", "fc."), prefix="net.")
+
 
 class CifarResNet50(_Backbone):
     """torchvision's ResNet-50 with a 3×3 stride-1 stem and no stem max-pool."""
@@ -168,3 +212,8 @@ class CifarResNet50(_Backbone):
         net = self.net
         x = net.relu(net.bn1(net.conv1(images)))
         return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
+    def load_imagenet_features(self) -> list[str]:
+        """Every ImageNet weight but the 7×7 stem's and its batch norm's (3×3 here)."""
+        return copy_imagenet(self.net, imagenet_state_dict(ResNet50_Weights.IMAGENET1K_V1),
+                             adapted=("conv1.", "bn1."), prefix="net.")

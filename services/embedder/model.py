@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import VGG16_BN_Weights, vgg16_bn
+from torchvision.models import VGG16_BN_Weights
 from torchvision.models.vgg import cfgs, make_layers
 
 from services.embedder import backbones
@@ -60,10 +60,13 @@ class CifarVGG16(nn.Module):
         embedding = self.embedding(self.pool(self.features(images)))
         return embedding, self.classifier(self.dropout(embedding))
 
-    def load_imagenet_features(self) -> None:
-        """Copy torchvision's ImageNet VGG-16-BN convolutions (downloads them; full width only)."""
-        weights = vgg16_bn(weights=VGG16_BN_Weights.IMAGENET1K_V1).features.state_dict()
-        self.features.load_state_dict(weights)
+    def load_imagenet_features(self) -> list[str]:
+        """Copy torchvision's ImageNet VGG-16-BN convolutions (downloads them; full width only); returns the
+        copied parameters' names."""
+        state = backbones.imagenet_state_dict(VGG16_BN_Weights.IMAGENET1K_V1)
+        convolutions = {name.removeprefix("features."): tensor for name, tensor in state.items()
+                        if name.startswith("features.")}
+        return backbones.copy_imagenet(self.features, convolutions, prefix="features.")
 
     def _init_weights(self) -> None:
         for module in self.modules():

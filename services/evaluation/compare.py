@@ -250,9 +250,10 @@ def markdown(results: dict[str, dict[str, Any]], figure_paths: dict[str, str], a
         "one-cycle at 0.1, label smoothing 0.1, crop + flip augmentation, bf16, batch 256) and the same budget of "
         "training-step minutes each (the per-epoch test measurement not counted), so the slower networks see "
         "fewer epochs, as the column says; the shipped bundle was trained once with its own recipe (README, "
-        "'Training'). The study fine-tuned ImageNet-pretrained networks; that mode "
-        "(`cbir train --pretrained imagenet`, downloads torchvision's weights) could not run on this machine, "
-        "which has no internet, and exists for VGG-16 only; every network here is trained from scratch at 32×32.",
+        "'Training'). The study fine-tuned ImageNet-pretrained networks with only their classifiers trained; "
+        "that mode (`cbir train --pretrained imagenet --freeze-pretrained`, for VGG-16, AlexNet, GoogLeNet and "
+        "ResNet-50; it downloads torchvision's weights) could not run on this machine, which has no internet: "
+        "every network here is trained from scratch at 32×32.",
         "",
         f"Retrieval is the study's protocol through `cbir evaluate`: {protocol}, exact cosine search on the "
         "search vector (PCA-reduced embedding, L2-normalised, with the "

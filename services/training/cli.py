@@ -54,7 +54,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--width-mult", type=float, default=1.0,
                         help="scale of every convolution's width (1.0 = VGG-16)")
     parser.add_argument("--pretrained", choices=("none", "imagenet"), default="none",
-                        help="start the convolutions from torchvision's ImageNet weights (downloads)")
+                        help="start the convolutions from torchvision's ImageNet weights (downloads; VGG-16, AlexNet, "
+                             "GoogLeNet, ResNet-50)")
+    parser.add_argument("--freeze-pretrained", action="store_true",
+                        help="with --pretrained imagenet: train only the layers it did not copy (the embedding "
+                             "head, the classifier, the stems adapted to 32x32); the copied ones keep their ImageNet "
+                             "weights and batch-norm statistics, as in the study's transfer learning")
     parser.add_argument("--init-bundle", type=Path, default=None,
                         help="start from the weights of this bundle (e.g. continue the shipped model with a "
                         "new schedule); its architecture must match")

@@ -43,8 +43,9 @@ ONECYCLE_MOMENTUM = (0.85, 0.95)  # OneCycleLR's base and max momentum
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     """Nesterov SGD, with no weight decay on biases and batch-norm parameters."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    trained = [p for p in model.parameters() if p.requires_grad]  # --freeze-pretrained leaves some out
+    decay = [p for p in trained if p.ndim > 1]
+    no_decay = [p for p in trained if p.ndim <= 1]
     return torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
                             {"params": no_decay, "weight_decay": 0.0}],
                            lr=args.lr, momentum=args.momentum, nesterov=True)
@@ -136,20 +137,22 @@ class TrainingRun:
     budget_s: float | None = None  # --time-budget-min: seconds of training steps the run may spend
     trained_s: float = 0.0  # seconds spent in training steps so far (per-epoch test measurements excluded)
     images_seen: int = 0
+    frozen: list[nn.Module] = field(default_factory=list)  # --freeze-pretrained's batch norms, kept in eval mode
 
     @property
     def budget_spent(self) -> bool:
         return self.budget_s is not None and self.trained_s >= self.budget_s
 
     @classmethod
-    def start(cls, model: nn.Module, args: argparse.Namespace, *, train_images: int) -> TrainingRun:
+    def start(cls, model: nn.Module, args: argparse.Namespace, *, train_images: int,
+              frozen: Sequence[nn.Module] = ()) -> TrainingRun:
         optimizer = make_optimizer(model, args)
         steps_per_epoch = train_images // args.batch_size or 1
         return cls(model=model, optimizer=optimizer, scheduler=make_scheduler(args, optimizer, steps_per_epoch),
                    swa_model=torch.optim.swa_utils.AveragedModel(model) if args.swa_epochs else None,
                    generator=torch.Generator().manual_seed(args.seed), steps_per_epoch=steps_per_epoch,
                    swa_start=sys.maxsize if args.time_budget_min else args.epochs - args.swa_epochs,
-                   budget_s=args.time_budget_min * 60 if args.time_budget_min else None)
+                   budget_s=args.time_budget_min * 60 if args.time_budget_min else None, frozen=list(frozen))
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -227,6 +230,8 @@ def train_epoch(run: TrainingRun, epoch: int, data: DeviceSplit, *, args: argpar
     the mean loss, train accuracy and throughput. With a time budget the pass stops where the budget
     is spent, and the learning rate and momentum follow `one_cycle` of the budget's fraction spent."""
     run.model.train()
+    for module in run.frozen:
+        module.eval()
     device = data.images.device
     started = time.perf_counter()
     if epoch >= run.swa_start:

@@ -75,9 +75,11 @@ def train(args: argparse.Namespace, *, settings: TrainingSettings | None = None)
     logger.info("data: %s, %d train and %d test images, %d classes, device %s",
                 root, len(train_x), len(test_x), len(classes), device)
 
-    model = initial_model(args, architecture, len(classes)).to(device, memory_format=torch.channels_last)
+    model, pretrained = initial_model(args, architecture, len(classes))
+    frozen = freeze(model, pretrained) if args.freeze_pretrained else []
+    model = model.to(device, memory_format=torch.channels_last)
     teachers = load_teachers(args.teacher or [], classes, device)
-    run = TrainingRun.start(model, args, train_images=len(train_x))
+    run = TrainingRun.start(model, args, train_images=len(train_x), frozen=frozen)
     if args.resume:
         resume(run, args, args.checkpoint_dir / CHECKPOINT_FILE, device)
     train_data = DeviceSplit(images=torch.from_numpy(train_x).to(device), labels=torch.from_numpy(train_y).to(device))
@@ -105,16 +107,22 @@ def check_options(args: argparse.Namespace) -> None:
         raise TrainingError("--swa-epochs must be between 0 and --epochs")
     if args.time_budget_min is not None and (args.time_budget_min <= 0 or args.swa_epochs):
         raise TrainingError("--time-budget-min must be above 0, and cannot be combined with --swa-epochs")
+    if args.freeze_pretrained and (args.pretrained != "imagenet" or args.swa_epochs):
+        raise TrainingError("--freeze-pretrained needs --pretrained imagenet, and cannot be combined with "
+                            "--swa-epochs (which re-estimates every batch norm's statistics)")
     if not 0 <= args.distill_weight <= 1 or args.distill_temperature <= 0:
         raise TrainingError("--distill-weight must be between 0 and 1 and --distill-temperature above 0")
 
 
-def initial_model(args: argparse.Namespace, architecture: dict[str, Any], num_classes: int) -> nn.Module:
-    """A fresh network, with `--pretrained` convolutions or the weights of `--init-bundle` (unless resuming)."""
+def initial_model(args: argparse.Namespace, architecture: dict[str, Any],
+                  num_classes: int) -> tuple[nn.Module, list[str]]:
+    """A fresh network, with `--pretrained` convolutions or the weights of `--init-bundle` (unless resuming),
+    and the names of the parameters copied from ImageNet."""
+    pretrained: list[str] = []
     try:
         model = build_model(architecture, num_classes)
         if args.pretrained == "imagenet":
-            model.load_imagenet_features()
+            pretrained = model.load_imagenet_features()
     except ValueError as exc:  # an option this backbone does not take (width, ImageNet weights)
         raise TrainingError(f"--arch {architecture['name']}: {exc}") from exc
     if args.init_bundle is not None and not args.resume:
@@ -129,7 +137,22 @@ def initial_model(args: argparse.Namespace, architecture: dict[str, Any], num_cl
         except RuntimeError as exc:
             raise TrainingError(f"--init-bundle {args.init_bundle}: its network is not --arch's ({exc})") from exc
         logger.info("starting from the weights of %s", args.init_bundle)
-    return model
+    return model, pretrained
+
+
+def freeze(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    """Stop training the named parameters; return the batch norms left with nothing to train, which the
+    loop keeps in eval mode so that their running statistics stay those they came with."""
+    names_set = set(names)
+    for name, parameter in model.named_parameters():
+        if name in names_set:
+            parameter.requires_grad_(False)
+    frozen = [module for module in model.modules() if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d)
+              and not any(parameter.requires_grad for parameter in module.parameters())]
+    trained = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    logger.info("--freeze-pretrained: %d parameter tensors frozen (%d batch norms in eval mode); %d weights train",
+                len(names_set), len(frozen), trained)
+    return frozen
 
 
 def load_teachers(directories: list[Path], classes: list[str], device: torch.device) -> list[nn.Module]:

@@ -58,3 +58,73 @@ def test_an_unknown_backbone_or_width_is_refused_with_the_choices() -> None:
         build_model({"name": "ResNet9"}, 10)
     with pytest.raises(ValueError, match="ResNet-50 comes at full width only"):
         build_model({"name": "CifarResNet50", "width_mult": 0.5}, 10)
+
+
+def _torchvision_layout(name: str) -> tuple[torch.nn.Module, type]:
+    """torchvision's own network at random weights (the layout of its ImageNet file) and its weights enum."""
+    from torchvision import models
+
+    return {
+        "CifarVGG16": (lambda: models.vgg16_bn(weights=None), models.VGG16_BN_Weights),
+        "CifarAlexNet": (lambda: models.alexnet(weights=None), models.AlexNet_Weights),
+        "CifarGoogLeNet": (lambda: models.googlenet(weights=None, aux_logits=True, init_weights=True),
+                           models.GoogLeNet_Weights),
+        "CifarResNet50": (lambda: models.resnet50(weights=None), models.ResNet50_Weights),
+    }[name]
+
+
+# ours → torchvision's name prefix, and the layers adapted to 32×32 that keep their initialisation
+IMAGENET_LAYOUT = {
+    "CifarVGG16": ("features.", "features.", ()),
+    "CifarAlexNet": ("body.", "features.", ("body.0.", "body.3.")),
+    "CifarGoogLeNet": ("net.", "", ("net.conv1.", "net.fc.")),
+    "CifarResNet50": ("net.", "", ("net.conv1.", "net.bn1.")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGENET_LAYOUT))
+def test_imagenet_weights_fill_every_layer_they_fit_and_the_layers_adapted_to_32px_keep_their_initialisation(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.embedder import backbones
+
+    build_source, weights_enum = _torchvision_layout(name)
+    torch.manual_seed(1)
+    source = build_source().state_dict()
+    asked = []
+    monkeypatch.setattr(backbones, "imagenet_state_dict", lambda weights: asked.append(weights) or source)
+    torch.manual_seed(0)
+    model = build_model({"name": name}, 10)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    copied = model.load_imagenet_features()
+
+    ours, theirs, adapted = IMAGENET_LAYOUT[name]
+    assert asked == [weights_enum.IMAGENET1K_V1]
+    after = model.state_dict()
+    parameters = {key for key, _ in model.named_parameters()}
+    for key, value in after.items():
+        if key.startswith(ours) and not key.startswith(adapted):  # weights, biases and batch-norm statistics
+            assert torch.equal(value, source[theirs + key.removeprefix(ours)]), key
+        else:  # the adapted stems and the embedding head and classifier
+            assert torch.equal(value, before[key]), key
+    expected = {key for key in parameters if key.startswith(ours) and not key.startswith(adapted)}
+    assert set(copied) == expected and len(copied) == len(expected) > 0
+    if adapted:
+        assert any(key.startswith(adapted) for key in parameters)  # the stem is there, at its initialisation
+    model.eval()
+    with torch.inference_mode():
+        embedding, logits = model(torch.randn(2, 3, 32, 32))
+    assert embedding.shape == (2, 512) and logits.shape == (2, 10)
+
+
+def test_imagenet_weights_are_refused_where_torchvision_has_none_or_they_do_not_fit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision.models import vgg16_bn
+
+    from services.embedder import backbones
+
+    monkeypatch.setattr(backbones, "imagenet_state_dict", lambda weights: vgg16_bn(weights=None).state_dict())
+    for name in ("CifarMLP", "CifarCNN"):
+        with pytest.raises(ValueError, match=f"not available for {name}: torchvision has no ImageNet weights"):
+            build_model({"name": name}, 10).load_imagenet_features()
+    with pytest.raises(ValueError, match=r"do not fit Sequential \(0.weight, .*full-width network only"):
+        build_model({"name": "CifarVGG16", "width_mult": 0.5}, 10).load_imagenet_features()

@@ -206,3 +206,48 @@ def test_the_studys_other_backbones_train_into_bundles_the_embedder_serves(tmp_p
     with pytest.raises(TrainingError, match="--arch CifarMLP: --pretrained imagenet is not available"):
         train(quick_args(mini_collection, tmp_path, "--arch", "CifarMLP", "--pretrained", "imagenet", epochs=1,
                          output=tmp_path / "m"))
+
+
+def test_freeze_pretrained_trains_only_the_layers_imagenet_did_not_fill_and_keeps_their_statistics(
+        tmp_path: Path, mini_collection: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The study's transfer mode: `--pretrained imagenet --freeze-pretrained` ships the ImageNet convolutions
+    and batch-norm statistics untouched (here torchvision's layout at random weights: no download) and a
+    trained head; without --pretrained, or with SWA (which re-estimates batch norms), it is refused."""
+    from torchvision.models import vgg16_bn
+
+    from services.embedder import backbones
+
+    torch.manual_seed(7)
+    source = vgg16_bn(weights=None).state_dict()
+    monkeypatch.setattr(backbones, "imagenet_state_dict", lambda weights: source)
+    initial: dict[str, torch.Tensor] = {}
+
+    def freeze(model: torch.nn.Module, names: list[str]) -> list[torch.nn.Module]:
+        initial.update({key: value.clone() for key, value in model.state_dict().items()})
+        return real_freeze(model, names)
+
+    trained: dict[str, torch.Tensor] = {}
+
+    def write_bundle(*args: object, model: torch.nn.Module, **kwargs: object) -> dict[str, object]:
+        trained.update(model.state_dict())  # the weights the bundle is written from, before their fp16 copy
+        return real_write_bundle(*args, model=model, **kwargs)
+
+    real_freeze, real_write_bundle = trainer.freeze, trainer.write_bundle
+    monkeypatch.setattr(trainer, "freeze", freeze)
+    monkeypatch.setattr(trainer, "write_bundle", write_bundle)
+    args = quick_args(mini_collection, tmp_path, "--width-mult", "1", "--pretrained", "imagenet",
+                      "--freeze-pretrained", epochs=1, output=tmp_path / "frozen")
+    train(args)
+    bundle = load_bundle(tmp_path / "frozen")
+    shipped = bundle.model.state_dict()
+    features = [key for key in trained if key.startswith("features.")]
+    assert any(key.endswith("running_mean") for key in features) and set(features) <= set(shipped)
+    for key in features:
+        assert torch.equal(initial[key], source[key]) and torch.equal(trained[key], source[key]), key
+        assert torch.allclose(shipped[key].float(), source[key].float(), rtol=1e-3, atol=1e-4), key  # fp16 file
+    assert not torch.equal(trained["classifier.weight"], initial["classifier.weight"])  # the head did train
+    assert not torch.equal(trained["embedding.2.running_mean"], initial["embedding.2.running_mean"])
+    assert "--pretrained imagenet --freeze-pretrained" in bundle.metadata["training"]["command"]
+    for extra in (("--freeze-pretrained",), ("--pretrained", "imagenet", "--freeze-pretrained", "--swa-epochs", "1")):
+        with pytest.raises(TrainingError, match="--freeze-pretrained needs --pretrained imagenet"):
+            train(quick_args(mini_collection, tmp_path, *extra, epochs=2, output=tmp_path / "refused"))
