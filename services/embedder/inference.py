@@ -125,6 +125,7 @@ def forward_batch(
     return embedding.float().cpu().numpy(), probabilities.cpu().numpy()
 
 
+@torch.inference_mode()  # the model's inputs and their mirrors alike: one compiled graph serves both
 def predict(
     model: nn.Module,
     images: np.ndarray | torch.Tensor,
@@ -138,7 +139,10 @@ def predict(
     """Embeddings `(N, E)` and probabilities `(N, C)` of decoded `(N, S, S, 3)` uint8 images, in eval mode.
 
     Normalised with the bundle's mean and std; `flip_tta` (default: the bundle's) averages each
-    image with its mirror. Chunks of `batch_size`: the same chunking gives the same numerics.
+    image with its mirror. Chunks of `batch_size`: the same chunking gives the same numerics. The
+    inputs are made in inference mode, as the mirrors are in `forward_batch`: torch.compile guards on
+    that, and an input made outside it recompiled a compiled model for the mirror (7 s on the first
+    query of each size).
     """
     if tuple(images.shape[1:]) != (preprocessing.image_size, preprocessing.image_size, 3):
         side = preprocessing.image_size

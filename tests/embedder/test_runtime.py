@@ -157,6 +157,24 @@ def test_the_compiled_model_answers_as_the_eager_one_for_padded_batches(tiny_bun
 
 
 @pytest.mark.slow
+def test_a_compiled_size_serves_queries_and_their_mirrors_without_compiling_again(tiny_bundle) -> None:
+    """Flip TTA's mirror pass goes through the graph compiled for the size: it was compiled again for the
+    mirror (an inference-mode tensor where the warm-up's input was not), 3-7 s on each size's first query."""
+    import torch._dynamo
+
+    from services.embedder.runtime import Embedder
+
+    assert tiny_bundle.preprocessing.flip_tta
+    embedder = Embedder(tiny_bundle, max_batch=2, compile=True)
+    embedder.compile_model()
+    images = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a recompilation raises
+        for count in (1, 2):
+            for purpose in ("query", "index"):
+                assert len(embedder.embed_batch(images[:count], purpose=purpose)) == count
+
+
+@pytest.mark.slow
 async def test_the_service_compiles_in_its_own_thread_while_it_answers(tiny_bundle, mini_collection) -> None:
     """Compilation runs in the batcher's thread between requests (tracing beside an eager forward pass in
     another thread deadlocked): requests keep being answered, and every size gets compiled."""
