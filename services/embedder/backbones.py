@@ -56,7 +56,11 @@ def _full_width_only(name: str, width_mult: float) -> None:
 
 def imagenet_state_dict(weights: WeightsEnum) -> Mapping[str, torch.Tensor]:
     """torchvision's ImageNet weights (downloaded on first use into torch's hub cache)."""
-    return weights.get_state_dict(progress=True)
+    try:
+        return weights.get_state_dict(progress=True)
+    except OSError as exc:  # no internet (URLError), a timeout, a full disk
+        raise ValueError(f"torchvision's {weights} could not be fetched ({exc}): --pretrained imagenet needs "
+                         f"internet, or the file already in {torch.hub.get_dir()}/checkpoints") from exc
 
 
 def copy_imagenet(target: nn.Module, state: Mapping[str, torch.Tensor], *, adapted: tuple[str, ...] = (),

@@ -128,3 +128,16 @@ def test_imagenet_weights_are_refused_where_torchvision_has_none_or_they_do_not_
             build_model({"name": name}, 10).load_imagenet_features()
     with pytest.raises(ValueError, match=r"do not fit Sequential \(0.weight, .*full-width network only"):
         build_model({"name": "CifarVGG16", "width_mult": 0.5}, 10).load_imagenet_features()
+
+
+def test_imagenet_weights_that_cannot_be_fetched_are_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.error
+
+    from torchvision.models import _api
+
+    def offline(url: str, *args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(_api, "load_state_dict_from_url", offline)  # what torchvision's weights call to download
+    with pytest.raises(ValueError, match=r"ResNet50_Weights.IMAGENET1K_V1 could not be fetched .*needs internet"):
+        build_model({"name": "CifarResNet50"}, 10).load_imagenet_features()
