@@ -63,12 +63,14 @@ def imagenet_state_dict(weights: WeightsEnum) -> Mapping[str, torch.Tensor]:
                          f"internet, or the file already in {torch.hub.get_dir()}/checkpoints") from exc
 
 
-def copy_imagenet(target: nn.Module, state: Mapping[str, torch.Tensor], *, adapted: tuple[str, ...] = (),
-                  prefix: str = "") -> list[str]:
-    """Copy into `target` the tensors of `state` it has a place for, except those under the `adapted`
-    prefixes (layers changed for 32×32 inputs, left at their initialisation); return the copied
-    parameters' names with `prefix`. A tensor of another shape (a narrowed network) is a ValueError."""
+def copy_imagenet(target: nn.Module, state: Mapping[str, torch.Tensor], *, within: str = "",
+                  adapted: tuple[str, ...] = (), prefix: str = "") -> list[str]:
+    """Copy into `target` the tensors of `state` under `within` (that prefix dropped) it has a place for,
+    except those under the `adapted` prefixes (layers changed for 32×32 inputs, left at their
+    initialisation); return the copied parameters' names with `prefix`. A tensor of another shape (a
+    narrowed network) is a ValueError."""
     own = target.state_dict()
+    state = {name.removeprefix(within): tensor for name, tensor in state.items() if name.startswith(within)}
     wanted = {name: tensor for name, tensor in state.items() if name in own and not name.startswith(adapted)}
     misfits = [name for name, tensor in wanted.items() if tensor.shape != own[name].shape]
     if misfits or not wanted:
@@ -164,10 +166,8 @@ class CifarAlexNet(_Backbone):
 
     def load_imagenet_features(self) -> list[str]:
         """The third to fifth convolutions' ImageNet weights (the first two are 3×3 here, 11×11 and 5×5 there)."""
-        state = imagenet_state_dict(AlexNet_Weights.IMAGENET1K_V1)
-        convolutions = {name.removeprefix("features."): tensor for name, tensor in state.items()
-                        if name.startswith("features.")}  # torchvision's layer indices are ours
-        return copy_imagenet(self.body, convolutions, adapted=("0.", "3."), prefix="body.")
+        return copy_imagenet(self.body, imagenet_state_dict(AlexNet_Weights.IMAGENET1K_V1), within="features.",
+                             adapted=("0.", "3."), prefix="body.")  # torchvision's layer indices are ours
 
 
 class CifarGoogLeNet(_Backbone):

@@ -63,10 +63,8 @@ class CifarVGG16(nn.Module):
     def load_imagenet_features(self) -> list[str]:
         """Copy torchvision's ImageNet VGG-16-BN convolutions (downloads them; full width only); returns the
         copied parameters' names."""
-        state = backbones.imagenet_state_dict(VGG16_BN_Weights.IMAGENET1K_V1)
-        convolutions = {name.removeprefix("features."): tensor for name, tensor in state.items()
-                        if name.startswith("features.")}
-        return backbones.copy_imagenet(self.features, convolutions, prefix="features.")
+        return backbones.copy_imagenet(self.features, backbones.imagenet_state_dict(VGG16_BN_Weights.IMAGENET1K_V1),
+                                       within="features.", prefix="features.")
 
     def _init_weights(self) -> None:
         for module in self.modules():

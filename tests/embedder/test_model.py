@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -60,7 +62,7 @@ def test_an_unknown_backbone_or_width_is_refused_with_the_choices() -> None:
         build_model({"name": "CifarResNet50", "width_mult": 0.5}, 10)
 
 
-def _torchvision_layout(name: str) -> tuple[torch.nn.Module, type]:
+def _torchvision_layout(name: str) -> tuple[Callable[[], torch.nn.Module], type]:
     """torchvision's own network at random weights (the layout of its ImageNet file) and its weights enum."""
     from torchvision import models
 
