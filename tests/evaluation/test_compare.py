@@ -114,3 +114,4 @@ def test_the_committed_report_is_what_cbir_compare_renders_from_the_committed_re
         row = next(row for row in compare.ROWS if row.key == path.stem)
         line = next(line for line in committed.splitlines() if line.startswith(f"| {row.title} |"))
         assert "not measured yet" not in line and json.loads(path.read_text())["bundle_version"] in committed
+    assert "not measured yet" not in committed  # and every row of the study's table has one
