@@ -76,12 +76,12 @@ def build_store(settings: StoreSettings, *, faiss_path: Path | None = None, vers
     Elasticsearch's index is the one behind the `CBIR_ES_INDEX` alias, or with `versioned` the index of the
     model version it is opened with (a rebuild beside the served one)."""
     if settings.backend is Backend.elasticsearch:
-        from services.common.stores.elasticsearch_store import ElasticsearchStore
+        from services.common.stores.elasticsearch import ElasticsearchStore
 
         return ElasticsearchStore.from_settings(settings, versioned=versioned)
     import faiss
 
-    from services.common.stores.faiss_store import FaissStore
+    from services.common.stores.faiss import FaissStore
 
     faiss.omp_set_num_threads(settings.faiss_threads)  # process-wide: searches run beside the model's threads
     return FaissStore(faiss_path or served_faiss_path(settings), index=settings.faiss_index)
@@ -234,7 +234,7 @@ async def rebuild_path(settings: StoreSettings, service: EmbeddingService) -> Pa
     index when that one holds another model's vectors (so a running `cbir serve` goes on serving it until the
     new pair is recorded, then swaps); None to index in place."""
     from services.common.errors import StoreMismatchError
-    from services.common.stores.faiss_store import FaissStore
+    from services.common.stores.faiss import FaissStore
     from services.indexer.serving import index_file_for, read_record
 
     if settings.backend is not Backend.faiss or not hasattr(service, "embedder"):

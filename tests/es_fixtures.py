@@ -12,7 +12,7 @@ import pytest
 from es_double import EsDouble
 
 from services.common.settings import StoreSettings
-from services.common.stores.elasticsearch_store import ElasticsearchStore
+from services.common.stores.elasticsearch import ElasticsearchStore
 
 MakeEsStore = Callable[..., ElasticsearchStore]
 

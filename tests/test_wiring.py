@@ -76,7 +76,7 @@ async def test_a_failed_indexing_run_leaves_the_server_up_and_says_why(cbir_env:
 
 
 async def test_shutdown_cancels_indexing_before_closing_the_store(cbir_env: Path) -> None:
-    from services.common.stores.faiss_store import FaissStore
+    from services.common.stores.faiss import FaissStore
     from services.search.app import create_app
     from services.wiring import OneMachineSettings
 
@@ -112,7 +112,7 @@ def test_the_faiss_store_searches_with_the_configured_threads(tmp_path: Path, mo
     import faiss
 
     from services.common.settings import StoreSettings
-    from services.common.stores.faiss_store import FaissStore
+    from services.common.stores.faiss import FaissStore
     from services.wiring import build_store
 
     before = faiss.omp_get_max_threads()

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from services.common.documents import document_id
 from services.common.errors import SearchApiError
-from services.common.stores.faiss_store import FaissStore
+from services.common.stores.faiss import FaissStore
 from services.evaluation.metrics import run_entries
 
 logger = logging.getLogger(__name__)

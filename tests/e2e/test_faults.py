@@ -37,7 +37,7 @@ from reliability_fixtures import (
 
 from services.common.collection import iter_images
 from services.common.errors import BundleError
-from services.common.stores.faiss_store import FaissStore
+from services.common.stores.faiss import FaissStore
 
 pytestmark = pytest.mark.anyio
 
@@ -405,7 +405,7 @@ KILLED_WHILE_SAVING = textwrap.dedent("""
     import numpy as np
     from pathlib import Path
     from factories import make_documents
-    from services.common.stores.faiss_store import FaissStore
+    from services.common.stores.faiss import FaissStore
 
     path, marker = Path(sys.argv[1]), Path(sys.argv[2])
     def stall(fd):  # the new file is written but not yet synced or renamed

@@ -12,7 +12,7 @@ from factories import make_document
 from reliability_fixtures import FixedEmbedder, asgi_client, encode, sample_image
 
 from services.common.settings import UploadSettings
-from services.common.stores.faiss_store import FaissStore
+from services.common.stores.faiss import FaissStore
 from services.search.settings import SearchSettings
 
 pytestmark = pytest.mark.anyio
@@ -237,7 +237,7 @@ def test_settings_never_show_secrets() -> None:
 
 
 def test_elasticsearch_store_names_its_url_without_credentials(caplog: pytest.LogCaptureFixture) -> None:
-    from services.common.stores.elasticsearch_store import ElasticsearchStore
+    from services.common.stores.elasticsearch import ElasticsearchStore
 
     settings = SearchSettings(backend="elasticsearch", es_url="http://elastic:url-password@localhost:9200",
                               es_username="elastic", es_password=ES_PASSWORD)

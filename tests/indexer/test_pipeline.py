@@ -15,7 +15,7 @@ from services.common.collection import Layout, iter_images
 from services.common.embedding import HttpEmbeddingClient
 from services.common.errors import StoreMismatchError
 from services.common.images import decode_image
-from services.common.stores.faiss_store import FaissStore
+from services.common.stores.faiss import FaissStore
 from services.embedder.runtime import Embedder, LocalEmbeddingService
 from services.indexer.pipeline import IndexOptions, index_collection
 

@@ -21,7 +21,7 @@ from reliability_fixtures import asgi_client
 from services import wiring
 from services.common.images import reencode_image
 from services.common.stores.base import VectorStore
-from services.common.stores.faiss_store import FaissStore
+from services.common.stores.faiss import FaissStore
 from services.indexer.pipeline import IndexOptions, index_collection
 from services.search.app import create_app
 from services.search.settings import SearchSettings

@@ -13,7 +13,7 @@ from es_fixtures import es_settings
 from factories import make_documents
 
 from services.common.errors import StoreMismatchError
-from services.common.stores.elasticsearch_store import ElasticsearchStore, versioned_index
+from services.common.stores.elasticsearch import ElasticsearchStore, versioned_index
 
 if TYPE_CHECKING:
     from es_fixtures import MakeEsStore

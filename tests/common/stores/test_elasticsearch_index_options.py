@@ -19,7 +19,7 @@ from factories import DIMS, make_documents
 
 from services.common.errors import ConfigError
 from services.common.settings import StoreSettings
-from services.common.stores.elasticsearch_store import INDEX_OPTIONS, ElasticsearchStore
+from services.common.stores.elasticsearch import INDEX_OPTIONS, ElasticsearchStore
 
 if TYPE_CHECKING:
     from es_fixtures import MakeEsStore
@@ -105,7 +105,7 @@ async def test_an_existing_index_keeps_its_options(
     es_double: EsDouble, make_es_store: MakeEsStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     await make_es_store().open(dims=SHIPPED_DIMS, model_version=MODEL)  # hnsw
-    caplog.set_level(logging.WARNING, logger="services.common.stores.elasticsearch_store")
+    caplog.set_level(logging.WARNING, logger="services.common.stores.elasticsearch.store")
     quantised = make_es_store(es_index_options="bbq_hnsw")
     await quantised.open(dims=SHIPPED_DIMS, model_version=MODEL)
     await make_es_store(es_index_options="int8_flat").open(dims=SHIPPED_DIMS, model_version="model-b")  # claims it

@@ -32,8 +32,8 @@ from services.common.errors import (
 )
 from services.common.settings import EsSearchMode
 from services.common.stores.base import StoreQuery, VectorStore
-from services.common.stores.elasticsearch_store import ElasticsearchStore
-from services.common.stores.faiss_store import FaissStore
+from services.common.stores.elasticsearch import ElasticsearchStore
+from services.common.stores.faiss import FaissStore
 
 if TYPE_CHECKING:
     from es_fixtures import MakeEsStore
@@ -393,7 +393,7 @@ async def test_elasticsearch_fresh_index_503s_beyond_the_retries_are_reported(
 async def test_elasticsearch_fresh_index_whose_primaries_never_start_is_unavailable(
     es_double: EsDouble, es_store: ElasticsearchStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("services.common.stores.elasticsearch_store.PRIMARIES_WAIT_S", 0.2)
+    monkeypatch.setattr("services.common.stores.elasticsearch.store.PRIMARIES_WAIT_S", 0.2)
     es_double.primaries_start_s = 60
     with pytest.raises(StoreUnavailableError, match="did not start within 0.2 s .*health red, 30 initializing"):
         await es_store.open(dims=DIMS, model_version=MODEL)

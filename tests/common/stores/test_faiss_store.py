@@ -14,7 +14,7 @@ from factories import DIMS, MODEL_VERSION, make_document, make_documents, unit_v
 
 from services.common.errors import IndexNotReadyError, StoreMismatchError, StoreUnavailableError
 from services.common.stores.base import StoreQuery
-from services.common.stores.faiss_store import FaissStore
+from services.common.stores.faiss import FaissStore
 
 pytestmark = pytest.mark.anyio
 
@@ -215,7 +215,7 @@ async def test_a_narrow_filter_is_searched_exactly(tmp_path: Path) -> None:
 
 
 async def test_auto_uses_the_graph_from_the_measured_size_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from services.common.stores import faiss_store
+    from services.common.stores.faiss import store as faiss_store
 
     monkeypatch.setattr(faiss_store, "AUTO_HNSW_FROM", 100)
     store = FaissStore(tmp_path / "index.npz")  # auto

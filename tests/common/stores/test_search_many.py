@@ -19,7 +19,7 @@ from factories import make_document, make_documents, unit_vectors
 from services.common.documents import ImageDocument
 from services.common.errors import StoreError, StoreMismatchError
 from services.common.stores.base import StoreQuery, VectorStore
-from services.common.stores.faiss_store import FaissStore
+from services.common.stores.faiss import FaissStore
 
 if TYPE_CHECKING:
     from es_fixtures import MakeEsStore
