@@ -21,7 +21,8 @@ import httpx
 import pytest
 import torch
 from factories import copy_collection
-from reliability_fixtures import asgi_client, train_tiny_bovw_bundle, train_tiny_bundle
+from servers import asgi_client
+from tiny_models import train_tiny_bovw_bundle, train_tiny_bundle
 
 from services.common.collection import REPO_ROOT
 from services.embedder.bundle import Bundle, load_bundle

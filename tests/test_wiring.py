@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from reliability_fixtures import asgi_client
+from servers import asgi_client
 
 from services.common.errors import CollectionError
 from services.common.status import IndexProgress

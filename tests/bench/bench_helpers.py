@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
+
+from services.common.collection import REPO_ROOT
 
 
 def child_pids() -> set[int]:
@@ -24,3 +29,13 @@ def child_pids() -> set[int]:
 def read_result(directory: Path, name: str) -> dict[str, Any]:
     return json.loads((directory / f"{name}.json").read_text())
 
+
+def load_bench_script(name: str) -> ModuleType:
+    """bench/<name>.py, which is a script rather than part of the installed package (loaded once)."""
+    module_name = f"bench_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, REPO_ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses look their module up while it executes
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]

@@ -8,8 +8,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
-from bench_helpers import read_result
-from reliability_fixtures import load_bench_script
+from bench_helpers import load_bench_script, read_result
 
 from services.common.collection import REPO_ROOT
 

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import benchlib
 import pytest
-from bench_helpers import read_result
-from reliability_fixtures import load_bench_script
+from bench_helpers import load_bench_script, read_result
 
 
 def test_quick_run_writes_each_batch_and_mode(quick_args: list[str], tmp_path: Path) -> None:

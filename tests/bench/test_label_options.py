@@ -8,7 +8,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
-from reliability_fixtures import load_bench_script, train_tiny_bundle
+from bench_helpers import load_bench_script
+from tiny_models import train_tiny_bundle
 
 from services.embedder.bundle import load_bundle
 from services.evaluation.features import embed_split, load_collection_split

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from reliability_fixtures import load_bench_script
+from bench_helpers import load_bench_script
 
 
 def test_bench_refuses_other_hosts() -> None:

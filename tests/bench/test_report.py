@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from reliability_fixtures import load_bench_script
+from bench_helpers import load_bench_script
 
 README = "# cbir\n\n### Speed\n\nintro\n\n<!-- bench:begin -->\nold table\n<!-- bench:end -->\n\n## Scale out\n"
 

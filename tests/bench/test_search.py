@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from bench_helpers import child_pids, read_result
-from reliability_fixtures import load_bench_script
+from bench_helpers import child_pids, load_bench_script, read_result
 
 
 @pytest.mark.slow

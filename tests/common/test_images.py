@@ -11,7 +11,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
-from reliability_fixtures import encode, exif_rotated_jpeg, odd_images, png_bomb, png_bytes, sample_image
+from sample_images import encode, exif_rotated_jpeg, odd_images, png_bomb, png_bytes, sample_image
 
 from services.common.collection import REPO_ROOT
 from services.common.errors import EmptyImageError, ImageDecodeError, ImageError, ImageTooLargeError

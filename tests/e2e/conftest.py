@@ -11,7 +11,8 @@ from urllib.parse import urlsplit
 
 import pytest
 from playwright.sync_api import Browser, Page, Route, sync_playwright
-from reliability_fixtures import free_port, start_cbir, stop_process, subprocess_env, wait_for_http
+from processes import free_port, start_cbir, stop_process, subprocess_env
+from servers import wait_for_http
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's: `playwright install` cannot download browsers here
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from es_double import EsDouble
-from reliability_fixtures import asgi_client
+from servers import asgi_client
 
 from services.cli import main as cbir
 

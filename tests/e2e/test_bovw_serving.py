@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from reliability_fixtures import asgi_client
+from servers import asgi_client
 
 from services.cli import main
 from services.embedder.bundle import load_bundle

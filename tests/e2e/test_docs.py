@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from reliability_fixtures import load_bench_script
+from bench_helpers import load_bench_script
 
 from services.common.collection import REPO_ROOT
 from services.embedder.settings import EmbedderSettings

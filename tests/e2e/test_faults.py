@@ -23,17 +23,8 @@ import pytest
 from factories import BUNDLE_DAMAGES, copy_bundle, copy_collection, damage_bundle, make_documents
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse
-from reliability_fixtures import (
-    StallingServer,
-    asgi_client,
-    free_port,
-    python_path,
-    read_index,
-    serve_in_thread,
-    start_cbir,
-    stop_process,
-    subprocess_env,
-)
+from processes import free_port, python_path, read_index, start_cbir, stop_process, subprocess_env
+from servers import StallingServer, asgi_client, serve_in_thread
 
 from services.common.collection import iter_images
 from services.common.errors import BundleError

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from reliability_fixtures import serve_in_thread
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -19,6 +18,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from servers import serve_in_thread
 
 pytestmark = pytest.mark.slow  # a served app per test and a few dozen examples per operation
 

@@ -6,7 +6,8 @@ import math
 from pathlib import Path
 
 import pytest
-from reliability_fixtures import load_bench_script, stop_process
+from bench_helpers import load_bench_script
+from processes import stop_process
 
 MAX_RSS_GROWTH = 100 * 2**20
 

@@ -9,7 +9,9 @@ import httpx
 import numpy as np
 import pytest
 from factories import make_document
-from reliability_fixtures import FixedEmbedder, asgi_client, encode, sample_image
+from fakes import FixedEmbedder
+from sample_images import encode, sample_image
+from servers import asgi_client
 
 from services.common.settings import UploadSettings
 from services.common.stores.faiss import FaissStore

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 from factories import copy_collection
-from reliability_fixtures import free_port, read_index, start_cbir, stop_process, subprocess_env
+from processes import free_port, read_index, start_cbir, stop_process, subprocess_env
 
 pytestmark = pytest.mark.slow  # a real server indexing 3,000 images
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from reliability_fixtures import classify_test_images
+from tiny_models import classify_test_images
 
 from services.embedder.bundle import DEFAULT_BUNDLE_DIR, load_bundle
 

@@ -31,19 +31,9 @@ import pytest
 from factories import copy_bundle
 from fastapi import FastAPI, Request
 from PIL import Image
-from reliability_fixtures import (
-    asgi_client,
-    encode,
-    free_port,
-    odd_images,
-    png_bomb,
-    png_bytes,
-    python_path,
-    sample_image,
-    serve_in_thread,
-    stop_process,
-    wait_for_http,
-)
+from processes import free_port, python_path, stop_process
+from sample_images import encode, odd_images, png_bomb, png_bytes, sample_image
+from servers import asgi_client, serve_in_thread, wait_for_http
 
 from services.common.http import BodySizeLimitMiddleware
 from services.common.images import DEFAULT_MAX_BYTES

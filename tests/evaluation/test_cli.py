@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytrec_eval
-from reliability_fixtures import serve_in_thread
+from servers import serve_in_thread
 
 from services.embedder.bundle import Bundle
 from services.evaluation import cli as evaluate

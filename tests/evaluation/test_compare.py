@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from reliability_fixtures import TINY_BOVW_OPTIONS
+from tiny_models import TINY_BOVW_OPTIONS
 
 from services.common.collection import REPO_ROOT
 from services.common.errors import ConfigError

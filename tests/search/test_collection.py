@@ -16,7 +16,7 @@ import httpx
 import pytest
 from factories import copy_collection
 from PIL import Image
-from reliability_fixtures import asgi_client
+from servers import asgi_client
 
 from services import wiring
 from services.common.images import reencode_image

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from reliability_fixtures import TINY_BOVW_OPTIONS, train_tiny_bovw_bundle
+from tiny_models import TINY_BOVW_OPTIONS, train_tiny_bovw_bundle
 
 from services.common.errors import TrainingError
 from services.training.bovw import CLASSIFIERS, get_args_parser, train_bovw

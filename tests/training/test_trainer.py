@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from factories import copy_bundle
-from reliability_fixtures import classify_test_images, tiny_training_args
+from tiny_models import classify_test_images, tiny_training_args
 
 from services.common.errors import TrainingError
 from services.embedder.bundle import Bundle, load_bundle

@@ -18,8 +18,8 @@ from es_double import EsDouble
 from factories import MODEL_VERSION, SOURCE, make_document, make_documents
 
 from services.common.errors import StoreMismatchError
-from services.common.stores.elasticsearch import store as elasticsearch_store
 from services.common.stores.base import StoreQuery, VectorStore
+from services.common.stores.elasticsearch import store as elasticsearch_store
 from services.common.stores.faiss import FaissStore
 
 if TYPE_CHECKING:
