@@ -51,6 +51,8 @@ import benchlib
 import faiss
 import numpy as np
 
+from services.common.logs import configure_logging
+
 logger = logging.getLogger("bench.fanout")
 DIMS = 74  # the shipped model: 64 PCA dims + 10 class scores
 SIZES = (50_000, 1_000_000)
@@ -314,7 +316,7 @@ def headline_figures(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     args = get_args_parser().parse_args(argv)
     sizes = args.sizes or ([5_000, 20_000] if args.quick else list(SIZES))
     repeats = args.repeats or (20 if args.quick else 200)

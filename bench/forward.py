@@ -20,6 +20,8 @@ from typing import Any
 import benchlib
 import torch
 
+from services.common.logs import configure_logging
+
 MODES = ("bf16", "fp32", "compiled")
 MODE_NAMES = {"bf16": "eager bf16", "fp32": "eager fp32", "compiled": "compiled bf16"}
 
@@ -83,7 +85,7 @@ def figures_of(rows: list[benchlib.Throughput]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     args = get_args_parser().parse_args(argv)
     batches = args.batches or ([1, 16] if args.quick else [1, 16, 64, 256])
     modes = args.modes or (["bf16", "fp32"] if args.quick else list(MODES))

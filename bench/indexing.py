@@ -33,6 +33,8 @@ from typing import Any
 import benchlib
 import torch
 
+from services.common.logs import configure_logging
+
 logger = logging.getLogger("bench.indexing")
 MODES = ("in-process", "http")
 GOAL_RATIO = 0.9
@@ -126,7 +128,7 @@ def figures_and_goals(runs: list[IndexRun], stick: benchlib.Throughput) -> tuple
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     args = get_args_parser().parse_args(argv)
     if unknown := sorted(set(args.modes) - set(MODES)):
         raise SystemExit(f"--modes {','.join(unknown)}: not one of {', '.join(MODES)}")

@@ -40,6 +40,8 @@ import faiss
 import numpy as np
 import report
 
+from services.common.logs import configure_logging
+
 logger = logging.getLogger("bench.scale")
 
 SIZES = (10_000, 100_000, 1_000_000, 5_000_000)
@@ -328,7 +330,7 @@ def plot_rows(rows: list[Row], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     args = get_args_parser().parse_args(argv)
     sizes = args.sizes or list(QUICK_SIZES if args.quick else SIZES)
     query_count = args.queries or (50 if args.quick else QUERIES)

@@ -34,6 +34,8 @@ import load
 import torch
 from indexing import run_index
 
+from services.common.logs import configure_logging
+
 logger = logging.getLogger("bench.search")
 CLIENTS = (1, 4, 16, 64)
 QPS_GOAL, LATENCY_GOAL = 0.5, 2.0
@@ -150,7 +152,7 @@ def figures_and_goals(runs: dict[int, load.LoadResult], sticks: dict[int, benchl
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     args = get_args_parser().parse_args(argv)
     if not args.clients or not all(1 <= n <= load.MAX_CLIENTS for n in args.clients):
         raise SystemExit(f"--clients: counts of 1–{load.MAX_CLIENTS}")

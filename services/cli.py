@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.common.errors import CbirError
+from services.common.logs import configure_logging
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -34,7 +35,7 @@ logger = logging.getLogger("cbir")
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     parser = _parser()
     if argv and argv[0] in ("train", "train-bovw", "evaluate", "compare"):  # they own their argument parsers
         command, rest = argv[0], argv[1:]

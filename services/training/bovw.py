@@ -41,6 +41,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from services.common.collection import find_data_dir, list_classes
 from services.common.errors import TrainingError
+from services.common.logs import configure_logging
 from services.embedder.bovw import (
     FEATURES,
     GCH_BINS,
@@ -331,7 +332,7 @@ def pick_served(cells: list[dict[str, Any]], serve: str | None) -> dict[str, Any
 
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     train_bovw(args)
 
 

@@ -4,10 +4,10 @@ the command a bundle records to say how it was made."""
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 from typing import Any
 
+from services.common.logs import configure_logging
 from services.embedder.bundle import DEFAULT_BUNDLE_DIR
 from services.embedder.model import BACKBONES, DEFAULT_BACKBONE
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     from services.training.trainer import train
 
     args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     train(args)
 
 

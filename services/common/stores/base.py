@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from services.common.documents import DOCUMENT_SCHEMA, ImageDocument, StoredImage, StoreHit
 from services.common.errors import StoreError, StoreMismatchError
+
+# The most hits a search may reach (offset + k), on both stores: Elasticsearch's `index.max_result_window`,
+# kept by the FAISS store too so that a page that works on one machine works on a cluster.
+MAX_RESULT_WINDOW = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +162,14 @@ def check_compatible(info: StoreInfo, *, dims: int, model_version: str, where: s
             f"{where} holds documents of schema {info.schema or 1}, from before documents recorded their "
             f"source and prediction (schema {DOCUMENT_SCHEMA}); re-index (cbir index --rebuild)"
         )
+
+
+def check_model_version(documents: Iterable[ImageDocument], model_version: str | None) -> None:
+    """Refuse documents whose vectors come from another model than the index's (one vector space an index)."""
+    for document in documents:
+        if document.model_version != model_version:
+            raise StoreMismatchError(f"document {document.id} is from model {document.model_version!r}, "
+                                     f"the index holds {model_version!r}")
 
 
 def check_query_vector(vector: np.ndarray, *, dims: int | None, where: str) -> None:
