@@ -58,7 +58,7 @@ from services.evaluation.runs import (
     write_run,
 )
 from services.evaluation.settings import EvaluationSettings
-from services.wiring import served_faiss_path
+from services.indexer.serving import served_index
 
 logger = logging.getLogger("cbir.evaluate")
 
@@ -257,7 +257,7 @@ def _search(args: argparse.Namespace, collection: Collection, vectors: LocalVect
     predicted = collection.test_features.predicted
     if args.against_store:
         store = StoreSettings.load() if args.state_dir is None else StoreSettings(state_dir=args.state_dir)
-        return asyncio.run(search_store(served_faiss_path(store), vectors.queries, predicted,
+        return asyncio.run(search_store(served_index(store.state_dir), vectors.queries, predicted,
                                         dims=vectors.queries.shape[1], model_version=model_version, doc_rows=rows,
                                         k=args.k, progress=not args.quiet))
     return Ranking(hits=exact_search(vectors.queries, vectors.documents, args.k), predicted=predicted)

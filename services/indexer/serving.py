@@ -26,7 +26,7 @@ from services.common.settings import ModelSettings
 logger = logging.getLogger(__name__)
 
 RECORD_FILE = "serving.json"
-DEFAULT_INDEX = "index.npz"  # the first index of a state directory (and of every one before the record existed)
+DEFAULT_INDEX = "index.npz"  # the first index of a state directory
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,12 @@ def read_record(state_dir: Path) -> ServingRecord | None:
     except (OSError, ValueError, TypeError) as exc:
         logger.warning("ignoring %s (%s): serving the configured model", path, exc)
         return None
+
+
+def served_index(state_dir: Path) -> Path:
+    """The FAISS file one machine serves: the one the record names, else the first index (`index.npz`)."""
+    record = read_record(state_dir)
+    return state_dir / (record.index if record is not None else DEFAULT_INDEX)
 
 
 def write_record(state_dir: Path, record: ServingRecord) -> None:
