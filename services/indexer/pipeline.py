@@ -1,4 +1,5 @@
-"""Indexing as three stages, as in clip-retrieval: reader (list + decode) → mapper (embed) → writer.
+"""Indexing a collection as four stages, after clip-retrieval's reader → mapper → writer: plan (scan the
+collection, compare it with the store) → read (load and decode a batch) → embed → write (`stages` has each).
 
 Document ids are derived from the collection root and the image's path, so a re-run overwrites rather
 than duplicates. A re-run embeds only what changed: files the store does not hold yet (added), files
@@ -13,27 +14,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from services.common.collection import CollectionImage, Layout, scan_collection
-from services.common.documents import ImageDocument, StoredImage
+from services.common.collection import CollectionImage, Layout
+from services.common.documents import ImageDocument
 from services.common.embedding import EmbedderInfo, EmbeddingService
-from services.common.errors import ImageError, StoreMismatchError
-from services.common.images import decode_image
+from services.common.errors import StoreMismatchError
 from services.common.status import IndexProgress
 from services.common.stores.base import VectorStore
+from services.indexer.stages import DecodedBatch, StoreWriter, embed_batch, plan_run, read_batch
 
 logger = logging.getLogger(__name__)
+STAGES = ("plan", "read", "embed", "write")
 
 
 @dataclass
 class IndexReport:
-    """What an indexing run did; `failed` lists each skipped (undecodable) file with the reason."""
+    """What an indexing run did; `failed` lists each skipped (undecodable) file with the reason.
+
+    `stage_seconds` sums each stage's time over the batches: with several batches in flight their sum
+    can exceed `seconds`, the run's wall-clock time.
+    """
 
     total: int = 0
     added: int = 0
@@ -42,7 +48,7 @@ class IndexReport:
     removed: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
-    stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "embed": 0.0, "write": 0.0})
+    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     documents: int = 0
 
     @property
@@ -53,6 +59,15 @@ class IndexReport:
     @property
     def images_per_second(self) -> float:
         return self.indexed / self.seconds if self.seconds else 0.0
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the time spent in the `with` block to `stage_seconds[stage]` (also when it raises)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[stage] += time.perf_counter() - started
 
     def counts(self) -> dict[str, int]:
         """The machine-readable summary (`cbir index --json`)."""
@@ -94,10 +109,6 @@ async def open_store_for(embedder: EmbeddingService, store: VectorStore, *, rebu
     return info
 
 
-def _changed(image: CollectionImage, stored: StoredImage) -> bool:
-    return stored.size != image.size or stored.mtime != image.mtime
-
-
 async def index_collection(root: Path, split: str, embedder: EmbeddingService, store: VectorStore,
                            options: IndexOptions, *, progress: IndexProgress | None = None) -> IndexReport:
     """Bring the store up to date with the collection at `root` (its `split`, in the split layout).
@@ -108,67 +119,37 @@ async def index_collection(root: Path, split: str, embedder: EmbeddingService, s
     report = IndexReport()
     progress = progress if progress is not None else IndexProgress()
     info = await open_store_for(embedder, store, rebuild=options.rebuild)
-    images = await asyncio.to_thread(scan_collection, root, layout=options.layout, split=split)
-    source = str(root.resolve())
-    stored = {doc.id: doc async for doc in store.iter_documents(source=source)}
-    unreadable = [image for image in images if image.size is None]
-    report.failed += [(image.path, "the file cannot be read (a dangling link, or removed meanwhile)")
-                      for image in unreadable]
-    todo = [image for image in images if image.size is not None
-            and (image.id not in stored or _changed(image, stored[image.id]))]
-    report.total = len(images)
-    report.unchanged = len(images) - len(todo) - len(unreadable)
-    gone = sorted(set(stored) - {image.id for image in images}) if options.sync else []
-    progress.indexed, progress.total = report.unchanged + len(unreadable), report.total
-    logger.info("%s (%s): %d images, %d unchanged, %d new or changed%s", source, options.layout.value, len(images),
-                report.unchanged, len(todo), f", {len(gone)} gone" if options.sync else "")
+    with report.timed("plan"):
+        plan = await plan_run(root, split, store, layout=options.layout, sync=options.sync)
+    report.total, report.unchanged = plan.total, plan.unchanged
+    report.failed += plan.unreadable
+    progress.indexed, progress.total = plan.unchanged + len(plan.unreadable), plan.total
+    logger.info("%s (%s): %d images, %d unchanged, %d new or changed%s", plan.source, options.layout.value,
+                plan.total, plan.unchanged, len(plan.to_embed),
+                f", {len(plan.to_delete)} gone" if options.sync else "")
 
-    batches = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
-    bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not options.progress_bar)
-    slots = asyncio.Semaphore(options.concurrency)
-    write_lock = asyncio.Lock()
-    written_batches = 0
+    writer = StoreWriter(store, flush_every=options.flush_every, replacing=plan.replacing)
+    bar = tqdm(total=len(plan.to_embed), desc="indexing", unit="img", disable=not options.progress_bar)
 
-    async def run_batch(batch: list[CollectionImage]) -> None:
-        nonlocal written_batches
-        async with slots:
-            t0 = time.perf_counter()
-            decoded, failed = await asyncio.to_thread(_read_batch, root, batch, info)
-            t1 = time.perf_counter()
-            report.failed += failed
-            pixels = np.stack([image for _, image in decoded]) if decoded else None
-            embeddings = await embedder.embed(pixels, purpose="index") if decoded else []
-            t2 = time.perf_counter()
-            documents = [
-                ImageDocument(id=image.id, filename=image.filename, path=image.path, source=image.source,
-                              label=image.label, predicted_label=embedding.label, confidence=embedding.confidence,
-                              size=image.size or 0, mtime=image.mtime or 0.0, model_version=info.model_version,
-                              vector=embedding.vector)
-                for (image, _), embedding in zip(decoded, embeddings, strict=True)
-            ]
-            async with write_lock:
-                await store.upsert(documents)
-                written_batches += 1
-                if written_batches % options.flush_every == 0:
-                    await store.flush()
-            t3 = time.perf_counter()
-            updates = sum(doc.id in stored for doc in documents)
-            report.updated += updates
-            report.added += len(documents) - updates
-            for stage, seconds in zip(("read", "embed", "write"), (t1 - t0, t2 - t1, t3 - t2), strict=True):
-                report.stage_seconds[stage] += seconds
-            progress.indexed += len(batch)
-            bar.update(len(batch))
-            if report.failed:
-                bar.set_postfix(skipped=len(report.failed))
+    def batch_done(images: int) -> None:
+        progress.indexed += images
+        bar.update(images)
+        if report.failed:
+            bar.set_postfix(skipped=len(report.failed))
 
     try:
-        await _gather_all([run_batch(batch) for batch in batches])
-        if gone:
-            report.removed = await store.delete(gone)
+        await _index_batches(
+            plan.batches(options.batch_size), report, concurrency=options.concurrency, done=batch_done,
+            read=lambda batch: asyncio.to_thread(read_batch, root, batch, size=info.image_size, resample=info.resize),
+            embed=lambda decoded: embed_batch(embedder, decoded, model_version=info.model_version),
+            write=writer.write)
+        with report.timed("write"):
+            report.removed = await writer.delete(plan.to_delete)
     finally:
         bar.close()
-        await store.flush()  # keep what was written, also when a batch failed
+        with report.timed("write"):
+            await writer.flush()  # keep what was written, also when a batch failed
+    report.added, report.updated = writer.added, writer.updated
     report.documents = await store.count()
     report.seconds = time.perf_counter() - started
     for path, reason in report.failed:
@@ -176,7 +157,31 @@ async def index_collection(root: Path, split: str, embedder: EmbeddingService, s
     return report
 
 
-async def _gather_all(coroutines: Sequence) -> None:
+async def _index_batches(batches: Sequence[list[CollectionImage]], report: IndexReport, *, concurrency: int,
+                         read: Callable[[list[CollectionImage]], Awaitable[DecodedBatch]],
+                         embed: Callable[[DecodedBatch], Awaitable[list[ImageDocument]]],
+                         write: Callable[[list[ImageDocument]], Awaitable[None]],
+                         done: Callable[[int], None]) -> None:
+    """Each batch through read → embed → write, with up to `concurrency` batches in flight (one reading
+    while another embeds and a third writes); each stage's time goes into `report`, each undecodable file
+    into `report.failed`, and `done` hears how many images each finished batch took care of."""
+    slots = asyncio.Semaphore(concurrency)
+
+    async def index_batch(batch: list[CollectionImage]) -> None:
+        async with slots:
+            with report.timed("read"):
+                decoded = await read(batch)
+            report.failed += decoded.failed
+            with report.timed("embed"):
+                documents = await embed(decoded)
+            with report.timed("write"):
+                await write(documents)
+            done(len(batch))
+
+    await _gather_all([index_batch(batch) for batch in batches])
+
+
+async def _gather_all(coroutines: Sequence[Awaitable[None]]) -> None:
     """Run all; on the first failure cancel the rest and raise it."""
     tasks = [asyncio.ensure_future(c) for c in coroutines]
     try:
@@ -186,16 +191,3 @@ async def _gather_all(coroutines: Sequence) -> None:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-
-
-def _read_batch(root: Path, batch: list[CollectionImage], model: EmbedderInfo
-                ) -> tuple[list[tuple[CollectionImage, np.ndarray]], list[tuple[str, str]]]:
-    """Decode a batch as the model's bundle says; undecodable files are listed with the reason."""
-    decoded, failed = [], []
-    for image in batch:
-        try:
-            pixels = decode_image((root / image.path).read_bytes(), size=model.image_size, resample=model.resize)
-            decoded.append((image, pixels))
-        except (ImageError, OSError) as exc:
-            failed.append((image.path, getattr(exc, "message", str(exc))))
-    return decoded, failed

@@ -146,12 +146,15 @@ async def test_corrupt_files_are_skipped_and_listed(collection: Path, tmp_path: 
 async def test_indexes_through_the_embedder_service_over_http(collection: Path, tmp_path: Path, cbir_env: Path,
                                                               local_service: LocalEmbeddingService) -> None:
     from services.embedder.app import create_app
+    from services.embedder.settings import EmbedderSettings
+    from services.wiring import build_local_embedding_service
 
     local_store = FaissStore(tmp_path / "local.npz")
     await index_collection(collection, "train", local_service, local_store, OPTIONS)
     probe = next(iter_images(collection, "train"))
     [embedding] = await local_service.embed(decode_image((collection / probe.path).read_bytes())[None])
-    app = create_app()  # its own model, loaded from CBIR_MODEL_DIR (the same tiny bundle)
+    settings = EmbedderSettings.load()  # its own model, loaded from CBIR_MODEL_DIR (the same tiny bundle)
+    app = create_app(settings, service_factory=lambda: build_local_embedding_service(settings))
     async with app.router.lifespan_context(app):
         client = HttpEmbeddingClient("http://embedder", transport=httpx.ASGITransport(app=app))
         store = FaissStore(tmp_path / "http.npz")
@@ -191,6 +194,7 @@ async def test_indexed_images_get_the_bundles_index_side_views(collection: Path,
 
     from services.embedder.app import create_app
     from services.embedder.bundle import load_bundle
+    from services.embedder.settings import EmbedderSettings
 
     def queries_only(metadata: dict) -> None:
         metadata["preprocessing"].update(flip_tta=True, index_flip_tta=False)
@@ -212,7 +216,7 @@ async def test_indexed_images_get_the_bundles_index_side_views(collection: Path,
     assert hit.id == probe.id and hit.score == pytest.approx(2.0, abs=1e-5)  # stored: the single view
     assert (await store.info()).model_version == embedder.model_version  # queries (flip) may search it
 
-    app = create_app(service_factory=lambda: _started(LocalEmbeddingService(Embedder(bundle))))
+    app = create_app(EmbedderSettings(), service_factory=lambda: _started(LocalEmbeddingService(Embedder(bundle))))
     async with app.router.lifespan_context(app):
         client = HttpEmbeddingClient("http://embedder", transport=httpx.ASGITransport(app=app))
         [over_http] = await client.embed(pixels, purpose="index")
