@@ -1,8 +1,9 @@
 """What a search does: embed the query image (or read an indexed one's vector), ask the store, shape the
-hits; what adding and deleting an image does; and whether any of it can run yet.
+hits; what adding and deleting an image does; and swapping to a new model and its index.
 
-Readiness is one status (`services.common.status.Status`): `indexing` while a background run fills
-the index, `empty` without documents, `failed` when indexing failed or a dependency is down, `ready`.
+Whether any of it can run yet is `services.search.readiness`, reported as one status
+(`services.common.status.Status`): `indexing` while a background run fills the index, `empty` without
+documents, `failed` when indexing failed or a dependency is down, `ready`.
 """
 
 from __future__ import annotations
@@ -18,26 +19,18 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import Gauge, Histogram
 
-from services.common.carry_over import carry_over_uploads
 from services.common.collection import resolve_inside
 from services.common.documents import UPLOAD_SOURCE, ImageDocument, StoredImage, content_id
 from services.common.embedding import Embedding, EmbeddingService
-from services.common.errors import (
-    CbirError,
-    DocumentNotFoundError,
-    IndexNotReadyError,
-    InvalidQueryError,
-    StoreError,
-    StoreMismatchError,
-)
+from services.common.errors import CbirError, DocumentNotFoundError, IndexNotReadyError, InvalidQueryError
 from services.common.status import IndexProgress, Status
 from services.common.stores.base import CollectionStats, StoreHit, StoreQuery, VectorStore
+from services.search.batching import QueryBatcher
+from services.search.readiness import Readiness
 from services.search.uploads import UploadFolder
 
 logger = logging.getLogger(__name__)
 
-SEARCH_BATCH_QUERIES = Histogram("cbir_search_batch_queries", "queries per store call of the query batcher",
-                                 buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 STAGE_SECONDS = Histogram("cbir_stage_seconds", "seconds a request spends in each stage: decode, embed, search",
                           ["stage"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 DOCUMENTS = Gauge("cbir_documents", "documents in the index, as of the last readiness check or write")
@@ -49,6 +42,11 @@ MODEL_VERSION = Gauge("cbir_model_version_info", "the model version searched (1 
 # A background job of the gateway's lifespan (`cbir serve`): indexes into the engine's store, or builds a new
 # generation (`SearchEngine.swap`), keeping the progress up to date.
 IndexingJob = Callable[["SearchEngine", IndexProgress], Awaitable[object]]
+
+# What a swap replays onto the new index (`carry_over(served, successor, embedder, deleted_ids)`): the uploads
+# added and the ids deleted while it was built. The composition root knows how (the uploads folder, the
+# rollover); the engine only knows when: under the write lock, before the new pair serves.
+CarryOver = Callable[[VectorStore, VectorStore, EmbeddingService, frozenset[str]], Awaitable[object]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,14 +123,9 @@ class SearchEngine:
     def __init__(self, embedder: EmbeddingService, store: VectorStore, *, uploads: UploadFolder) -> None:
         self._active = Generation(embedder, store)
         self.uploads = uploads
-        self._readiness: asyncio.Task[str] | None = None
-        self._indexing: IndexProgress | None = None  # set while a background run blocks search
-        self._background: IndexProgress | None = None  # set while any background run goes
-        self._indexing_failure: str | None = None
-        self.last_failure: str | None = None  # why the last background run failed (None: it did not)
+        self._readiness = Readiness(check=lambda: self._check_ready(self._active),
+                                    verify=lambda model_version: self._active.store.verify(model_version))
         self._writes = asyncio.Lock()  # adds and deletes, against a swap
-        self._verified_at = time.monotonic()
-        self._deleted_meanwhile: set[str] = set()  # ids deleted while a background run goes: replayed on a swap
 
     @property
     def embedder(self) -> EmbeddingService:
@@ -144,7 +137,19 @@ class SearchEngine:
 
     @property
     def model_version(self) -> str | None:
-        return self._active.model_version
+        """The model version searched; None while search is not ready (a run that blocks search goes, or the
+        index is unchecked)."""
+        return self._readiness.model_version
+
+    @property
+    def last_failure(self) -> str | None:
+        """Why the last background run failed (None: it did not), for `/collection`."""
+        return self._readiness.last_failure
+
+    @property
+    def progress(self) -> IndexProgress | None:
+        """The running background job's progress (blocking search or not), for `/collection`."""
+        return self._readiness.progress
 
     async def close(self) -> None:
         await self._active.close(wait_s=0)
@@ -163,69 +168,39 @@ class SearchEngine:
         `indexing` until it ends.
 
         The caller owns the task (the gateway's lifespan cancels it on shutdown). A failed run leaves
-        the engine `failed` with the reason (still serving, with `serving`), and the process up.
+        the engine `failed` with the reason (with `serving`, only `last_failure` says it), and the process up.
         """
         progress = IndexProgress()
-        self._background, self._indexing_failure = progress, None
-        self._deleted_meanwhile = set()
-        if not serving:
-            self._indexing, self._active.model_version = progress, None
-        return asyncio.create_task(self._run_indexing(job, progress, serving=serving), name="indexing")
+        self._readiness.start_indexing(progress, serving=serving)
+        return asyncio.create_task(self._run_indexing(job, progress), name="indexing")
 
-    async def _run_indexing(self, job: IndexingJob, progress: IndexProgress, *, serving: bool) -> None:
-        failure = None
+    async def _run_indexing(self, job: IndexingJob, progress: IndexProgress) -> None:
         try:
             await job(self, progress)
         except CbirError as exc:
-            failure = f"indexing failed: {exc.message}"
+            failure: str | None = f"indexing failed: {exc.message}"
             logger.error("%s", failure)
         except Exception as exc:  # a bug: keep serving, say so in /healthz, keep the traceback in the log
             failure = f"indexing failed: {type(exc).__name__}: {exc}"
             logger.exception("indexing failed")
-        finally:
-            self._indexing = self._background = None
-        self.last_failure = failure  # /collection says it, also when search went on meanwhile
-        if failure is not None and not serving:
-            self._indexing_failure = failure
-        elif failure is None:
-            try:
-                await self.ensure_ready()
-            except CbirError as exc:
-                logger.warning("indexing finished, but search is not ready: %s", exc.message)
-
-    @property
-    def progress(self) -> IndexProgress | None:
-        """The running background job's progress (blocking search or not), for `/collection`."""
-        return self._background
+        except BaseException:  # cancelled (shutdown): no outcome to report
+            self._readiness.indexing_cancelled()
+            raise
+        else:
+            failure = None
+        if failure is not None:
+            self._readiness.indexing_failed(failure)  # /collection says it, also when search went on meanwhile
+            return
+        self._readiness.indexing_finished()
+        try:
+            await self.ensure_ready()
+        except CbirError as exc:
+            logger.warning("indexing finished, but search is not ready: %s", exc.message)
 
     async def ensure_ready(self) -> str:
-        """The model version searched; raises the reason (503 or 409) while search cannot answer."""
-        if self._indexing is not None:
-            progress = self._indexing
-            raise IndexNotReadyError(progress.describe(), status=Status.indexing,
-                                     progress={"indexed": progress.indexed, "total": progress.total})
-        if self._indexing_failure is not None:
-            raise IndexNotReadyError(self._indexing_failure, status=Status.failed)
-        if self._active.model_version is not None:
-            if time.monotonic() - self._verified_at > VERIFY_EVERY_S:
-                await self._verify(self._active)
-            return self._active.model_version
-        # Requests arriving while a check runs share its outcome instead of queueing for checks of
-        # their own, so with the embedder down each still gets its 503 within one embedder timeout.
-        if self._readiness is None or self._readiness.done():
-            self._readiness = asyncio.create_task(self._check_ready(self._active))
-            self._readiness.add_done_callback(_consume_exception)
-        return await asyncio.shield(self._readiness)
-
-    async def _verify(self, generation: Generation) -> None:
-        """Whether the index is still the served one (an Elasticsearch alias may have moved to another model's
-        index); if not, search is not ready any more, and the next check says why (409)."""
-        self._verified_at = time.monotonic()  # one request verifies; the others go on meanwhile
-        try:
-            await generation.store.verify(generation.model_version or "")
-        except StoreMismatchError:
-            generation.model_version = None
-            raise
+        """The model version searched; raises the reason (503 or 409) while search cannot answer. Requests
+        arriving while a check runs share its outcome; a ready index is verified every `VERIFY_EVERY_S`."""
+        return await self._readiness.ensure(verify_every_s=VERIFY_EVERY_S)
 
     async def _check_ready(self, generation: Generation) -> str:
         info = await generation.embedder.info()
@@ -247,20 +222,21 @@ class SearchEngine:
         with self._active.used() as generation:
             yield generation
 
-    async def swap(self, embedder: EmbeddingService, store: VectorStore) -> None:
+    async def swap(self, embedder: EmbeddingService, store: VectorStore, *, carry_over: CarryOver) -> None:
         """Serve `embedder` and `store` (a complete index of that embedder's vectors) from now on, both at once;
-        the old generation closes when its last request is done. Uploads added and images deleted since the
-        background run began are replayed onto the new index first, with adds and deletes held meanwhile. The
-        engine owns both from the call on: if the swap fails, it closes them and the old generation serves on."""
+        the old generation closes when its last request is done. `carry_over` first replays the uploads added
+        and the images deleted since the background run began onto the new index, with adds and deletes held
+        meanwhile. The engine owns both from the call on: if the swap fails, it closes them and the old
+        generation serves on."""
         try:
             info = await embedder.info()
             await store.open(dims=info.dims, model_version=info.model_version, create=False)
             async with self._writes:
                 old = self._active
-                await carry_over_uploads(old.store, store, embedder, self.uploads.root,
-                                         deleted=self._deleted_meanwhile)
+                await carry_over(old.store, store, embedder, self._readiness.deleted_meanwhile)
                 documents = await store.count()
                 self._active = Generation(embedder, store, model_version=info.model_version)
+                self._readiness.swapped(info.model_version)
         except BaseException:
             await Generation(embedder, store).close(wait_s=0)
             raise
@@ -380,8 +356,7 @@ class SearchEngine:
             document = await self._document(generation, id)
             if not await generation.store.remove(id):
                 raise DocumentNotFoundError(f"no indexed image with id {id!r}")
-            if self._background is not None:
-                self._deleted_meanwhile.add(id)
+            self._readiness.deleted(id)
             DOCUMENTS.dec()
             if document.source == UPLOAD_SOURCE:
                 await self.uploads.delete(document.path)
@@ -404,62 +379,6 @@ class SearchEngine:
             return None
 
 
-class QueryBatcher:
-    """Sends the store the queries that arrive together in one `search_many` call.
-
-    At most one call is in flight; the queries that arrive meanwhile wait and go together in the
-    next one, so batches grow with the load instead of the calls piling up (as the embedder's
-    micro-batcher does for forward passes).
-    """
-
-    def __init__(self, store: VectorStore, *, max_batch: int = 256) -> None:
-        self.store = store
-        self.max_batch = max_batch
-        self._waiting: list[tuple[StoreQuery, asyncio.Future[list[StoreHit]]]] = []
-        self._running: asyncio.Task[None] | None = None
-
-    async def search(self, query: StoreQuery) -> list[StoreHit]:
-        future: asyncio.Future[list[StoreHit]] = asyncio.get_running_loop().create_future()
-        self._waiting.append((query, future))
-        if self._running is None:
-            # Started on the next turn of the loop, so that requests resumed by the same forward pass
-            # (their futures resolve in one turn) are all waiting by then.
-            self._running = asyncio.create_task(self._drain())
-        return await future
-
-    async def _drain(self) -> None:
-        try:
-            await asyncio.sleep(0)
-            while self._waiting:
-                batch, self._waiting = self._waiting[:self.max_batch], self._waiting[self.max_batch:]
-                live = [(query, future) for query, future in batch if not future.done()]  # callers gone
-                if live:
-                    await self._answer(live)
-        finally:
-            for _, future in self._waiting:  # only when cancelled (shutdown): nobody is left to answer them
-                future.cancel()
-            self._waiting, self._running = [], None
-
-    async def _answer(self, batch: list[tuple[StoreQuery, asyncio.Future[list[StoreHit]]]]) -> None:
-        SEARCH_BATCH_QUERIES.observe(len(batch))
-        try:
-            results = await self.store.search_many([query for query, _ in batch])
-            if len(results) != len(batch):
-                raise StoreError(f"the store answered {len(results)} of {len(batch)} queries")
-        except Exception as exc:  # noqa: BLE001 - every query of the batch gets the failure
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        except BaseException:  # cancelled (shutdown): the callers are not left waiting
-            for _, future in batch:
-                future.cancel()
-            raise
-        for (_, future), hits in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(hits)
-
-
 def _publish(model_version: str, documents: int) -> None:
     """The gauges of what is searched now."""
     DOCUMENTS.set(documents)
@@ -467,8 +386,3 @@ def _publish(model_version: str, documents: int) -> None:
     MODEL_VERSION.labels(model_version=model_version).set(1)
 
 
-def _consume_exception(task: asyncio.Task) -> None:
-    # Every waiting request re-raises the failure; this only keeps asyncio from reporting it as
-    # "never retrieved" when all of them went away first.
-    if not task.cancelled():
-        task.exception()
