@@ -14,6 +14,7 @@ from factories import make_documents
 
 from services.common.errors import StoreMismatchError
 from services.common.stores.elasticsearch import ElasticsearchStore, versioned_index
+from services.common.stores.elasticsearch.mapping import index_body
 
 if TYPE_CHECKING:
     from es_fixtures import MakeEsStore
@@ -109,7 +110,8 @@ async def test_a_store_notices_the_alias_moved_to_another_models_index(
 async def test_an_index_from_before_aliases_is_moved_behind_one(es_double: EsDouble,
                                                                 make_es_store: MakeEsStore) -> None:
     old = make_es_store()  # what earlier versions made: a concrete index named CBIR_ES_INDEX, filled
-    await old._client.indices.create(index=ALIAS, **old._index_body(dims=DIMS, model_version="v1"))
+    body = index_body(dims=DIMS, model_version="v1", shards=30, replicas=0, index_options="hnsw")
+    await old._client.indices.create(index=ALIAS, **body)
     old._dims, old._model_version = DIMS, "v1"
     await old.upsert(make_documents(5, model_version="v1"))
     await old.flush()

@@ -105,7 +105,7 @@ async def test_an_existing_index_keeps_its_options(
     es_double: EsDouble, make_es_store: MakeEsStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     await make_es_store().open(dims=SHIPPED_DIMS, model_version=MODEL)  # hnsw
-    caplog.set_level(logging.WARNING, logger="services.common.stores.elasticsearch.store")
+    caplog.set_level(logging.WARNING, logger="services.common.stores.elasticsearch.mapping")
     quantised = make_es_store(es_index_options="bbq_hnsw")
     await quantised.open(dims=SHIPPED_DIMS, model_version=MODEL)
     await make_es_store(es_index_options="int8_flat").open(dims=SHIPPED_DIMS, model_version="model-b")  # claims it

@@ -393,7 +393,7 @@ async def test_elasticsearch_fresh_index_503s_beyond_the_retries_are_reported(
 async def test_elasticsearch_fresh_index_whose_primaries_never_start_is_unavailable(
     es_double: EsDouble, es_store: ElasticsearchStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("services.common.stores.elasticsearch.store.PRIMARIES_WAIT_S", 0.2)
+    monkeypatch.setattr("services.common.stores.elasticsearch.indices.PRIMARIES_WAIT_S", 0.2)
     es_double.primaries_start_s = 60
     with pytest.raises(StoreUnavailableError, match="did not start within 0.2 s .*health red, 30 initializing"):
         await es_store.open(dims=DIMS, model_version=MODEL)
