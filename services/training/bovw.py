@@ -41,7 +41,6 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from services.common.collection import find_data_dir, list_classes
 from services.common.errors import TrainingError
-from services.common.logs import configure_logging
 from services.embedder.bovw import (
     FEATURES,
     GCH_BINS,
@@ -126,6 +125,10 @@ class SplitDescriptors:
     descriptors: Descriptors
 
 
+# What a cell fitted, to serve it: its features, the standardisation's mean and scale, the classifier.
+Fitted = tuple[tuple[str, ...], np.ndarray, np.ndarray, ClassifierMixin]
+
+
 def parse_feature_set(text: str) -> tuple[str, ...]:
     try:
         return check_features(text.split("+"))
@@ -180,15 +183,45 @@ def train_bovw(args: argparse.Namespace, *, settings: TrainingSettings | None = 
     vocabulary, sweep, keypoints = None, [], {}
     if "sift" in needed:
         step = time.perf_counter()
-        detected = detected_keypoints(gray(train.images[grid_index]))
-        keypoints = {"images": int(len(detected)), "without_any": round(float((detected == 0).mean()), 4),
-                     "median": float(np.median(detected)), "mean": round(float(detected.mean()), 2),
-                     "dense_grid": {"step": SIFT_STEP, "size": SIFT_SIZE,
-                                    "per_image": int(train.descriptors.sift.shape[1])}}
+        keypoints = keypoint_record(train, grid_index)
         vocabulary, sweep = vocabulary_sweep(train.descriptors.sift[grid_index], sizes, args)
         timings["vocabulary_sweep"] = round(time.perf_counter() - step, 1)
 
     step = time.perf_counter()
+    cells, fitted = search_cells(feature_sets, classifiers, train, test, vocabulary, grid_index, args)
+    timings["classifiers"] = round(time.perf_counter() - step, 1)
+
+    served = pick_served(cells, args.serve)
+    features, mean, scale, classifier = fitted[(served["feature_set"], served["classifier"])]
+    model = BovwModel(features=features, vocabulary=vocabulary if "sift" in features else None, mean=mean,
+                      scale=scale, classifier=classifier)
+    x_train = model.standardised(train.descriptors)
+    projection = PcaProjection.fit(x_train, dims=x_train.shape[1], seed=args.seed)  # keeps every component
+    timings["total"] = round(time.perf_counter() - started, 1)
+    record = training_record(args, cells=cells, served=served, sweep=sweep, keypoints=keypoints,
+                             vocabulary=vocabulary, grid_images=len(grid_index), timings=timings)
+    spec = BundleSpec(classes=classes, architecture={"name": "bovw", "features": list(features)},
+                      preprocessing=preprocessing,
+                      vector={"pca_dims": projection.max_dims, "onehot_weight": args.onehot_weight},
+                      training=record, metrics=served_metrics(served, train_images=len(train.labels),
+                                                              test_images=len(test.labels)))
+    return write_bundle(args, model, projection, spec)
+
+
+def keypoint_record(train: SplitDescriptors, grid_index: np.ndarray) -> dict[str, Any]:
+    """How many keypoints SIFT's own detector finds on the grid subset (few, and a different number each
+    image: why the descriptors are dense), and the dense grid used instead."""
+    detected = detected_keypoints(gray(train.images[grid_index]))
+    return {"images": int(len(detected)), "without_any": round(float((detected == 0).mean()), 4),
+            "median": float(np.median(detected)), "mean": round(float(detected.mean()), 2),
+            "dense_grid": {"step": SIFT_STEP, "size": SIFT_SIZE, "per_image": int(train.descriptors.sift.shape[1])}}
+
+
+def search_cells(feature_sets: list[tuple[str, ...]], classifiers: list[str], train: SplitDescriptors,
+                 test: SplitDescriptors, vocabulary: np.ndarray | None, grid_index: np.ndarray,
+                 args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[tuple[str, str], Fitted]]:
+    """`grid_search_cell` for every feature set x classifier, on descriptors standardised by the train
+    split's mean and scale; every cell's record, and what each fitted to serve it."""
     cells, fitted = [], {}
     for features in feature_sets:
         name = feature_set_name(features)
@@ -202,39 +235,44 @@ def train_bovw(args: argparse.Namespace, *, settings: TrainingSettings | None = 
                                            args)
             cells.append(cell)
             fitted[(name, classifier)] = (features, mean, scale, model)
-    timings["classifiers"] = round(time.perf_counter() - step, 1)
+    return cells, fitted
 
-    served = pick_served(cells, args.serve)
-    features, mean, scale, classifier = fitted[(served["feature_set"], served["classifier"])]
-    model = BovwModel(features=features, vocabulary=vocabulary if "sift" in features else None, mean=mean,
-                      scale=scale, classifier=classifier)
-    x_train = model.standardised(train.descriptors)
-    projection = PcaProjection.fit(x_train, dims=x_train.shape[1], seed=args.seed)
-    metrics = {"test_accuracy": served["test_accuracy"], "test_precision": served["test_precision"],
-               "train_accuracy": served["train_accuracy"], "train_precision": served["train_precision"],
-               "train_images": int(len(train.labels)), "test_images": int(len(test.labels))}
-    timings["total"] = round(time.perf_counter() - started, 1)
+
+def training_record(args: argparse.Namespace, *, cells: list[dict[str, Any]], served: dict[str, Any],
+                    sweep: list[dict[str, Any]], keypoints: dict[str, Any], vocabulary: np.ndarray | None,
+                    grid_images: int, timings: dict[str, float]) -> dict[str, Any]:
+    """The bundle's `training` object (and `--results`'): the command and recipe, the grids, every
+    measurement, and the pair served."""
     command = recorded_command(args, parser=get_args_parser(), not_recorded=("quiet", "jobs", "results"))
-    record = {"command": command, "recipe": jsonable(vars(args)), "grids": GRIDS,
-              "descriptors": {"gch_bins": GCH_BINS, "hog": dict(HOG_OPTIONS)},
-              "sift_keypoints": keypoints, "vocabulary_sweep": sweep,
-              "vocabulary_size": None if vocabulary is None else int(len(vocabulary)),
-              "grid_images": int(len(grid_index)), "folds": args.folds, "cells": cells,
-              "served": {"feature_set": served["feature_set"], "classifier": served["classifier"]},
-              "timings_s": timings}
-    spec = BundleSpec(classes=classes, architecture={"name": "bovw", "features": list(features)},
-                      preprocessing=preprocessing,
-                      vector={"pca_dims": projection.max_dims, "onehot_weight": args.onehot_weight},
-                      training=record, metrics=metrics)
+    return {"command": command, "recipe": jsonable(vars(args)), "grids": GRIDS,
+            "descriptors": {"gch_bins": GCH_BINS, "hog": dict(HOG_OPTIONS)},
+            "sift_keypoints": keypoints, "vocabulary_sweep": sweep,
+            "vocabulary_size": None if vocabulary is None else int(len(vocabulary)),
+            "grid_images": int(grid_images), "folds": args.folds, "cells": cells,
+            "served": {"feature_set": served["feature_set"], "classifier": served["classifier"]},
+            "timings_s": timings}
+
+
+def served_metrics(served: dict[str, Any], *, train_images: int, test_images: int) -> dict[str, Any]:
+    """The bundle's `metrics`: the served cell's accuracy and macro precision on both splits."""
+    return {"test_accuracy": served["test_accuracy"], "test_precision": served["test_precision"],
+            "train_accuracy": served["train_accuracy"], "train_precision": served["train_precision"],
+            "train_images": int(train_images), "test_images": int(test_images)}
+
+
+def write_bundle(args: argparse.Namespace, model: BovwModel, projection: PcaProjection,
+                 spec: BundleSpec) -> dict[str, Any]:
+    """Write the bundle to `--output`, and its measurements to `--results` when asked; returns its version
+    and metrics."""
     version = save_bovw_bundle(args.output, model, projection, spec)
+    served = spec.training["served"]
     logger.info("wrote bundle %s to %s: serves %s with %s, %s", version, args.output, served["feature_set"],
-                served["classifier"], json.dumps(metrics))
-    result = {"version": version, **metrics}
+                served["classifier"], json.dumps(spec.metrics))
     if args.results is not None:
         args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps({"version": version, "bundle": str(args.output), "metrics": metrics,
-                                            "training": record}, indent=2) + "\n")
-    return result
+        args.results.write_text(json.dumps({"version": version, "bundle": str(args.output), "metrics": spec.metrics,
+                                            "training": spec.training}, indent=2) + "\n")
+    return {"version": version, **spec.metrics}
 
 
 def describe_split(root: Path, split: str, classes: list[str], limit: int | None, preprocessing: Preprocessing,
@@ -329,12 +367,3 @@ def pick_served(cells: list[dict[str, Any]], serve: str | None) -> dict[str, Any
     name = feature_set_name(parse_feature_set(features))
     return next(cell for cell in cells if (cell["feature_set"], cell["classifier"]) == (name, classifier))
 
-
-def main(argv: list[str] | None = None) -> None:
-    args = get_args_parser().parse_args(argv)
-    configure_logging()
-    train_bovw(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,6 @@
-"""`cbir train`'s command line: `get_args_parser()` (extend it, as torchvision's references do) and
-the command a bundle records to say how it was made."""
+"""`cbir train`'s command line: `get_args_parser()` (extend it, as torchvision's references do), built from
+one function per group of options, and what every training command records of its options (`jsonable`,
+`recorded_command`). It imports nothing else of services.training, which all imports it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from services.common.logs import configure_logging
 from services.embedder.bundle import DEFAULT_BUNDLE_DIR
 from services.embedder.model import BACKBONES, DEFAULT_BACKBONE
 
@@ -19,6 +19,17 @@ _NEGATIVE_FLAGS = {"flip_tta": "--no-flip-tta", "bf16": "--no-bf16"}
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cbir train", description="Train the image embedder and write its bundle",
                                      add_help=add_help)
+    add_file_arguments(parser)
+    add_schedule_arguments(parser)
+    add_model_arguments(parser)
+    add_loss_arguments(parser)
+    add_vector_arguments(parser)
+    add_run_arguments(parser)
+    return parser
+
+
+def add_file_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the collection is read and the bundle and checkpoint are written."""
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="collection root with train/ and test/ splits (default: CBIR_DATA_DIR, "
                         "else data/cifar10, else ../shared/cifar10)")
@@ -28,6 +39,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     parser.add_argument("--checkpoint-every", type=int, default=1,
                         help="write the checkpoint every this many epochs (and after the last)")
+
+
+def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    """How long training runs and how the optimizer steps: epochs or a time budget, SGD, augmentation, SWA."""
     parser.add_argument("--epochs", type=int, default=40, help="total epochs of the schedule")
     parser.add_argument("--time-budget-min", type=float, default=None,
                         help="train for this many minutes of training steps instead of --epochs epochs (the "
@@ -47,6 +62,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="the last this many epochs run at the constant --swa-lr and the bundle gets the "
                         "average of the weights at their ends (stochastic weight averaging; 0 = off)")
     parser.add_argument("--swa-lr", type=float, default=0.01, help="learning rate of the SWA epochs")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The network and the weights it starts from."""
     parser.add_argument("--arch", choices=list(BACKBONES), default=DEFAULT_BACKBONE,
                         help="the backbone: our VGG-16 (default) or one of the study's other models, adapted to "
                              "32x32 (services/embedder/backbones.py)")
@@ -63,6 +82,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--init-bundle", type=Path, default=None,
                         help="start from the weights of this bundle (e.g. continue the shipped model with a "
                         "new schedule); its architecture must match")
+
+
+def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
+    """The terms added to the cross-entropy: a metric loss on the embedding, distillation from teachers."""
     parser.add_argument("--metric-loss", choices=("none", "triplet"), default="none",
                         help="add a batch-hard triplet loss on the normalised embedding")
     parser.add_argument("--metric-weight", type=float, default=0.5, help="weight of the metric loss")
@@ -74,12 +97,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="with --teacher: weight of the distillation term; the cross-entropy gets 1 minus it")
     parser.add_argument("--distill-temperature", type=float, default=4.0,
                         help="with --teacher: softmax temperature of teachers and student in the distillation term")
+
+
+def add_vector_arguments(parser: argparse.ArgumentParser) -> None:
+    """What the bundle says about the search vector: its PCA, the one-hot's weight, flip TTA."""
     parser.add_argument("--pca-components", type=int, default=256, help="PCA components kept in the bundle")
     parser.add_argument("--pca-dims", type=int, default=64, help="default PCA dims of the search vector")
     parser.add_argument("--onehot-weight", type=float, default=2.0,
                         help="default weight of the predicted-class one-hot in the search vector")
     parser.add_argument("--no-flip-tta", dest="flip_tta", action="store_false",
                         help="embed images without averaging with their mirror image")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """How much of the collection a run reads, and the machine it runs on."""
     parser.add_argument("--limit-per-class", type=int, default=None,
                         help="use at most this many train images per class (quick runs, tests)")
     parser.add_argument("--test-limit-per-class", type=int, default=None,
@@ -89,7 +120,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser
 
 
 def defaults() -> dict[str, Any]:
@@ -126,15 +156,3 @@ def recorded_command(args: argparse.Namespace, *, parser: argparse.ArgumentParse
         else:
             words += [flag, str(value)]
     return " ".join([parser.prog, *words])
-
-
-def main(argv: list[str] | None = None) -> None:
-    from services.training.trainer import train
-
-    args = get_args_parser().parse_args(argv)
-    configure_logging()
-    train(args)
-
-
-if __name__ == "__main__":
-    main()
