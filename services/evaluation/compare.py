@@ -238,10 +238,22 @@ def _num(value: float | None, digits: int = 4) -> str:
 
 
 def markdown(results: dict[str, dict[str, Any]], figure_paths: dict[str, str], args: argparse.Namespace) -> str:
+    """reports/comparison.md: how the rows were trained and measured, the side-by-side table, the BOVW
+    section (when its row has a result), and how each row was made."""
+    lines = _introduction(results, args) + _side_by_side(results, figure_paths)
+    bovw = (results.get("bovw") or {}).get("bovw")
+    if bovw:
+        lines += _bovw_section(bovw, figure_paths)
+    lines += _provenance(results, args)
+    return "\n".join(lines)
+
+
+def _introduction(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """The title and the two paragraphs on the training budget and the retrieval protocol."""
     sizes = sorted({(r["retrieval"]["queries"], r["retrieval"]["documents"]) for r in results.values()})
     protocol = " or ".join(f"the {q:,} test images query the {d:,} train images" for q, d in sizes) or \
         "the test images query the train images"
-    lines = [
+    return [
         "# The study's comparison, reproduced",
         "",
         "Written by `cbir compare` (services/evaluation/compare.py) from the rows' results in "
@@ -261,6 +273,12 @@ def markdown(results: dict[str, dict[str, Any]], figure_paths: dict[str, str], a
         "MAP@100 is trec_eval's `map` on the run cut at 100 (ceiling 0.02), mAP@ALL ranks every train image. "
         "Precision is the macro average over the classes. The study's figures are those of its tables as "
         "quoted in issue 16; a dash where we have no figure of the study.",
+    ]
+
+
+def _side_by_side(results: dict[str, dict[str, Any]], figure_paths: dict[str, str]) -> list[str]:
+    """The main table, one line per row of the study (ours beside the study's figures), and its chart."""
+    lines = [
         "",
         "## Deep models and BOVW, side by side",
         "",
@@ -281,11 +299,14 @@ def markdown(results: dict[str, dict[str, Any]], figure_paths: dict[str, str], a
             _num(result["retrieval"]["P_100"]), _num(result["retrieval"]["map_all"]) + " |"]))
     if "bars" in figure_paths:
         lines += ["", f"![test accuracy and MAP@100, ours beside the study's]({figure_paths['bars']})"]
-    bovw = (results.get("bovw") or {}).get("bovw")
-    if bovw:
-        lines += _bovw_section(bovw, figure_paths)
-    lines += ["", "## How each row was made", "", "| row | bundle | measured | train | evaluate |",
-              "|---|---|---|---|---|"]
+    return lines
+
+
+def _provenance(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """'How each row was made': each row's bundle, when it was measured, and the commands that made and
+    measured it."""
+    lines = ["", "## How each row was made", "", "| row | bundle | measured | train | evaluate |",
+             "|---|---|---|---|---|"]
     for row in ROWS:
         result = results.get(row.key) or {}
         command = train_commands(row, args)
@@ -299,7 +320,7 @@ def markdown(results: dict[str, dict[str, Any]], figure_paths: dict[str, str], a
         lines.append(f"| {row.key} | {bundle} | {result.get('measured', '—')[:10]} | `{train}` | {evaluate_command} |")
     lines += ["", "Bundles other than the shipped one live in `models/comparison/` and are not committed (tens of MB "
               "each); their results are, in the JSON files above, with their recipes.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _training(result: dict[str, Any]) -> str:
