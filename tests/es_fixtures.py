@@ -1,4 +1,4 @@
-"""Fixtures for code that talks to Elasticsearch: the HTTP double and stores connected to it.
+"""Fixtures for code that talks to Elasticsearch: the HTTP double, stores connected to it, and `filled`.
 
 The root conftest loads them as a plugin (`pytest_plugins`), so every test can ask for them.
 """
@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from es_double import EsDouble
+from factories import DIMS, MODEL_VERSION, make_documents
 
 from services.common.settings import StoreSettings
 from services.common.stores.elasticsearch import ElasticsearchStore
@@ -61,3 +62,12 @@ async def make_es_store(es_double: EsDouble) -> AsyncIterator[MakeEsStore]:
 def es_store(make_es_store: MakeEsStore) -> ElasticsearchStore:
     """A store on the double with the default settings, not yet opened."""
     return make_es_store()
+
+
+async def filled(store: ElasticsearchStore, count: int = 6, *, model_version: str = MODEL_VERSION,
+                 **documents: Any) -> None:
+    """Open `store` for `model_version` (vectors of `DIMS`) and make `count` of its documents searchable
+    (`documents`: more keywords of `make_documents`, e.g. `prefix`)."""
+    await store.open(dims=DIMS, model_version=model_version)
+    await store.upsert(make_documents(count, model_version=model_version, **documents))
+    await store.flush()

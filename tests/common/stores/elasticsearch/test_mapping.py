@@ -1,5 +1,6 @@
-"""`CBIR_ES_INDEX_OPTIONS`: the `index_options` of a new index's vectors, and the double holding them to what
-Elasticsearch 8.19 accepts (tests/es_double.py, `INDEX_OPTION_PARAMS`).
+"""The index as the store states it (services/common/stores/elasticsearch/mapping.py): the pure parts called
+with dicts; then `CBIR_ES_INDEX_OPTIONS`, the `index_options` of a new index's vectors, through the store and the
+double, which holds them to what Elasticsearch 8.19 accepts (tests/es_double.py, `INDEX_OPTION_PARAMS`).
 
 The shipped model's vectors have 74 dims; the bbq types need at least 64, so the tests of every option use 74
 and the one of the 64-dim floor uses the factories' 16.
@@ -9,17 +10,34 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 import pytest
 from elasticsearch import ApiError, AsyncElasticsearch
 from es_double import EsDouble
-from factories import DIMS, make_documents
+from es_fixtures import es_settings
+from factories import DIMS, make_document, make_documents, unit_vectors
 
-from services.common.errors import ConfigError
+from services.common.documents import DOCUMENT_SCHEMA
+from services.common.errors import ConfigError, StoreMismatchError
 from services.common.settings import StoreSettings
+from services.common.stores.base import StoreInfo
 from services.common.stores.elasticsearch import INDEX_OPTIONS, ElasticsearchStore
+from services.common.stores.elasticsearch.mapping import (
+    VECTOR_FIELD,
+    check_index_options,
+    check_vector_mapping,
+    claimed_mapping,
+    document_source,
+    index_body,
+    mapping_of,
+    note_index_options,
+    require_known_index_options,
+    store_info,
+    stored_image,
+    versioned_index,
+)
 
 if TYPE_CHECKING:
     from es_fixtures import MakeEsStore
@@ -28,16 +46,123 @@ pytestmark = pytest.mark.anyio
 
 MODEL = "model-a"
 SHIPPED_DIMS = 74  # 64 PCA dims + 10 class scores: the shipped bundle's vectors
+WHERE = "Elasticsearch index 'i' at http://es:9200"
+MAPPING_LOGGER = "services.common.stores.elasticsearch.mapping"
 
 
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
+def body(kind: str = "hnsw", dims: int = DIMS) -> dict[str, Any]:
+    return index_body(dims=dims, model_version=MODEL, shards=3, replicas=1, index_options=kind)
 
 
-def test_the_options_are_those_of_the_setting() -> None:
-    assert INDEX_OPTIONS == ("hnsw", "int8_hnsw", "bbq_hnsw", "flat", "int8_flat", "bbq_flat")
-    assert StoreSettings.model_fields["es_index_options"].default == "hnsw"  # today's mapping, unchanged
+# -- the pure parts -------------------------------------------------------------------------------------------------
+
+
+def test_the_index_body_states_shards_a_strict_mapping_and_the_model() -> None:
+    new = body()
+    assert new["settings"] == {"number_of_shards": 3, "number_of_replicas": 1}
+    mappings = new["mappings"]
+    assert mappings["dynamic"] == "strict"
+    assert mappings["_meta"] == {"model_version": MODEL, "schema": DOCUMENT_SCHEMA}
+    assert mappings["properties"][VECTOR_FIELD] == {"type": "dense_vector", "dims": DIMS, "similarity": "cosine",
+                                                     "index": True, "index_options": {"type": "hnsw"}}
+    assert set(mappings["properties"]) == set(document_source(make_documents(1)[0]))  # every field a document has
+    assert mappings["properties"]["path"] == {"type": "keyword", "index": False}  # returned, never queried
+
+
+@pytest.mark.parametrize(("kind", "rescore"), [("hnsw", None), ("flat", None), ("int8_hnsw", 2.0),
+                                               ("int8_flat", 2.0), ("bbq_hnsw", 5.0), ("bbq_flat", 5.0)])
+def test_quantised_vectors_are_rescored_with_the_float_ones_and_float_vectors_are_not(
+        kind: str, rescore: float | None) -> None:
+    options = body(kind, dims=SHIPPED_DIMS)["mappings"]["properties"][VECTOR_FIELD]["index_options"]
+    expected: dict[str, Any] = {"type": kind}
+    if rescore is not None:
+        expected["rescore_vector"] = {"oversample": rescore}
+    assert options == expected
+
+
+def test_bbq_is_refused_below_64_dims_and_every_other_option_is_not() -> None:
+    for kind in ("bbq_hnsw", "bbq_flat"):
+        with pytest.raises(ConfigError, match=f"CBIR_ES_INDEX_OPTIONS={kind} needs vectors of at least 64 dims"):
+            check_index_options(kind, 63)
+        check_index_options(kind, 64)
+    for kind in ("hnsw", "int8_hnsw", "flat", "int8_flat"):
+        check_index_options(kind, 1)
+
+
+def test_only_the_options_of_the_setting_are_known() -> None:
+    assert require_known_index_options("int8_flat") == "int8_flat"
+    with pytest.raises(ConfigError, match="CBIR_ES_INDEX_OPTIONS 'int4_hnsw' is not one of: hnsw, int8_hnsw"):
+        require_known_index_options("int4_hnsw")
+
+
+def test_a_claimed_index_records_the_model_and_schema_and_keeps_its_vectors() -> None:
+    vector = {"type": "dense_vector", "dims": DIMS, "similarity": "cosine", "index_options": {"type": "int8_flat"}}
+    claimed = claimed_mapping(vector, model_version="model-b")
+    assert claimed["meta"] == {"model_version": "model-b", "schema": DOCUMENT_SCHEMA}
+    assert claimed["properties"][VECTOR_FIELD] is vector
+    assert {name: spec for name, spec in claimed["properties"].items() if name != VECTOR_FIELD} == {
+        name: spec for name, spec in body()["mappings"]["properties"].items() if name != VECTOR_FIELD}
+
+
+def test_a_mapping_is_read_back_into_store_info() -> None:
+    mappings = body()["mappings"]
+    assert store_info(mappings, count=7) == StoreInfo(dims=DIMS, model_version=MODEL, count=7, schema=DOCUMENT_SCHEMA)
+    older = {**mappings, "_meta": {"model_version": MODEL}}  # written before the schema was recorded
+    assert store_info(older, count=7).schema == 1
+    assert store_info({}, count=0) == StoreInfo(dims=None, model_version=None, count=0, schema=1)
+    assert mapping_of({"cbir-images-v1": {"mappings": mappings}}) is mappings  # keyed by the concrete index
+
+
+@pytest.mark.parametrize("vector", [None, {"type": "keyword"},
+                                    {"type": "dense_vector", "dims": DIMS, "similarity": "dot_product"}])
+def test_an_index_without_cosine_vectors_is_refused(vector: dict[str, Any] | None) -> None:
+    mappings = body()["mappings"]
+    properties = {name: spec for name, spec in mappings["properties"].items() if name != VECTOR_FIELD}
+    if vector is not None:
+        properties[VECTOR_FIELD] = vector
+    with pytest.raises(StoreMismatchError, match=f"{WHERE} has no cosine dense_vector field 'features'"):
+        check_vector_mapping({**mappings, "properties": properties}, where=WHERE)
+    check_vector_mapping(mappings, where=WHERE)
+
+
+def test_other_index_options_than_the_setting_are_noted(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger=MAPPING_LOGGER)
+    note_index_options({"index_options": {"type": "hnsw", "m": 16}}, "hnsw", where=WHERE)
+    assert not caplog.records
+    note_index_options({"index_options": {"type": "hnsw", "m": 16}}, "int8_flat", where=WHERE)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{WHERE} keeps its vector index_options hnsw; CBIR_ES_INDEX_OPTIONS=int8_flat applies to indices created "
+        "from now on (delete the index or set another CBIR_ES_INDEX, then cbir index)"]
+
+
+def test_a_document_source_holds_every_stored_field_and_the_vector_and_reads_back() -> None:
+    document = make_document("a", unit_vectors(1)[0].astype(np.float64), label=None)
+    source = document_source(document)
+    assert source[VECTOR_FIELD] == pytest.approx(unit_vectors(1)[0].tolist()) and len(source[VECTOR_FIELD]) == DIMS
+    assert all(isinstance(value, float) for value in source[VECTOR_FIELD])  # JSON numbers, not numpy scalars
+    assert stored_image(source) == document.stored()
+    assert stored_image({"id": "b"}).label is None  # a field absent from _source is None
+
+
+def test_a_versioned_index_name_is_one_elasticsearch_accepts() -> None:
+    assert versioned_index("cbir-images", "v1") == "cbir-images-v1"
+    assert versioned_index("cbir-images", "VGG16/10c w2.5:#1") == "cbir-images-vgg16-10c-w2.5--1"
+
+
+# -- CBIR_ES_INDEX_OPTIONS through the store ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", get_args(StoreSettings.model_fields["es_index_options"].annotation))
+async def test_every_option_the_setting_accepts_makes_an_index_elasticsearch_accepts(
+    es_double: EsDouble, kind: str
+) -> None:
+    store = ElasticsearchStore.from_settings(es_settings(es_double, es_index_options=kind))  # the store takes it
+    await store.close()
+    async with AsyncElasticsearch(es_double.url, max_retries=0) as client:
+        await client.indices.create(index="v", **index_body(dims=SHIPPED_DIMS, model_version=MODEL, shards=1,
+                                                            replicas=0, index_options=kind))
+        shown = mapping_of((await client.indices.get_mapping(index="v")).body)
+    assert shown["properties"][VECTOR_FIELD]["index_options"]["type"] == kind
 
 
 @pytest.mark.parametrize("kind", INDEX_OPTIONS)
@@ -105,7 +230,7 @@ async def test_an_existing_index_keeps_its_options(
     es_double: EsDouble, make_es_store: MakeEsStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     await make_es_store().open(dims=SHIPPED_DIMS, model_version=MODEL)  # hnsw
-    caplog.set_level(logging.WARNING, logger="services.common.stores.elasticsearch.mapping")
+    caplog.set_level(logging.WARNING, logger=MAPPING_LOGGER)
     quantised = make_es_store(es_index_options="bbq_hnsw")
     await quantised.open(dims=SHIPPED_DIMS, model_version=MODEL)
     await make_es_store(es_index_options="int8_flat").open(dims=SHIPPED_DIMS, model_version="model-b")  # claims it

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from elasticsearch import ApiError, AsyncElasticsearch
 from es_double import WWW_AUTHENTICATE, EsDouble
+from es_fixtures import filled
 from factories import DIMS, make_documents, unit_vectors
 
 from services.common.errors import (
     BulkWriteError,
-    CbirError,
     IndexNotReadyError,
     StoreAuthError,
     StoreError,
@@ -42,11 +42,6 @@ pytestmark = pytest.mark.anyio
 
 MODEL = "model-a"
 documents = partial(make_documents, model_version=MODEL)
-
-
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 async def test_elasticsearch_open_creates_the_index_once_with_its_mapping(
@@ -103,7 +98,7 @@ async def test_elasticsearch_upsert_is_idempotent_by_document_id(es_store: Elast
 
 
 async def test_elasticsearch_bulk_partial_failure_names_every_refused_document(
-    es_store: ElasticsearchStore,
+    es_double: EsDouble, es_store: ElasticsearchStore
 ) -> None:
     await es_store.open(dims=DIMS, model_version=MODEL)
     good = documents(6)
@@ -115,7 +110,8 @@ async def test_elasticsearch_bulk_partial_failure_names_every_refused_document(
     assert set(caught.value.failures) == {"bad-0", "bad-1"}
     assert "bad-0" in caught.value.message and "bad-1" in caught.value.message
     assert "different number of dimensions [8] than defined in the mapping [16]" in caught.value.failures["bad-0"]
-    assert isinstance(caught.value, StoreError) and isinstance(caught.value, CbirError)
+    assert caught.value.message.startswith(
+        f"Elasticsearch index '{es_store.index}' at {es_double.url} refused 2 of 8 documents: bad-0 (")
     await es_store.flush()
     assert await es_store.count() == len(good)  # the valid documents were written, none dropped silently
 
@@ -300,13 +296,6 @@ async def test_elasticsearch_index_deleted_under_the_store_is_not_ready(
 
 
 # -- what a real cluster does: partial results, fresh indices, bad vectors, ties ------------------
-
-
-async def filled(store: ElasticsearchStore, count: int) -> None:
-    """Open `store` and make `count` documents searchable."""
-    await store.open(dims=DIMS, model_version=MODEL)
-    await store.upsert(documents(count))
-    await store.flush()
 
 
 async def test_elasticsearch_partial_shard_failures_are_a_503_naming_the_shards(
