@@ -247,7 +247,7 @@ def write_result(name: str, payload: dict[str, Any], *, output_dir: Path = RESUL
                  argv: Sequence[str] | None = None) -> Path:
     """`output_dir/<name>.json`: the command (`argv`, default this process's), commit, machine and busy
     flag, then `payload` (settings, yardsticks, figures, goals, details); printed as a short table."""
-    import report  # bench/report.py renders the README's table: the same rows here
+    import report  # bench/report.py renders docs/performance.md's table: the same rows here
 
     argv = sys.argv[1:] if argv is None else argv
     result = {"name": name, "command": " ".join(["python", f"bench/{name}.py", *argv]),

@@ -33,7 +33,7 @@ add one), the fetch phase, the network, segments (a shard of several segments se
 concurrency (8.12+ may split a big shard's segments over the search_worker pool), and how Lucene's HNSW and
 int8/bbq comparisons differ in cost from FAISS's float ones.
 
-Writes bench/results/fanout.json; prints the table the README's *Scale out* section shows.
+Writes bench/results/fanout.json; prints the table docs/elasticsearch.md shows (*What the fan-out costs*).
 """
 
 from __future__ import annotations
@@ -305,7 +305,7 @@ def render_table(rows: list[dict[str, Any]], threads: list[int], limit: int) -> 
 
 
 def headline_figures(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows report.py puts in the README's performance table: one query's p50 on 4 threads, 1 and 30 shards."""
+    """The rows report.py puts in docs/performance.md's table: one query's p50 on 4 threads, 1 and 30 shards."""
     figures = []
     for row in rows:
         if row["shards"] in (1, 30) and "T=4" in row["lone"]:

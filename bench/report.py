@@ -1,7 +1,7 @@
-"""The README's performance table, regenerated from the result files of the speed benches.
+"""The performance table of docs/performance.md, regenerated from the result files of the speed benches.
 
-    python bench/report.py            # rewrite README.md between <!-- bench:begin --> and <!-- bench:end -->
-    python bench/report.py --check    # exit 1 when the README differs from what bench/results/*.json give
+    python bench/report.py            # rewrite docs/performance.md between <!-- bench:begin --> and <!-- bench:end -->
+    python bench/report.py --check    # exit 1 when that table differs from what bench/results/*.json give
 
 One table per result file (bench/forward.py, bench/indexing.py, bench/search.py write them): the
 machine, date and commit it was measured on, then each figure with its ratio to the yardstick
@@ -18,7 +18,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
-README = REPO_ROOT / "README.md"
+PERFORMANCE_DOC = REPO_ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 ORDER = ("forward", "indexing", "search")  # then any other result file, by name
 PLACEHOLDER = ("No results are recorded yet: run `python bench/forward.py`, `python bench/indexing.py` and "
@@ -28,9 +28,9 @@ PLACEHOLDER = ("No results are recorded yet: run `python bench/forward.py`, `pyt
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true",
-                        help="change nothing; exit 1 when the README's table differs from the result files")
+                        help="change nothing; exit 1 when the document's table differs from the result files")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder of result files (*.json)")
-    parser.add_argument("--readme", type=Path, default=README, help="the file holding the markers")
+    parser.add_argument("--doc", type=Path, default=PERFORMANCE_DOC, help="the file holding the markers")
     return parser
 
 
@@ -107,27 +107,27 @@ def render(results: list[dict[str, Any]]) -> str:
     return "\n\n".join([header, *(render_result(result) for result in results)])
 
 
-def with_table(readme: str, table: str) -> str:
-    """`readme` with the text between the markers replaced by `table`."""
-    start, end = readme.find(BEGIN), readme.find(END)
+def with_table(text: str, table: str) -> str:
+    """`text` with the text between the markers replaced by `table`."""
+    start, end = text.find(BEGIN), text.find(END)
     if start < 0 or end < start:
-        raise SystemExit(f"the README has no {BEGIN} … {END} markers to put the table between")
-    return f"{readme[:start + len(BEGIN)]}\n{table}\n{readme[end:]}"
+        raise SystemExit(f"the document has no {BEGIN} … {END} markers to put the table between")
+    return f"{text[:start + len(BEGIN)]}\n{table}\n{text[end:]}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    readme = args.readme.read_text()
-    expected = with_table(readme, render(load_results(args.results)))
+    text = args.doc.read_text()
+    expected = with_table(text, render(load_results(args.results)))
     if args.check:
-        if expected != readme:
-            print(f"{args.readme}: the performance table differs from {args.results}/*.json; "
+        if expected != text:
+            print(f"{args.doc}: the performance table differs from {args.results}/*.json; "
                   "run python bench/report.py", file=sys.stderr)
             return 1
         return 0
-    if expected != readme:
-        args.readme.write_text(expected)
-        print(f"updated {args.readme}")
+    if expected != text:
+        args.doc.write_text(expected)
+        print(f"updated {args.doc}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""bench/report.py: the README's table is what the result files give, between its markers."""
+"""bench/report.py: docs/performance.md's table is what the result files give, between its markers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from bench_helpers import load_bench_script
 
-README = "# cbir\n\n### Speed\n\nintro\n\n<!-- bench:begin -->\nold table\n<!-- bench:end -->\n\n## Scale out\n"
+DOC = "# Performance\n\n## Results\n\nintro\n\n<!-- bench:begin -->\nold table\n<!-- bench:end -->\n\n## Goals\n"
 
 
 def result_file(directory: Path, name: str, *, met: bool, busy: bool = False) -> dict:
@@ -29,23 +29,23 @@ def result_file(directory: Path, name: str, *, met: bool, busy: bool = False) ->
 
 
 @pytest.fixture
-def readme(tmp_path: Path) -> Path:
-    path = tmp_path / "README.md"
-    path.write_text(README)
+def doc(tmp_path: Path) -> Path:
+    path = tmp_path / "performance.md"
+    path.write_text(DOC)
     return path
 
 
-def test_the_table_is_written_between_the_markers_and_then_checks(tmp_path: Path, readme: Path) -> None:
+def test_the_table_is_written_between_the_markers_and_then_checks(tmp_path: Path, doc: Path) -> None:
     report = load_bench_script("report")
     results = tmp_path / "results"
     result_file(results, "search", met=True)
     result_file(results, "forward", met=False, busy=True)
-    args = ["--readme", str(readme), "--results", str(results)]
+    args = ["--doc", str(doc), "--results", str(results)]
     assert report.main([*args, "--check"]) == 1
     assert report.main(args) == 0
-    text = readme.read_text()
-    assert text.startswith("# cbir\n\n### Speed\n\nintro\n\n<!-- bench:begin -->\n")
-    assert text.endswith("<!-- bench:end -->\n\n## Scale out\n") and "old table" not in text
+    text = doc.read_text()
+    assert text.startswith("# Performance\n\n## Results\n\nintro\n\n<!-- bench:begin -->\n")
+    assert text.endswith("<!-- bench:end -->\n\n## Goals\n") and "old table" not in text
     assert text.index("**forward**") < text.index("**search**")  # the benches' order, not the files'
     assert "AMD EPYC, 2 cores, no GPU; torch 2.14.1 (2 threads) · 2026-12-01 · commit `0123456789ab`+dirty" in text
     row = "| QPS, 16 clients | 151 queries/s | 300 images/s (batch 16, 2 passes) | 0.504 | ≥ 0.5, 0 errors: **met** |"
@@ -57,15 +57,15 @@ def test_the_table_is_written_between_the_markers_and_then_checks(tmp_path: Path
     assert report.main([*args, "--check"]) == 1
 
 
-def test_no_results_give_the_placeholder(tmp_path: Path, readme: Path) -> None:
+def test_no_results_give_the_placeholder(tmp_path: Path, doc: Path) -> None:
     report = load_bench_script("report")
-    args = ["--readme", str(readme), "--results", str(tmp_path / "none")]
-    assert report.main(args) == 0 and report.PLACEHOLDER in readme.read_text()
+    args = ["--doc", str(doc), "--results", str(tmp_path / "none")]
+    assert report.main(args) == 0 and report.PLACEHOLDER in doc.read_text()
     assert report.main([*args, "--check"]) == 0
 
 
-def test_a_readme_without_markers_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "README.md"
-    path.write_text("# cbir\n")
+def test_a_document_without_markers_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "performance.md"
+    path.write_text("# Performance\n")
     with pytest.raises(SystemExit, match="markers"):
-        load_bench_script("report").main(["--readme", str(path), "--results", str(tmp_path), "--check"])
+        load_bench_script("report").main(["--doc", str(path), "--results", str(tmp_path), "--check"])

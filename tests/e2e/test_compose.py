@@ -200,8 +200,9 @@ def test_compose_build_context_leaves_out_state_data_and_secrets() -> None:
 
 
 def test_compose_rebuild_profile_builds_beside_the_served_index_and_shares_the_uploads(compose: dict[str, Any]) -> None:
-    """README "A new model without downtime": a second embedder runs the new bundle, a one-shot job rebuilds
-    beside the served index through it (and promotes with the same image), and it sees the gateway's uploads."""
+    """docs/collections.md, "A new model without downtime": a second embedder runs the new bundle, a one-shot job
+    rebuilds beside the served index through it (and promotes with the same image), and it sees the gateway's
+    uploads."""
     services = compose["services"]
     nxt, job, search = services["embedder-next"], services["indexer-next"], services["search"]
     assert nxt["profiles"] == job["profiles"] == ["rebuild"] and "ports" not in nxt

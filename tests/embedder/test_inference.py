@@ -44,7 +44,7 @@ def test_index_side_views_default_to_the_query_views() -> None:
 
 
 def test_the_shipped_bundle_indexes_single_views_and_queries_with_the_mirror() -> None:
-    # Measured on all of CIFAR-10 (README, "Speed"): MAP@100 0.018478 -> 0.018473, mAP@ALL 0.94103 -> 0.94091.
+    # Measured on all of CIFAR-10 (docs/performance.md): MAP@100 0.018478 -> 0.018473, mAP@ALL 0.94103 -> 0.94091.
     from services.embedder.bundle import DEFAULT_BUNDLE_DIR, load_bundle
 
     preprocessing = load_bundle(DEFAULT_BUNDLE_DIR).preprocessing

@@ -72,18 +72,19 @@ async def test_metrics_count_requests_per_route_template(search_client: httpx.As
 
 async def test_every_operation_documents_its_answers_errors_and_examples(search_client: httpx.AsyncClient) -> None:
     """OpenAPI: every operation has a description, a success answer with an example (JSON) or a content type,
-    and its error models; the README's API table lists every one of them."""
+    and its error models; the README's API table and docs/api.md list every one of them."""
     from services.common.collection import REPO_ROOT
 
     schema = (await search_client.get("/openapi.json")).json()
     components = schema["components"]["schemas"]
-    readme = (REPO_ROOT / "README.md").read_text()
+    readme, api_doc = (REPO_ROOT / "README.md").read_text(), (REPO_ROOT / "docs" / "api.md").read_text()
     operations = [(path, method, spec) for path, methods in schema["paths"].items() for method, spec in methods.items()]
     assert len(operations) >= 10
     for path, method, spec in operations:
         where = f"{method.upper()} {path}"
         assert spec.get("description"), where
         assert f"`{method.upper()} {path}`" in readme, f"README's API table lacks {where}"
+        assert f"`{method.upper()} {path}`" in api_doc, f"docs/api.md lacks {where}"
         success = {code: answer for code, answer in spec["responses"].items() if code.startswith("2")}
         assert success, where
         for code, answer in success.items():
