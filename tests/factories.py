@@ -1,5 +1,5 @@
-"""Builders of test data, once for every test: unit vectors and image documents, CIFAR-10 subsets,
-copies of a model bundle edited or damaged on purpose.
+"""Builders of test data, once for every test: unit vectors and image documents, the brute-force answer to a
+store query, CIFAR-10 subsets, copies of a model bundle edited or damaged on purpose.
 
 Imported by name (`from factories import make_documents`) from any test folder, and light on purpose
 (numpy and services.common only) so that a subprocess a test starts can import it as well.
@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from services.common.documents import ImageDocument
+from services.common.stores.base import StoreQuery
 
 DIMS = 16
 MODEL_VERSION = "v1"
@@ -51,6 +52,16 @@ def make_documents(count: int, *, dims: int = DIMS, seed: int = 0, model_version
                                        predicted_label=predicted_label, confidence=0.5 + (i % 5) / 10, size=i,
                                        mtime=float(i), model_version=model_version, vector=vector))
     return documents
+
+
+def brute_force(documents: list[ImageDocument], query: StoreQuery) -> list[str]:
+    """The ids a store's `search_many` should answer `query` with: the documents passing its filters (labels,
+    predicted labels, excluded ids), ranked by exact inner product, the page from `offset` to `offset + k`."""
+    allowed = [d for d in documents if (query.labels is None or d.label in query.labels)
+               and (query.predicted_labels is None or d.predicted_label in query.predicted_labels)
+               and d.id not in query.exclude_ids]  # fmt: skip
+    ranked = sorted(allowed, key=lambda d: -float(np.dot(d.vector, query.vector)))
+    return [d.id for d in ranked[query.offset:query.offset + query.k]]
 
 
 def copy_collection(source: Path, target: Path, **per_class: int) -> Path:

@@ -146,7 +146,8 @@ class VectorStore(abc.ABC):
 
 
 def check_compatible(info: StoreInfo, *, dims: int, model_version: str, where: str) -> None:
-    """Raise `StoreMismatchError` when an index holds vectors of another size or model."""
+    """Raise `StoreMismatchError` when an index holds vectors of another size or model, or documents of another
+    schema than `DOCUMENT_SCHEMA` (an empty index of another model or schema is not refused: it is claimed)."""
     if info.dims is not None and info.dims != dims:
         raise StoreMismatchError(
             f"{where} holds {info.dims}-dimensional vectors but the model produces {dims}; "
@@ -159,8 +160,7 @@ def check_compatible(info: StoreInfo, *, dims: int, model_version: str, where: s
         )
     if info.count and info.schema != DOCUMENT_SCHEMA:
         raise StoreMismatchError(
-            f"{where} holds documents of schema {info.schema or 1}, from before documents recorded their "
-            f"source and prediction (schema {DOCUMENT_SCHEMA}); re-index (cbir index --rebuild)"
+            f"{where} holds documents of schema {info.schema}, not {DOCUMENT_SCHEMA}; re-index (cbir index --rebuild)"
         )
 
 
