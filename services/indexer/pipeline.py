@@ -138,7 +138,7 @@ async def index_collection(root: Path, split: str, embedder: EmbeddingService, s
             bar.set_postfix(skipped=len(report.failed))
 
     try:
-        await _index_batches(
+        await index_batches(
             plan.batches(options.batch_size), report, concurrency=options.concurrency, done=batch_done,
             read=lambda batch: asyncio.to_thread(read_batch, root, batch, size=info.image_size, resample=info.resize),
             embed=lambda decoded: embed_batch(embedder, decoded, model_version=info.model_version),
@@ -157,14 +157,16 @@ async def index_collection(root: Path, split: str, embedder: EmbeddingService, s
     return report
 
 
-async def _index_batches(batches: Sequence[list[CollectionImage]], report: IndexReport, *, concurrency: int,
-                         read: Callable[[list[CollectionImage]], Awaitable[DecodedBatch]],
-                         embed: Callable[[DecodedBatch], Awaitable[list[ImageDocument]]],
-                         write: Callable[[list[ImageDocument]], Awaitable[None]],
-                         done: Callable[[int], None]) -> None:
-    """Each batch through read → embed → write, with up to `concurrency` batches in flight (one reading
-    while another embeds and a third writes); each stage's time goes into `report`, each undecodable file
-    into `report.failed`, and `done` hears how many images each finished batch took care of."""
+async def index_batches(batches: Sequence[list[CollectionImage]], report: IndexReport, *, concurrency: int,
+                        read: Callable[[list[CollectionImage]], Awaitable[DecodedBatch]],
+                        embed: Callable[[DecodedBatch], Awaitable[list[ImageDocument]]],
+                        write: Callable[[list[ImageDocument]], Awaitable[None]],
+                        done: Callable[[int], None]) -> None:
+    """Each batch through read → embed → write, with up to `concurrency` batches in flight (the next one
+    reading while one embeds); each stage's time goes into `report`, each undecodable file
+    into `report.failed`, and `done` hears how many images each finished batch took care of. On the first
+    failure the other batches are cancelled and it is raised. `index_collection` passes the stages: read in
+    a worker thread, embed through the embedding service, write through a `StoreWriter`."""
     slots = asyncio.Semaphore(concurrency)
 
     async def index_batch(batch: list[CollectionImage]) -> None:

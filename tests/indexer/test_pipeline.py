@@ -3,6 +3,7 @@ sync (of its own root only), every layout, corrupt files skipped and listed."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -10,14 +11,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from fakes import FixedEmbedder
 
-from services.common.collection import Layout, iter_images
+from services.common.collection import CollectionImage, Layout, iter_images
 from services.common.embedding import HttpEmbeddingClient
 from services.common.errors import StoreMismatchError
 from services.common.images import decode_image
 from services.common.stores.faiss import FaissStore
 from services.embedder.runtime import Embedder, LocalEmbeddingService
-from services.indexer.pipeline import IndexOptions, index_collection
+from services.indexer.pipeline import IndexOptions, IndexReport, index_batches, index_collection
+from services.indexer.stages import DecodedBatch
 
 pytestmark = pytest.mark.anyio
 OPTIONS = IndexOptions(batch_size=64, concurrency=2, flush_every=2, rebuild=False, progress_bar=False)
@@ -229,3 +232,76 @@ async def test_indexed_images_get_the_bundles_index_side_views(collection: Path,
 def _started(service: LocalEmbeddingService) -> LocalEmbeddingService:
     service.start()
     return service
+
+
+async def test_every_stage_is_timed_and_the_summary_names_them(collection: Path, tmp_path: Path) -> None:
+    report = await index_collection(collection, "train", FixedEmbedder(), FaissStore(tmp_path / "index.npz"),
+                                    OPTIONS)
+    assert report.indexed == 500
+    assert list(report.stage_seconds) == ["plan", "read", "embed", "write"]
+    assert all(seconds > 0 for seconds in report.stage_seconds.values()), report.stage_seconds
+    assert report.summary().endswith(", ".join(f"{stage} {seconds:.1f} s"
+                                               for stage, seconds in report.stage_seconds.items()) + ")")
+
+
+class FailingEmbedder(FixedEmbedder):
+    """Embeds `good` batches, then fails: a run that stops half-way (the embedder went away, Ctrl-C)."""
+
+    def __init__(self, good: int) -> None:
+        super().__init__()
+        self.good = good
+
+    async def embed(self, images: np.ndarray, *, purpose: str = "query") -> list:
+        if self.good == 0:
+            raise RuntimeError("the embedder went away")
+        self.good -= 1
+        return await super().embed(images, purpose=purpose)
+
+
+async def test_a_failed_run_keeps_what_it_wrote_and_the_next_run_resumes(collection: Path, tmp_path: Path) -> None:
+    options = IndexOptions(**{**OPTIONS.__dict__, "batch_size": 100, "concurrency": 1, "flush_every": 20})
+    with pytest.raises(RuntimeError, match="went away"):
+        await index_collection(collection, "train", FailingEmbedder(good=2), FaissStore(tmp_path / "index.npz"),
+                               options)
+    resumed = await index_collection(collection, "train", FixedEmbedder(), FaissStore(tmp_path / "index.npz"), options)
+    assert (resumed.unchanged, resumed.added, resumed.documents) == (200, 300, 500)
+
+
+async def test_batches_in_flight_never_exceed_the_concurrency() -> None:
+    """Batches 0 and 1 read and wait in embed; batch 2 reads only once one of them has been written."""
+    images = [CollectionImage.from_relative("/c", f"{i}.jpg", None, size=1, mtime=0.0) for i in range(4)]
+    read, written = [], []
+    released = {i: asyncio.Event() for i in range(4)}
+    both_embedding, third_read = asyncio.Event(), asyncio.Event()
+    embedding = 0
+
+    async def read_stage(batch: list[CollectionImage]) -> DecodedBatch:
+        read.append(batch[0].path)
+        if len(read) == 3:
+            third_read.set()
+        return DecodedBatch(images=batch, pixels=np.zeros((1, 2, 2, 3), np.uint8), failed=[])
+
+    async def embed_stage(decoded: DecodedBatch) -> list:
+        nonlocal embedding
+        embedding += 1
+        if embedding == 2:
+            both_embedding.set()
+        await released[int(decoded.images[0].path[0])].wait()
+        embedding -= 1
+        return []
+
+    async def write_stage(documents: list) -> None:
+        written.append(len(documents))
+
+    run = asyncio.ensure_future(index_batches([[image] for image in images], IndexReport(), concurrency=2,
+                                              read=read_stage, embed=embed_stage, write=write_stage,
+                                              done=lambda count: None))
+    await asyncio.wait_for(both_embedding.wait(), 10)
+    assert read == ["0.jpg", "1.jpg"]  # the other two wait for a slot
+    released[1].set()
+    await asyncio.wait_for(third_read.wait(), 10)
+    assert read == ["0.jpg", "1.jpg", "2.jpg"] and written == [0]
+    for event in released.values():
+        event.set()
+    await asyncio.wait_for(run, 10)
+    assert read == ["0.jpg", "1.jpg", "2.jpg", "3.jpg"] and len(written) == 4
