@@ -8,7 +8,7 @@ First the yardstick, alone on the machine: the eager bf16 forward of the model a
 embedder's largest micro-batch) with the bundle's index-side views (the shipped bundle: 1 pass
 per image). Then each mode in a fresh temporary state dir, as subprocesses on loopback:
 
-    in-process  cbir index --data-dir ... --split train                      (the model in `cbir index`)
+    in-process  cbir index DIR --split train                                 (the model in `cbir index`)
     http        cbir embedder --port P, ready (compiled, if it compiles); then
                 CBIR_EMBEDDER_URL=http://127.0.0.1:P cbir index ...
 
@@ -80,7 +80,7 @@ def run_index(root: Path, split: str, *, images: int, state_dir: Path, env: dict
     it succeeds and indexes all `images`."""
     env = {**env, "CBIR_STATE_DIR": str(state_dir)}
     started = time.perf_counter()
-    with benchlib.cbir_process(["index", "--data-dir", str(root), "--split", split, "--no-progress"],
+    with benchlib.cbir_process(["index", str(root), "--split", split, "--no-progress"],
                                env=env, log=log) as process:
         try:
             returncode = process.wait(timeout=timeout_s)

@@ -20,7 +20,6 @@ import json
 import logging
 import signal
 import sys
-from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -94,8 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Index the images under DIR: new files are added, files whose size or mtime changed are "
                     "re-embedded, the rest is left as it is.")
     index.add_argument("dir", nargs="?", type=Path, default=None, metavar="DIR",
-                       help="collection root (default: --data-dir, else CBIR_DATA_DIR, else CIFAR-10 where found)")
-    index.add_argument("--data-dir", type=Path, default=None, help=argparse.SUPPRESS)  # the older spelling of DIR
+                       help="collection root (default: CBIR_DATA_DIR, else CIFAR-10 where found)")
     index.add_argument("--layout", choices=[layout.value for layout in Layout], default="auto",
                        help="how folders give labels: split = DIR/<split>/<class>/<image>; "
                             "class = DIR/<class>/<image>; flat = any image below DIR, no labels; "
@@ -124,94 +122,47 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from services.wiring import OneMachineSettings, create_one_machine_app
+    from services.serve.apps import one_machine_app
 
-    app = create_one_machine_app(OneMachineSettings.load(), index=not args.no_index)
-    _run_server(app, args.host, args.port,
+    _run_server(one_machine_app(index=not args.no_index), args.host, args.port,
                 ready_note="" if args.no_index else "; indexing runs in the background, /healthz shows its progress")
 
 
 def _index(args: argparse.Namespace) -> None:
-    from services import wiring
     from services.common.collection import Layout, find_data_dir
-    from services.common.settings import Backend
-    from services.indexer.pipeline import index_collection
     from services.indexer.settings import IndexerSettings
+    from services.serve.indexing import index_into_store
+    from services.wiring import build_index_options
 
     settings = IndexerSettings.load()
-    data_dir = find_data_dir(args.dir or args.data_dir or settings.data_dir)
-    options = wiring.index_options(settings, rebuild=args.rebuild, progress_bar=not args.no_progress,
-                                   batch_size=args.batch_size, concurrency=args.concurrency,
-                                   layout=Layout(args.layout), sync=args.sync)
-
-    async def run() -> None:
-        async with AsyncExitStack() as resources:
-            service = await asyncio.to_thread(wiring.build_embedding_service, settings)
-            resources.push_async_callback(service.close)
-            beside = await wiring.rebuild_path(settings, service) if args.rebuild else None
-            if beside is not None:
-                logger.info("building the new model's index in %s; the served one stays until it is done", beside)
-            # On Elasticsearch a rebuild fills the index of its own model version; the alias moves with promote.
-            versioned = args.rebuild and settings.backend is Backend.elasticsearch
-            store = wiring.build_store(settings, faiss_path=beside, versioned=versioned)
-            resources.push_async_callback(store.close)
-            report = await index_collection(data_dir, args.split or settings.index_split, service, store, options)
-            if settings.backend is Backend.faiss and hasattr(service, "embedder"):  # one machine: what serves
-                wiring.record_served(settings, service, store.path.name)  # type: ignore[attr-defined]
-            if versioned and await store.served_index() != store.index:  # type: ignore[attr-defined]
-                logger.info("built %s beside the served index; serve it with `cbir promote %s`",
-                            store.index, (await service.info()).model_version)  # type: ignore[attr-defined]
-        logger.info("%s", report.summary())
-        if args.json:  # the one line on stdout: the log goes to stderr
-            sys.stdout.write(json.dumps(report.counts()) + "\n")
-            sys.stdout.flush()
-
-    asyncio.run(run())
+    data_dir = find_data_dir(args.dir or settings.data_dir)
+    options = build_index_options(settings, rebuild=args.rebuild, progress_bar=not args.no_progress,
+                                  batch_size=args.batch_size, concurrency=args.concurrency,
+                                  layout=Layout(args.layout), sync=args.sync)
+    report = asyncio.run(index_into_store(settings, data_dir, args.split or settings.index_split, options))
+    logger.info("%s", report.summary())
+    if args.json:  # the one line on stdout: the log goes to stderr
+        sys.stdout.write(json.dumps(report.counts()) + "\n")
+        sys.stdout.flush()
 
 
 def _promote(args: argparse.Namespace) -> None:
-    from services import wiring
-    from services.common.carry_over import carry_over_uploads
-    from services.common.errors import ConfigError, IndexNotReadyError
-    from services.common.settings import Backend
     from services.indexer.settings import IndexerSettings
+    from services.serve.rollover import promote
 
-    settings = IndexerSettings.load()
-    if settings.backend is not Backend.elasticsearch:
-        raise ConfigError("cbir promote moves an Elasticsearch alias (CBIR_BACKEND=elasticsearch); on one machine "
-                          "cbir serve and cbir index --rebuild swap to the new model by themselves")
-
-    async def run() -> None:
-        async with AsyncExitStack() as resources:
-            service = await asyncio.to_thread(wiring.build_embedding_service, settings)
-            resources.push_async_callback(service.close)
-            info = await service.info()
-            if info.model_version != args.version:
-                raise ConfigError(f"the configured model is {info.model_version!r}, not {args.version!r}: promote "
-                                  "re-embeds the uploads with it; configure the model of the version to promote")
-            store = wiring.build_store(settings, versioned=True)
-            resources.push_async_callback(store.close)
-            await store.open(dims=info.dims, model_version=info.model_version, create=False)
-            if await store.count() == 0:
-                raise IndexNotReadyError(f"{store.index} is empty; build it with `cbir index --rebuild`")
-            previous = await store.promote(  # type: ignore[attr-defined]
-                lambda served: carry_over_uploads(served, store, service, settings.uploads_dir))
-        logger.info("serving %s (model %s) behind %s; before: %s", store.index, args.version,
-                    store.alias, previous)  # type: ignore[attr-defined]
-
-    asyncio.run(run())
+    asyncio.run(promote(IndexerSettings.load(), args.version))
 
 
 def _embedder(args: argparse.Namespace) -> None:
-    from services.embedder.app import create_app
+    from services.serve.apps import embedder_app
 
-    _run_server(create_app(), args.host, args.port)
+    _run_server(embedder_app(), args.host, args.port)
 
 
 def _gateway(args: argparse.Namespace) -> None:
-    from services.search.app import create_app
+    from services.serve.apps import gateway_app
 
-    _run_server(create_app(), args.host, args.port)
+    _run_server(gateway_app(), args.host, args.port)
 
 
 def _run_server(app: FastAPI, host: str, port: int, *, ready_note: str = "") -> None:

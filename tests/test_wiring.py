@@ -1,120 +1,30 @@
-"""The one-machine app of `cbir serve` (services/wiring.py), in-process: it answers while its lifespan
-indexes in the background, reports the progress in one status vocabulary, becomes ready by itself,
-and cancels the run before it closes the store."""
+"""What each `CBIR_*` setting builds (services/wiring.py): the embedding service, the store, the indexer's options."""
 
 from __future__ import annotations
 
-import asyncio
-import time
+import json
 from pathlib import Path
 
-import httpx
+import faiss
 import pytest
-from servers import asgi_client
 
-from services.common.errors import CollectionError
-from services.common.status import IndexProgress
+from services.common.collection import Layout
+from services.common.embedding import HttpEmbeddingClient
+from services.common.errors import BundleError
+from services.common.settings import EmbeddingSettings, IndexingSettings, ModelSettings, StoreSettings
+from services.common.stores.elasticsearch import ElasticsearchStore
+from services.common.stores.faiss import FaissStore
+from services.wiring import (
+    build_embedding_service,
+    build_index_options,
+    build_local_embedding_service,
+    build_store,
+)
 
 pytestmark = pytest.mark.anyio
 
 
-def one_machine_app(job=None):
-    from services.search.app import create_app
-    from services.wiring import OneMachineSettings, create_one_machine_app
-
-    if job is None:
-        return create_one_machine_app(OneMachineSettings.load())
-    return create_app(OneMachineSettings.load(), background=job)
-
-
-async def wait_until(client: httpx.AsyncClient, status: str, *, timeout_s: float = 60.0) -> httpx.Response:
-    deadline = time.monotonic() + timeout_s
-    while (health := await client.get("/healthz")).json()["status"] != status:
-        assert time.monotonic() < deadline, health.text
-        await asyncio.sleep(0.05)
-    return health
-
-
-async def test_healthz_and_search_report_progress_then_ready_by_itself(cbir_env: Path, test_image: bytes) -> None:
-    from services.wiring import OneMachineSettings, index_configured_collection
-
-    release = asyncio.Event()
-
-    async def held_indexing(engine, progress: IndexProgress) -> None:
-        progress.total, progress.indexed = 500, 120  # where a run would stand; then the real run
-        await release.wait()
-        await index_configured_collection(OneMachineSettings.load(), engine.embedder, engine.store, progress)
-
-    async with asgi_client(one_machine_app(held_indexing)) as client:
-        health = await client.get("/healthz")
-        assert health.status_code == 503 and health.headers["retry-after"]
-        assert health.json() == {"status": "indexing", "indexed": 120, "total": 500,
-                                 "detail": "indexing the collection: 120 of 500 images (24%)"}
-        search = await client.post("/search", files={"file": ("q.jpg", test_image, "image/jpeg")})
-        assert search.status_code == 503 and search.headers["retry-after"]
-        assert search.json() == health.json()
-        page = await client.get("/")
-        assert page.status_code == 200 and "/healthz" in page.text
-        release.set()
-        ready = await wait_until(client, "ready")
-        assert ready.status_code == 200 and ready.json()["documents"] == 500
-        hits = await client.post("/search", files={"file": ("q.jpg", test_image, "image/jpeg")})
-        assert hits.status_code == 200 and len(hits.json()["hits"]) == 10
-
-
-async def test_a_failed_indexing_run_leaves_the_server_up_and_says_why(cbir_env: Path, test_image: bytes) -> None:
-    async def failing(engine, progress: IndexProgress) -> None:
-        raise CollectionError("the collection root /nowhere is not a directory")
-
-    async with asgi_client(one_machine_app(failing)) as client:
-        health = await wait_until(client, "failed")
-        assert health.status_code == 503
-        assert health.json()["detail"] == "indexing failed: the collection root /nowhere is not a directory"
-        search = await client.post("/search", files={"file": ("q.jpg", test_image, "image/jpeg")})
-        assert search.status_code == 503 and search.json()["status"] == "failed"
-        assert (await client.get("/")).status_code == 200
-
-
-async def test_shutdown_cancels_indexing_before_closing_the_store(cbir_env: Path) -> None:
-    from services.common.stores.faiss import FaissStore
-    from services.search.app import create_app
-    from services.wiring import OneMachineSettings
-
-    events: list[str] = []
-
-    class RecordingStore(FaissStore):
-        async def close(self) -> None:
-            events.append("store closed")
-            await super().close()
-
-    async def endless(engine, progress: IndexProgress) -> None:
-        try:
-            await asyncio.Event().wait()
-        finally:
-            events.append("indexing stopped")
-
-    settings = OneMachineSettings.load()
-    app = create_app(settings, store_factory=lambda: RecordingStore(settings.faiss_path), background=endless)
-    async with asgi_client(app) as client:
-        assert (await client.get("/healthz")).json()["status"] == "indexing"
-    assert events == ["indexing stopped", "store closed"]
-
-
-async def test_serve_without_a_collection_is_up_and_failed(cbir_env: Path, monkeypatch: pytest.MonkeyPatch,
-                                                           tmp_path: Path) -> None:
-    monkeypatch.setenv("CBIR_DATA_DIR", str(tmp_path / "missing"))
-    async with asgi_client(one_machine_app()) as client:
-        health = await wait_until(client, "failed")
-        assert "is not a directory" in health.json()["detail"] and "CBIR_DATA_DIR" not in health.json()["status"]
-
-
 def test_the_faiss_store_searches_with_the_configured_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import faiss
-
-    from services.common.settings import StoreSettings
-    from services.common.stores.faiss import FaissStore
-    from services.wiring import build_store
-
     before = faiss.omp_get_max_threads()
     try:
         for threads in (2, 1):
@@ -125,102 +35,60 @@ def test_the_faiss_store_searches_with_the_configured_threads(tmp_path: Path, mo
         faiss.omp_set_num_threads(before)
 
 
-async def test_a_new_model_is_indexed_while_the_old_one_serves_then_both_swap_at_once(
-        cbir_env: Path, test_image: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`cbir serve` with another model (here: the same bundle at other PCA dims, so another vector space) goes
-    on answering with the recorded model while the new index is built; every answer holds one model version;
-    an upload and a deletion made meanwhile are carried over; the new pair is recorded, the old index removed."""
-    import json
-
-    from services import wiring
-
-    async with asgi_client(one_machine_app(), base_url="http://127.0.0.1") as client:
-        old = (await wait_until(client, "ready")).json()
-    record = json.loads((cbir_env / "serving.json").read_text())
-    assert record["model_version"] == old["model_version"] and record["index"] == "index.npz"
-
-    monkeypatch.setenv("CBIR_PCA_DIMS", "8")
-    release = asyncio.Event()
-    real_indexing = wiring.index_configured_collection
-
-    async def held(*args, **kwargs):
-        await release.wait()  # the writes below happen while the new index is being built
-        return await real_indexing(*args, **kwargs)
-
-    monkeypatch.setattr(wiring, "index_configured_collection", held)
-    files = {"file": ("q.jpg", test_image, "image/jpeg")}
-    async with asgi_client(one_machine_app(), base_url="http://127.0.0.1") as client:
-        serving = (await client.get("/healthz")).json()
-        assert serving["status"] == "ready" and serving["model_version"] == old["model_version"]
-        added = (await client.post("/images", files={"file": ("mine.png", test_image, "image/jpeg")})).json()
-        hits = (await client.post("/search", params={"k": 2}, files=files)).json()["hits"]
-        doomed = next(hit["id"] for hit in hits if hit["id"] != added["id"])  # a collection image
-        assert (await client.delete(f"/images/{doomed}")).status_code == 204
-        versions: list[str] = []
-
-        async def search_loop() -> None:
-            while not versions or versions[-1] == old["model_version"]:
-                response = await client.post("/search", params={"k": 5}, files=files)
-                assert response.status_code == 200, response.text
-                body = response.json()
-                versions.append(body["model_version"])
-                assert len(body["hits"]) == 5 and doomed not in {hit["id"] for hit in body["hits"]}
-
-        release.set()
-        await asyncio.wait_for(search_loop(), timeout=120)
-        new_version = versions[-1]
-        assert versions[0] == old["model_version"] and new_version != old["model_version"]
-        assert set(versions) == {old["model_version"], new_version}
-        meta = (await client.get(f"/images/{added['id']}/meta")).json()
-        assert meta["model_version"] == new_version and meta["source"] == "upload"
-        assert (await client.get(f"/images/{doomed}/meta")).status_code == 404
-        collection = (await client.get("/collection")).json()
-        assert collection["documents"] == 500 and collection["sources"]["upload"] == 1
-    record = json.loads((cbir_env / "serving.json").read_text())
-    assert record["model_version"] == new_version and record["index"] != "index.npz" and record["pca_dims"] == 8
-    assert (cbir_env / record["index"]).is_file() and not (cbir_env / "index.npz").exists()
-    async with asgi_client(one_machine_app(), base_url="http://127.0.0.1") as client:  # a restart serves the new pair
-        restarted = (await client.get("/healthz")).json()
-        assert restarted["status"] == "ready" and restarted["model_version"] == new_version
+def test_the_faiss_file_is_the_recorded_one_else_index_npz(tmp_path: Path) -> None:
+    settings = StoreSettings(_env_file=None, state_dir=tmp_path)  # type: ignore[call-arg]
+    first = build_store(settings)
+    assert isinstance(first, FaissStore) and first.path == tmp_path / "index.npz"
+    (tmp_path / "serving.json").write_text(json.dumps({
+        "model_version": "m-d8-w2", "index": "index-m-d8-w2.npz", "model_dir": "models/m", "pca_dims": 8,
+        "onehot_weight": 2.0}))
+    recorded = build_store(settings)
+    assert isinstance(recorded, FaissStore) and recorded.path == tmp_path / "index-m-d8-w2.npz"
+    explicit = build_store(settings, faiss_path=tmp_path / "elsewhere.npz")
+    assert isinstance(explicit, FaissStore) and explicit.path == tmp_path / "elsewhere.npz"
 
 
-async def test_cbir_index_rebuild_builds_beside_the_served_index_and_a_running_server_swaps_to_it(
-        cbir_env: Path, test_image: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    import json
-
-    from services.cli import main
-
-    files = {"file": ("q.jpg", test_image, "image/jpeg")}
-    async with asgi_client(one_machine_app(), base_url="http://127.0.0.1") as client:
-        old = (await wait_until(client, "ready")).json()["model_version"]
-        monkeypatch.setenv("CBIR_PCA_DIMS", "8")  # `cbir index --rebuild` in another shell, with another model
-        rebuilt = asyncio.create_task(asyncio.to_thread(main, ["index", "--rebuild", "--no-progress"]))
-        versions = []
-        while not versions or versions[-1] == old:
-            response = await client.post("/search", params={"k": 3}, files=files)
-            assert response.status_code == 200, response.text  # served all along
-            versions.append(response.json()["model_version"])
-            await asyncio.sleep(0.05)
-            assert len(versions) < 2000, "the server never swapped"
-        await rebuilt
-        record = json.loads((cbir_env / "serving.json").read_text())
-        assert versions[-1] == record["model_version"] != old and set(versions) == {old, versions[-1]}
-        assert (await client.get("/healthz")).json()["documents"] == 500
-    assert not (cbir_env / "index.npz").exists() and (cbir_env / record["index"]).is_file()
+async def test_elasticsearch_is_built_for_its_backend_and_opens_nothing_yet() -> None:
+    settings = StoreSettings(_env_file=None, backend="elasticsearch", es_url="http://127.0.0.1:9",  # type: ignore[call-arg]
+                             es_index="photos")
+    store = build_store(settings)
+    assert isinstance(store, ElasticsearchStore) and store.alias == "photos"
+    await store.close()  # no request was sent: port 9 answers nothing
 
 
-async def test_a_failed_run_beside_a_serving_index_keeps_search_up_and_collection_says_why(
-        cbir_env: Path, test_image: bytes) -> None:
-    async with asgi_client(one_machine_app()) as client:
-        await wait_until(client, "ready")
+async def test_an_embedder_url_builds_the_http_client_with_its_timeout_and_retries() -> None:
+    settings = EmbeddingSettings(_env_file=None, embedder_url="http://embedder:8001/",  # type: ignore[call-arg]
+                                 embedder_timeout_s=3.5, embedder_retries=4, embedder_api_key="k-123")
+    client = build_embedding_service(settings)
+    try:
+        assert isinstance(client, HttpEmbeddingClient)
+        assert (client.base_url, client.timeout_s, client.retries) == ("http://embedder:8001", 3.5, 4)
+    finally:
+        await client.close()
 
-    async def failing_update(engine, progress: IndexProgress) -> None:
-        raise CollectionError("the collection root /gone is not a directory")
 
-    async with asgi_client(one_machine_app(failing_update)) as client:  # the index is there and servable
-        await asyncio.sleep(0.05)
-        assert (await client.get("/healthz")).json()["status"] == "ready"
-        search = await client.post("/search", files={"file": ("q.jpg", test_image, "image/jpeg")})
-        assert search.status_code == 200
-        collection = (await client.get("/collection")).json()
-        assert collection["last_indexing_error"] == "indexing failed: the collection root /gone is not a directory"
+async def test_without_an_embedder_url_the_model_runs_here_with_the_vector_settings(tiny_bundle_dir: Path) -> None:
+    settings = EmbeddingSettings(_env_file=None, model_dir=tiny_bundle_dir, pca_dims=8,  # type: ignore[call-arg]
+                                 onehot_weight=1.5, compile="off")
+    service = build_embedding_service(settings)
+    try:
+        info = await service.info()
+        assert (info.pca_dims, info.onehot_weight, info.dims) == (8, 1.5, 8 + len(info.classes))
+        assert info.model_version == f"{info.bundle_version}-d8-w1.5"
+    finally:
+        await service.close()
+
+
+def test_a_missing_bundle_is_a_bundle_error_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match=str(tmp_path / "nothing")):
+        build_local_embedding_service(ModelSettings(_env_file=None, model_dir=tmp_path / "nothing"))  # type: ignore[call-arg]
+
+
+def test_index_options_come_from_the_settings_and_flags_win() -> None:
+    settings = IndexingSettings(_env_file=None, index_batch_size=128, index_concurrency=3)  # type: ignore[call-arg]
+    configured = build_index_options(settings, rebuild=False)
+    assert (configured.batch_size, configured.concurrency, configured.rebuild) == (128, 3, False)
+    flagged = build_index_options(settings, rebuild=True, batch_size=16, concurrency=1, layout=Layout.flat, sync=True,
+                                  progress_bar=False)
+    assert (flagged.batch_size, flagged.concurrency, flagged.rebuild, flagged.layout, flagged.sync,
+            flagged.progress_bar) == (16, 1, True, Layout.flat, True, False)

@@ -41,13 +41,22 @@ class Embedding:
 
 @dataclass(frozen=True, slots=True)
 class EmbedderInfo:
-    """What a client must know about the model behind an embedder; `image_size` and `resize` are
-    how its bundle wants uploads decoded (`decode_image(size=..., resample=...)`)."""
+    """What a client must know about the model behind an embedder.
+
+    `model_version` names the vector space: the bundle (`bundle_version`) with its vector settings
+    (`pca_dims`, `onehot_weight`). `image_size` and `resize` are how the bundle wants uploads decoded
+    (`decode_image(size=..., resample=...)`). `metadata` is the bundle's own record (`bundle.json`), and
+    `device` where its forward pass runs (cpu, cuda).
+    """
 
     model_version: str
     dims: int
     classes: list[str]
     metadata: dict[str, Any]
+    bundle_version: str = ""  # TEMPORARY defaults
+    pca_dims: int = 0
+    onehot_weight: float = 0.0
+    device: str = "cpu"
     image_size: int = IMAGE_SIZE
     resize: str = RESAMPLE
 
@@ -100,11 +109,12 @@ class HttpEmbeddingClient:
             response = await self._request("GET", "/info")
             with self._expecting_a_valid_answer("/info"):
                 body = response.json()
-                # Embedders from before the bundle named its decoding answer without it: 32 px, Lanczos.
                 self._info = EmbedderInfo(model_version=str(body["model_version"]), dims=int(body["dims"]),
-                                          classes=list(body["classes"]), metadata=body,
-                                          image_size=int(body.get("image_size", IMAGE_SIZE)),
-                                          resize=str(body.get("resize", RESAMPLE)))
+                                          classes=list(body["classes"]), metadata=body["bundle"],
+                                          bundle_version=str(body["bundle"]["version"]),
+                                          pca_dims=int(body["pca_dims"]), onehot_weight=float(body["onehot_weight"]),
+                                          device=str(body["device"]),
+                                          image_size=int(body["image_size"]), resize=str(body["resize"]))
         return self._info
 
     async def embed(self, images: np.ndarray, *, purpose: Purpose = "query") -> list[Embedding]:

@@ -114,31 +114,36 @@ def _opened(data: bytes, *, max_bytes: int, max_pixels: int,
 
 
 class UploadDecoder:
-    """Decodes uploads in worker threads, at most `limit` at a time.
+    """Decodes uploads within the upload limits (`max_bytes`, `max_pixels`: `CBIR_MAX_UPLOAD_BYTES`,
+    `CBIR_MAX_IMAGE_PIXELS`) in worker threads, at most `limit` at a time.
 
     A large image takes hundreds of MB while it decodes (a 36-MP PNG peaks at about 530 MB:
     `bench/decode_memory.py`), so the number of decodes in flight, not the number of requests,
     bounds that memory. Requests over the limit wait their turn.
+
+    >>> decoder = UploadDecoder(4, max_bytes=10 * 2**20, max_pixels=40_000_000)
+    >>> pixels = await decoder.decode(data, size=info.image_size, resample=info.resize)
     """
 
-    def __init__(self, limit: int = DEFAULT_MAX_CONCURRENT_DECODES) -> None:
+    def __init__(self, limit: int = DEFAULT_MAX_CONCURRENT_DECODES, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         self._slots = asyncio.Semaphore(limit)
+        self.max_bytes, self.max_pixels = max_bytes, max_pixels
 
-    async def decode(self, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     size: int = IMAGE_SIZE, resample: str = RESAMPLE) -> np.ndarray:
+    async def decode(self, data: bytes, *, size: int = IMAGE_SIZE, resample: str = RESAMPLE) -> np.ndarray:
         """`decode_image` off the event loop, once a slot is free; `size` and `resample` are the
         bundle's (`EmbedderInfo.image_size` and `.resize`)."""
         async with self._slots:
-            return await asyncio.to_thread(decode_image, data, max_bytes=max_bytes, max_pixels=max_pixels,
+            return await asyncio.to_thread(decode_image, data, max_bytes=self.max_bytes, max_pixels=self.max_pixels,
                                            size=size, resample=resample)
 
-    async def reencode(self, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
-                       max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, str]:
+    async def reencode(self, data: bytes) -> tuple[bytes, str]:
         """`reencode_image` off the event loop, in the same slots as decodes (it takes as much memory)."""
         async with self._slots:
-            return await asyncio.to_thread(reencode_image, data, max_bytes=max_bytes, max_pixels=max_pixels)
+            return await asyncio.to_thread(reencode_image, data, max_bytes=self.max_bytes,
+                                           max_pixels=self.max_pixels)
 
 
 def resample_filter_named(name: str) -> Image.Resampling:

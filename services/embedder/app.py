@@ -11,14 +11,12 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFile
 from pydantic import BaseModel, Field
 
-from services import wiring
 from services.common.embedding import Purpose
 from services.common.errors import ImageError, ModelNotLoadedError
 from services.common.http import (
@@ -60,16 +58,18 @@ class InfoResponse(BaseModel):
 
 def create_app(settings: EmbedderSettings | None = None, *,
                service_factory: Callable[[], LocalEmbeddingService] | None = None) -> FastAPI:
-    """The embedder service. Its lifespan loads the model (through `services.wiring`, or `service_factory`)
-    and stops it on shutdown; `/healthz` is 200 once the model is warmed up."""
-    settings = settings or EmbedderSettings.load()
-    service_factory = service_factory or partial(wiring.build_local_embedding_service, settings)
+    """The embedder service. Its lifespan loads the model with `service_factory` (blocking: seconds, so in a
+    thread) and stops it on shutdown; `/healthz` is 200 once the model is warmed up. The composition root
+    (`services.serve.apps.embedder_app`) says what the factory builds; tests pass their own."""
+    if settings is None or service_factory is None:  # TEMPORARY until the tests build apps through services.serve
+        from services.serve.apps import embedder_app
+        return embedder_app(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = await asyncio.to_thread(service_factory)
         app.state.service = service
-        logger.info("embedder ready: %s", service.embedder.model_version)
+        logger.info("embedder ready: %s", (await service.info()).model_version)
         try:
             yield
         finally:
@@ -79,7 +79,8 @@ def create_app(settings: EmbedderSettings | None = None, *,
     app = FastAPI(title="cbir embedder", version="0.1.0", lifespan=lifespan,
                   summary="Images in, VGG-16 search vectors out.")
     app.state.settings = settings
-    app.state.decoder = UploadDecoder(settings.max_concurrent_decodes)
+    app.state.decoder = UploadDecoder(settings.max_concurrent_decodes, max_bytes=settings.max_upload_bytes,
+                                      max_pixels=settings.max_image_pixels)
     app.state.service = None
     install_http_edge(app, service="embedder", max_upload_bytes=settings.max_upload_bytes,
                       cors_origins=settings.cors_origins)
@@ -99,6 +100,7 @@ ServiceDep = Annotated[LocalEmbeddingService, Depends(get_service)]
 
 router = APIRouter(tags=["embedder"])
 
+
 @router.post("/embed", response_model=EmbedResponse, responses=ERROR_RESPONSES,
              dependencies=[Depends(verify_api_key)])
 async def embed(request: Request, service: ServiceDep,
@@ -110,34 +112,35 @@ async def embed(request: Request, service: ServiceDep,
     settings: EmbedderSettings = request.app.state.settings
     if len(files) > settings.max_images_per_request:
         raise ImageError(f"{len(files)} images in one request; the limit is {settings.max_images_per_request}")
+    model = await service.info()
     images = []
-    preprocessing = service.embedder.preprocessing  # the bundle's: size and resample filter
     for position, upload in enumerate(files):
         data = await upload.read()
-        try:
-            images.append(await request.app.state.decoder.decode(
-                data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
-                size=preprocessing.image_size, resample=preprocessing.resize))
+        try:  # as the bundle says: its size and resample filter
+            images.append(await request.app.state.decoder.decode(data, size=model.image_size, resample=model.resize))
         except ImageError as exc:
             exc.message = f"file {position} ({upload.filename}): {exc.message}"
             raise
     embeddings = await service.embed(np.stack(images), purpose=purpose)
     return EmbedResponse(
-        model_version=service.embedder.model_version,
-        dims=service.embedder.dims,
+        model_version=model.model_version,
+        dims=model.dims,
         embeddings=[ImageEmbedding(vector=e.vector.tolist(), label=e.label, confidence=e.confidence)
                     for e in embeddings],
     )
 
+
 @router.get("/info", response_model=InfoResponse, responses={503: ERROR_RESPONSES[503]})
 async def info(service: ServiceDep) -> InfoResponse:
     """The model bundle's metadata, the vector settings in force, and how to decode images for it."""
-    details = service.embedder.info()
-    return InfoResponse(model_version=details.model_version, dims=details.dims, classes=details.classes,
-                        image_size=details.image_size, resize=details.resize, **details.metadata)
+    model = await service.info()
+    return InfoResponse(model_version=model.model_version, dims=model.dims, classes=model.classes,
+                        device=model.device, pca_dims=model.pca_dims, onehot_weight=model.onehot_weight,
+                        image_size=model.image_size, resize=model.resize, bundle=model.metadata)
+
 
 @router.get("/healthz", responses={503: ERROR_RESPONSES[503]})
 async def healthz(service: ServiceDep) -> dict[str, str]:
     """200 once the model is loaded and warmed up, else 503."""
     status = Status.warming_up if service.warming_up else Status.ready
-    return {"status": status, "model_version": service.embedder.model_version}
+    return {"status": status, "model_version": (await service.info()).model_version}

@@ -80,8 +80,8 @@ class Embedder:
 
     def info(self) -> EmbedderInfo:
         return EmbedderInfo(model_version=self.model_version, dims=self.dims, classes=self.bundle.classes,
-                            metadata={"bundle": self.bundle.metadata, "device": self.device.type,
-                                      "pca_dims": self.pca_dims, "onehot_weight": self.onehot_weight},
+                            metadata=self.bundle.metadata, bundle_version=self.bundle.version,
+                            pca_dims=self.pca_dims, onehot_weight=self.onehot_weight, device=self.device.type,
                             image_size=self.preprocessing.image_size, resize=self.preprocessing.resize)
 
     def embed_batch(self, images: np.ndarray, *, purpose: Purpose = "query") -> list[Embedding]:
@@ -326,6 +326,11 @@ class LocalEmbeddingService:
     @property
     def warming_up(self) -> bool:
         return self.embedder.warming_up
+
+    @property
+    def model_info(self) -> EmbedderInfo:
+        """`info()` without a loop to await it on: for the composition root, which builds services in a thread."""
+        return self.embedder.info()
 
     async def info(self) -> EmbedderInfo:
         return self.embedder.info()

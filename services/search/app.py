@@ -41,7 +41,7 @@ from services.common.errors import CbirError, ImageError, IndexNotReadyError
 from services.common.http import ERROR_RESPONSES, ErrorResponse, error_body, install_http_edge, verify_api_key
 from services.common.images import UploadDecoder
 from services.common.status import Status
-from services.common.stores.base import CollectionStats, StoreHit, VectorStore
+from services.common.stores.base import MAX_RESULT_WINDOW, CollectionStats, StoreHit, VectorStore
 from services.search.access import verify_write_access, writes_open
 from services.search.engine import STAGE_SECONDS, Answer, IndexingJob, SearchEngine, SearchOptions
 from services.search.schemas import (
@@ -62,7 +62,6 @@ from services.search.uploads import UploadFolder
 
 logger = logging.getLogger(__name__)
 
-MAX_RESULT_WINDOW = 10_000  # offset + k: Elasticsearch's index.max_result_window, kept on both stores
 # Served images can neither run script nor be sniffed into HTML, whoever uploaded them.
 IMAGE_HEADERS = {"Cache-Control": "public, max-age=86400", "X-Content-Type-Options": "nosniff",
                  "Content-Security-Policy": "default-src 'none'; img-src 'self'; sandbox"}
@@ -112,7 +111,8 @@ def create_app(settings: SearchSettings | None = None, *,
     app = FastAPI(title="cbir search", version="0.1.0", lifespan=lifespan,
                   summary="Search images by an image, add your own, and browse the collection.")
     app.state.settings = settings
-    app.state.decoder = UploadDecoder(settings.max_concurrent_decodes)
+    app.state.decoder = UploadDecoder(settings.max_concurrent_decodes, max_bytes=settings.max_upload_bytes,
+                                      max_pixels=settings.max_image_pixels)
     install_http_edge(app, service="search", max_upload_bytes=settings.max_upload_bytes,
                       cors_origins=settings.cors_origins,
                       route_limits={"/search/batch": settings.max_batch_upload_bytes})
@@ -173,12 +173,9 @@ def _predicted(answer: Answer) -> QueryPrediction | None:
 
 async def _decode(request: Request, engine: SearchEngine, data: bytes) -> np.ndarray:
     """An upload decoded as the model's bundle says, within the upload limits."""
-    settings: SearchSettings = request.app.state.settings
     model = await engine.embedder.info()
     with STAGE_SECONDS.labels(stage="decode").time():
-        return await request.app.state.decoder.decode(data, max_bytes=settings.max_upload_bytes,
-                                                      max_pixels=settings.max_image_pixels, size=model.image_size,
-                                                      resample=model.resize)
+        return await request.app.state.decoder.decode(data, size=model.image_size, resample=model.resize)
 
 
 # -- search -------------------------------------------------------------------------------------
@@ -277,13 +274,11 @@ async def add_image(
     the same document, and nothing is stored twice. A 201 (or 200) means the image is kept as
     `<state dir>/uploads/<id>.<ext>` (re-encoded from its pixels, so no EXIF or GPS), fsynced, and its document
     is durable and already found by searches."""
-    settings: SearchSettings = request.app.state.settings
     data = await file.read()
 
     async def decode() -> tuple[np.ndarray, bytes, str]:  # the model's pixels, and the file to keep
         pixels = await _decode(request, engine, data)
-        encoded, extension = await request.app.state.decoder.reencode(data, max_bytes=settings.max_upload_bytes,
-                                                                      max_pixels=settings.max_image_pixels)
+        encoded, extension = await request.app.state.decoder.reencode(data)
         return pixels, encoded, extension
 
     document, added = await engine.add_image(data, decode, label=label or None)
@@ -371,6 +366,11 @@ async def healthz(engine: EngineDep) -> HealthResponse | JSONResponse:
                           index=engine.store.index_kind, documents=documents)
 
 
+# The page's limits are the API's: filled in once, when the module loads.
+HOME_PAGE = files("services.search").joinpath("static/index.html").read_text().replace(
+    "{{MAX_RESULT_WINDOW}}", str(MAX_RESULT_WINDOW))
+
+
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def home() -> HTMLResponse:
-    return HTMLResponse(files("services.search").joinpath("static/index.html").read_text())
+    return HTMLResponse(HOME_PAGE)

@@ -1,5 +1,5 @@
 """The HTTP embedder client: large batches are split, API keys are sent, refusals are clear, and /info says
-how to decode (older embedders get the defaults)."""
+what the local model's info says (the model, its vector settings, how to decode)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from services.common.embedding import HttpEmbeddingClient
 from services.common.errors import EmbedderUnavailableError
 from services.embedder.bundle import Bundle
+from services.embedder.runtime import Embedder
 
 pytestmark = pytest.mark.anyio
 
@@ -45,16 +46,20 @@ async def test_missing_key_is_an_unavailable_embedder_not_a_user_error(guarded_e
     await client.close()
 
 
-async def test_info_says_how_to_decode_and_older_embedders_get_the_defaults(embedder_client: httpx.AsyncClient,
-                                                                            tiny_bundle: Bundle) -> None:
+async def test_info_over_http_is_the_local_models_info_and_a_body_lacking_a_field_is_refused(
+        embedder_client: httpx.AsyncClient, tiny_bundle: Bundle) -> None:
     body = (await embedder_client.get("/info")).json()
     assert (body["image_size"], body["resize"]) == (32, "lanczos")
-    answers = {"new": {**body, "image_size": 48, "resize": "bicubic"},
-               "old": {k: v for k, v in body.items() if k not in ("image_size", "resize")}}
-    for name, expected in (("new", (48, "bicubic")), ("old", (32, "lanczos"))):
-        transport = httpx.MockTransport(lambda request, answer=answers[name]: httpx.Response(200, json=answer))
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=body))
+    client = HttpEmbeddingClient("http://embedder", transport=transport)
+    info = await client.info()
+    await client.close()
+    assert info == Embedder(tiny_bundle, device="cpu").info()  # every field, the bundle's record included
+    assert info.bundle_version == tiny_bundle.version and info.metadata == tiny_bundle.metadata
+    for field in ("image_size", "pca_dims", "bundle"):
+        lacking = {key: value for key, value in body.items() if key != field}
+        transport = httpx.MockTransport(lambda request, answer=lacking: httpx.Response(200, json=answer))
         client = HttpEmbeddingClient("http://embedder", transport=transport)
-        info = await client.info()
+        with pytest.raises(EmbedderUnavailableError, match="answered /info with an unexpected body"):
+            await client.info()
         await client.close()
-        assert (info.image_size, info.resize) == expected, name
-        assert info.model_version == body["model_version"]

@@ -1,0 +1,42 @@
+"""The apps the `cbir` commands serve, each with the parts its settings name (`services.wiring`).
+
+    gateway_app()      `cbir gateway`: the search gateway alone (no indexing), the model in-process or over HTTP
+    embedder_app()     `cbir embedder`: the embedder service
+    one_machine_app()  `cbir serve`: the gateway with the model in-process, indexing in the background
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from fastapi import FastAPI
+
+from services.embedder.app import create_app as create_embedder_app
+from services.embedder.settings import EmbedderSettings
+from services.search.app import create_app as create_search_app
+from services.search.settings import SearchSettings
+from services.serve.one_machine import OneMachine, OneMachineSettings
+from services.wiring import build_embedding_service, build_local_embedding_service, build_store
+
+
+def gateway_app(settings: SearchSettings | None = None) -> FastAPI:
+    """The search gateway over the configured embedder and store; it indexes nothing itself."""
+    settings = settings or SearchSettings.load()
+    return create_search_app(settings, embedder_factory=partial(build_embedding_service, settings),
+                             store_factory=partial(build_store, settings))
+
+
+def embedder_app(settings: EmbedderSettings | None = None) -> FastAPI:
+    """The embedder service with the configured bundle."""
+    settings = settings or EmbedderSettings.load()
+    return create_embedder_app(settings, service_factory=partial(build_local_embedding_service, settings))
+
+
+def one_machine_app(settings: OneMachineSettings | None = None, *, index: bool = True) -> FastAPI:
+    """The gateway with the model in this process; with `index`, its lifespan brings the index up to date in the
+    background (the first build, new files, or the index of a new model, built while the old one serves) while
+    `/healthz` and `/collection` report the progress."""
+    one_machine = OneMachine(settings or OneMachineSettings.load())
+    return create_search_app(one_machine.settings, embedder_factory=one_machine.load_embedder,
+                             store_factory=one_machine.build_store,
+                             background=one_machine.index if index else None, watch=one_machine.follow_record)
