@@ -111,10 +111,7 @@ class UploadSettings(BaseCbirSettings):
 
     @model_validator(mode="after")
     def _no_placeholder_keys(self) -> UploadSettings:
-        if self.environment != "development":
-            weak = [k for k in self.api_keys if k.get_secret_value() in ("changeme", "secret", "")]
-            if weak:
-                raise ValueError("CBIR_API_KEYS holds a placeholder key; set real keys outside development")
+        refuse_placeholder_keys(self, "api_keys")
         return self
 
 
@@ -141,6 +138,16 @@ class CollectionSettings(BaseCbirSettings):
         None, description="collection root (<split>/<class>/<image>); default data/cifar10, else ../shared/cifar10"
     )
     index_split: str = Field("train", description="the split that is indexed")
+
+
+PLACEHOLDER_KEYS = frozenset({"changeme", "secret", ""})
+
+
+def refuse_placeholder_keys(settings: BaseCbirSettings, name: str) -> None:
+    """Refuse a placeholder among the keys of setting `name` outside development (a model validator's check)."""
+    keys: list[SecretStr] = getattr(settings, name)
+    if settings.environment != "development" and any(k.get_secret_value() in PLACEHOLDER_KEYS for k in keys):
+        raise ValueError(f"CBIR_{name.upper()} holds a placeholder key; set real keys outside development")
 
 
 def default(settings_class: type[BaseSettings], name: str) -> Any:

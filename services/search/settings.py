@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr, model_validator
 
-from services.common.settings import CollectionSettings, EmbeddingSettings, StoreSettings, UploadSettings
+from services.common.settings import (
+    CollectionSettings,
+    EmbeddingSettings,
+    StoreSettings,
+    UploadSettings,
+    refuse_placeholder_keys,
+)
 
 MAX_BATCH_FILES = 32  # images of one POST /search/batch
 
@@ -23,7 +29,5 @@ class SearchSettings(StoreSettings, EmbeddingSettings, UploadSettings, Collectio
 
     @model_validator(mode="after")
     def _no_placeholder_write_keys(self) -> SearchSettings:
-        weak = any(k.get_secret_value() in ("changeme", "secret", "") for k in self.write_api_keys)
-        if weak and self.environment != "development":
-            raise ValueError("CBIR_WRITE_API_KEYS holds a placeholder key; set real keys outside development")
+        refuse_placeholder_keys(self, "write_api_keys")
         return self
