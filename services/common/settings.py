@@ -28,6 +28,10 @@ class EsSearchMode(StrEnum):
     knn = "knn"
 
 
+# Which index the embedded FAISS store may search (`CBIR_FAISS_INDEX`); what it searches now is its `index_kind`.
+FaissIndexSetting = Literal["auto", "flat", "hnsw"]
+
+
 class BaseCbirSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CBIR_", env_file=".env", extra="ignore")
 
@@ -54,7 +58,7 @@ class StoreSettings(BaseCbirSettings):
     state_dir: Path = Field(Path("state"), description="index file and other state of one-machine mode")
     faiss_threads: int = Field(1, ge=1, le=256, description="OpenMP threads of the embedded FAISS index; "
                                "one leaves the other cores to the forward pass that runs beside it")
-    faiss_index: Literal["auto", "flat", "hnsw"] = Field(
+    faiss_index: FaissIndexSetting = Field(
         "auto", description="the embedded index: flat (exact), hnsw (approximate, for millions of images), or auto: "
         "exact below the size bench/scale.py measured (reports/scale.md), HNSW above it")
     es_url: AnyHttpUrl = Field("http://localhost:9200", description="Elasticsearch URL")

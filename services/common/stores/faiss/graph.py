@@ -29,6 +29,7 @@ import numpy as np
 
 from services.common.documents import StoreHit
 from services.common.scoring import score_from_cosine
+from services.common.settings import FaissIndexSetting
 from services.common.stores.base import StoreQuery
 from services.common.stores.faiss.persistence import GraphRecord
 from services.common.stores.faiss.table import DocumentTable, FrozenTable
@@ -43,8 +44,6 @@ HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 512
 REBUILD_AFTER = 0.1  # share of documents changed since the graph was built that makes it rebuild
 EXACT_BELOW = 0.2  # a filter letting through less than this share of documents is searched exactly
 
-# The setting (CBIR_FAISS_INDEX, `StoreSettings.faiss_index`): which index the store may search.
-FaissIndexSetting = Literal["auto", "flat", "hnsw"]
 # The state (`FaissStore.index_kind`, reported as `index`): which index answers searches now.
 SearchedIndex = Literal["flat", "hnsw", "flat (hnsw building)"]
 

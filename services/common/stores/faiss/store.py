@@ -17,6 +17,7 @@ import numpy as np
 
 from services.common.documents import ImageDocument, StoredImage, StoreHit
 from services.common.errors import IndexNotReadyError, StoreError, StoreMismatchError
+from services.common.settings import FaissIndexSetting
 from services.common.stores.base import (
     CollectionStats,
     StoreInfo,
@@ -27,7 +28,6 @@ from services.common.stores.base import (
     check_query_vector,
 )
 from services.common.stores.faiss.graph import (
-    FaissIndexSetting,
     Graph,
     GraphKeeper,
     GraphSnapshot,

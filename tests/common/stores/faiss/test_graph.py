@@ -7,18 +7,15 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
-from typing import get_args
 
 import numpy as np
 import pytest
 from factories import brute_force, make_document, make_documents, unit_vectors
 
 from services.common.documents import ImageDocument
-from services.common.settings import StoreSettings
 from services.common.stores.base import StoreQuery
 from services.common.stores.faiss import graph as faiss_graph
 from services.common.stores.faiss.graph import (
-    FaissIndexSetting,
     Graph,
     GraphKeeper,
     GraphSnapshot,
@@ -38,10 +35,6 @@ def table_of(documents: list[ImageDocument]) -> DocumentTable:
 def graph_snapshot(table: DocumentTable, graph: Graph, changed: frozenset[str] = frozenset()) -> GraphSnapshot:
     return GraphSnapshot(graph=graph, changed=changed, rows=dict(table.rows), docs=tuple(table.docs),
                          vectors=table.vectors)
-
-
-def test_the_setting_names_the_values_of_cbir_faiss_index() -> None:
-    assert get_args(FaissIndexSetting) == get_args(StoreSettings.model_fields["faiss_index"].annotation)
 
 
 def test_the_setting_and_the_size_say_whether_a_graph_answers(monkeypatch: pytest.MonkeyPatch) -> None:
