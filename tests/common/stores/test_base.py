@@ -322,7 +322,8 @@ async def test_a_query_of_another_size_is_refused(searched: VectorStore) -> None
 
 
 # -- Elasticsearch only: one round trip, and kNN held to recall (approximate per shard) ---------------------------
-# (they use the contract's corpus and brute-force ranking; their place is tests/common/stores/elasticsearch/)
+# (here rather than in tests/common/stores/elasticsearch/: they measure the store against the contract's corpus
+# and its brute-force ranking)
 
 
 async def test_elasticsearch_answers_every_query_of_a_call_in_one_msearch(
