@@ -16,7 +16,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # torch.compile (CBIR_COMPILE=auto) writes C++ kernels for the CPU and needs a compiler to build them;
-# without one the model runs uncompiled (README, "Speed": what that costs).
+# without one the model runs uncompiled (docs/performance.md, "Where the goals stand": what that costs).
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 
 COPY deploy/requirements.lock deploy/requirements.lock
