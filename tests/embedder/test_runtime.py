@@ -58,10 +58,17 @@ async def busy_batcher(**options: int) -> AsyncIterator[tuple[GatedEmbedder, Mic
         batcher.stop()
 
 
+async def until_queued(batcher: MicroBatcher, count: int) -> None:
+    """Returns once `count` requests wait in the batcher's queue behind its busy worker (10 s at most)."""
+    async with asyncio.timeout(10):
+        while batcher._queue.qsize() < count:
+            await asyncio.sleep(0.001)
+
+
 async def test_concurrent_requests_share_one_forward_pass() -> None:
     async with busy_batcher(max_batch=64, max_wait_ms=20, max_queue=64) as (model, batcher, first):
         waiting = [asyncio.ensure_future(batcher.embed(images(10 + i, count=2))) for i in range(8)]
-        await asyncio.sleep(0.05)  # all eight are queued behind the first
+        await until_queued(batcher, 8)  # all eight behind the first
         model.gate.set()
         results = await asyncio.gather(first, *waiting)
     assert model.batches == [1, 16]  # two forward passes for nine requests
@@ -75,7 +82,7 @@ async def test_queries_and_indexing_share_a_batch_but_not_a_forward_pass() -> No
     async with busy_batcher(max_batch=64, max_wait_ms=20, max_queue=64) as (model, batcher, first):
         mixed = [asyncio.ensure_future(batcher.embed(images(20 + i), purpose="index" if i % 2 else "query"))
                  for i in range(6)]
-        await asyncio.sleep(0.05)
+        await until_queued(batcher, 6)
         model.gate.set()
         results = await asyncio.gather(first, *mixed)
     assert list(zip(model.batches, model.purposes, strict=True)) == [(1, "query"), (3, "query"), (3, "index")]
@@ -85,7 +92,7 @@ async def test_queries_and_indexing_share_a_batch_but_not_a_forward_pass() -> No
 async def test_a_full_queue_is_refused_at_once_with_503() -> None:
     async with busy_batcher(max_batch=1, max_wait_ms=0, max_queue=2) as (model, batcher, busy):
         queued = [asyncio.ensure_future(batcher.embed(images(2))) for _ in range(2)]
-        await asyncio.sleep(0)  # both are in the queue: it is full
+        await until_queued(batcher, 2)  # the queue is full
         with pytest.raises(EmbedderUnavailableError, match="overloaded") as refused:
             await batcher.embed(images(3))
         assert refused.value.status_code == 503 and refused.value.retry_after == 1
