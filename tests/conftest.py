@@ -72,6 +72,16 @@ def bovw_bundle_dir(tmp_path_factory: pytest.TempPathFactory, mini_collection: P
 
 
 @pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Settings from the test alone: no `CBIR_*` variable of the shell or the session, and no `.env` (the working
+    directory is an empty folder)."""
+    for name in list(os.environ):
+        if name.startswith("CBIR_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
 def cbir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_bundle_dir: Path, mini_collection: Path) -> Path:
     """CBIR_* settings pointing at the tiny bundle, the mini collection and a fresh state dir."""
     for name, value in (("CBIR_MODEL_DIR", tiny_bundle_dir), ("CBIR_DATA_DIR", mini_collection),

@@ -3,7 +3,6 @@ naming the variable, placeholder API keys are refused outside development, and d
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -20,17 +19,9 @@ from services.common.settings import (
 from services.embedder.settings import EmbedderSettings
 from services.search.settings import SearchSettings
 
+pytestmark = pytest.mark.usefixtures("clean_environment")
+
 PLACEHOLDERS = ["changeme", "secret", ""]
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No `CBIR_*` variable of the shell or the test session, and no `.env` (the working directory is empty)."""
-    for name in list(os.environ):
-        if name.startswith("CBIR_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
 
 # --- load() -------------------------------------------------------------------------------------
 

@@ -3,8 +3,6 @@ development server on loopback; and never a browser's cross-site request, whatev
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,16 +18,6 @@ pytestmark = pytest.mark.anyio
 KEY = "w-5be1c07d"
 LOOPBACK = ("127.0.0.1", 8000)
 PUBLISHED = ("0.0.0.0", 8000)
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Settings from the test alone: no `CBIR_*` variable, no `.env`."""
-    for name in list(os.environ):
-        if name.startswith("CBIR_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
 
 def request(*, server: tuple[str, int] | None = LOOPBACK, headers: dict[str, str] | None = None,
             **settings: Any) -> Request:
