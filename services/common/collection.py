@@ -142,9 +142,13 @@ def _is_image(name: str) -> bool:
 
 
 def resolve_inside(root: Path, relative: str) -> Path | None:
-    """The real path of `relative` under `root`, or None if it escapes the root (.., symlinks)."""
-    real_root = root.resolve()
-    candidate = (real_root / relative).resolve()
-    if not candidate.is_relative_to(real_root) or not candidate.is_file():
+    """The real path of the file `relative` under `root`, or None if it escapes the root (.., symlinks), is no
+    file, or is no usable path at all (a NUL byte, a name too long, a symlink loop): a stored path is data."""
+    try:
+        real_root = root.resolve()
+        candidate = (real_root / relative).resolve()
+        if not candidate.is_relative_to(real_root) or not candidate.is_file():
+            return None
+    except (OSError, ValueError, RuntimeError):
         return None
     return candidate

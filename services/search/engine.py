@@ -370,13 +370,9 @@ class SearchEngine:
         document = await self.store.get(id)
         if document is None:
             return None
-        try:
-            if document.source == UPLOAD_SOURCE:
-                return self.uploads.path_of(document.path)
-            return resolve_inside(Path(document.source), document.path)
-        except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, name too long, symlink loop
-            logger.warning("image %s has an unusable stored path %r: %s", id, document.path[:200], exc)
-            return None
+        if document.source == UPLOAD_SOURCE:
+            return self.uploads.path_of(document.path)
+        return resolve_inside(Path(document.source), document.path)
 
 
 def _publish(model_version: str, documents: int) -> None:
