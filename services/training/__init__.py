@@ -1,6 +1,6 @@
 """Training the embedder (`cbir train`), apart from the serving code it builds on.
 
-    cli.py       get_args_parser(): every flag, and the command a bundle records
+    cli.py       get_args_parser(): every flag, and the command a bundle records (imports no other module here)
     settings.py  TrainingSettings: what the environment (and .env) supplies
     data.py      load_split(): a split decoded as the bundle says, cached; shared with evaluation
     augment.py   random crop, flip and Cutout on the device
