@@ -104,18 +104,18 @@ def indexed_state(cbir_env: Path, mini_collection: Path) -> Path:
 @pytest.fixture
 async def search_client(indexed_state: Path) -> AsyncIterator[httpx.AsyncClient]:
     """The real search gateway (model in-process, FAISS store) with its lifespan running."""
-    from services.search.app import create_app
+    from services.serve.apps import gateway_app
 
-    async with asgi_client(create_app(), base_url="http://search") as client:
+    async with asgi_client(gateway_app(), base_url="http://search") as client:
         yield client
 
 
 @pytest.fixture
 async def embedder_client(cbir_env: Path) -> AsyncIterator[httpx.AsyncClient]:
     """The real embedder service with its lifespan running."""
-    from services.embedder.app import create_app
+    from services.serve.apps import embedder_app
 
-    async with asgi_client(create_app(), base_url="http://embedder") as client:
+    async with asgi_client(embedder_app(), base_url="http://embedder") as client:
         yield client
 
 

@@ -56,14 +56,10 @@ class InfoResponse(BaseModel):
     bundle: dict
 
 
-def create_app(settings: EmbedderSettings | None = None, *,
-               service_factory: Callable[[], LocalEmbeddingService] | None = None) -> FastAPI:
+def create_app(settings: EmbedderSettings, *, service_factory: Callable[[], LocalEmbeddingService]) -> FastAPI:
     """The embedder service. Its lifespan loads the model with `service_factory` (blocking: seconds, so in a
     thread) and stops it on shutdown; `/healthz` is 200 once the model is warmed up. The composition root
     (`services.serve.apps.embedder_app`) says what the factory builds; tests pass their own."""
-    if settings is None or service_factory is None:  # TEMPORARY until the tests build apps through services.serve
-        from services.serve.apps import embedder_app
-        return embedder_app(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

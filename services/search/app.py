@@ -25,7 +25,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from functools import partial
 from importlib.resources import files
 from typing import Annotated
 
@@ -34,7 +33,6 @@ from fastapi import APIRouter, Body, Depends, FastAPI, File, Form, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-from services import wiring
 from services.common.documents import StoredImage
 from services.common.embedding import EmbeddingService
 from services.common.errors import CbirError, ImageError, IndexNotReadyError
@@ -69,18 +67,15 @@ IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
                ".webp": "image/webp", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}
 
 
-def create_app(settings: SearchSettings | None = None, *,
-               embedder_factory: Callable[[], EmbeddingService] | None = None,
-               store_factory: Callable[[], VectorStore] | None = None,
+def create_app(settings: SearchSettings, *,
+               embedder_factory: Callable[[], EmbeddingService],
+               store_factory: Callable[[], VectorStore],
                background: IndexingJob | None = None,
                watch: Callable[[SearchEngine], Awaitable[object]] | None = None) -> FastAPI:
-    """The gateway. Its lifespan builds the embedding service and the store (by default as the settings
-    say, through `services.wiring`; tests pass factories), runs `background` (one-machine indexing) and
-    `watch` (one machine: swap to a model another process recorded) as tasks while the server already
-    answers, and closes all of it on shutdown."""
-    settings = settings or SearchSettings.load()
-    embedder_factory = embedder_factory or partial(wiring.build_embedding_service, settings)
-    store_factory = store_factory or partial(wiring.build_store, settings)
+    """The gateway. Its lifespan builds the embedding service and the store with the factories (the composition
+    root, `services.serve.apps`, says what they build; tests pass their own), runs `background` (one-machine
+    indexing) and `watch` (one machine: swap to a model another process recorded) as tasks while the server
+    already answers, and closes all of it on shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

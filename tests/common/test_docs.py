@@ -11,10 +11,9 @@ import pytest
 from fastapi import FastAPI
 
 from services.common.docs import install_offline_docs
-from services.embedder.app import create_app as create_embedder_app
 from services.embedder.settings import EmbedderSettings
-from services.search.app import create_app as create_search_app
 from services.search.settings import SearchSettings
+from services.serve.apps import embedder_app, gateway_app
 
 pytestmark = pytest.mark.anyio
 
@@ -22,8 +21,8 @@ pytestmark = pytest.mark.anyio
 CONTENT_TYPES = {"script": ("text/javascript", "application/javascript"), "stylesheet": ("text/css",),
                  "icon": ("image/",)}
 APPS: dict[str, Callable[[], FastAPI]] = {
-    "search": lambda: create_search_app(SearchSettings()),
-    "embedder": lambda: create_embedder_app(EmbedderSettings()),
+    "search": lambda: gateway_app(SearchSettings()),
+    "embedder": lambda: embedder_app(EmbedderSettings()),
 }
 
 

@@ -19,10 +19,10 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture
 async def guarded_embedder(cbir_env: Path, monkeypatch: pytest.MonkeyPatch):
-    from services.embedder.app import create_app
+    from services.serve.apps import embedder_app
 
     monkeypatch.setenv("CBIR_API_KEYS", '["s3cret-key"]')
-    app = create_app()
+    app = embedder_app()
     async with app.router.lifespan_context(app):
         yield app
 

@@ -18,9 +18,9 @@ pytestmark = pytest.mark.anyio
 
 
 async def search_all(queries: list[bytes]) -> list[dict]:
-    from services.search.app import create_app
+    from services.serve.apps import gateway_app
 
-    async with asgi_client(create_app(), base_url="http://search") as client:
+    async with asgi_client(gateway_app(), base_url="http://search") as client:
         responses = [await client.post("/search", params={"k": 20}, files={"file": ("q.jpg", q, "image/jpeg")})
                      for q in queries]
         health = await client.get("/healthz")
@@ -72,14 +72,14 @@ async def test_elasticsearch_knn_backend_recalls_the_embedded_stores_hits(
 
 async def test_elasticsearch_partial_results_are_a_503_with_retry_after_at_the_gateway(
         cbir_env: Path, mini_collection: Path, es_double: EsDouble, monkeypatch: pytest.MonkeyPatch) -> None:
-    from services.search.app import create_app
+    from services.serve.apps import gateway_app
 
     for name, value in (("CBIR_BACKEND", "elasticsearch"), ("CBIR_ES_URL", es_double.url),
                         ("CBIR_ES_INDEX", "cbir-partial"), ("CBIR_ES_TIMEOUT_S", "5")):
         monkeypatch.setenv(name, value)
     await asyncio.to_thread(cbir, ["index", "--no-progress"])
     query = {"file": ("q.jpg", (mini_collection / "test" / "cat" / "0001.jpg").read_bytes(), "image/jpeg")}
-    async with asgi_client(create_app(), base_url="http://search") as client:
+    async with asgi_client(gateway_app(), base_url="http://search") as client:
         assert (await client.post("/search", files=query)).status_code == 200
         es_double.break_shards(5)
         search = await client.post("/search", files=query)
@@ -91,14 +91,14 @@ async def test_elasticsearch_partial_results_are_a_503_with_retry_after_at_the_g
 
 async def test_the_gateway_answers_503_when_elasticsearch_goes_away_and_recovers(
         cbir_env: Path, mini_collection: Path, es_double: EsDouble, monkeypatch: pytest.MonkeyPatch) -> None:
-    from services.search.app import create_app
+    from services.serve.apps import gateway_app
 
     for name, value in (("CBIR_BACKEND", "elasticsearch"), ("CBIR_ES_URL", es_double.url),
                         ("CBIR_ES_INDEX", "cbir-away"), ("CBIR_ES_TIMEOUT_S", "2"), ("CBIR_ES_MAX_RETRIES", "0")):
         monkeypatch.setenv(name, value)
     await asyncio.to_thread(cbir, ["index", "--no-progress"])
     query = {"file": ("q.jpg", (mini_collection / "test" / "cat" / "0001.jpg").read_bytes(), "image/jpeg")}
-    async with asgi_client(create_app(), base_url="http://search") as client:
+    async with asgi_client(gateway_app(), base_url="http://search") as client:
         assert (await client.post("/search", files=query)).status_code == 200
         es_double.go_down()  # connection refused from now on, mid-run
         search = await client.post("/search", files=query)

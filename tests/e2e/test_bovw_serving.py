@@ -24,10 +24,10 @@ def bovw_indexed(cbir_env: Path, bovw_bundle_dir: Path, monkeypatch: pytest.Monk
 
 async def test_the_gateway_serves_a_bovw_bundle_through_the_same_api(
         bovw_indexed: Path, bovw_bundle_dir: Path, test_image: bytes) -> None:
-    from services.search.app import create_app
+    from services.serve.apps import gateway_app
 
     bundle = load_bundle(bovw_bundle_dir)
-    async with asgi_client(create_app(), base_url="http://127.0.0.1") as client:  # loopback: writes allowed
+    async with asgi_client(gateway_app(), base_url="http://127.0.0.1") as client:  # loopback: writes allowed
         health = (await client.get("/healthz")).json()
         assert health["status"] == "ready" and health["documents"] == 500
         response = await client.post("/search", params={"k": 5}, files={"file": ("q.jpg", test_image, "image/jpeg")})

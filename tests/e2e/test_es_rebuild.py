@@ -28,12 +28,12 @@ def es_env(cbir_env: Path, es_double: EsDouble, monkeypatch: pytest.MonkeyPatch)
 
 async def test_rebuild_beside_the_served_index_then_promote(es_env: EsDouble, test_image: bytes, mini_collection: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from services.search.app import create_app
+    from services.serve.apps import gateway_app
 
     await asyncio.to_thread(main, ["index", "--no-progress"])
     [old_index] = es_env.aliases["cbir-e2e"]
     files = {"file": ("q.jpg", test_image, "image/jpeg")}
-    async with asgi_client(create_app(), base_url="http://127.0.0.1") as old_gateway:
+    async with asgi_client(gateway_app(), base_url="http://127.0.0.1") as old_gateway:
         old_version = (await old_gateway.get("/healthz")).json()["model_version"]
         before = (await old_gateway.post("/images", files={"file": ("a.jpg", test_image, "image/jpeg")})).json()
 
@@ -57,7 +57,7 @@ async def test_rebuild_beside_the_served_index_then_promote(es_env: EsDouble, te
         refused = await old_gateway.post("/search", params={"k": 3}, files=files)
         assert refused.status_code == 409 and new_version in refused.json()["detail"]
 
-    async with asgi_client(create_app(), base_url="http://127.0.0.1") as new_gateway:
+    async with asgi_client(gateway_app(), base_url="http://127.0.0.1") as new_gateway:
         health = (await new_gateway.get("/healthz")).json()
         assert health["status"] == "ready" and health["model_version"] == new_version
         for upload in (before, during):

@@ -41,14 +41,14 @@ WORST_CASE_S = (EMBEDDER_RETRIES + 1) * EMBEDDER_TIMEOUT_S + 0.25 + 2.0
 @pytest.fixture
 def gateway_factory(indexed_state: Path, monkeypatch: pytest.MonkeyPatch):
     """Build the search gateway against an embedder at `url` (the index is already built)."""
-    from services.search.app import create_app
+    from services.serve.apps import gateway_app
 
     @asynccontextmanager
     async def gateway(url: str) -> AsyncIterator[httpx.AsyncClient]:
         monkeypatch.setenv("CBIR_EMBEDDER_URL", url)
         monkeypatch.setenv("CBIR_EMBEDDER_TIMEOUT_S", str(EMBEDDER_TIMEOUT_S))
         monkeypatch.setenv("CBIR_EMBEDDER_RETRIES", str(EMBEDDER_RETRIES))
-        async with asgi_client(create_app()) as client:
+        async with asgi_client(gateway_app()) as client:
             yield client
 
     return gateway
@@ -73,7 +73,7 @@ def assert_unavailable(response: httpx.Response, *words: str) -> None:
 
 
 async def test_embedder_down_is_503_and_the_gateway_recovers_by_itself(gateway_factory, test_image: bytes) -> None:
-    from services.embedder.app import create_app as create_embedder
+    from services.serve.apps import embedder_app
 
     port = free_port()  # nothing listens here yet
     async with gateway_factory(f"http://127.0.0.1:{port}") as gateway:
@@ -82,7 +82,7 @@ async def test_embedder_down_is_503_and_the_gateway_recovers_by_itself(gateway_f
         assert seconds < WORST_CASE_S
         assert (await gateway.get("/healthz")).status_code == 503
 
-        with serve_in_thread(create_embedder(), port=port):  # the embedder comes up
+        with serve_in_thread(embedder_app(), port=port):  # the embedder comes up
             response, _ = await timed_search(gateway, test_image)
             assert response.status_code == 200, response.text
             assert len(response.json()["hits"]) == 10
@@ -92,7 +92,7 @@ async def test_embedder_down_is_503_and_the_gateway_recovers_by_itself(gateway_f
         assert_unavailable(response, "unavailable")
         assert seconds < WORST_CASE_S
 
-        with serve_in_thread(create_embedder(), port=port):  # ... and comes back
+        with serve_in_thread(embedder_app(), port=port):  # ... and comes back
             response, _ = await timed_search(gateway, test_image)
             assert response.status_code == 200, response.text
 
@@ -154,10 +154,10 @@ async def test_something_else_at_the_embedder_url_is_503_not_500(gateway_factory
 
 async def test_embedder_refusing_the_gateway_is_not_blamed_on_the_client(
         gateway_factory, monkeypatch: pytest.MonkeyPatch, test_image: bytes) -> None:
-    from services.embedder.app import create_app as create_embedder
+    from services.serve.apps import embedder_app
 
     monkeypatch.setenv("CBIR_API_KEYS", '["embedder-only-key"]')
-    embedder = create_embedder()
+    embedder = embedder_app()
     monkeypatch.delenv("CBIR_API_KEYS")  # the gateway itself is open
     with serve_in_thread(embedder) as url:
         async with gateway_factory(url) as gateway:
@@ -184,9 +184,9 @@ async def write_index(path: Path, *, dims: int, model_version: str, documents: i
 
 
 async def search_app_answers(image: bytes) -> tuple[httpx.Response, httpx.Response]:
-    from services.search.app import create_app
+    from services.serve.apps import gateway_app
 
-    async with asgi_client(create_app()) as client:
+    async with asgi_client(gateway_app()) as client:
         search, _ = await timed_search(client, image)
         return search, await client.get("/healthz")
 
@@ -310,11 +310,10 @@ def broken_bundle(request: pytest.FixtureRequest, tmp_path: Path, tiny_bundle_di
 
 @pytest.mark.parametrize("broken_bundle", BUNDLE_DAMAGES, indirect=True)
 async def test_services_refuse_to_start_on_a_broken_bundle(broken_bundle: Path) -> None:
-    from services.embedder.app import create_app as create_embedder
-    from services.search.app import create_app as create_search
+    from services.serve.apps import embedder_app, gateway_app
 
-    for create_app in (create_embedder, create_search):
-        app = create_app()
+    for build_app in (embedder_app, gateway_app):
+        app = build_app()
         with pytest.raises(BundleError, match="cbir train"):
             async with app.router.lifespan_context(app):
                 pass

@@ -43,26 +43,26 @@ FUZZ_SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, datab
 
 @pytest.fixture
 def search_schema(indexed_state: Path):
-    from services.search.app import create_app
+    from services.serve.apps import gateway_app
 
-    with serve_in_thread(create_app()) as url:
+    with serve_in_thread(gateway_app()) as url:
         yield schemathesis.openapi.from_url(f"{url}/openapi.json")
 
 
 @pytest.fixture
 def unready_search_schema(cbir_env: Path):
     """The gateway before `cbir index` ran: every search and health check is a 503."""
-    from services.search.app import create_app
+    from services.serve.apps import gateway_app
 
-    with serve_in_thread(create_app()) as url:
+    with serve_in_thread(gateway_app()) as url:
         yield schemathesis.openapi.from_url(f"{url}/openapi.json")
 
 
 @pytest.fixture
 def embedder_schema(cbir_env: Path):
-    from services.embedder.app import create_app
+    from services.serve.apps import embedder_app
 
-    with serve_in_thread(create_app()) as url:
+    with serve_in_thread(embedder_app()) as url:
         yield schemathesis.openapi.from_url(f"{url}/openapi.json")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -72,10 +73,12 @@ async def gallery(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
 @pytest.fixture
 async def gallery_client(gallery, cbir_env: Path) -> httpx.AsyncClient:
     from services.search.app import create_app
+    from services.wiring import build_store
 
     state, root, _ = gallery
     settings = SearchSettings(state_dir=state, data_dir=root)
-    async with asgi_client(create_app(settings, embedder_factory=FixedEmbedder)) as client:
+    app = create_app(settings, embedder_factory=FixedEmbedder, store_factory=partial(build_store, settings))
+    async with asgi_client(app) as client:
         yield client
 
 
@@ -118,11 +121,10 @@ KEYS = '["key-one-4f9a", "key-two-77b1"]'
 
 @pytest.fixture
 async def keyed_clients(indexed_state: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, httpx.AsyncClient]:
-    from services.embedder.app import create_app as create_embedder
-    from services.search.app import create_app as create_search
+    from services.serve.apps import embedder_app, gateway_app
 
     monkeypatch.setenv("CBIR_API_KEYS", KEYS)
-    async with asgi_client(create_search()) as search, asgi_client(create_embedder()) as embedder:
+    async with asgi_client(gateway_app()) as search, asgi_client(embedder_app()) as embedder:
         yield {"/search": search, "/embed": embedder}
 
 
@@ -187,9 +189,11 @@ PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-He
 
 def cors_client(tmp_path: Path, origins: list[str]):
     from services.search.app import create_app
+    from services.wiring import build_store
 
     settings = SearchSettings(state_dir=tmp_path / "state", cors_origins=origins, max_upload_bytes=4096)
-    return asgi_client(create_app(settings, embedder_factory=FixedEmbedder))
+    return asgi_client(create_app(settings, embedder_factory=FixedEmbedder,
+                                  store_factory=partial(build_store, settings)))
 
 
 async def test_cors_is_closed_by_default(tmp_path: Path, cbir_env: Path) -> None:
@@ -251,12 +255,12 @@ def test_elasticsearch_store_names_its_url_without_credentials(caplog: pytest.Lo
 
 async def test_keys_never_reach_the_logs(indexed_state: Path, monkeypatch: pytest.MonkeyPatch,
                                          caplog: pytest.LogCaptureFixture, test_image: bytes) -> None:
-    from services.search.app import create_app
+    from services.serve.apps import gateway_app
 
     monkeypatch.setenv("CBIR_API_KEYS", f'["{CLIENT_KEY}"]')
     monkeypatch.setenv("CBIR_ES_PASSWORD", ES_PASSWORD)
     with caplog.at_level(logging.DEBUG):
-        async with asgi_client(create_app()) as client:
+        async with asgi_client(gateway_app()) as client:
             wrong = await client.post("/search", files=upload("/search", test_image),
                                       headers={"X-API-Key": "guess-" + CLIENT_KEY})
             right = await client.post("/search", files=upload("/search", test_image), headers={"X-API-Key": CLIENT_KEY})

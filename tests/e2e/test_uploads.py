@@ -139,10 +139,10 @@ async def test_embed_without_a_files_field_is_422(embedder_client: httpx.AsyncCl
 
 async def test_embed_too_many_files_is_400(cbir_env: Path, monkeypatch: pytest.MonkeyPatch,
                                            test_image: bytes) -> None:
-    from services.embedder.app import create_app
+    from services.serve.apps import embedder_app
 
     monkeypatch.setenv("CBIR_MAX_IMAGES_PER_REQUEST", "2")
-    async with asgi_client(create_app()) as client:
+    async with asgi_client(embedder_app()) as client:
         files = [("files", (f"{i}.jpg", test_image, "image/jpeg")) for i in range(3)]
         assert_error(await client.post("/embed", files=files), 400, "3 images", "the limit is 2")
 
@@ -154,11 +154,10 @@ async def test_embed_too_many_files_is_400(cbir_env: Path, monkeypatch: pytest.M
 async def small_limit_clients(indexed_state: Path, monkeypatch: pytest.MonkeyPatch
                               ) -> AsyncIterator[dict[str, httpx.AsyncClient]]:
     """Search and embedder apps whose request bodies are capped at 64 KiB (CBIR_MAX_UPLOAD_BYTES)."""
-    from services.embedder.app import create_app as create_embedder
-    from services.search.app import create_app as create_search
+    from services.serve.apps import embedder_app, gateway_app
 
     monkeypatch.setenv("CBIR_MAX_UPLOAD_BYTES", str(SMALL_LIMIT))
-    async with asgi_client(create_search()) as search, asgi_client(create_embedder()) as embedder:
+    async with asgi_client(gateway_app()) as search, asgi_client(embedder_app()) as embedder:
         yield {"/search": search, "/embed": embedder}
 
 
@@ -230,12 +229,12 @@ def test_live_server_refuses_oversized_bodies_without_reading_them(indexed_state
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Through uvicorn and a real socket: 413 arrives before the body is sent (declared) or while
     it is still streaming (chunked)."""
-    from services.search.app import create_app
+    from services.serve.apps import gateway_app
 
     monkeypatch.setenv("CBIR_MAX_UPLOAD_BYTES", str(SMALL_LIMIT))
     head = (b"POST /search HTTP/1.1\r\nHost: localhost\r\n"
             b"Content-Type: multipart/form-data; boundary=cbir-test-boundary\r\n")
-    with serve_in_thread(create_app()) as url:
+    with serve_in_thread(gateway_app()) as url:
         address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
         with socket.create_connection(address, timeout=10) as sock:
             sock.sendall(head + b"Content-Length: 50000000\r\n\r\n")  # and not one byte of the body
@@ -357,9 +356,9 @@ CLIENTS = {"urllib.request": post_with_urllib, "httpx": post_with_httpx, "socket
 @pytest.fixture
 def live_search(indexed_state: Path) -> Iterator[str]:
     """The search gateway on a localhost port, at the default body limit (10 MiB)."""
-    from services.search.app import create_app
+    from services.serve.apps import gateway_app
 
-    with serve_in_thread(create_app()) as url:
+    with serve_in_thread(gateway_app()) as url:
         yield url
 
 
@@ -540,10 +539,10 @@ async def test_upload_decoder_keeps_decodes_in_flight_within_its_limit(decode_pr
 
 async def test_search_decodes_at_most_the_configured_uploads_at_once(indexed_state: Path, decode_probe: dict[str, int],
                                                                     test_image: bytes) -> None:
-    from services.search.app import create_app
     from services.search.settings import SearchSettings
+    from services.serve.apps import gateway_app
 
-    async with asgi_client(create_app(SearchSettings(max_concurrent_decodes=2)), base_url="http://search") as client:
+    async with asgi_client(gateway_app(SearchSettings(max_concurrent_decodes=2)), base_url="http://search") as client:
         responses = await asyncio.gather(*(post_image(client, "/search", "cat.jpg", test_image, "image/jpeg", k=3)
                                            for _ in range(6)))
     assert [r.status_code for r in responses] == [200] * 6
@@ -553,10 +552,9 @@ async def test_search_decodes_at_most_the_configured_uploads_at_once(indexed_sta
 async def test_uploads_are_decoded_as_the_bundle_says(tmp_path, tiny_bundle_dir, indexed_state, monkeypatch) -> None:
     """A bundle that asks for nearest-neighbour resizing gets it from the gateway and the embedder alike."""
     from services.common.images import decode_image
-    from services.embedder.app import create_app as create_embedder
     from services.embedder.bundle import load_bundle
     from services.embedder.runtime import Embedder
-    from services.search.app import create_app as create_search
+    from services.serve.apps import embedder_app, gateway_app
 
     bundle_dir = copy_bundle(tiny_bundle_dir, tmp_path / "nearest-bundle",
                              lambda m: m["preprocessing"].update(resize="nearest"))
@@ -569,7 +567,7 @@ async def test_uploads_are_decoded_as_the_bundle_says(tmp_path, tiny_bundle_dir,
     [lanczos] = embedder.embed_batch(decode_image(upload, resample="lanczos")[None])
     assert nearest.confidence != pytest.approx(lanczos.confidence, abs=1e-4)  # the filter matters for this image
 
-    async with asgi_client(create_search()) as search, asgi_client(create_embedder()) as embed:
+    async with asgi_client(gateway_app()) as search, asgi_client(embedder_app()) as embed:
         answered = (await search.post("/search", files={"file": ("q.png", upload, "image/png")})).json()
         vector = (await embed.post("/embed", files=[("files", ("q.png", upload, "image/png"))])).json()
         info = (await embed.get("/info")).json()

@@ -117,11 +117,11 @@ def test_evaluate_writes_json_report_figures_and_trec_run(cbir_env: Path, tmp_pa
 
 @pytest.mark.slow
 def test_search_api_and_store_give_the_direct_path_metrics(indexed_state: Path, tmp_path: Path) -> None:
-    from services.search.app import create_app
+    from services.serve.apps import gateway_app
 
     direct = run_evaluate(tmp_path, "direct")
     store = run_evaluate(tmp_path, "store", "--against-store")
-    with serve_in_thread(create_app()) as url:
+    with serve_in_thread(gateway_app()) as url:
         api = run_evaluate(tmp_path, "api", "--url", url, "--concurrency", "4")
     assert api["config"]["model_version"] == direct["config"]["model_version"]
     direct_run = read_run(tmp_path / "reports" / direct["files"]["run"])
