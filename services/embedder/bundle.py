@@ -126,7 +126,9 @@ def _write_bundle(directory: Path, family: str, prefix: str, write_model: Any, p
     staging.chmod(0o755)  # readable by the services' non-root users
     try:
         files = write_model(staging)
-        save_numpy({"mean": projection.mean, "components": projection.components}, str(staging / PCA_FILE))
+        save_numpy({"mean": np.ascontiguousarray(projection.mean, dtype=np.float32),
+                    "components": np.ascontiguousarray(projection.components, dtype=np.float32)},
+                   str(staging / PCA_FILE))
         digest = hashlib.sha256()
         for name in (*files, PCA_FILE):
             digest.update((staging / name).read_bytes())

@@ -27,7 +27,10 @@ class PcaProjection:
         dims = min(dims, *embeddings.shape)
         pca = PCA(n_components=dims, svd_solver="randomized", random_state=seed)
         pca.fit(embeddings.astype(np.float32))
-        return cls(mean=pca.mean_.astype(np.float32), components=pca.components_.astype(np.float32))
+        # Row-major, as every reader of `components` assumes: scikit-learn's are column-major, and safetensors
+        # writes an array's memory as it lies.
+        return cls(mean=np.ascontiguousarray(pca.mean_, dtype=np.float32),
+                   components=np.ascontiguousarray(pca.components_, dtype=np.float32))
 
 
 def check_vector_config(*, pca_dims: int, num_classes: int, max_pca_dims: int) -> None:
