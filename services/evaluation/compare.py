@@ -131,7 +131,7 @@ def train_row(row: Row, args: argparse.Namespace) -> None:
 
     command = train_commands(row, args)
     if command is None:
-        logger.info("%s: the shipped bundle is not retrained here (its recipe: README, 'Training')", row.key)
+        logger.info("%s: the shipped bundle is not retrained here (its recipe: docs/model.md, 'Training')", row.key)
         return
     logger.info("%s: cbir %s", row.key, shlex.join(command))
     if args.data_dir is not None:
@@ -261,7 +261,7 @@ def _introduction(results: dict[str, dict[str, Any]], args: argparse.Namespace) 
         "one is **budget-limited**: the same recipe (`cbir train`'s defaults without flip TTA: SGD Nesterov, "
         "one-cycle at 0.1, label smoothing 0.1, crop + flip augmentation, bf16, batch 256) and the same budget of "
         "training-step minutes each (the per-epoch test measurement not counted), so the slower networks see "
-        "fewer epochs, as the column says; the shipped bundle was trained once with its own recipe (README, "
+        "fewer epochs, as the column says; the shipped bundle was trained once with its own recipe (docs/model.md, "
         "'Training'). The study fine-tuned ImageNet-pretrained networks with only their classifiers trained; "
         "that mode (`cbir train --pretrained imagenet --freeze-pretrained`, for VGG-16, AlexNet, GoogLeNet and "
         "ResNet-50; it downloads torchvision's weights) could not run on this machine, which has no internet: "
