@@ -16,6 +16,7 @@ import numpy as np
 from services.common.documents import ImageDocument, StoredImage, StoreHit
 from services.common.embedding import EmbedderInfo, Embedding
 from services.common.errors import CbirError, IndexNotReadyError, StoreMismatchError
+from services.common.images import IMAGE_SIZE, RESAMPLE
 from services.common.scoring import score_from_cosine
 from services.common.stores.base import CollectionStats, StoreInfo, StoreQuery, VectorStore, check_compatible
 
@@ -30,7 +31,9 @@ class FixedEmbedder:
         self.vector = np.eye(dims, dtype=np.float32)[0]
 
     async def info(self) -> EmbedderInfo:
-        return EmbedderInfo(model_version=self.model_version, dims=self.dims, classes=["cat", "dog"], metadata={})
+        return EmbedderInfo(model_version=self.model_version, dims=self.dims, classes=["cat", "dog"], metadata={},
+                            bundle_version="fixed", pca_dims=self.dims - 2, onehot_weight=2.0, device="cpu",
+                            image_size=IMAGE_SIZE, resize=RESAMPLE)
 
     async def embed(self, images: np.ndarray, *, purpose: str = "query") -> list[Embedding]:
         return [Embedding(vector=self.vector, label="cat", confidence=1.0) for _ in images]

@@ -19,7 +19,6 @@ import numpy as np
 from PIL import Image
 
 from services.common.errors import EmbedderUnavailableError, ImageError
-from services.common.images import IMAGE_SIZE, RESAMPLE
 from services.common.settings import EmbedderClientSettings, default
 
 logger = logging.getLogger(__name__)
@@ -53,12 +52,12 @@ class EmbedderInfo:
     dims: int
     classes: list[str]
     metadata: dict[str, Any]
-    bundle_version: str = ""  # TEMPORARY defaults
-    pca_dims: int = 0
-    onehot_weight: float = 0.0
-    device: str = "cpu"
-    image_size: int = IMAGE_SIZE
-    resize: str = RESAMPLE
+    bundle_version: str
+    pca_dims: int
+    onehot_weight: float
+    device: str
+    image_size: int
+    resize: str
 
 
 class EmbeddingService(Protocol):

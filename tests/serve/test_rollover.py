@@ -25,7 +25,8 @@ pytestmark = pytest.mark.anyio
 
 def model(version: str, *, bundle: str = "bundle-a", pca_dims: int = 8) -> EmbedderInfo:
     return EmbedderInfo(model_version=version, dims=pca_dims + 2, classes=["cat", "dog"], metadata={},
-                        bundle_version=bundle, pca_dims=pca_dims, onehot_weight=2.0, device="cpu")
+                        bundle_version=bundle, pca_dims=pca_dims, onehot_weight=2.0, device="cpu",
+                        image_size=32, resize="lanczos")
 
 
 def settings(state: Path, **values: object) -> IndexerSettings:
