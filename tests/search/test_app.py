@@ -7,6 +7,8 @@ import re
 import httpx
 import pytest
 
+from services.common.stores.base import MAX_RESULT_WINDOW
+
 pytestmark = pytest.mark.anyio
 
 
@@ -44,6 +46,8 @@ async def test_healthz_and_docs(search_client: httpx.AsyncClient) -> None:
     assert "/search" in schema["paths"]
     page = await search_client.get("/")
     assert page.status_code == 200 and "<form" in page.text
+    assert f"const MAX_RESULT_WINDOW = {MAX_RESULT_WINDOW};" in page.text  # the page pages as far as the API
+    assert "{{" not in page.text  # every placeholder filled in
 
 
 def metric(text: str, sample: str) -> float:
