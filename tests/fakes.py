@@ -3,6 +3,7 @@
     FixedEmbedder       every image gets the same unit vector
     ControlledEmbedder  a test steers it: holds `info()` at a gate, fails it on demand, picks each image's vector
     MemoryStore         a `VectorStore` in a dict, exact cosine search; holds searches at a gate, moves on demand
+    settle()            lets every task that can run do so until it waits, with no wall-clock wait
 """
 
 from __future__ import annotations
@@ -174,3 +175,10 @@ class MemoryStore(VectorStore):
 
     async def close(self) -> None:
         self.closed = True
+
+
+async def settle(turns: int = 10) -> None:
+    """Let every task that can run do so until it waits: a few turns of the event loop, no wall-clock wait
+    (a batcher that wrongly started another store call, say, would have started it by then)."""
+    for _ in range(turns):
+        await asyncio.sleep(0)

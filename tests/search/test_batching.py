@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 from factories import make_document
+from fakes import settle
 
 from services.common.documents import StoreHit
 from services.common.errors import StoreUnavailableError
@@ -49,13 +50,6 @@ async def busy(store: CountingStore, batcher: QueryBatcher) -> asyncio.Future[li
     await store.called.wait()
     store.called.clear()
     return first
-
-
-async def settle(turns: int = 10) -> None:
-    """Let every task that can run do so until it waits: a few turns of the event loop, no wall-clock wait
-    (a batcher that wrongly started another store call would have started it by then)."""
-    for _ in range(turns):
-        await asyncio.sleep(0)
 
 
 async def queued(batcher: QueryBatcher, *values: float) -> list[asyncio.Future[list[StoreHit]]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from factories import make_document
-from fakes import ControlledEmbedder, MemoryStore
+from fakes import ControlledEmbedder, MemoryStore, settle
 
 from services.common.documents import UPLOAD_SOURCE, ImageDocument, content_id
 from services.common.embedding import EmbeddingService
@@ -66,12 +66,6 @@ async def eventually(condition: Callable[[], bool], *, within_s: float = 5.0) ->
     deadline = time.monotonic() + within_s
     while not condition():
         assert time.monotonic() < deadline, "the condition did not come true in time"
-        await asyncio.sleep(0)
-
-
-async def settle(turns: int = 10) -> None:
-    """Let every task that can run do so until it waits (a few turns of the loop, no wall-clock wait)."""
-    for _ in range(turns):
         await asyncio.sleep(0)
 
 
