@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from services.common.files import write_atomically
 from services.common.settings import ModelSettings
 
 logger = logging.getLogger(__name__)
@@ -64,18 +65,9 @@ def served_index(state_dir: Path) -> Path:
 
 
 def write_record(state_dir: Path, record: ServingRecord) -> None:
-    """Replace the record atomically (a temporary file, fsynced, renamed over it)."""
+    """Replace the record, whole or not at all (`write_atomically`)."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=RECORD_FILE + ".", suffix=".tmp", dir=state_dir)
-    try:
-        with os.fdopen(fd, "w") as file:
-            json.dump(asdict(record), file, indent=1)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, state_dir / RECORD_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(state_dir / RECORD_FILE, lambda file: file.write(json.dumps(asdict(record), indent=1).encode()))
 
 
 def index_file_for(model_version: str) -> str:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 from services.common.collection import resolve_inside
 from services.common.errors import StorageFullError
+from services.common.files import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -51,21 +51,7 @@ class UploadFolder:
             raise StorageFullError(
                 f"the uploads folder holds {used} bytes; adding {len(data)} would pass its quota of "
                 f"{self.max_bytes} (CBIR_MAX_UPLOAD_STORAGE_BYTES); delete images or raise the quota")
-        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(target, lambda file: file.write(data), temp_prefix=".")
 
     async def delete(self, relative: str) -> None:
         path = self.path_of(relative)

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from services.common.errors import StorageFullError
-from services.search import uploads
 from services.search.uploads import UploadFolder
 
 pytestmark = pytest.mark.anyio
@@ -76,7 +75,7 @@ async def test_a_save_waits_for_the_one_writing_so_two_cannot_pass_the_quota_tog
             gate.wait(timeout=30)
         return mkstemp(**options)
 
-    monkeypatch.setattr(uploads.tempfile, "mkstemp", held_mkstemp)
+    monkeypatch.setattr(tempfile, "mkstemp", held_mkstemp)  # the one write_atomically calls
     first = asyncio.ensure_future(folder.save("a", b"x" * 60, "jpg"))
     await asyncio.to_thread(writing.wait, 10)
     second = asyncio.ensure_future(folder.save("b", b"y" * 60, "jpg"))  # would fit beside no file, not beside a
@@ -105,12 +104,12 @@ async def test_a_write_that_fails_leaves_no_file_behind(tmp_path: Path, monkeypa
         raise OSError(5, "Input/output error")
 
     fsync = os.fsync
-    monkeypatch.setattr(uploads.os, "fsync", disk_failure)
+    monkeypatch.setattr(os, "fsync", disk_failure)
     folder = UploadFolder(tmp_path, max_bytes=100)
     with pytest.raises(OSError, match="Input/output error"):
         await folder.save("a", b"x" * 10, "jpg")
     assert files(tmp_path) == {}  # neither the image nor its temporary file
-    monkeypatch.setattr(uploads.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     assert await folder.save("a", b"x" * 10, "jpg") == "a.jpg"  # and the next try starts afresh
 
 

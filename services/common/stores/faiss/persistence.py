@@ -11,7 +11,6 @@ import dataclasses
 import fcntl
 import logging
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from services.common.documents import DOCUMENT_SCHEMA, StoredImage
 from services.common.errors import IndexNotReadyError, StoreMismatchError, StoreUnavailableError
+from services.common.files import write_atomically
 from services.common.stores.faiss.table import DocumentTable
 
 logger = logging.getLogger(__name__)
@@ -53,28 +53,15 @@ class SavedIndex:
 
 
 def save_index(path: Path, table: DocumentTable, *, model_version: str | None, graph: GraphRecord | None) -> None:
-    """Write `table` (and the record of `graph`) to `path` through a temporary file and an atomic rename."""
+    """Write `table` (and the record of `graph`) to `path`, whole or not at all (`write_atomically`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = _columns(table.docs)
     if graph is not None:  # the graph kept beside the index, and what changed since it was built
         arrays |= {"graph_token": np.asarray(graph.token), "graph_ids": np.asarray(graph.ids, dtype=str),
                    "graph_changed": np.asarray(sorted(graph.changed), dtype=str)}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            np.savez(file, vectors=table.vectors, model_version=np.asarray(model_version or ""),
-                     schema=np.asarray(DOCUMENT_SCHEMA), **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power cut
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomically(path, lambda file: np.savez(file, vectors=table.vectors,
+                                                 model_version=np.asarray(model_version or ""),
+                                                 schema=np.asarray(DOCUMENT_SCHEMA), **arrays))
     logger.debug("saved %d documents to %s", len(table.docs), path)
 
 
