@@ -109,21 +109,27 @@ def _field_error(error: dict[str, Any]) -> dict[str, Any]:
             "msg": str(error.get("msg", "invalid")), "type": str(error.get("type", "value_error"))}
 
 
-# A refused body is still read, and dropped, before the connection closes (nginx's lingering close):
-# a client that reads the answer only once it has sent everything (urllib.request) would otherwise find
-# its unread bytes turning the close into a connection reset, and never see the 413.
-DISCARD_MAX_BYTES = 64 * 2**20  # past this much of a refused body the connection is closed unread ...
+# An answer that goes out before the request body has all arrived (the 413 below, or the app's own: the form
+# parser's 400 mid-body, a 404, a 422 on a body that is no form) is followed by the rest of the body, read and
+# dropped, before the connection closes (nginx's lingering close): a client that reads the answer only once it
+# has sent everything (urllib.request) would otherwise find its unread bytes turning the close into a
+# connection reset, and never see the answer.
+DISCARD_MAX_BYTES = 64 * 2**20  # past this much of an unread body the connection is closed unread ...
 DISCARD_MAX_S = 5.0  # ... and past this long, however little has come
+_CLOSE = (b"connection", b"close")
 
 
 class BodySizeLimitMiddleware:
-    """Answers 413 as soon as a request body passes `max_bytes` (or its path's own limit in `route_limits`),
-    before it is read into memory.
+    """The request body's edge: answers 413 as soon as a body passes `max_bytes` (or its path's own limit in
+    `route_limits`), before it is read into memory, and makes any answer sent before the body has all
+    arrived readable by every client.
 
-    A declared Content-Length is checked up front; a chunked body is counted while it streams. The
-    413 goes out at once, then whatever the client is still sending is read and dropped (never
-    kept) up to `discard_bytes` or `discard_s`, and the connection closes. A client that declared
-    more than that, or that waits for `100 Continue` (and so sends nothing), is closed at once.
+    A declared Content-Length is checked up front; a chunked body is counted while it streams. Whatever
+    answers before the body's end (the 413, or the app itself: the multipart parser's 400 mid-body, a 404)
+    goes out at once with `Connection: close`; then whatever the client is still sending is read and dropped
+    (never kept) up to `discard_bytes` or `discard_s`, the answer ends, and the connection closes. A client
+    that declared more than that, or that waits for `100 Continue` (and so sends nothing), is closed at once.
+    An answer to a body that has all arrived is left as it is (and its connection kept alive).
 
         app.add_middleware(BodySizeLimitMiddleware, max_bytes=10 * 2**20)
     """
@@ -140,62 +146,110 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.route_limits.get(scope["path"], self.max_bytes)
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            holds_back = headers.get(b"expect", b"").lower() == b"100-continue"  # no 100 sent: no body coming
-            await self._refuse(receive, send, limit, discard=not holds_back and int(declared) <= self.discard_bytes)
+        body = _RequestBody(scope, limit=self.route_limits.get(scope["path"], self.max_bytes))
+        if body.declared is not None and body.declared > body.limit:
+            await self._refuse(receive, send, body)
             return
-        received = 0
-        exceeded = body_ended = False
+        started = early = end_held = False
 
-        async def limited_receive() -> Message:
-            nonlocal received, exceeded, body_ended
+        async def counted_receive() -> Message:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                body_ended = not message.get("more_body", False)
-                if received > limit:
-                    exceeded = True
-                    raise _BodyTooLarge
+            body.count(message)  # raises _BodyTooLarge past the limit
             return message
 
-        async def guarded_send(message: Message) -> None:
-            if not exceeded:  # whatever the app answers to the cut body is replaced by the 413
-                await send(message)
+        async def early_aware_send(message: Message) -> None:
+            nonlocal started, early, end_held
+            if body.exceeded:  # whatever the app answers to the cut body is replaced by the 413
+                return
+            if message["type"] == "http.response.start":
+                started, early = True, not body.ended
+                if early:
+                    message = {**message, "headers": _with_close(message.get("headers", []))}
+            elif (early and message["type"] == "http.response.body" and not message.get("more_body", False)
+                  and body.worth_discarding(self.discard_bytes)):
+                end_held = True  # the answer is on the wire; only its end waits for the rest of the body
+                if not message.get("body"):
+                    return
+                message = {**message, "more_body": True}
+            await send(message)
 
         with contextlib.suppress(_BodyTooLarge):
-            await self.app(scope, limited_receive, guarded_send)
-        if exceeded:
-            await self._refuse(receive, send, limit, discard=not body_ended)
+            await self.app(scope, counted_receive, early_aware_send)
+        if body.exceeded and not started:
+            await self._refuse(receive, send, body)
+        elif end_held:
+            await self._finish(receive, send, body)
+        # else the app's answer ended as it was sent (or, cut past the limit mid-answer, never will: the
+        # server closes the connection)
 
-    async def _refuse(self, receive: Receive, send: Send, limit: int, *, discard: bool) -> None:
-        """The 413, then (with `discard`) the rest of the body read and dropped, then the close."""
-        body = json.dumps({"detail": f"the request body exceeds {limit} bytes"}).encode()
+    async def _refuse(self, receive: Receive, send: Send, body: _RequestBody) -> None:
+        """The 413, then the rest of the body dropped (bounded), then the close."""
+        detail = json.dumps({"detail": f"the request body exceeds {body.limit} bytes"}).encode()
         await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
-                                (b"content-length", str(len(body)).encode())]})
-        # The answer is on the wire before the rest of the body is read; only its end waits, since
-        # the server closes the connection as soon as the response is complete.
-        await send({"type": "http.response.body", "body": body, "more_body": discard})
+                    "headers": [(b"content-type", b"application/json"), _CLOSE,
+                                (b"content-length", str(len(detail)).encode())]})
+        discard = body.worth_discarding(self.discard_bytes)
+        await send({"type": "http.response.body", "body": detail, "more_body": discard})
         if discard:
-            await self._discard_body(receive)
-            await send({"type": "http.response.body", "body": b""})
+            await self._finish(receive, send, body)
 
-    async def _discard_body(self, receive: Receive) -> None:
-        discarded = 0
-        with anyio.move_on_after(self.discard_s):
-            while discarded <= self.discard_bytes:
-                message = await receive()
-                if message["type"] != "http.request" or not message.get("more_body", False):
-                    return  # the body ended, or the client went away
-                discarded += len(message.get("body", b""))
-        logger.info("closing a refused upload's connection after discarding %d bytes", discarded)
+    async def _finish(self, receive: Receive, send: Send, body: _RequestBody) -> None:
+        """Ends an answer sent before the body's end: first the rest of the body is read and dropped, as far as
+        the bounds allow, since the server closes the connection as soon as the answer is complete."""
+        if body.worth_discarding(self.discard_bytes):
+            discarded = 0
+            with anyio.move_on_after(self.discard_s):
+                while discarded <= self.discard_bytes:
+                    message = await receive()
+                    if message["type"] != "http.request" or not message.get("more_body", False):
+                        body.ended = True  # the body ended, or the client went away
+                        break
+                    discarded += len(message.get("body", b""))
+            if not body.ended:
+                logger.info("closing a connection answered early after discarding %d bytes of its body", discarded)
+        await send({"type": "http.response.body", "body": b""})
+
+
+class _RequestBody:
+    """What has come of one request's body: its declared length, the bytes received, whether it ended."""
+
+    def __init__(self, scope: Scope, *, limit: int) -> None:
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
+        self.limit = limit
+        self.declared = int(length) if length.isdigit() else None
+        # Without Content-Length or Transfer-Encoding an HTTP/1.1 request has no body (RFC 9112, 6.3).
+        self.ended = b"transfer-encoding" not in headers and not self.declared
+        self.received = 0
+        self.reads = 0
+        self.exceeded = False
+        # A client that sent `Expect: 100-continue` sends its body only once the server asks for it by reading.
+        self.held_back = headers.get(b"expect", b"").lower() == b"100-continue"
+
+    def count(self, message: Message) -> None:
+        self.reads += 1
+        if message["type"] != "http.request":
+            self.ended = True  # the client went away
+            return
+        self.received += len(message.get("body", b""))
+        self.ended = not message.get("more_body", False)
+        if self.received > self.limit:
+            self.exceeded = True
+            raise _BodyTooLarge
+
+    def worth_discarding(self, max_bytes: int) -> bool:
+        """Whether what is left of the body may be read and dropped within `max_bytes`."""
+        if self.ended or (self.held_back and self.reads == 0):  # no `100 Continue` went out: no body coming
+            return False
+        return self.declared is None or self.declared - self.received <= max_bytes
 
 
 class _BodyTooLarge(Exception):
     pass
+
+
+def _with_close(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [*(header for header in headers if header[0].lower() != b"connection"), _CLOSE]
 
 
 def api_key_valid(provided: str | None, accepted: Sequence[SecretStr]) -> bool:
@@ -226,15 +280,29 @@ def install_http_edge(app: FastAPI, *, service: str, max_upload_bytes: int, cors
 
     From the outside in: the request id, its log line and its metrics (so every answer has them, refusals
     included), CORS (so refusals carry its headers too), the body-size limit (`route_limits`: paths with a
-    limit of their own), then FastAPI with the one error envelope. `GET /metrics` serves Prometheus metrics; `/docs`
-    and `/redoc` load their scripts from the service itself, never a CDN.
+    limit of their own), then FastAPI with the one error envelope. `GET /metrics` serves Prometheus metrics, behind
+    the API keys when `CBIR_API_KEYS` is set (`app.state.settings.api_keys`, as every guarded route); `/docs` and
+    `/redoc` load their scripts from the service itself, never a CDN.
     """
     install_error_handlers(app)
     install_offline_docs(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_upload_bytes, route_limits=route_limits)
     install_cors(app, cors_origins)
     app.add_middleware(RequestLogMiddleware, service=service)
-    app.mount("/metrics", make_asgi_app())
+    app.mount("/metrics", _guarded_metrics_app())
+
+
+def _guarded_metrics_app() -> ASGIApp:
+    """Prometheus's exposition app, asking for an API key as the other routes do: its routes, traffic and model
+    version are nobody else's business either."""
+    exposition = make_asgi_app()
+
+    async def metrics(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await verify_api_key(Request(scope))  # its 401 goes through the app's error handlers
+        await exposition(scope, receive, send)
+
+    return metrics
 
 
 REQUEST_ID_HEADER = "x-request-id"
