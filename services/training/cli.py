@@ -12,7 +12,7 @@ from services.embedder.bundle import DEFAULT_BUNDLE_DIR
 from services.embedder.model import BACKBONES, DEFAULT_BACKBONE
 
 # Options that change how a run goes but not what it makes; the recorded command leaves them out.
-_NOT_RECORDED = ("resume", "quiet", "threads", "checkpoint_every")
+_NOT_RECORDED = ("resume", "quiet", "threads", "checkpoint_every", "compile", "test_every", "profile_steps")
 _NEGATIVE_FLAGS = {"flip_tta": "--no-flip-tta", "bf16": "--no-bf16"}
 
 
@@ -62,6 +62,24 @@ def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the last this many epochs run at the constant --swa-lr and the bundle gets the "
                         "average of the weights at their ends (stochastic weight averaging; 0 = off)")
     parser.add_argument("--swa-lr", type=float, default=0.01, help="learning rate of the SWA epochs")
+    parser.add_argument("--crop-padding", choices=("zeros", "reflect"), default="zeros",
+                        help="how the 4 pixels the random crop may shift into are filled: zeros (the dataset mean "
+                        "after normalisation) or the image reflected at its border")
+    parser.add_argument("--scale-lr", action="store_true",
+                        help="peak learning rate --lr x --batch-size / 256 (Goyal et al.'s linear scaling rule, "
+                        "for batches larger than the recipe's 256)")
+    parser.add_argument("--warmup-epochs", type=float, default=0.0,
+                        help="multiply the schedule's learning rate by a linear ramp from 0 to 1 over this many "
+                        "epochs of steps (0 = off: the schedule's own warm-up alone)")
+    parser.add_argument("--ema-decay", type=float, default=0.0,
+                        help="the bundle gets an exponential moving average of the weights and batch-norm "
+                        "statistics, updated every --ema-every steps with this decay (0 = off; e.g. 0.999)")
+    parser.add_argument("--ema-every", type=int, default=1,
+                        help="with --ema-decay: steps between updates of the average (each update reads its "
+                        "counter on the host: on CUDA one wait for the GPU's queue)")
+    parser.add_argument("--sam-rho", type=float, default=0.0,
+                        help="sharpness-aware minimisation: each step takes its gradient at the weights moved "
+                        "this far (L2) uphill, two forward and backward passes a step (0 = off; 0.05 is usual)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +138,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--compile", choices=("auto", "off", "default", "reduce-overhead", "max-autotune"),
+                        default="auto", help="torch.compile the network for training steps with this mode; auto: "
+                        "the default mode on CUDA, off on the CPU (where compiling costs more than it saves on "
+                        "short runs)")
+    parser.add_argument("--test-every", type=int, default=1,
+                        help="measure the test split every this many epochs (and after the last)")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="profile this many training steps after the first three (torch.profiler) and write "
+                        "the table of the costliest operations to profile.txt in --checkpoint-dir (0 = off)")
 
 
 def defaults() -> dict[str, Any]:

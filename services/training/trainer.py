@@ -1,10 +1,11 @@
 """`cbir train`: train an embedder (VGG-16 by default) on a `<root>/<split>/<class>/<image>` collection.
 
-bf16 autocast and channels_last on CPU or CUDA, random-crop + flip augmentation (optionally
-Cutout), one-cycle or cosine schedule, label smoothing, an optional batch-hard triplet loss on the
-embedding, optional distillation from teacher bundles (`--teacher`), a checkpoint every
-`--checkpoint-every` epochs (`--resume` continues from it, and re-plans the schedule for a new
-`--epochs`), then PCA on the train embeddings and a bundle written to `--output`.
+bf16 autocast and channels_last on CPU or CUDA (torch.compile on CUDA, `--compile`), random-crop + flip
+augmentation (optionally Cutout, reflect padding), one-cycle or cosine schedule (optionally a linear
+warm-up and a learning rate scaled with the batch), label smoothing, an optional batch-hard triplet loss
+on the embedding, optional distillation from teacher bundles (`--teacher`), optional SAM, SWA or weight
+EMA, a checkpoint every `--checkpoint-every` epochs (`--resume` continues from it, and re-plans the
+schedule for a new `--epochs`), then PCA on the train embeddings and a bundle written to `--output`.
 
 >>> from services.training import get_args_parser, train
 >>> train(get_args_parser().parse_args(["--epochs", "1", "--output", "models/try"]))["version"]
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import platform
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ from services.training.loop import (
     accuracy_of,
     averaged_model,
     checkpoint_state,
+    peak_lr,
     resume,
     save_checkpoint,
     train_epoch,
@@ -83,12 +87,17 @@ def train(args: argparse.Namespace, *, settings: TrainingSettings | None = None)
     if args.resume:
         resume(run, args, args.checkpoint_dir / CHECKPOINT_FILE, device)
     train_data = DeviceSplit(images=torch.from_numpy(train_x).to(device), labels=torch.from_numpy(train_y).to(device))
-    run_epochs(run, args, train_data, (test_x, test_y), teachers=teachers, preprocessing=preprocessing)
+    with profiling(run, args, device):
+        run_epochs(run, args, train_data, (test_x, test_y), teachers=teachers, preprocessing=preprocessing)
     if run.swa_model is not None:
         model = averaged_model(run.swa_model, train_data.images, run.generator, bf16=args.bf16, cutout=args.cutout,
-                               batch_size=args.batch_size, preprocessing=preprocessing)
+                               batch_size=args.batch_size, preprocessing=preprocessing, padding=args.crop_padding)
+    elif run.ema_model is not None:
+        model = run.ema_model.module
+        logger.info("EMA: the bundle gets the average of %d updates", int(run.ema_model.n_averaged.item()))
     training = training_record(command=recorded_command(args), recipe=jsonable(vars(args)), history=run.history,
                                replans=run.replans, init_bundle=args.init_bundle, teachers=args.teacher or ())
+    training["environment"] = environment_record(run, args, device)
     if run.budget_s is not None:
         training["budget"] = {"minutes": args.time_budget_min, "trained_seconds": round(run.trained_s, 1),
                               "images_seen": run.images_seen,
@@ -112,6 +121,12 @@ def check_options(args: argparse.Namespace) -> None:
                             "--swa-epochs (which re-estimates every batch norm's statistics)")
     if not 0 <= args.distill_weight <= 1 or args.distill_temperature <= 0:
         raise TrainingError("--distill-weight must be between 0 and 1 and --distill-temperature above 0")
+    if not 0 <= args.ema_decay < 1 or args.ema_every < 1 or (args.ema_decay and args.swa_epochs):
+        raise TrainingError("--ema-decay must be at least 0 and below 1, --ema-every at least 1, and --ema-decay "
+                            "cannot be combined with --swa-epochs (each replaces the weights the bundle gets)")
+    if args.sam_rho < 0 or args.warmup_epochs < 0 or args.test_every < 1 or args.profile_steps < 0:
+        raise TrainingError("--sam-rho, --warmup-epochs and --profile-steps must be at least 0, --test-every at "
+                            "least 1")
 
 
 def initial_model(args: argparse.Namespace, architecture: dict[str, Any],
@@ -189,14 +204,54 @@ def run_epochs(run: TrainingRun, args: argparse.Namespace, train_data: DeviceSpl
                             preprocessing=preprocessing)
         record = {"epoch": epoch + 1, "epochs_reached": round(run.images_seen / len(train_data.images), 3),
                   "trained_seconds": round(run.trained_s, 1), "loss": stats["loss"],
-                  "train_accuracy": stats["train_accuracy"],
-                  "test_accuracy": accuracy_of(run.model, *test, preprocessing=preprocessing, device=device,
-                                               bf16=args.bf16),
-                  "lr": round(run.optimizer.param_groups[0]["lr"], 6),
-                  "images_per_second": stats["images_per_second"], "seconds": stats["seconds"]}
+                  "train_accuracy": stats["train_accuracy"]}
+        if (epoch + 1) % args.test_every == 0 or epoch + 1 == args.epochs or run.budget_spent:
+            record["test_accuracy"] = accuracy_of(run.model, *test, preprocessing=preprocessing, device=device,
+                                                  bf16=args.bf16)
+            if run.ema_model is not None:
+                record["ema_test_accuracy"] = accuracy_of(run.ema_model.module, *test, preprocessing=preprocessing,
+                                                          device=device, bf16=args.bf16)
+        record.update(lr=round(run.optimizer.param_groups[0]["lr"], 6),
+                      images_per_second=stats["images_per_second"], seconds=stats["seconds"])
         run.history.append(record)
-        logger.info("epoch %(epoch)d: loss %(loss).4f, train acc %(train_accuracy).4f, "
-                    "test acc %(test_accuracy).4f, %(images_per_second).1f img/s, %(seconds).0f s", record)
+        measured = "".join(f", {name.replace('_', ' ')} {record[name]:.4f}"
+                           for name in ("test_accuracy", "ema_test_accuracy") if name in record)
+        logger.info("epoch %d: loss %.4f, train accuracy %.4f%s, %.1f img/s, %.0f s", record["epoch"],
+                    record["loss"], record["train_accuracy"], measured, record["images_per_second"],
+                    record["seconds"])
         if (epoch + 1) % args.checkpoint_every and epoch + 1 < args.epochs and not run.budget_spent:
             continue
         save_checkpoint(args.checkpoint_dir / CHECKPOINT_FILE, checkpoint_state(run, args, epoch, device))
+
+
+def profiling(run: TrainingRun, args: argparse.Namespace, device: torch.device) -> Any:
+    """With `--profile-steps N`: torch.profiler over training steps 4 to N + 3 (the first, which may compile,
+    and two more left out), its table of the costliest operations written to `profile.txt` in
+    `--checkpoint-dir` when they are done (or when training ends first). Without it, nothing."""
+    if not args.profile_steps:
+        return nullcontext()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    path = args.checkpoint_dir / "profile.txt"
+
+    def write(profiler: torch.profiler.profile) -> None:
+        sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(profiler.key_averages().table(sort_by=sort, row_limit=40) + "\n")
+        logger.info("profiled %d training steps into %s", args.profile_steps, path)
+
+    run.profiler = torch.profiler.profile(
+        activities=activities, on_trace_ready=write,
+        schedule=torch.profiler.schedule(wait=2, warmup=1, active=args.profile_steps, repeat=1))
+    return run.profiler
+
+
+def environment_record(run: TrainingRun, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Where the run trained, for `bundle.json`: the device, torch, whether the steps were compiled (and
+    how long the first took), where the augmentation's random draws were made, the peak learning rate."""
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+            "torch": torch.__version__, "python": platform.python_version(),
+            "compiled": run.compiled is not None,
+            "compile_seconds": None if run.compile_s is None else round(run.compile_s, 1),
+            "random_draws": run.generator.device.type, "peak_lr": round(peak_lr(args), 6), "steps": run.steps}

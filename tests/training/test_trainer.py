@@ -1,10 +1,13 @@
 """`cbir train` (services/training/trainer.py): what the tiny recipe learns, the settings it reads, checkpoint
-and resume, distillation from teacher bundles, SWA, and starting from a bundle."""
+and resume, distillation from teacher bundles, SWA and EMA, starting from a bundle, the speed and recipe
+options (compile, reflect padding, scaled learning rate and warm-up, SAM) and what bundle.json records of them."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
+import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +19,8 @@ from tiny_models import classify_test_images, tiny_training_args
 
 from services.common.errors import TrainingError
 from services.embedder.bundle import Bundle, load_bundle
-from services.training import loop, train, trainer
+from services.training import get_args_parser, loop, train, trainer
+from services.training.sam import SharpnessAwareMinimization
 from services.training.settings import TrainingSettings
 
 
@@ -251,3 +255,157 @@ def test_freeze_pretrained_trains_only_the_layers_imagenet_did_not_fill_and_keep
     for extra in (("--freeze-pretrained",), ("--pretrained", "imagenet", "--freeze-pretrained", "--swa-epochs", "1")):
         with pytest.raises(TrainingError, match="--freeze-pretrained needs --pretrained imagenet"):
             train(quick_args(mini_collection, tmp_path, *extra, epochs=2, output=tmp_path / "refused"))
+
+
+def test_ema_ships_the_running_average_of_the_weights_and_batch_norm_statistics_and_resumes_mid_run(
+        tmp_path: Path, mini_collection: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def ema_args(name: str, *extra: str):
+        return quick_args(mini_collection, tmp_path / name, "--ema-decay", "0.6", "--ema-every", "2", *extra,
+                          epochs=3, output=tmp_path / name / "bundle")
+
+    states: list[dict[str, torch.Tensor]] = []  # the model's weights and buffers at each update
+    update = torch.optim.swa_utils.AveragedModel.update_parameters
+
+    def record(self, model):
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return update(self, model)
+
+    monkeypatch.setattr(torch.optim.swa_utils.AveragedModel, "update_parameters", record)
+    train(ema_args("a"))
+    assert len(states) == 3  # 2 steps an epoch, every second step, 3 epochs
+    expected = {k: v.float() for k, v in states[0].items()}  # the first update copies
+    for state in states[1:]:
+        expected = {k: 0.6 * v + 0.4 * state[k].float() for k, v in expected.items()}
+    shipped = load_bundle(tmp_path / "a" / "bundle").model.state_dict()
+    for name in ("features.0.weight", "features.1.running_mean", "features.1.running_var", "embedding.2.running_var"):
+        torch.testing.assert_close(shipped[name].float(), expected[name], rtol=2e-3, atol=2e-3)  # fp16 in the bundle
+    assert not torch.allclose(shipped["features.1.running_mean"].float(), states[-1]["features.1.running_mean"],
+                              rtol=2e-3, atol=2e-3)  # not the last weights
+    training = json.loads((tmp_path / "a" / "bundle" / "bundle.json").read_text())["training"]
+    assert all("ema_test_accuracy" in epoch for epoch in training["history"])
+    assert "--ema-decay 0.6 --ema-every 2" in training["command"]
+
+    # Stopped after epoch 2 and resumed: the same bundle as the run that went through.
+    real_save = trainer.save_checkpoint
+
+    def save_then_stop(path, state):
+        real_save(path, state)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(ema_args("b"))
+    train(ema_args("b", "--resume"))
+    assert load_bundle(tmp_path / "b" / "bundle").version == load_bundle(tmp_path / "a" / "bundle").version
+    with pytest.raises(TrainingError, match="--resume: ema_decay, ema_every differ"):
+        train(quick_args(mini_collection, tmp_path / "b", "--resume", epochs=3, output=tmp_path / "b" / "c"))
+
+
+def test_every_training_option_is_recorded_in_the_bundle_and_its_command_remakes_the_run(
+        tmp_path: Path, mini_collection: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    options = ("--crop-padding", "reflect", "--scale-lr", "--warmup-epochs", "1", "--ema-decay", "0.9",
+               "--sam-rho", "0.05", "--test-every", "2", "--profile-steps", "2", "--compile", "off")
+    args = quick_args(mini_collection, tmp_path, *options, epochs=3, output=tmp_path / "b")
+    rates, paddings, real_step, real_augment = [], [], loop.train_step, loop.augment
+
+    def step(model, optimizer, *rest, sam, **kwargs):
+        assert isinstance(sam, SharpnessAwareMinimization) and sam.rho == 0.05
+        rates.append(optimizer.param_groups[0]["lr"])
+        return real_step(model, optimizer, *rest, sam=sam, **kwargs)
+
+    def augment(*args, padding, **kwargs):
+        paddings.append(padding)
+        return real_augment(*args, padding=padding, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", step)
+    monkeypatch.setattr(loop, "augment", augment)
+    train(args)
+    # 2 steps an epoch (6 too few for one-cycle: the warm-up + cosine schedule, its own warm-up 1 epoch) at a
+    # peak of 0.05 x 100 / 256, times the linear warm-up's 1/2 and 2/2 over the first epoch.
+    peak = 0.05 * 100 / 256
+    schedule = [0.5, 1.0, *(0.5 * (1 + math.cos(math.pi * step / 4)) for step in range(4))]
+    ramp = [0.5, 1.0, 1, 1, 1, 1]
+    assert rates == pytest.approx([peak * s * r for s, r in zip(schedule, ramp, strict=True)])
+    assert paddings == ["reflect"] * 6
+    training = json.loads((tmp_path / "b" / "bundle.json").read_text())["training"]
+    recipe = training["recipe"]
+    assert (recipe["crop_padding"], recipe["scale_lr"], recipe["warmup_epochs"], recipe["ema_decay"],
+            recipe["sam_rho"], recipe["compile"]) == ("reflect", True, 1.0, 0.9, 0.05, "off")
+    assert "--crop-padding reflect --scale-lr --warmup-epochs 1.0 --ema-decay 0.9 --sam-rho 0.05 " in (
+        training["command"])
+    assert not any(flag in training["command"] for flag in ("--compile", "--test-every", "--profile-steps"))
+    environment = training["environment"]
+    assert environment["peak_lr"] == pytest.approx(peak, abs=1e-6) and environment["steps"] == 6
+    assert (environment["compiled"], environment["random_draws"], environment["torch"]) == (False, "cpu",
+                                                                                            torch.__version__)
+    assert [("test_accuracy" in epoch, "ema_test_accuracy" in epoch) for epoch in training["history"]] == [
+        (False, False), (True, True), (True, True)]  # every second epoch, and the last
+    assert "Self CPU" in (tmp_path / "train" / "profile.txt").read_text()  # torch.profiler's table
+    again = get_args_parser().parse_args(shlex.split(training["command"])[2:])
+    assert all(getattr(again, key) == getattr(args, key) for key in ("crop_padding", "scale_lr", "warmup_epochs",
+                                                                     "ema_decay", "sam_rho"))
+
+
+def test_compile_runs_the_steps_through_torch_compile_and_keeps_the_first_steps_time_out_of_the_budget(
+        tmp_path: Path, mini_collection: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_compile, models, now = torch.compile, [], [0.0]
+
+    def compile_for_test(model, mode=None):  # dynamo's tracing and guards, without generating code
+        assert mode is None  # --compile default: torch's default mode
+        return real_compile(model, backend="eager")
+
+    def clock() -> float:  # every reading half a second after the last
+        now[0] += 0.5
+        return now[0]
+
+    real_step = loop.train_step
+
+    def step(model, *args, **kwargs):
+        models.append(type(model).__name__)
+        if len(models) == 1:
+            now[0] += 100  # the first step compiles: a long one
+        return real_step(model, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_for_test)
+    monkeypatch.setattr(loop, "train_step", step)
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=clock))
+    train(quick_args(mini_collection, tmp_path, "--compile", "default", "--time-budget-min", "0.1", epochs=1,
+                     output=tmp_path / "b"))
+    assert set(models) == {"OptimizedModule"} and len(models) > 2  # the budget (6 s) outlasted the first step
+    training = json.loads((tmp_path / "b" / "bundle.json").read_text())["training"]
+    environment = training["environment"]
+    assert environment["compiled"] is True and environment["compile_seconds"] == 100.5
+    assert 6 <= training["budget"]["trained_seconds"] < 8
+    assert "--compile" not in training["command"] and training["recipe"]["compile"] == "default"
+    # auto: compiled on CUDA only, so not here.
+    models.clear()
+    train(quick_args(mini_collection, tmp_path, epochs=1, output=tmp_path / "c"))
+    assert models == ["CifarVGG16"] * 2
+    assert json.loads((tmp_path / "c" / "bundle.json").read_text())["training"]["environment"]["compiled"] is False
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (("--ema-decay", "1"), "--ema-decay must be at least 0 and below 1"),
+    (("--ema-decay", "0.9", "--ema-every", "0"), "--ema-every at least 1"),
+    (("--ema-decay", "0.9", "--swa-epochs", "1"), "cannot be combined with --swa-epochs"),
+    (("--sam-rho", "-0.1"), "--sam-rho, --warmup-epochs and --profile-steps must be at least 0"),
+    (("--warmup-epochs", "-1"), "--sam-rho, --warmup-epochs and --profile-steps must be at least 0"),
+    (("--test-every", "0"), "--test-every at least 1"),
+])
+def test_training_options_no_run_can_use_are_refused_before_anything_loads(
+        tmp_path: Path, options: tuple[str, ...], message: str) -> None:
+    args = tiny_training_args(tmp_path / "no-collection", tmp_path, *options, epochs=2)
+    with pytest.raises(TrainingError, match=message):
+        train(args)
+
+
+def test_a_checkpoint_whose_random_stream_was_drawn_on_another_kind_of_device_is_refused(
+        tmp_path: Path, mini_collection: Path) -> None:
+    train(quick_args(mini_collection, tmp_path, epochs=1, output=tmp_path / "a"))
+    path = tmp_path / "train" / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    state["generator"] = torch.zeros(16, dtype=torch.uint8)  # the size of a CUDA generator's (Philox) state
+    torch.save(state, path)
+    with pytest.raises(TrainingError, match="--resume: the checkpoint's random stream was drawn on another kind"):
+        train(quick_args(mini_collection, tmp_path, "--resume", epochs=2, output=tmp_path / "b"))
