@@ -354,8 +354,10 @@ def train_epoch(run: TrainingRun, epoch: int, data: DeviceSplit, *, args: argpar
         run.steps += 1
         if run.ema_model is not None and run.steps % args.ema_every == 0:
             run.ema_model.update_parameters(run.model)
-        if run.profiler is not None:
+        if run.profiler is not None:  # when its steps are done it writes its table: not training time
+            profiled = time.perf_counter()
             run.profiler.step()
+            started += time.perf_counter() - profiled
         if epoch < run.swa_start and run.scheduler is not None:
             run.scheduler.step()
         total_loss += loss.float() * len(index)

@@ -205,7 +205,9 @@ def run_epochs(run: TrainingRun, args: argparse.Namespace, train_data: DeviceSpl
         record = {"epoch": epoch + 1, "epochs_reached": round(run.images_seen / len(train_data.images), 3),
                   "trained_seconds": round(run.trained_s, 1), "loss": stats["loss"],
                   "train_accuracy": stats["train_accuracy"]}
-        if (epoch + 1) % args.test_every == 0 or epoch + 1 == args.epochs or run.budget_spent:
+        # The last epoch: --epochs' last, or with a time budget the one that spent it (--epochs plays no part).
+        last_epoch = run.budget_spent if run.budget_s is not None else epoch + 1 == args.epochs
+        if (epoch + 1) % args.test_every == 0 or last_epoch:
             record["test_accuracy"] = accuracy_of(run.model, *test, preprocessing=preprocessing, device=device,
                                                   bf16=args.bf16)
             if run.ema_model is not None:
@@ -219,7 +221,7 @@ def run_epochs(run: TrainingRun, args: argparse.Namespace, train_data: DeviceSpl
         logger.info("epoch %d: loss %.4f, train accuracy %.4f%s, %.1f img/s, %.0f s", record["epoch"],
                     record["loss"], record["train_accuracy"], measured, record["images_per_second"],
                     record["seconds"])
-        if (epoch + 1) % args.checkpoint_every and epoch + 1 < args.epochs and not run.budget_spent:
+        if (epoch + 1) % args.checkpoint_every and not last_epoch:
             continue
         save_checkpoint(args.checkpoint_dir / CHECKPOINT_FILE, checkpoint_state(run, args, epoch, device))
 
