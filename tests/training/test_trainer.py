@@ -35,9 +35,16 @@ def test_a_time_budget_trains_until_it_is_spent_whatever_epochs_say_and_the_bund
         tmp_path: Path, mini_collection: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     clock = itertools.count(0.0, 0.5)  # every reading of the loop's clock is half a second after the last
     monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
-    train(quick_args(mini_collection, tmp_path, "--time-budget-min", "0.2", epochs=1, output=tmp_path / "b"))
+    saved, real_save = [], trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda path, state: saved.append(state["epoch"]) or real_save(
+        path, state))
+    train(quick_args(mini_collection, tmp_path, "--time-budget-min", "0.2", "--checkpoint-every", "100",
+                     "--test-every", "100", epochs=1, output=tmp_path / "b"))
     training = json.loads((tmp_path / "b" / "bundle.json").read_text())["training"]
     budget, history = training["budget"], training["history"]
+    # The last epoch is the one that spent the budget, whatever --epochs says: checkpointed and tested there alone.
+    assert saved == [len(history) - 1] and [("test_accuracy" in epoch) for epoch in history] == [False] * (
+        len(history) - 1) + [True]
     assert budget["minutes"] == 0.2 and 12 <= budget["trained_seconds"] < 14  # stops at the first step past 12 s
     assert len(history) > 1 and budget["epochs_reached"] == budget["images_seen"] / 200 > 1
     assert history[-1]["epochs_reached"] == budget["epochs_reached"]
