@@ -239,8 +239,13 @@ def profiling(run: TrainingRun, args: argparse.Namespace, device: torch.device) 
 
     def write(profiler: torch.profiler.profile) -> None:
         sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(profiler.key_averages().table(sort_by=sort, row_limit=40) + "\n")
+        try:
+            table = profiler.key_averages().table(sort_by=sort, row_limit=40)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(table + "\n")
+        except Exception:  # noqa: BLE001 - a diagnostic: training goes on without it
+            logger.exception("the profile of the training steps could not be written")
+            return
         logger.info("profiled %d training steps into %s", args.profile_steps, path)
 
     run.profiler = torch.profiler.profile(
