@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     train_parser.add_argument("--reserve-s", type=float, default=150,
                               help="seconds kept for what is not training steps: compiling, test checks, the "
                               "bundle, packing")
-    train_parser.add_argument("--budget-min", type=float, default=6.0, help="at most this many minutes of steps")
+    train_parser.add_argument("--budget-min", type=float, default=5.5, help="at most this many minutes of steps")
     train_parser.add_argument("--tiny", action="store_true", help="the CPU rehearsal's tiny run")
     train_parser.add_argument("--phase", action="append", default=[], metavar="NAME=SECONDS",
                               help="a step of run.sh before training and its seconds, for result.json")

@@ -8,7 +8,7 @@
 #
 # Environment:
 #   CBIR_DEVICE_TRAIN_ARGS   cbir train options after device_run.py's RECIPE (they win), e.g. "--sam-rho 0.05"
-#   CBIR_DEVICE_BUDGET_MIN   at most this many minutes of training steps (default 6)
+#   CBIR_DEVICE_BUDGET_MIN   at most this many minutes of training steps (default 5.5)
 #   CBIR_DEVICE_DEADLINE_S   the seconds this whole command may take, the budget shrinks to fit (default 540)
 #   CBIR_DEVICE_TINY=1       the CPU rehearsal: a narrow network, 5 images a class, seconds of training
 #   CBIR_DEVICE_DIR          the carried folder (default .device); CBIR_DEVICE_WORK the scratch folder (default
@@ -30,7 +30,7 @@ since() {  # seconds since a `date +%s%N` reading, as 1.234
     printf '%d.%03d' $((ns / 1000000000)) $((ns / 1000000 % 1000))
 }
 tiny=()
-budget=${CBIR_DEVICE_BUDGET_MIN:-6}
+budget=${CBIR_DEVICE_BUDGET_MIN:-5.5}
 if [ "${CBIR_DEVICE_TINY:-0}" = 1 ]; then
     tiny=(--tiny)
     budget=${CBIR_DEVICE_BUDGET_MIN:-0.02}
