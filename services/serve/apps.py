@@ -3,20 +3,25 @@
     gateway_app()      `cbir gateway`: the search gateway alone (no indexing), the model in-process or over HTTP
     embedder_app()     `cbir embedder`: the embedder service
     one_machine_app()  `cbir serve`: the gateway with the model in-process, indexing in the background
+
+The gateway's imports leave torch out, so that it runs from an image without it when it embeds over HTTP
+(CBIR_EMBEDDER_URL): the model's modules are imported by the apps that run it, when they are built.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from services.embedder.app import create_app as create_embedder_app
-from services.embedder.settings import EmbedderSettings
 from services.search.app import create_app as create_search_app
 from services.search.settings import SearchSettings
-from services.serve.one_machine import OneMachine, OneMachineSettings
-from services.wiring import build_embedding_service, build_local_embedding_service, build_store
+from services.wiring import build_embedding_service, build_store
+
+if TYPE_CHECKING:
+    from services.embedder.settings import EmbedderSettings
+    from services.serve.one_machine import OneMachineSettings
 
 
 def gateway_app(settings: SearchSettings | None = None) -> FastAPI:
@@ -28,6 +33,10 @@ def gateway_app(settings: SearchSettings | None = None) -> FastAPI:
 
 def embedder_app(settings: EmbedderSettings | None = None) -> FastAPI:
     """The embedder service with the configured bundle."""
+    from services.embedder.app import create_app as create_embedder_app
+    from services.embedder.settings import EmbedderSettings
+    from services.wiring import build_local_embedding_service
+
     settings = settings or EmbedderSettings.load()
     return create_embedder_app(settings, service_factory=partial(build_local_embedding_service, settings))
 
@@ -36,6 +45,8 @@ def one_machine_app(settings: OneMachineSettings | None = None, *, index: bool =
     """The gateway with the model in this process; with `index`, its lifespan brings the index up to date in the
     background (the first build, new files, or the index of a new model, built while the old one serves) while
     `/healthz` and `/collection` report the progress."""
+    from services.serve.one_machine import OneMachine, OneMachineSettings
+
     one_machine = OneMachine(settings or OneMachineSettings.load())
     return create_search_app(one_machine.settings, embedder_factory=one_machine.load_embedder,
                              store_factory=one_machine.build_store,

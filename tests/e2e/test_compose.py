@@ -1,6 +1,7 @@
 """docker-compose.yml and the deploy/ files, checked against the settings the services really read.
 
-Docker is not needed: the compose file is parsed as YAML and `${VAR:-default}` resolved by hand.
+Docker is not needed: the compose file is parsed as YAML and `${VAR:-default}` resolved by hand. The stack
+itself is built and run in tests/compose/.
 """
 
 from __future__ import annotations
@@ -165,18 +166,54 @@ def test_compose_gpu_override_reserves_an_nvidia_gpu_for_the_embedder() -> None:
     assert "CBIR_DEVICE" in env_names(EmbedderSettings)
 
 
+class ComposeLoader(yaml.SafeLoader):
+    """YAML with compose's merge tags (`!reset`, `!override`) read as the values they tag."""
+
+
+for tag in ("!reset", "!override"):
+    ComposeLoader.add_constructor(tag, lambda loader, node: (
+        loader.construct_mapping(node) if isinstance(node, yaml.MappingNode)
+        else loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else loader.construct_scalar(node)))
+
+
+def dockerfile_stages() -> dict[str, tuple[str, list[str]]]:
+    """deploy/Dockerfile's stages: name -> (the stage it is built FROM, its instructions)."""
+    stages: dict[str, tuple[str, list[str]]] = {}
+    current: list[str] = []
+    for line in (REPO_ROOT / "deploy" / "Dockerfile").read_text().splitlines():
+        if line.startswith("FROM "):
+            _, parent, _, name = line.split()
+            stages[name] = (parent, current := [])
+        elif line and not line.startswith((" ", "#")) and stages:
+            current.append(line)
+    return stages
+
+
+def stage_chain(target: str) -> list[str]:
+    """The instructions that build `target`, its ancestors' first."""
+    stages = dockerfile_stages()
+    chain: list[str] = []
+    while target in stages:
+        target, lines = stages[target]
+        chain = lines + chain
+    assert target == "${BASE_IMAGE}", f"the stages start from the BASE_IMAGE argument, not {target}"
+    return chain
+
+
 @pytest.mark.parametrize("service_name", ["embedder", "indexer", "search"])
-def test_compose_dockerfiles_run_as_non_root(compose: dict[str, Any], service_name: str) -> None:
-    dockerfile = REPO_ROOT / compose["services"][service_name]["build"]["dockerfile"]
-    lines = [line.strip() for line in dockerfile.read_text().splitlines()]
-    users = [line.split(maxsplit=1)[1] for line in lines if line.startswith("USER ")]
-    assert users, f"{dockerfile.name} never leaves root"
+def test_compose_images_run_as_non_root_from_the_base_image_argument(compose: dict[str, Any],
+                                                                      service_name: str) -> None:
+    build = compose["services"][service_name]["build"]
+    assert build["dockerfile"] == "deploy/Dockerfile" and build["context"] == "."
+    chain = stage_chain(build["target"])
+    users = [line.split(maxsplit=1)[1] for line in chain if line.startswith("USER ")]
+    assert users, f"{build['target']} never leaves root"
     assert users[-1].split(":")[0] not in ("root", "0")
-    assert any(line.startswith("FROM python:3.11-slim") for line in lines)
-    assert "RUN pip install --no-deps ." in lines
+    assert "RUN pip install --no-deps ." in chain
+    assert "ARG BASE_IMAGE=python:3.11-slim" in (REPO_ROOT / "deploy" / "Dockerfile").read_text()
 
 
-def test_compose_images_pin_the_dependencies_pyproject_names() -> None:
+def test_compose_images_pin_the_dependencies_pyproject_names(compose: dict[str, Any]) -> None:
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     required = {re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0].lower() for dep in project["dependencies"]}
     lock_lines = [line for line in (REPO_ROOT / "deploy" / "requirements.lock").read_text().splitlines()
@@ -185,12 +222,32 @@ def test_compose_images_pin_the_dependencies_pyproject_names() -> None:
     locked = {line.split("==")[0] for line in lock_lines}
     torch_pins = {dep.split("==")[0]: dep.split("==")[1] for dep in project["dependencies"] if dep.startswith("torch")}
     assert required - locked == set(torch_pins)  # torch comes from the device's own index
-    for name in ("embedder", "search"):
-        dockerfile = (REPO_ROOT / "deploy" / f"{name}.Dockerfile").read_text()
-        assert f"ARG TORCH_VERSION={torch_pins['torch']}" in dockerfile
-        assert f"ARG TORCHVISION_VERSION={torch_pins['torchvision']}" in dockerfile
-        assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
-        assert "COPY models/vgg16-cifar10 models/vgg16-cifar10" in dockerfile
+    targets = {name: compose["services"][name]["build"]["target"] for name in ("embedder", "indexer", "search")}
+    embedder = stage_chain(targets["embedder"])
+    assert f"ARG TORCH_VERSION={torch_pins['torch']}" in embedder
+    assert f"ARG TORCHVISION_VERSION={torch_pins['torchvision']}" in embedder
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in embedder  # a user's default: CPU wheels
+    assert "COPY models/vgg16-cifar10 models/vgg16-cifar10" in embedder
+    gateway = stage_chain(targets["search"])  # embeds over HTTP: no torch, no model (tests/compose checks the image)
+    assert not [line for line in gateway if "torch" in line.lower() or "models/" in line]
+
+
+def test_compose_builds_with_the_users_defaults_and_the_test_stack_stays_on_loopback(compose: dict[str, Any]) -> None:
+    """The shipped file builds with the Dockerfile's defaults and keeps its own network; the test's override puts
+    every build and container on the host's network, every service on 127.0.0.1."""
+    for name, service in compose["services"].items():
+        assert "network_mode" not in service, name
+        assert set(service.get("build", {})) <= {"context", "dockerfile", "target"}, name
+    override = yaml.load((REPO_ROOT / "tests" / "compose" / "compose.test.yml").read_text(), Loader=ComposeLoader)
+    assert set(override["services"]) == set(compose["services"])
+    for name, service in override["services"].items():
+        assert service["network_mode"] == "host", name
+        command = " ".join(service.get("command", []))
+        assert "0.0.0.0" not in command and ("--host" not in command or "--host 127.0.0.1" in command), name
+        urls = [value for key, value in service.get("environment", {}).items() if key.endswith("_URL")]
+        assert all(url.startswith("http://127.0.0.1:") for url in urls), (name, urls)
+        if "build" in compose["services"][name]:
+            assert service["build"]["network"] == "host", name
 
 
 def test_compose_build_context_leaves_out_state_data_and_secrets() -> None:
