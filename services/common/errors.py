@@ -18,6 +18,7 @@
     ├── StorageFullError           507 (the uploads folder is at CBIR_MAX_UPLOAD_STORAGE_BYTES)
     └── StoreError                 (a store refused an operation)
         ├── StoreMismatchError     409 (index built for other dims or another model version)
+        ├── StoreLayoutError       409 (an index where the alias belongs, an alias moved meanwhile: not changed)
         ├── StoreUnavailableError  503 (unreachable, overloaded or timed out: try again later)
         ├── StoreAuthError         500 (the store refused our credentials: fix the settings)
         └── BulkWriteError         some documents of a write were refused; `failures` says which
@@ -120,6 +121,15 @@ class StoreError(CbirError):
 
 
 class StoreMismatchError(StoreError):
+    status_code = 409
+
+
+class StoreLayoutError(StoreError):
+    """409: the indices and alias on the cluster are not laid out as the operation needs (a concrete index named
+    like the alias, from before versioned indices; an alias another `cbir promote` moved meanwhile), and cbir will
+    not change them by itself; the message names the commands that do. Not a `StoreMismatchError`: nothing may
+    catch it and reset the index."""
+
     status_code = 409
 
 

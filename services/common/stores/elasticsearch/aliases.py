@@ -5,21 +5,33 @@ Indices are versioned: `cbir-images-<model version>` behind the alias `cbir-imag
 resolves the alias once, when it opens, and reads and writes that concrete index from then on, so a service never
 writes one model's vectors into another's index. `cbir index --rebuild` opens the index of its own model version
 (`versioned=True`) without touching the alias; `cbir promote VERSION` carries the uploads over and moves the alias
-in one atomic `_aliases` call (`move_alias`); a service whose index is no longer the one behind the alias finds out
-within `VERIFY_EVERY_S` (`follow_alias`) and answers 409 from then on if its model is not the new index's. An index
-created before aliases (a concrete index named like the alias) is moved behind one (`move_behind_alias`).
+in one `_aliases` call that is all or nothing (`move_alias`: the old index's `remove` says `must_exist`, the new
+one is the alias's write index), so of two promotes at once one fails and the alias stays on one index. A service
+whose index is no longer the one behind the alias finds out within `VERIFY_EVERY_S` (`follow_alias`) and answers
+409 from then on if its model is not the new index's.
+
+A concrete index named like the alias (the layout before versioned indices) is never moved by an opener: a store
+that finds one refuses with `StoreLayoutError`, writing nothing, and names the commands that replace it: `cbir
+index --rebuild` builds the versioned index beside it, and `cbir promote` swaps it for that index in one
+`_aliases` call (add the alias, remove the old index), after carrying its uploads over.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+from typing import Any
 
 from elasticsearch import AsyncElasticsearch
 
-from services.common.errors import StoreError, StoreMismatchError
-from services.common.stores.elasticsearch.errors import IndexRef, translated
-from services.common.stores.elasticsearch.indices import index_exists, read_mapping, wait_for_primaries
+from services.common.errors import (
+    StoreAuthError,
+    StoreError,
+    StoreLayoutError,
+    StoreMismatchError,
+    StoreUnavailableError,
+)
+from services.common.stores.elasticsearch.errors import IndexRef, reason, translated
+from services.common.stores.elasticsearch.indices import index_exists
 from services.common.stores.elasticsearch.mapping import mapping_of, versioned_index
 
 logger = logging.getLogger(__name__)
@@ -38,45 +50,33 @@ async def alias_target(client: AsyncElasticsearch, ref: IndexRef) -> str | None:
     return targets[0]
 
 
-async def resolve_index(client: AsyncElasticsearch, ref: IndexRef, model_version: str, *, shards: int,
-                        replicas: int) -> str:
+async def resolve_index(client: AsyncElasticsearch, ref: IndexRef, model_version: str) -> str:
     """The concrete index a store opening for `model_version` uses: a rebuild's (`ref.versioned`) own versioned
-    index; else the one the alias serves, or the versioned index of `model_version` when none is served yet."""
+    index; else the one the alias serves, or the versioned index of `model_version` when none is served yet.
+    Raises `StoreLayoutError` for a concrete index named like the alias."""
     if ref.versioned:
         return versioned_index(ref.alias, model_version)
     served = await alias_target(client, ref)
     if served is not None:
         return served
-    if await index_exists(client, ref, ref.alias):  # an index from before aliases
-        return await move_behind_alias(client, ref, shards=shards, replicas=replicas)
+    if await index_exists(client, ref, ref.alias):
+        raise old_layout(ref)
     return versioned_index(ref.alias, model_version)
+
+
+def old_layout(ref: IndexRef) -> StoreLayoutError:
+    """A concrete index where the alias belongs: what replaces it (the store itself changes nothing)."""
+    return StoreLayoutError(
+        f"Elasticsearch index {ref.alias!r} at {ref.url} is a concrete index, not the alias of a versioned index "
+        f"(the layout before versioned indices); cbir does not move it by itself. Build the versioned index beside "
+        f"it with `cbir index --rebuild`, then serve it with `cbir promote VERSION` (the model version the rebuild "
+        f"names), which carries the uploads over and replaces {ref.alias!r} by the alias in one call"
+    )
 
 
 async def nothing_served(client: AsyncElasticsearch, ref: IndexRef) -> bool:
     """No alias and no index of its name: a new index is created behind the alias."""
     return await alias_target(client, ref) is None and not await index_exists(client, ref, ref.alias)
-
-
-# The migration of an index from before aliases (0.1.0 had none in a deployment): kept as it was until the
-# Elasticsearch issue (26) decides whether it stays.
-async def move_behind_alias(client: AsyncElasticsearch, ref: IndexRef, *, shards: int, replicas: int) -> str:
-    """Move the concrete index named like the alias to its versioned name, behind the alias: `_reindex` into a
-    copy with its mapping, then one atomic `_aliases` call (add the alias, remove the old index)."""
-    ref = dataclasses.replace(ref, index=ref.alias)
-    mapping = await read_mapping(client, ref)
-    version = (mapping or {}).get("_meta", {}).get("model_version") or "unversioned"
-    target = versioned_index(ref.alias, version)
-    with translated(ref, f"moving index {ref.alias!r} behind an alias"):
-        await client.options(ignore_status=400).indices.create(
-            index=target, settings={"number_of_shards": shards, "number_of_replicas": replicas},
-            mappings=mapping or {})
-        await wait_for_primaries(client, ref, target)
-        await client.reindex(source={"index": ref.alias}, dest={"index": target}, refresh=True,
-                             wait_for_completion=True)
-        await client.indices.update_aliases(actions=[{"add": {"index": target, "alias": ref.alias}},
-                                                     {"remove_index": {"index": ref.alias}}])
-    logger.info("moved index %r to %r behind the alias %r", ref.alias, target, ref.alias)
-    return target
 
 
 async def follow_alias(client: AsyncElasticsearch, ref: IndexRef, model_version: str) -> str:
@@ -98,12 +98,51 @@ async def follow_alias(client: AsyncElasticsearch, ref: IndexRef, model_version:
     return served
 
 
+def alias_actions(ref: IndexRef, *, served: str | None) -> list[dict[str, Any]]:
+    """The `_aliases` actions that serve `ref.index` instead of `served` (None: nothing yet), all or nothing: the
+    alias leaves `served` only if it is still there (`must_exist`: else the call is a 404 and changes nothing,
+    where without it the `add` would apply and the answer be `errors: true`), and `ref.index` becomes its write
+    index (a second write index is refused, so two first promotes cannot both add it). A concrete index named like
+    the alias (`served == ref.alias`) is removed in the same call, which lets the alias take its name."""
+    if served == ref.alias:
+        leave: list[dict[str, Any]] = [{"remove_index": {"index": served}}]
+    elif served is not None:
+        leave = [{"remove": {"index": served, "alias": ref.alias, "must_exist": True}}]
+    else:
+        leave = []
+    return [*leave, {"add": {"index": ref.index, "alias": ref.alias, "is_write_index": True}}]
+
+
+def check_aliases_answer(body: Any, ref: IndexRef) -> None:
+    """Raise for an `_aliases` answer that reports a failed action (8.14+: 200 with `errors: true` and each
+    action's result): a partial move is never a success."""
+    if not isinstance(body, dict) or not body.get("errors"):
+        return
+    failed = [f"{result.get('action', {}).get('type')} {result.get('action', {}).get('indices')}: "
+              f"{result.get('status')} {reason(result)}"
+              for result in body.get("action_results", []) if result.get("status") != 200]  # fmt: skip
+    raise StoreError(f"Elasticsearch at {ref.url} applied only part of moving the alias {ref.alias!r} to "
+                     f"{ref.index!r}: {'; '.join(failed) or 'errors: true'}; check the alias (GET _alias/{ref.alias})")
+
+
 async def move_alias(client: AsyncElasticsearch, ref: IndexRef, *, served: str | None) -> None:
-    """Point the alias at `ref.index` instead of `served` (None: at nothing yet) in one atomic `_aliases` call."""
-    actions = ([{"remove": {"index": served, "alias": ref.alias}}] if served is not None else []) + [
-        {"add": {"index": ref.index, "alias": ref.alias}}]
-    with translated(ref, "moving the alias"):
-        await client.indices.update_aliases(actions=actions)
+    """Point the alias at `ref.index` instead of `served` in one `_aliases` call that applies whole or not at all
+    (`alias_actions`). Raises `StoreLayoutError` when the alias moved meanwhile (another `cbir promote`): then this
+    call changed nothing, and the error says where the alias points now."""
+    try:
+        with translated(ref, "moving the alias"):
+            response = await client.indices.update_aliases(actions=alias_actions(ref, served=served))
+    except (StoreUnavailableError, StoreAuthError):
+        raise
+    except StoreError as exc:
+        now = await alias_target(client, ref)
+        if now == served or (now is None and served == ref.alias):
+            raise  # nothing moved: the refusal is about this call
+        raise StoreLayoutError(
+            f"the alias {ref.alias!r} at {ref.url} moved while {ref.index!r} was being promoted (another `cbir "
+            f"promote`?): it points at {now!r} now, and this promote changed nothing ({exc.message}); promote "
+            f"again if {ref.index!r} should be served") from exc
+    check_aliases_answer(response.body, ref)
     logger.info("the alias %r now points at %r (was %r)", ref.alias, ref.index, served)
 
 

@@ -7,7 +7,8 @@ What a real cluster does that a single process would not, and what is done about
 - **Partial results.** A search some shards fail still answers 200, with `_shards.failed` and the other shards'
   hits; one that ran past its `timeout` answers `timed_out: true`. The product promises exact rankings, so either
   is `StoreUnavailableError` (503 with Retry-After at the HTTP edge) naming how many shards failed and the first
-  reasons, never a shorter list of hits (`check_search_answer`).
+  reasons, never a shorter list of hits (`check_search_answer`). A `_count` (or a `_refresh`) some shards fail is
+  refused the same way (`check_shards`): a short count is never reported as the count.
 - **Ties.** Elasticsearch orders equal scores by shard, then by Lucene doc id within the shard, so documents with
   the same score may come in another order than FAISS gives them; the scores and the set of hits at each score
   are the same.
@@ -99,14 +100,22 @@ def check_search_answer(answer: dict[str, Any], doing: str, ref: IndexRef) -> No
     shards."""
     if "error" in answer:
         raise refusal(int(answer.get("status", 500)), answer, doing, ref)
+    check_shards(answer, ref)
+
+
+def check_shards(answer: dict[str, Any], ref: IndexRef, *, withheld: str = "an incomplete ranking") -> None:
+    """Raise `StoreUnavailableError` for an answer (a search, a `_count`, a `_refresh`) whose `_shards` say some
+    shards failed, or that timed out: what it holds is the other shards' only, and is `withheld`."""
     shards = answer.get("_shards", {})
     if int(shards.get("failed", 0)) or answer.get("timed_out"):
-        raise StoreUnavailableError(partial_message(shards, timed_out=bool(answer.get("timed_out")), where=ref.where))
+        raise StoreUnavailableError(partial_message(shards, timed_out=bool(answer.get("timed_out")), where=ref.where,
+                                                    withheld=withheld))
 
 
-def partial_message(shards: dict[str, Any], *, timed_out: bool, where: str) -> str:
-    """Why an answer of partial results is not served: how many shards failed and their first distinct reasons,
-    and whether the search timed out."""
+def partial_message(shards: dict[str, Any], *, timed_out: bool, where: str,
+                    withheld: str = "an incomplete ranking") -> str:
+    """Why an answer of partial results is not served (as `withheld`): how many shards failed and their first
+    distinct reasons, and whether the search timed out."""
     total, failed = shards.get("total", "?"), int(shards.get("failed", 0))
     parts = []
     if failed:
@@ -119,7 +128,7 @@ def partial_message(shards: dict[str, Any], *, timed_out: bool, where: str) -> s
     if timed_out:
         parts.append("the search timed out before every shard answered")
     return (f"{where} answered with partial results: {' and '.join(parts)}; "
-            "not serving an incomplete ranking, retry shortly")  # fmt: skip
+            f"not serving {withheld}, retry shortly")  # fmt: skip
 
 
 def listing_page(source: str | None, *, size: int, after: list[str] | None) -> dict[str, Any]:

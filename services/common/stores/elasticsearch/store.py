@@ -3,10 +3,11 @@ over every vector) or approximately (HNSW `knn`), scored like the FAISS store.
 
 The store keeps the state (the concrete index it opened, its dims and model version) and talks to the cluster
 through the parts beside it: client.py builds the client, aliases.py resolves and moves the alias, indices.py and
-mapping.py create and read the index, bulk.py writes, queries.py builds searches and checks their answers, and
-errors.py turns every client error into a `CbirError`. A bad query vector (zero, NaN or of the wrong size) is
-refused before anything is sent (`check_query_vector`): Elasticsearch would answer 400 (the cosine of a zero
-vector), or the JSON would not even parse (NaN).
+mapping.py create and read the index, bulk.py writes, queries.py builds searches and checks their answers,
+preflight.py checks the server and the privileges before the first write, and errors.py turns every client error
+into a `CbirError`. A bad query vector (zero, NaN or of the wrong size) is refused before anything is sent
+(`check_query_vector`): Elasticsearch would answer 400 (the cosine of a zero vector), or the JSON would not even
+parse (NaN).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from elasticsearch import AsyncElasticsearch, ConflictError, NotFoundError
 
 from services.common.documents import DOCUMENT_SCHEMA, ImageDocument, StoredImage, StoreHit
-from services.common.errors import BulkWriteError, IndexNotReadyError, StoreError
+from services.common.errors import BulkWriteError, IndexNotReadyError, StoreError, StoreLayoutError
 from services.common.settings import EsSearchMode, StoreSettings, default
 from services.common.stores.base import (
     CollectionStats,
@@ -30,7 +31,7 @@ from services.common.stores.base import (
     check_model_version,
     check_query_vector,
 )
-from services.common.stores.elasticsearch import aliases, bulk, indices
+from services.common.stores.elasticsearch import aliases, bulk, indices, preflight
 from services.common.stores.elasticsearch.client import connect
 from services.common.stores.elasticsearch.errors import IndexRef, error_type, not_ready, reason, summary, translated
 from services.common.stores.elasticsearch.mapping import (
@@ -45,8 +46,10 @@ from services.common.stores.elasticsearch.mapping import (
     store_info,
     stored_image,
 )
+from services.common.stores.elasticsearch.preflight import Access
 from services.common.stores.elasticsearch.queries import (
     check_search_answer,
+    check_shards,
     collection_stats,
     hits_of,
     listing_page,
@@ -113,6 +116,7 @@ class ElasticsearchStore(VectorStore):
         self.initial_backoff_s = initial_backoff_s
         self._dims: int | None = None
         self._model_version: str | None = None
+        self._granted: set[str] = set()  # privileges `preflight` found held ("cluster:" prefixed), and "server"
 
     @classmethod
     def from_settings(
@@ -139,13 +143,14 @@ class ElasticsearchStore(VectorStore):
 
     async def open(self, *, dims: int, model_version: str, create: bool = True) -> None:
         """Resolve the index to use (the alias's, or with `versioned` the model version's), create it if needed
-        and allowed (behind the alias when no index is served yet), then check it matches."""
-        self.index = await aliases.resolve_index(self._client, self._ref, model_version, shards=self.shards,
-                                                 replicas=self.replicas)
+        and allowed (behind the alias when no index is served yet), then check it matches. Raises
+        `StoreLayoutError`, having written nothing, for a concrete index named like the alias."""
+        self.index = await aliases.resolve_index(self._client, self._ref, model_version)
         mapping = await indices.read_mapping(self._client, self._ref)
         if mapping is None:
             if not create:
                 raise not_ready(self._ref)
+            await self._before_writing(Access.create)
             serve = await aliases.nothing_served(self._client, self._ref)
             if await self._create_index(dims=dims, model_version=model_version, serve=serve):
                 self._dims, self._model_version = dims, model_version
@@ -161,6 +166,7 @@ class ElasticsearchStore(VectorStore):
         if info.model_version != model_version or info.schema != DOCUMENT_SCHEMA:
             # An empty index left by another model or schema: claim it, as the FAISS store does (adding the
             # fields this schema has is a mapping update Elasticsearch allows). Its vectors keep their index_options.
+            await self._before_writing(Access.write)
             with translated(self._ref, "recording the model version"):
                 await self._client.indices.put_mapping(index=self.index,
                                                        **claimed_mapping(vector, model_version=model_version))
@@ -178,10 +184,16 @@ class ElasticsearchStore(VectorStore):
 
     async def promote(self, carry_over: Callable[[ElasticsearchStore], Awaitable[object]]) -> str | None:
         """Serve this (open, versioned) index: `carry_over(served)` first brings it up to date with the index
-        the alias points at now, then one `_aliases` call moves the alias here. Returns the index served before."""
+        the alias points at now, then one `_aliases` call moves the alias here, all or nothing (`aliases.move_alias`:
+        `StoreLayoutError` when another promote moved it meanwhile). A concrete index named like the alias (the
+        layout before versioned indices) is what is served then: carried over, and removed by that same call.
+        Returns the index served before."""
         served = await aliases.alias_target(self._client, self._ref)
         if served == self.index:
             return served
+        await self._before_writing(Access.promote)
+        if served is None and await indices.index_exists(self._client, self._ref, self.alias):
+            served = self.alias
         if served is not None:
             previous = ElasticsearchStore(self._client, index=served, url=self.url, shards=self.shards,
                                           replicas=self.replicas, credentials_from=self.credentials_from)
@@ -198,7 +210,8 @@ class ElasticsearchStore(VectorStore):
 
     async def flush(self) -> None:
         with translated(self._ref, "refreshing the index"):
-            await self._client.indices.refresh(index=self.index)
+            response = await self._client.indices.refresh(index=self.index)
+        check_shards(response.body, self._ref, withheld="a partly refreshed index as refreshed")
 
     async def reset(self) -> None:
         """Delete the index, and create it empty again when the store is open.
@@ -208,6 +221,8 @@ class ElasticsearchStore(VectorStore):
         target = await aliases.alias_target(self._client, self._ref)
         if self.index == self.alias and target is not None:  # not open yet: the index the alias serves
             self.index = target
+        elif self.index == self.alias and await indices.index_exists(self._client, self._ref, self.alias):
+            raise aliases.old_layout(self._ref)  # never deleted by a store: `cbir promote` replaces it
         served = target == self.index
         await indices.delete_index(self._client, self._ref)
         logger.info("deleted %s", self._where)
@@ -223,10 +238,21 @@ class ElasticsearchStore(VectorStore):
         check_index_options(self.index_options, dims)
         body = index_body(dims=dims, model_version=model_version, shards=self.shards, replicas=self.replicas,
                           index_options=self.index_options)
-        if serve:
-            body["aliases"] = {self.alias: {}}
-        if not await indices.create_index(self._client, self._ref, body):
-            return False
+        if serve:  # its write index: a second index created behind the alias at once is refused
+            body["aliases"] = {self.alias: {"is_write_index": True}}
+        try:
+            if not await indices.create_index(self._client, self._ref, body):
+                return False
+        except StoreError as exc:
+            if not serve or error_type(exc.__cause__) != "illegal_state_exception":
+                raise
+            # Another index was created behind the alias at the same moment (500 "alias [..] has more than one
+            # write index"), and this one was not created: a rebuild's goes beside it; a served one is not this.
+            served = await aliases.alias_target(self._client, self._ref)
+            if self.versioned:
+                return await self._create_index(dims=dims, model_version=model_version, serve=False)
+            raise StoreLayoutError(f"{served!r} was put behind the alias {self.alias!r} while {self._where} was "
+                                   "being created; open the store again to use it") from exc
         logger.info(
             "created %s: %d shards, %d replicas, %d-dim cosine vectors (%s) of model %s",
             self._where, self.shards, self.replicas, dims, self.index_options, model_version,
@@ -239,6 +265,7 @@ class ElasticsearchStore(VectorStore):
         if not documents:
             return
         check_model_version(documents, self._require_open())
+        await self._before_writing(Access.write)
         items = await self._bulk((bulk.index_action(doc, self.index) for doc in documents), "indexing")
         failures = bulk.refused(items)
         if failures:
@@ -251,6 +278,7 @@ class ElasticsearchStore(VectorStore):
         unique = list(dict.fromkeys(ids))
         if not unique:
             return 0
+        await self._before_writing(Access.write)
         items = await self._bulk((bulk.delete_action(i, self.index) for i in unique), "deleting documents")
         failures = bulk.refused(items, missing_ok=True)
         if failures:
@@ -265,6 +293,7 @@ class ElasticsearchStore(VectorStore):
         the first and answers the second 409, and the answer comes once a search can find the document
         (its translog is fsynced per request by default, so it is durable too)."""
         check_model_version([document], self._require_open())
+        await self._before_writing(Access.write)
         action = bulk.index_action(document, self.index)
         with translated(self._ref, "adding a document"):
             try:
@@ -277,6 +306,7 @@ class ElasticsearchStore(VectorStore):
     async def remove(self, id: str) -> bool:
         """Delete from this index, and from the other versioned indices behind the alias (a rebuild's index
         being built), so that a deletion made during a rebuild is not undone by the promotion."""
+        await self._before_writing(Access.write)
         existed = await self._remove_from(self.index, id)
         for other in sorted(await aliases.versioned_indices(self._client, self._ref) - {self.index}):
             await self._remove_from(other, id)
@@ -293,8 +323,10 @@ class ElasticsearchStore(VectorStore):
         return True
 
     async def count(self) -> int:
+        """The searchable documents; `StoreUnavailableError` when some shards failed to count theirs."""
         with translated(self._ref, "counting documents"):
             response = await self._client.count(index=self.index)
+        check_shards(response.body, self._ref, withheld="a short count")
         return int(response["count"])
 
     async def get(self, id: str) -> StoredImage | None:
@@ -380,6 +412,18 @@ class ElasticsearchStore(VectorStore):
     @property
     def _where(self) -> str:
         return self._ref.where
+
+    async def _before_writing(self, access: Access) -> None:
+        """The first time this store is about to `access` the cluster: the privileges that needs (and, to create an
+        index, a server that accepts its index options), each named when missing, before anything is written."""
+        needed = {f"cluster:{name}" for name in preflight.CLUSTER_PRIVILEGES[access]}
+        needed |= set(preflight.INDEX_PRIVILEGES[access]) | ({"server"} if access is Access.create else set())
+        if needed <= self._granted:
+            return
+        await preflight.check_privileges(self._client, self._ref, access)
+        if access is Access.create:
+            await preflight.check_server(self._client, self._ref, self.index_options)
+        self._granted |= needed
 
     def _require_open(self) -> str:
         if self._model_version is None:

@@ -1,9 +1,11 @@
 """Versioned Elasticsearch indices behind one alias: what a rebuild builds beside the served index, how
-`promote` moves the alias in one atomic call, how a deletion reaches the index being built, how a store
-notices the alias moved to another model, and how an index from before aliases is moved behind one."""
+`promote` moves the alias in one call that applies whole or not at all (also with two promotes at once), how a
+deletion reaches the index being built, how a store notices the alias moved to another model, and how an index
+from before aliases is refused by every opener, writing nothing, and replaced by a rebuild and a promote."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -13,8 +15,10 @@ from es_double import EsDouble
 from es_fixtures import es_settings, filled
 from factories import DIMS, make_documents
 
-from services.common.errors import StoreError, StoreMismatchError
+from services.common.errors import StoreError, StoreLayoutError, StoreMismatchError
 from services.common.stores.elasticsearch import ElasticsearchStore, versioned_index
+from services.common.stores.elasticsearch.aliases import alias_actions, check_aliases_answer
+from services.common.stores.elasticsearch.errors import IndexRef
 from services.common.stores.elasticsearch.mapping import document_source, index_body
 
 if TYPE_CHECKING:
@@ -28,8 +32,9 @@ ALIAS = "cbir-test"  # es_settings' CBIR_ES_INDEX
 async def make_versioned(es_double: EsDouble) -> AsyncIterator:
     stores: list[ElasticsearchStore] = []
 
-    def make() -> ElasticsearchStore:
-        store = ElasticsearchStore.from_settings(es_settings(es_double), initial_backoff_s=0.01, versioned=True)
+    def make(**overrides: object) -> ElasticsearchStore:
+        store = ElasticsearchStore.from_settings(es_settings(es_double, **overrides), initial_backoff_s=0.01,
+                                                 versioned=True)
         stores.append(store)
         return store
 
@@ -101,25 +106,149 @@ async def test_a_store_notices_the_alias_moved_to_another_models_index(
     await make_es_store().open(dims=DIMS, model_version="v2", create=False)
 
 
-async def test_an_index_from_before_aliases_is_moved_behind_one(es_double: EsDouble,
-                                                                make_es_store: MakeEsStore) -> None:
-    # What earlier versions made: a concrete index named CBIR_ES_INDEX, filled. (Whether this move stays is
-    # for the Elasticsearch issue to settle; until then it works as it did.)
-    documents = make_documents(5, model_version="v1")
+# -- all or nothing -----------------------------------------------------------------------------
+
+
+def test_the_alias_leaves_the_served_index_only_if_it_is_still_there_and_its_successor_is_the_write_index() -> None:
+    ref = IndexRef(url="http://es:9200", index="cbir-test-v2", alias=ALIAS)
+    assert alias_actions(ref, served="cbir-test-v1") == [
+        {"remove": {"index": "cbir-test-v1", "alias": ALIAS, "must_exist": True}},
+        {"add": {"index": "cbir-test-v2", "alias": ALIAS, "is_write_index": True}}]
+    assert alias_actions(ref, served=None) == [{"add": {"index": "cbir-test-v2", "alias": ALIAS,
+                                                        "is_write_index": True}}]
+    # An index from before aliases is removed in the same call, which lets the alias take its name.
+    assert alias_actions(ref, served=ALIAS)[0] == {"remove_index": {"index": ALIAS}}
+
+
+def test_an_answer_of_partial_success_is_an_error_naming_the_failed_action() -> None:
+    # The 200 of rest-api-spec indices.update_aliases/40_must_exist.yml "Partial success with must_exist == false"
+    # (8.14+): the add applied, the remove found nothing.
+    ref = IndexRef(url="http://es:9200", index="cbir-test-v2", alias=ALIAS)
+    answer = {"acknowledged": True, "errors": True, "action_results": [
+        {"action": {"type": "add", "indices": ["cbir-test-v2"], "aliases": [ALIAS]}, "status": 200},
+        {"action": {"type": "remove", "indices": ["cbir-test-v1"], "aliases": [ALIAS]}, "status": 404,
+         "error": {"type": "aliases_not_found_exception", "reason": "aliases [cbir-test] missing"}}]}
+    with pytest.raises(StoreError, match=r"applied only part of moving the alias 'cbir-test' to 'cbir-test-v2': "
+                                         r"remove \['cbir-test-v1'\]: 404 aliases_not_found_exception"):
+        check_aliases_answer(answer, ref)
+    check_aliases_answer({"acknowledged": True, "errors": False}, ref)
+
+
+async def promote_together(stores: list[ElasticsearchStore]) -> list[str | None | BaseException]:
+    """Promote `stores` at once: each carries over (reads what is served) before any moves the alias."""
+    all_read = asyncio.Barrier(len(stores))
+
+    async def carry_over(served: ElasticsearchStore) -> None:
+        await asyncio.wait_for(all_read.wait(), timeout=10)
+
+    return await asyncio.gather(*(store.promote(carry_over) for store in stores), return_exceptions=True)
+
+
+async def test_two_promotes_at_once_leave_the_alias_on_one_index_a_gateway_opens(
+        es_double: EsDouble, es_store, make_es_store: MakeEsStore, make_versioned) -> None:
+    # Without must_exist, the later call's remove finds nothing, its add applies, and the alias is on two indices
+    # (40_must_exist.yml, 8.14+); with it the later call is a 404 that changes nothing.
+    await filled(es_store, model_version="v1")
+    rebuilds = [make_versioned(), make_versioned()]
+    await filled(rebuilds[0], model_version="v2")
+    await filled(rebuilds[1], model_version="v3")
+    outcomes = await promote_together(rebuilds)
+    [winner] = [store for store, outcome in zip(rebuilds, outcomes, strict=True) if outcome == "cbir-test-v1"]
+    [refused] = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    assert isinstance(refused, StoreLayoutError)
+    assert f"moved while {next(s.index for s in rebuilds if s is not winner)!r} was being promoted" in refused.message
+    assert f"points at {winner.index!r} now" in refused.message and "changed nothing" in refused.message
+    assert es_double.aliases == {ALIAS: {winner.index}}
+    gateway = make_es_store()
+    await gateway.open(dims=DIMS, model_version=winner.index.removeprefix("cbir-test-"), create=False)
+    assert gateway.index == winner.index and await gateway.count() == 6
+
+
+async def test_two_first_promotes_at_once_leave_the_alias_on_one_index(es_double: EsDouble, make_versioned) -> None:
+    # Nothing served yet: both calls only add, and the second write index is refused (500 illegal_state_exception,
+    # IndexAbstraction.Alias: "alias [..] has more than one write index").
+    async with AsyncElasticsearch(es_double.url, max_retries=0) as client:
+        for version in ("v2", "v3"):
+            await client.indices.create(index=f"cbir-test-{version}", **index_body(
+                dims=DIMS, model_version=version, shards=2, replicas=0, index_options="hnsw"))
+    rebuilds = [make_versioned(), make_versioned()]
+    for store, version in zip(rebuilds, ("v2", "v3"), strict=True):
+        await store.open(dims=DIMS, model_version=version, create=False)
+    outcomes = await promote_together(rebuilds)
+    assert sorted(map(type, outcomes), key=str) == sorted([type(None), StoreLayoutError], key=str)
+    assert len(es_double.aliases[ALIAS]) == 1
+
+
+async def test_two_rebuilds_creating_the_first_index_at_once_put_one_behind_the_alias(
+        es_double: EsDouble, make_versioned) -> None:
+    # Both find nothing served and create their index with the alias as its write index: the second create is
+    # refused (a second write index) and that index is created beside the served one instead.
+    rebuilds = [make_versioned(), make_versioned()]
+    await asyncio.gather(*(store.open(dims=DIMS, model_version=version)
+                           for store, version in zip(rebuilds, ("v2", "v3"), strict=True)))
+    assert set(es_double.indices) == {"cbir-test-v2", "cbir-test-v3"} and len(es_double.aliases[ALIAS]) == 1
+
+
+# -- an index from before aliases -----------------------------------------------------------------
+
+WRITES = ("PUT", "DELETE")
+WRITE_ENDPOINTS = ("/_bulk", "/_aliases", "/_reindex", "/_refresh", "/_mapping")
+
+
+def writes(requests: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The requests that change something on the cluster."""
+    return [(method, path) for method, path in requests
+            if method in WRITES or path.endswith(WRITE_ENDPOINTS) or "/_create/" in path or "/_doc/" in path]
+
+
+async def old_layout(es_double: EsDouble, documents: list) -> None:
+    """What earlier versions made: a concrete index named CBIR_ES_INDEX, filled."""
     async with AsyncElasticsearch(es_double.url, max_retries=0) as client:
         await client.indices.create(index=ALIAS, **index_body(dims=DIMS, model_version="v1", shards=30, replicas=0,
                                                               index_options="hnsw"))
         await client.bulk(operations=[line for doc in documents
                                       for line in ({"index": {"_index": ALIAS, "_id": doc.id}}, document_source(doc))],
                           refresh=True)  # fmt: skip
-    store = make_es_store()
+
+
+async def test_an_index_from_before_aliases_is_refused_by_every_opener_which_writes_nothing(
+        es_double: EsDouble, make_es_store: MakeEsStore) -> None:
+    documents = make_documents(5, model_version="v1")
+    await old_layout(es_double, documents)
     before = len(es_double.requests)
-    await store.open(dims=DIMS, model_version="v1", create=False)
-    assert store.index == "cbir-test-v1" and es_double.aliases == {ALIAS: {"cbir-test-v1"}}
-    assert ALIAS not in es_double.indices and await store.count() == 5
-    assert await store.get("doc-0003") == documents[3].stored()
-    assert [r for r in es_double.requests[before:] if r[1] in ("/_reindex", "/_aliases")] == [
-        ("POST", "/_reindex"), ("POST", "/_aliases")]
+    for opening in (lambda store: store.open(dims=DIMS, model_version="v1", create=True),  # cbir index
+                    lambda store: store.open(dims=DIMS, model_version="v1", create=False),  # a gateway
+                    lambda store: store.open(dims=DIMS, model_version="v2", create=True),  # another model
+                    lambda store: store.reset()):  # an index run told to rebuild on a mismatch
+        with pytest.raises(StoreLayoutError) as refused:
+            await opening(make_es_store())
+        assert "'cbir-test' at http://127.0.0.1:" in refused.value.message
+        assert "`cbir index --rebuild`" in refused.value.message and "`cbir promote VERSION`" in refused.value.message
+    assert writes(es_double.requests[before:]) == []
+    assert set(es_double.indices) == {ALIAS} and es_double.aliases == {}
+    assert set(es_double.indices[ALIAS].docs) == {doc.id for doc in documents}
+
+
+async def test_a_rebuild_then_a_promote_replace_an_index_from_before_aliases(
+        es_double: EsDouble, make_es_store: MakeEsStore, make_versioned) -> None:
+    await old_layout(es_double, make_documents(5, model_version="v1"))
+    rebuild = make_versioned()
+    await filled(rebuild, 5, model_version="v1")  # `cbir index --rebuild`: beside it, not behind the alias
+    assert rebuild.index == "cbir-test-v1" and es_double.aliases == {}
+    carried: list[str] = []
+
+    async def carry_over(served: ElasticsearchStore) -> None:
+        carried.append(served.index)
+        assert await served.count() == 5  # the uploads are still there to carry over
+
+    before = len(es_double.requests)
+    assert await rebuild.promote(carry_over) == ALIAS  # `cbir promote v1`
+    assert carried == [ALIAS]
+    assert [r for r in es_double.requests[before:] if r[1] == "/_aliases"] == [("POST", "/_aliases")]
+    assert es_double.aliases == {ALIAS: {"cbir-test-v1"}} and set(es_double.indices) == {"cbir-test-v1"}
+    gateway = make_es_store()
+    await gateway.open(dims=DIMS, model_version="v1", create=False)
+    assert gateway.index == "cbir-test-v1" and await gateway.count() == 5
 
 
 async def test_an_alias_on_two_indices_is_refused_naming_them(es_double: EsDouble, es_store: ElasticsearchStore,

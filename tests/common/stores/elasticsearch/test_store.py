@@ -358,9 +358,10 @@ async def test_elasticsearch_fresh_index_503_items_are_retried(es_double: EsDoub
     bulk items answer 503 unavailable_shards_exception, and the store retries them with backoff."""
     creator = make_es_store()
     await creator.open(dims=DIMS, model_version=MODEL)
-    es_double.indices[creator.index].active_at = time.monotonic() + 0.15  # as if it had just been created
     store = make_es_store(es_max_retries=6)  # backoff 0.01, 0.02, ... 0.32 s: 0.63 s in all
     await store.open(dims=DIMS, model_version=MODEL, create=False)
+    # As if it had just been created (a count, as open makes, would fail on every shard until then).
+    es_double.indices[creator.index].active_at = time.monotonic() + 0.15
     await store.upsert(documents(40))
     await store.flush()
     assert await store.count() == 40
@@ -526,12 +527,20 @@ async def test_elasticsearch_read_only_credentials_search_but_writes_are_an_auth
 
     await reader.open(dims=DIMS, model_version=MODEL, create=False)
     assert len(await reader.search(unit_vectors(1)[0], 3)) == 3
-    for write in (lambda: reader.upsert(documents(1)), lambda: reader.delete(["doc-0000"]), reader.reset):
-        with pytest.raises(StoreAuthError, match="403 security_exception") as caught:
+    for write in (lambda: reader.upsert(documents(1)), lambda: reader.delete(["doc-0000"])):
+        before = len(es_double.requests)
+        lacks = r"lacks the index privileges \[write\] on \[cbir-test, cbir-test-\*\], needed to write documents"
+        with pytest.raises(StoreAuthError, match=lacks) as caught:
             await write()
         message = caught.value.message
-        assert f"is unauthorized for {principal}" in message and settings in message, message
-        assert PASSWORD not in message and API_KEY_SECRET not in message and API_KEY not in message
+        assert settings in message and PASSWORD not in message and API_KEY_SECRET not in message, message
+        assert API_KEY not in message
+        assert not [path for _, path in es_double.requests[before:] if path.endswith("/_bulk")]  # asked first
+    with pytest.raises(StoreAuthError, match="403 security_exception") as caught:  # Elasticsearch's own refusal
+        await reader.reset()
+    message = caught.value.message
+    assert f"is unauthorized for {principal}" in message and settings in message, message
+    assert PASSWORD not in message and API_KEY_SECRET not in message and API_KEY not in message
     assert len(es_double.indices[reader.index].docs) == 4
 
 
