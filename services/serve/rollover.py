@@ -98,8 +98,10 @@ async def carry_over_uploads(served: VectorStore, successor: VectorStore, embedd
 async def promote(settings: IndexerSettings, version: str) -> str | None:
     """`cbir promote VERSION`: serve the Elasticsearch index of `version` (built by `cbir index --rebuild`),
     carrying the uploads and deletions made meanwhile over from the served index (re-embedding uploads with the
-    configured model, which must be `version`'s), then moving the alias in one call. Returns the index served
-    before."""
+    configured model, which must be `version`'s), then moving the alias in one call that applies whole or not at
+    all: of two promotes at once, the later fails (`StoreLayoutError`) and changes nothing. An index from before
+    versioned indices (a concrete index named like the alias) is the served one here, and that call removes it.
+    Returns the index served before."""
     if settings.backend is not Backend.elasticsearch:
         raise ConfigError("cbir promote moves an Elasticsearch alias (CBIR_BACKEND=elasticsearch); on one machine "
                           "cbir serve and cbir index --rebuild swap to the new model by themselves")

@@ -67,3 +67,40 @@ async def test_rebuild_beside_the_served_index_then_promote(es_env: EsDouble, te
         assert (await new_gateway.get("/collection")).json()["sources"]["upload"] == 2
         answer = (await new_gateway.post("/search", params={"k": 3}, files=files)).json()
         assert answer["model_version"] == new_version and answer["hits"][0]["id"] == before["id"]
+
+
+async def test_an_index_from_before_aliases_is_refused_by_every_command_then_replaced_by_rebuild_and_promote(
+        es_env: EsDouble, test_image: bytes) -> None:
+    from services.serve.apps import gateway_app
+
+    await asyncio.to_thread(main, ["index", "--no-progress"])
+    [versioned] = es_env.aliases.pop("cbir-e2e")  # made into the layout before versioned indices: the same
+    old = es_env.indices.pop(versioned)           # documents in a concrete index named CBIR_ES_INDEX
+    es_env.write_flags.clear()
+    old.name = "cbir-e2e"
+    es_env.indices["cbir-e2e"] = old
+    documents = dict(old.docs)
+    version = old.mappings["_meta"]["model_version"]
+    before = len(es_env.requests)
+
+    with pytest.raises(SystemExit):
+        await asyncio.to_thread(main, ["index", "--no-progress"])
+    files = {"file": ("q.jpg", test_image, "image/jpeg")}
+    async with asgi_client(gateway_app(), base_url="http://127.0.0.1") as gateway:
+        for answer in (await gateway.post("/search", params={"k": 3}, files=files),
+                       await gateway.post("/images", files={"file": ("a.jpg", test_image, "image/jpeg")})):
+            assert answer.status_code == 409, answer.text
+            detail = answer.json()["detail"]
+            assert "'cbir-e2e'" in detail and "`cbir index --rebuild`" in detail and "`cbir promote VERSION`" in detail
+    changed = [(method, path) for method, path in es_env.requests[before:]
+               if method in ("PUT", "DELETE") or (method == "POST" and not path.endswith(
+                   ("/_search", "/_msearch", "/_count", "/_mget", "/_has_privileges")))]  # fmt: skip
+    assert changed == [] and set(es_env.indices) == {"cbir-e2e"} and es_env.indices["cbir-e2e"].docs == documents
+
+    await asyncio.to_thread(main, ["index", "--rebuild", "--no-progress"])  # beside it
+    assert set(es_env.indices) == {"cbir-e2e", versioned} and es_env.aliases == {}
+    await asyncio.to_thread(main, ["promote", version])  # replaces it, in one call
+    assert es_env.aliases == {"cbir-e2e": {versioned}} and set(es_env.indices) == {versioned}
+    async with asgi_client(gateway_app(), base_url="http://127.0.0.1") as gateway:
+        assert (await gateway.get("/healthz")).json()["status"] == "ready"
+        assert (await gateway.post("/search", params={"k": 3}, files=files)).status_code == 200

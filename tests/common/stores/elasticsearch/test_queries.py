@@ -17,6 +17,7 @@ from services.common.stores.elasticsearch.errors import IndexRef
 from services.common.stores.elasticsearch.mapping import STORED_FIELDS, document_source
 from services.common.stores.elasticsearch.queries import (
     check_search_answer,
+    check_shards,
     collection_stats,
     hits_of,
     listing_page,
@@ -114,6 +115,22 @@ def test_an_answer_of_failed_shards_is_unavailable_naming_them() -> None:
         f"{WHERE} answered with partial results: 2 of 30 shards failed (shard 3: circuit_breaking_exception: "
         "[parent] Data too large; shard 17: circuit_breaking_exception: [parent] Data too large); not serving an "
         "incomplete ranking, retry shortly")
+
+
+def test_a_count_or_refresh_of_failed_shards_is_unavailable_never_short() -> None:
+    # A _count answers 200 with the other shards' count and `_shards.failed` (RestCountAction: a size-0 search);
+    # a _refresh with the shards it reached (BroadcastResponse).
+    count = {"count": 41, "_shards": {"total": 30, "successful": 29, "skipped": 0, "failed": 1, "failures": [
+        {"shard": 7, "index": REF.index, "status": "TOO_MANY_REQUESTS",
+         "reason": {"type": "circuit_breaking_exception", "reason": "[parent] Data too large"}}]}}
+    with pytest.raises(StoreUnavailableError) as caught:
+        check_shards(count, REF, withheld="a short count")
+    assert caught.value.message == (
+        f"{WHERE} answered with partial results: 1 of 30 shards failed (shard 7: circuit_breaking_exception: "
+        "[parent] Data too large); not serving a short count, retry shortly")
+    with pytest.raises(StoreUnavailableError, match="2 of 60 shards failed"):
+        check_shards({"_shards": {"total": 60, "successful": 58, "failed": 2}}, REF)
+    check_shards({"count": 42, "_shards": {"total": 30, "successful": 30, "skipped": 0, "failed": 0}}, REF)
 
 
 def test_a_timed_out_answer_is_unavailable() -> None:

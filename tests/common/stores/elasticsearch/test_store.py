@@ -311,6 +311,19 @@ async def test_elasticsearch_partial_shard_failures_are_a_503_naming_the_shards(
     assert "shard 3: circuit_breaking_exception" in message and "shard 17: circuit_breaking_exception" in message
 
 
+async def test_elasticsearch_count_of_failed_shards_is_a_503_never_a_short_count(
+    es_double: EsDouble, es_store: ElasticsearchStore
+) -> None:
+    # The count feeds readiness, /collection and the `cbir index` report: a short one would be taken for the truth.
+    await filled(es_store, 60)
+    es_double.break_shards(4)
+    with pytest.raises(StoreUnavailableError, match=r"1 of 30 shards failed \(shard 4: circuit_breaking_exception.*"
+                                                    r"not serving a short count"):  # fmt: skip
+        await es_store.count()
+    es_double.broken_shards.clear()
+    assert await es_store.count() == 60
+
+
 async def test_elasticsearch_partial_results_of_one_query_fail_the_whole_call(
     es_double: EsDouble, es_store: ElasticsearchStore
 ) -> None:
