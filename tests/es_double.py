@@ -5,6 +5,7 @@ product check, compatibility headers, bulk helper) talks HTTP to it. Requests ar
 way Elasticsearch validates them and answered with Elasticsearch's bodies and status codes:
 
     GET /                             the server's name and version (`version`)
+    GET /_xpack                       x-pack's features: whether security is enabled
     HEAD/PUT/DELETE /{index}          exists, create (settings + mappings + aliases), delete
     GET/PUT /{index}/_mapping         read the mapping, update `_meta` / add fields
     POST /{index}/_refresh            make writes visible to _search and _count
@@ -102,7 +103,12 @@ answers 500 "Security is not enabled but a security rest handler is registered" 
 Sources read (github.com/elastic/elasticsearch): MultiSearchResponse.toXContent (an item is a search
 response or an error, each with `status`), rest-api-spec msearch/10_basic.yml, ShardSearchFailure,
 ScriptScoreQuery ("script_score script returned an invalid score [..] for doc [..]. Must be a
-non-negative score!"), DenseVectorFieldMapper.checkVectorMagnitude and its tests (zero vectors).
+non-negative score!"), DenseVectorFieldMapper.checkVectorMagnitude and its tests (zero vectors);
+TransportIndicesAliasesAction, IndicesAliasesResponse, AliasAction.Remove (must_exist), rest-api-spec
+indices.update_aliases/40_must_exist.yml and bulk/10_basic.yml, IndexAbstraction.Alias (one write index),
+KnnSearchBuilder.Builder.build (kNN defaults), TransportClusterHealthAction, BaseRestHandler.unrecognized,
+RestHasPrivilegesActionTests / SecurityBaseRestHandler. The tests of each behaviour are in
+tests/common/stores/elasticsearch/test_double.py.
 """
 
 from __future__ import annotations
@@ -183,6 +189,7 @@ WWW_AUTHENTICATE = ['Basic realm="security", charset="UTF-8"', 'Bearer realm="se
 # The index privileges Elasticsearch names in a 403 for each action the double serves.
 ACTION_PRIVILEGES = {
     "cluster:monitor/main": "monitor,manage,all",
+    "cluster:monitor/xpack/info": "monitor,manage,all",
     "cluster:monitor/health": "monitor,manage,all",
     "indices:admin/get": "view_index_metadata,manage,all",
     "indices:admin/mappings/get": "view_index_metadata,manage,all",
@@ -200,7 +207,7 @@ ACTION_PRIVILEGES = {
     "indices:admin/aliases": "manage,all",
     "indices:admin/aliases/get": "view_index_metadata,manage,all",
 }
-CLUSTER_ACTIONS = frozenset({"cluster:monitor/main", "cluster:monitor/health"})
+CLUSTER_ACTIONS = frozenset({"cluster:monitor/main", "cluster:monitor/xpack/info", "cluster:monitor/health"})
 # What holding a privilege grants besides itself (the built-in privileges' action patterns nest so: `all` covers
 # everything, `manage` indices:admin/* and indices:monitor/*, `write` every document write).
 INDEX_PRIVILEGE_IMPLIES = {
@@ -227,6 +234,7 @@ _SOURCE = ("_source", "_source_excludes", "_source_includes")
 _QUERY_STRING = ("q", "analyzer", "analyze_wildcard", "default_operator", "df", "lenient")
 API_PARAMS: dict[str, tuple[str, ...]] = {
     "info": (),
+    "xpack.info": ("categories", "accept_enterprise"),
     "bulk": ("wait_for_active_shards", "refresh", "routing", "timeout", "pipeline", "require_alias",
              "require_data_stream", "list_executed_pipelines", "include_source_on_error", *_SOURCE),
     "indices.exists": ("local", "flat_settings", "include_defaults", *_WILDCARDS),
@@ -619,6 +627,7 @@ class EsDouble:
         routes = [
             ("GET", "/", self._info, "cluster:monitor/main", "info"),
             ("HEAD", "/", self._info, "cluster:monitor/main", "info"),
+            ("GET", "/_xpack", self._xpack_info, "cluster:monitor/xpack/info", "xpack.info"),
             ("POST", "/_bulk", self._bulk, "indices:data/write/bulk", "bulk"),
             ("PUT", "/_bulk", self._bulk, "indices:data/write/bulk", "bulk"),
             ("HEAD", "/{index}", self._index_exists, "indices:admin/get", "indices.exists"),
@@ -777,6 +786,18 @@ class EsDouble:
             "tagline": "You Know, for Search",
         }  # fmt: skip
         return _json(body) if request.method == "GET" else web.Response(headers={"Content-Type": JSON_TYPE})
+
+    async def _xpack_info(self, request: web.Request) -> web.StreamResponse:
+        """x-pack's info (TransportXPackInfoAction): `features.security.enabled` is xpack.security.enabled
+        (SecurityInfoTransportAction); `categories` picks the parts."""
+        body = {
+            "build": {"hash": "0" * 40, "date": "2025-07-01T00:00:00.000000000Z"},
+            "license": {"uid": "cbir-double-license", "type": "basic", "mode": "basic", "status": "active"},
+            "features": {"security": {"available": True, "enabled": self.security is not None}},
+            "tagline": "You know, for X",
+        }
+        wanted = request.query.get("categories", "build,license,features").split(",")
+        return _json({key: value for key, value in body.items() if key in wanted or key == "tagline"})
 
     async def _has_privileges(self, request: web.Request) -> web.StreamResponse:
         """What the signed-in account holds of the privileges asked (TransportHasPrivilegesAction); with security off,

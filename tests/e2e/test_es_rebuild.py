@@ -69,7 +69,7 @@ async def test_rebuild_beside_the_served_index_then_promote(es_env: EsDouble, te
         assert answer["model_version"] == new_version and answer["hits"][0]["id"] == before["id"]
 
 
-async def test_an_index_from_before_aliases_is_refused_by_every_command_then_replaced_by_rebuild_and_promote(
+async def test_an_elasticsearch_index_from_before_aliases_is_refused_by_every_command_then_rebuilt_and_promoted(
         es_env: EsDouble, test_image: bytes) -> None:
     from services.serve.apps import gateway_app
 

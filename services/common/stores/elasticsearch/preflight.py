@@ -7,9 +7,10 @@ that names what is missing instead of a 400 or a 403 halfway through a run.
     writing documents (uploads)        `view_index_metadata`, `read`, `write`
     promoting (`cbir promote`)         the above and `manage` (the `_aliases` call)
 
-A cluster without security answers `_has_privileges` with 500 `illegal_state_exception` "Security is not enabled"
-(SecurityBaseRestHandler), or has no such endpoint (400 "no handler found"): every privilege is then held. The
-version each index option needs is in docs/elasticsearch.md.
+Whether the cluster runs security at all is read first (`GET /_xpack`: `features.security.enabled`; a 403 to it
+means security is on, a 400 or 404 that there is no x-pack): without security every privilege is held, and
+`_has_privileges` would only answer 500 "Security is not enabled" (SecurityBaseRestHandler), which the client
+takes for a failed node. The version each index option needs is in docs/elasticsearch.md.
 """
 
 from __future__ import annotations
@@ -93,9 +94,23 @@ def security_off(exc: ApiError) -> bool:
     return exc.meta.status in (400, 500) and SECURITY_OFF.search(text) is not None
 
 
+async def security_enabled(client: AsyncElasticsearch, ref: IndexRef) -> bool:
+    """Whether the cluster authenticates and authorizes requests: x-pack's feature info (SecurityInfoTransportAction:
+    `xpack.security.enabled`); refused (403) only by security itself; absent (400, 404) without x-pack."""
+    with translated(ref, "asking whether security is enabled"):
+        response = await client.options(ignore_status=(400, 403, 404)).xpack.info(categories="features")
+    if response.meta.status == 403:
+        return True
+    if response.meta.status != 200:
+        return False
+    return bool(response.body.get("features", {}).get("security", {}).get("enabled", True))
+
+
 async def check_privileges(client: AsyncElasticsearch, ref: IndexRef, access: Access) -> None:
     """Raise `StoreAuthError` naming every privilege `access` needs that the credentials lack (nothing to check on
     a cluster without security)."""
+    if not await security_enabled(client, ref):
+        return
     doing = f"checking the privileges to {access.value}"
     with translated(ref, doing):
         try:

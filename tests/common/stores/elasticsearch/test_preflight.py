@@ -159,14 +159,25 @@ async def test_a_server_too_old_for_the_options_is_refused_before_the_index_is_c
     await make_es_store(es_index_options="hnsw").open(dims=DIMS, model_version="v1")  # hnsw is older than that
 
 
-async def test_a_cluster_without_security_is_checked_once_and_let_through(
+async def test_a_cluster_without_security_is_asked_once_and_let_through(
         es_double: EsDouble, make_es_store: MakeEsStore) -> None:
+    # x-pack's feature info says so (SecurityInfoTransportAction), so _has_privileges' 500 is never asked for.
     store = make_es_store()
     await filled(store, 4)
     await store.upsert(make_documents(2, prefix="more"))
     await store.delete(["more-0000"])
-    assert es_double.calls("/_security/user/_has_privileges") == 1  # creating covers the writes after it
-    assert es_double.calls("/", method="GET") == 1
+    assert es_double.calls("/_xpack") == 1  # creating covers the writes after it
+    assert es_double.calls("/_security/user/_has_privileges") == 0 and es_double.calls("/", method="GET") == 1
+
+
+async def test_an_account_that_may_not_read_the_feature_info_is_still_checked(
+        es_double: EsDouble, signed_in) -> None:
+    # GET /_xpack needs cluster `monitor`: its 403 is security's own, so security is on.
+    es_double.secure(users={"cbir": PASSWORD}, cluster=[], index=["read", "view_index_metadata"])
+    store = signed_in()
+    with pytest.raises(StoreAuthError, match=r"lacks the index privileges \[write\] on \[cbir-test, cbir-test-\*\]"):
+        await store.remove("doc-0000")
+    assert es_double.calls("/_security/user/_has_privileges") == 1
 
 
 async def test_promoting_without_manage_is_refused_before_carrying_anything_over(
