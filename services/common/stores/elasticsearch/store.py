@@ -248,9 +248,9 @@ class ElasticsearchStore(VectorStore):
                 raise
             # Another index was created behind the alias at the same moment (500 "alias [..] has more than one
             # write index"), and this one was not created: a rebuild's goes beside it; a served one is not this.
-            served = await aliases.alias_target(self._client, self._ref)
             if self.versioned:
                 return await self._create_index(dims=dims, model_version=model_version, serve=False)
+            served = await aliases.alias_target(self._client, self._ref)
             raise StoreLayoutError(f"{served!r} was put behind the alias {self.alias!r} while {self._where} was "
                                    "being created; open the store again to use it") from exc
         logger.info(
