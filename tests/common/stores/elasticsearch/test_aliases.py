@@ -16,7 +16,7 @@ from es_fixtures import es_settings, filled
 from factories import DIMS, make_documents
 
 from services.common.errors import StoreError, StoreLayoutError, StoreMismatchError
-from services.common.stores.elasticsearch import ElasticsearchStore, versioned_index
+from services.common.stores.elasticsearch import ElasticsearchStore, aliases, versioned_index
 from services.common.stores.elasticsearch.aliases import alias_actions, check_aliases_answer
 from services.common.stores.elasticsearch.errors import IndexRef
 from services.common.stores.elasticsearch.mapping import document_source, index_body
@@ -179,14 +179,39 @@ async def test_two_first_promotes_at_once_leave_the_alias_on_one_index(es_double
     assert len(es_double.aliases[ALIAS]) == 1
 
 
+@pytest.fixture
+def both_found_nothing_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every opener finds no index served, as two that looked at the same moment would."""
+
+    async def nothing(*_: object) -> bool:
+        return True
+
+    monkeypatch.setattr(aliases, "nothing_served", nothing)
+
+
 async def test_two_rebuilds_creating_the_first_index_at_once_put_one_behind_the_alias(
-        es_double: EsDouble, make_versioned) -> None:
-    # Both find nothing served and create their index with the alias as its write index: the second create is
-    # refused (a second write index) and that index is created beside the served one instead.
-    rebuilds = [make_versioned(), make_versioned()]
-    await asyncio.gather(*(store.open(dims=DIMS, model_version=version)
-                           for store, version in zip(rebuilds, ("v2", "v3"), strict=True)))
-    assert set(es_double.indices) == {"cbir-test-v2", "cbir-test-v3"} and len(es_double.aliases[ALIAS]) == 1
+        es_double: EsDouble, make_versioned, both_found_nothing_served: None) -> None:
+    # Both create their index with the alias as its write index: the second create is refused (a second write
+    # index, 500) and creates nothing, and that rebuild's index is created beside the served one instead.
+    first, second = make_versioned(), make_versioned()
+    await first.open(dims=DIMS, model_version="v2")
+    await second.open(dims=DIMS, model_version="v3")
+    assert set(es_double.indices) == {"cbir-test-v2", "cbir-test-v3"}
+    assert es_double.aliases == {ALIAS: {"cbir-test-v2"}}
+
+
+async def test_two_index_runs_of_different_models_at_once_serve_one_and_name_it_to_the_other(
+        es_double: EsDouble, make_es_store: MakeEsStore, both_found_nothing_served: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    await make_es_store().open(dims=DIMS, model_version="v2")
+
+    async def resolved_before_it(client: object, ref: object, model_version: str) -> str:
+        return versioned_index(ALIAS, model_version)  # what the alias gave before the other index was created
+
+    monkeypatch.setattr(aliases, "resolve_index", resolved_before_it)
+    with pytest.raises(StoreLayoutError, match=r"^'cbir-test-v2' was put behind the alias 'cbir-test' while"):
+        await make_es_store().open(dims=DIMS, model_version="v3")
+    assert set(es_double.indices) == {"cbir-test-v2"} and es_double.aliases == {ALIAS: {"cbir-test-v2"}}
 
 
 # -- an index from before aliases -----------------------------------------------------------------
