@@ -134,25 +134,33 @@ def test_an_answer_of_partial_success_is_an_error_naming_the_failed_action() -> 
     check_aliases_answer({"acknowledged": True, "errors": False}, ref)
 
 
-async def promote_together(stores: list[ElasticsearchStore]) -> list[str | None | BaseException]:
-    """Promote `stores` at once: each carries over (reads what is served) before any moves the alias."""
+async def promote_together(stores: list[ElasticsearchStore], monkeypatch: pytest.MonkeyPatch
+                           ) -> list[str | None | BaseException]:  # fmt: skip
+    """Promote `stores` at once: every one has read what is served (and carried over) before any moves the alias."""
     all_read = asyncio.Barrier(len(stores))
+    move_alias = aliases.move_alias
+
+    async def move_when_all_have_read(*args: object, **kwargs: object) -> None:
+        await asyncio.wait_for(all_read.wait(), timeout=10)
+        await move_alias(*args, **kwargs)  # type: ignore[arg-type]
 
     async def carry_over(served: ElasticsearchStore) -> None:
-        await asyncio.wait_for(all_read.wait(), timeout=10)
+        return None
 
+    monkeypatch.setattr(aliases, "move_alias", move_when_all_have_read)
     return await asyncio.gather(*(store.promote(carry_over) for store in stores), return_exceptions=True)
 
 
 async def test_two_promotes_at_once_leave_the_alias_on_one_index_a_gateway_opens(
-        es_double: EsDouble, es_store, make_es_store: MakeEsStore, make_versioned) -> None:
+        es_double: EsDouble, es_store, make_es_store: MakeEsStore, make_versioned,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # Without must_exist, the later call's remove finds nothing, its add applies, and the alias is on two indices
     # (40_must_exist.yml, 8.14+); with it the later call is a 404 that changes nothing.
     await filled(es_store, model_version="v1")
     rebuilds = [make_versioned(), make_versioned()]
     await filled(rebuilds[0], model_version="v2")
     await filled(rebuilds[1], model_version="v3")
-    outcomes = await promote_together(rebuilds)
+    outcomes = await promote_together(rebuilds, monkeypatch)
     [winner] = [store for store, outcome in zip(rebuilds, outcomes, strict=True) if outcome == "cbir-test-v1"]
     [refused] = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
     assert isinstance(refused, StoreLayoutError)
@@ -164,7 +172,8 @@ async def test_two_promotes_at_once_leave_the_alias_on_one_index_a_gateway_opens
     assert gateway.index == winner.index and await gateway.count() == 6
 
 
-async def test_two_first_promotes_at_once_leave_the_alias_on_one_index(es_double: EsDouble, make_versioned) -> None:
+async def test_two_first_promotes_at_once_leave_the_alias_on_one_index(
+        es_double: EsDouble, make_versioned, monkeypatch: pytest.MonkeyPatch) -> None:
     # Nothing served yet: both calls only add, and the second write index is refused (500 illegal_state_exception,
     # IndexAbstraction.Alias: "alias [..] has more than one write index").
     async with AsyncElasticsearch(es_double.url, max_retries=0) as client:
@@ -174,7 +183,7 @@ async def test_two_first_promotes_at_once_leave_the_alias_on_one_index(es_double
     rebuilds = [make_versioned(), make_versioned()]
     for store, version in zip(rebuilds, ("v2", "v3"), strict=True):
         await store.open(dims=DIMS, model_version=version, create=False)
-    outcomes = await promote_together(rebuilds)
+    outcomes = await promote_together(rebuilds, monkeypatch)
     assert sorted(map(type, outcomes), key=str) == sorted([type(None), StoreLayoutError], key=str)
     assert len(es_double.aliases[ALIAS]) == 1
 
