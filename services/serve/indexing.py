@@ -8,7 +8,6 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 from services.common.settings import Backend
-from services.embedder.bundle import DEFAULT_BUNDLE_DIR
 from services.indexer.pipeline import IndexOptions, IndexReport, index_collection
 from services.indexer.serving import served_index
 from services.indexer.settings import IndexerSettings
@@ -44,6 +43,8 @@ async def index_into_store(settings: IndexerSettings, data_dir: Path, split: str
         resources.push_async_callback(faiss_store.close)
         report = await index_collection(data_dir, split, service, faiss_store, options)
         if settings.embedder_url is None:  # one machine's own model: what it serves from now on
+            from services.embedder.bundle import DEFAULT_BUNDLE_DIR  # torch: only where the model runs here
+
             record_served(settings.state_dir, model, bundle_dir=settings.model_dir or DEFAULT_BUNDLE_DIR,
                           index=path.name)
         return report

@@ -75,10 +75,6 @@ def test_cbir_gateway_searches_through_the_embedder_without_torch(torchless_env:
         stop_process(gateway)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "services/serve/indexing.py imports services.embedder.bundle (which imports torch) at module level for "
-    "DEFAULT_BUNDLE_DIR, used only when no CBIR_EMBEDDER_URL is set; once that import is lazy this passes: then "
-    "remove this mark and build deploy/Dockerfile's indexer stage FROM gateway's base without torch"))
 def test_cbir_index_fills_the_index_through_the_embedder_without_torch(torchless_env: dict[str, str],
                                                                         tmp_path: Path, es_double: EsDouble) -> None:
     result = run_torchless("index", "--no-progress", "--json", env=torchless_env, cwd=tmp_path)
