@@ -234,6 +234,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, cifar10_dir: Path, tiny_bund
     stack = ComposeStack(env=env, placeholders=placeholders, gateway=f"http://127.0.0.1:{ports['GATEWAY']}",
                          logs_dir=logs_dir)
     up_line, down_line = readme_lines()
+    stack.run(down_line, timeout_s=300)  # whatever a run that was killed left
     try:
         up = stack.start(up_line)
         try:
