@@ -320,10 +320,11 @@ def test_writes_need_the_configured_key(stack: ComposeStack, cifar10_dir: Path) 
     assert gone.status_code == 204, gone.text
 
 
-def test_the_gateway_image_carries_no_torch(stack: ComposeStack) -> None:
-    """The gateway embeds through the embedder: its image has neither torch nor any CUDA library."""
+@pytest.mark.parametrize("image", ["cbir-search:local", "cbir-indexer:local"])
+def test_the_gateway_and_indexer_images_carry_no_torch(stack: ComposeStack, image: str) -> None:
+    """They embed through the embedder: their images have neither torch nor any CUDA library."""
     probe = "import json, importlib.metadata as m; print(json.dumps([d.metadata['Name'] for d in m.distributions()]))"
-    result = subprocess.run(["docker", "run", "--rm", "--network", "none", "cbir-search:local", "python", "-c", probe],
+    result = subprocess.run(["docker", "run", "--rm", "--network", "none", image, "python", "-c", probe],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     installed = {name.lower() for name in json.loads(result.stdout)}

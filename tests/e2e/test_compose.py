@@ -228,8 +228,9 @@ def test_compose_images_pin_the_dependencies_pyproject_names(compose: dict[str, 
     assert f"ARG TORCHVISION_VERSION={torch_pins['torchvision']}" in embedder
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in embedder  # a user's default: CPU wheels
     assert "COPY models/vgg16-cifar10 models/vgg16-cifar10" in embedder
-    gateway = stage_chain(targets["search"])  # embeds over HTTP: no torch, no model (tests/compose checks the image)
-    assert not [line for line in gateway if "torch" in line.lower() or "models/" in line]
+    for name in ("search", "indexer"):  # embed over HTTP: no torch, no model (tests/compose checks the images)
+        chain = stage_chain(targets[name])
+        assert not [line for line in chain if "torch" in line.lower() or "models/" in line], name
 
 
 def test_compose_builds_with_the_users_defaults_and_the_test_stack_stays_on_loopback(compose: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
-"""`cbir gateway` and `cbir index` embed through CBIR_EMBEDDER_URL and run where torch cannot be imported (the
-gateway's image has none): each runs as a subprocess in which importing torch fails (`torchless_cbir.py`), against
-the embedder served over HTTP and the Elasticsearch double."""
+"""`cbir gateway` and `cbir index` embed through CBIR_EMBEDDER_URL and run where torch cannot be imported (their
+images have none): each runs as a subprocess in which importing torch fails (`torchless_cbir.py`), against the
+embedder served over HTTP and the Elasticsearch double."""
 
 from __future__ import annotations
 
