@@ -25,7 +25,7 @@ from services.training import get_args_parser
 from services.training.loop import make_optimizer, train_step
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=50, help="timed steps")
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--cutout", type=int, default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -47,7 +47,7 @@ def main() -> None:
     model = model.to(device, memory_format=torch.channels_last).train()
     optimizer = make_optimizer(model, recipe)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)  # as `cbir train`: the draws stay on the device
     size = preprocessing.image_size
     images = torch.randint(0, 256, (args.batch_size * 4, size, size, 3), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (args.batch_size * 4,), device=device)
