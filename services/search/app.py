@@ -149,14 +149,16 @@ WRITE_ERRORS = ERROR_RESPONSES | {
 }
 
 
-def _hit(request: Request, hit: StoreHit) -> SearchHit:
+def _hit(request: Request, hit: StoreHit, similarity: float | None) -> SearchHit:
     image = hit.image
     return SearchHit(id=image.id, filename=image.filename, label=image.label, predicted_label=image.predicted_label,
-                     score=hit.score, image_url=request.app.url_path_for("get_image", id=image.id))
+                     score=hit.score, similarity=similarity,
+                     image_url=request.app.url_path_for("get_image", id=image.id))
 
 
 def _answer(request: Request, prediction: QueryPrediction | None, answer: Answer, started: float) -> SearchResponse:
-    return SearchResponse(query=prediction, hits=[_hit(request, hit) for hit in answer.hits],
+    hits = [_hit(request, hit, similarity) for hit, similarity in zip(answer.hits, answer.similarities, strict=True)]
+    return SearchResponse(query=prediction, hits=hits,
                           model_version=answer.model_version, took_ms=round((time.perf_counter() - started) * 1000, 2))
 
 

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from services.common.collection import resolve_inside
 from services.common.documents import UPLOAD_SOURCE, ImageDocument, StoredImage, content_id
 from services.common.embedding import Embedding, EmbeddingService
 from services.common.errors import CbirError, DocumentNotFoundError, IndexNotReadyError, InvalidQueryError
+from services.common.scoring import visual_similarity
 from services.common.status import IndexProgress, Status
 from services.common.stores.base import CollectionStats, StoreHit, StoreQuery, VectorStore
 from services.search.batching import QueryBatcher
@@ -71,11 +72,13 @@ class SearchOptions:
 
 @dataclass(frozen=True)
 class Answer:
-    """The hits of one query and the model version of every vector behind them (the query's and the hits')."""
+    """The hits of one query and the model version of every vector behind them (the query's and the hits'), with
+    each hit's `similarities`: the cosine of the visual parts alone (`visual_similarity`), None where undefined."""
 
     hits: list[StoreHit]
     model_version: str
     embedding: Embedding | None = None  # the query image's, when it was embedded
+    similarities: list[float | None] = field(default_factory=list)
 
 
 class Generation:
@@ -101,6 +104,16 @@ class Generation:
             self._users -= 1
             if not self._users:
                 self._idle.set()
+
+    async def answer(self, query: np.ndarray, hits: list[StoreHit], *, embedding: Embedding | None = None) -> Answer:
+        """The answer of `hits` found for the `query` vector, with each hit's visual similarity (read off its
+        score, the model's vector layout and the hit's predicted class: `visual_similarity`)."""
+        info = await self.embedder.info()
+        classes = {name: index for index, name in enumerate(info.classes)}
+        similarities = [visual_similarity(hit.score, classes.get(hit.image.predicted_label), query=query,
+                                          visual_dims=info.pca_dims, onehot_weight=info.onehot_weight)
+                        for hit in hits]
+        return Answer(hits, self.model_version or "", embedding, similarities)
 
     async def close(self, *, wait_s: float = 60.0) -> None:
         """Close embedder and store once the requests still using them are done (at most `wait_s`)."""
@@ -270,8 +283,8 @@ class SearchEngine:
             queries = [options.query(e.vector, predicted_label=e.label) for e in embeddings]
             with STAGE_SECONDS.labels(stage="search").time():
                 results = await asyncio.gather(*(generation.queries.search(query) for query in queries))
-            return [Answer(hits, generation.model_version or "", embedding)
-                    for embedding, hits in zip(embeddings, results, strict=True)]
+            return [await generation.answer(query.vector, hits, embedding=embedding)
+                    for query, embedding, hits in zip(queries, embeddings, results, strict=True)]
 
     async def similar(self, id: str, options: SearchOptions) -> tuple[StoredImage, Answer]:
         """The images most similar to an indexed one (by its stored vector), itself left out."""
@@ -282,7 +295,8 @@ class SearchEngine:
                 raise DocumentNotFoundError(f"no indexed image with id {id!r}")
             query = options.query(vectors[id], predicted_label=document.predicted_label, exclude=frozenset({id}))
             with STAGE_SECONDS.labels(stage="search").time():
-                return document, Answer(await generation.queries.search(query), generation.model_version or "")
+                hits = await generation.queries.search(query)
+            return document, await generation.answer(query.vector, hits)
 
     async def search_examples(self, positive: Sequence[str], negative: Sequence[str], *, beta: float,
                               options: SearchOptions) -> Answer:
@@ -305,7 +319,8 @@ class SearchEngine:
             store_query = options.query((query / norm).astype(np.float32), predicted_label=None,
                                         exclude=frozenset(ids))
             with STAGE_SECONDS.labels(stage="search").time():
-                return Answer(await generation.queries.search(store_query), generation.model_version or "")
+                hits = await generation.queries.search(store_query)
+            return await generation.answer(store_query.vector, hits)
 
     # -- documents ------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_EXAMPLES = 100  # ids of one POST /search/examples, positive and negative together
 MODEL = "vgg16-10c-181913bd0bb3-d64-w2"  # the examples below are real answers of the shipped model (docs/api.md)
 HIT = {"id": "08df7e6fb1028ba8d710", "filename": "3195.jpg", "label": "cat", "predicted_label": "cat",
-       "score": 1.9999485611915588, "image_url": "/images/08df7e6fb1028ba8d710"}
+       "score": 1.9999485611915588, "similarity": 0.9997, "image_url": "/images/08df7e6fb1028ba8d710"}
 ANSWER = {"query": {"predicted_label": "cat", "confidence": 0.9154655933380127}, "hits": [HIT],
           "model_version": MODEL, "took_ms": 20.34}
 
@@ -28,7 +28,12 @@ class SearchHit(BaseModel):
     filename: str
     label: str | None = Field(description="the ground-truth label, null when the collection has none")
     predicted_label: str = Field(description="the model's class for the hit, as stored when it was indexed")
-    score: float = Field(ge=0, le=2, description="cosine similarity + 1.0")
+    score: float = Field(ge=0, le=2, description="cosine similarity + 1.0 of the whole vectors (the visual part and "
+                                                "the weighted one-hot of the predicted class): what ranks the hits")
+    similarity: float | None = Field(
+        ge=-1, le=1, description="the cosine similarity of the visual parts alone (the PCA embeddings, without the "
+                                 "one-hot): how alike the images look, comparable between hits of one class; null "
+                                 "only for a query vector with no visual part")
     image_url: str
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from factories import make_document
-from fakes import ControlledEmbedder, MemoryStore, settle
+from fakes import ControlledEmbedder, FixedEmbedder, MemoryStore, settle
 
 from services.common.documents import UPLOAD_SOURCE, ImageDocument, content_id
 from services.common.embedding import EmbeddingService
@@ -25,6 +25,8 @@ from services.common.errors import (
 )
 from services.common.status import IndexProgress, Status
 from services.common.stores.base import VectorStore
+from services.common.stores.faiss import FaissStore
+from services.embedder.vectors import PcaProjection, build_vectors
 from services.search import engine as engine_module
 from services.search.engine import SearchEngine, SearchOptions
 from services.search.uploads import UploadFolder
@@ -376,3 +378,46 @@ async def test_close_closes_the_embedder_and_the_store(tmp_path: Path) -> None:
     engine, embedder, store = make_engine(tmp_path)
     await engine.close()
     assert embedder.closed and store.closed
+
+
+# -- the similarity a person reads -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["faiss", "elasticsearch-exact", "elasticsearch-knn"])
+async def test_every_search_gives_each_hit_the_cosine_of_the_visual_parts(
+        tmp_path: Path, make_es_store: Callable[..., VectorStore], backend: str) -> None:
+    """On both stores, each kind of search: the similarity is the cosine of the stored vectors' visual parts."""
+    visual_dims, classes = 8, ["cat", "dog"]  # FixedEmbedder(dims=10)'s layout: 8 visual dims, 2 classes, w = 2
+    rng = np.random.default_rng(3)
+    predicted = rng.integers(0, 2, size=60)
+    vectors = build_vectors(rng.normal(size=(60, visual_dims)).astype(np.float32), predicted,
+                            projection=PcaProjection(np.zeros(visual_dims, np.float32), np.eye(visual_dims,
+                                                                                                dtype=np.float32)),
+                            pca_dims=visual_dims, onehot_weight=2.0, num_classes=2)
+    docs = [make_document(f"doc-{i}", vector, predicted_label=classes[c], label=classes[c])
+            for i, (vector, c) in enumerate(zip(vectors, predicted, strict=True))]
+    store = FaissStore(tmp_path / "index.npz") if backend == "faiss" else make_es_store(
+        es_search_mode=backend.split("-")[1])
+    await store.open(dims=10, model_version="v1")
+    await store.upsert(docs)
+    await store.flush()
+    embedder = FixedEmbedder(dims=10, model_version="v1")
+    embedder.vector = vectors[0]
+    engine = SearchEngine(embedder, store, uploads=UploadFolder(tmp_path / "uploads", max_bytes=2**20))
+    options = SearchOptions(k=20)
+    answers = [*(await engine.search_images(image(0)[np.newaxis], options)),
+               (await engine.similar("doc-1", options))[1],
+               await engine.search_examples(["doc-2", "doc-3"], ["doc-4"], beta=0.5, options=options)]
+    stored = {doc.id: doc.vector for doc in docs}
+    rocchio = (stored["doc-2"] + stored["doc-3"]) / 2 - 0.5 * stored["doc-4"]
+    for answer, query in zip(answers, [vectors[0], stored["doc-1"], rocchio], strict=True):
+        assert len(answer.similarities) == len(answer.hits) == 20
+        for hit, similarity in zip(answer.hits, answer.similarities, strict=True):
+            visual, asked = stored[hit.id][:visual_dims], query[:visual_dims]
+            expected = float(asked @ visual / np.linalg.norm(asked) / np.linalg.norm(visual))
+            assert similarity == pytest.approx(expected, abs=1e-5)
+    image_hits = answers[0]
+    same_class = [s for hit, s in zip(image_hits.hits, image_hits.similarities, strict=True)
+                  if hit.image.predicted_label == classes[predicted[0]]]
+    assert len(same_class) > 5 and len({round(s, 3) for s in same_class}) == len(same_class)  # told apart
+    await engine.close()
