@@ -6,7 +6,8 @@
     ├── ImageError                 (4xx: the caller sent something we cannot use)
     │   ├── EmptyImageError        400
     │   ├── ImageDecodeError       415
-    │   └── ImageTooLargeError     413
+    │   ├── ImageTooLargeError     413
+    │   └── ImageRegionError       422 (a search box outside the image, or empty)
     ├── BundleError                (start-up: the model bundle is missing, corrupt or mismatched)
     ├── TrainingError              `cbir train` cannot run as asked; the message names the option
     ├── ModelNotLoadedError        503
@@ -59,6 +60,12 @@ class ImageDecodeError(ImageError):
 
 class ImageTooLargeError(ImageError):
     status_code = 413
+
+
+class ImageRegionError(ImageError):
+    """422: the region asked for (`/search?box=`) is empty or not inside the image; the message gives its size."""
+
+    status_code = 422
 
 
 class BundleError(CbirError):

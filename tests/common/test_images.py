@@ -10,12 +10,18 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from sample_images import encode, exif_rotated_jpeg, odd_images, png_bomb, png_bytes, sample_image
 
 from services.common.collection import REPO_ROOT
-from services.common.errors import EmptyImageError, ImageDecodeError, ImageError, ImageTooLargeError
-from services.common.images import UploadDecoder, decode_image
+from services.common.errors import (
+    EmptyImageError,
+    ImageDecodeError,
+    ImageError,
+    ImageRegionError,
+    ImageTooLargeError,
+)
+from services.common.images import Box, UploadDecoder, decode_image
 
 CAT = REPO_ROOT.parent / "shared" / "cifar10" / "test" / "cat" / "0000.jpg"
 
@@ -222,3 +228,65 @@ def test_mutated_images_fail_only_with_image_errors(format: str) -> None:
     assert decoded and refused
     assert all(image.shape == (32, 32, 3) and image.dtype == np.uint8 for image in decoded)
     assert all(exc.status_code in (400, 413, 415) and exc.message for exc in refused)
+
+
+# --- a region (`box`) of the image as displayed ---------------------------------------------------
+
+
+def region_card(size: tuple[int, int]) -> Image.Image:
+    """A card whose every region looks different: gradients across, a red block top left, a blue block at
+    (60%, 55%) of the picture."""
+    card = sample_image(size)
+    width, height = size
+    card.paste((20, 40, 240), (int(width * 0.6), int(height * 0.55), int(width * 0.8), int(height * 0.8)))
+    return card
+
+
+@pytest.mark.parametrize("orientation", [1, *sorted(ORIENTATIONS)])
+def test_a_box_is_the_region_of_the_image_as_displayed(orientation: int) -> None:
+    stored = region_card((301, 207))
+    displayed = stored.transpose(ORIENTATIONS[orientation]) if orientation in ORIENTATIONS else stored
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    tagged = encode(stored, "PNG", exif=exif.tobytes())
+    width, height = displayed.size
+    box = Box(int(width * 0.55), int(height * 0.5), int(width * 0.3), int(height * 0.35))
+    expected = decode_image(encode(displayed.crop((box.x, box.y, box.x + box.width, box.y + box.height)), "PNG"))
+    cut = decode_image(tagged, box=box)
+    assert mean_abs_diff(cut, expected) < 2.0
+    assert mean_abs_diff(cut, decode_image(tagged)) > 20  # not the whole picture
+
+
+@pytest.mark.parametrize("orientation", [1, 6, 3])
+def test_a_box_on_a_large_jpeg_maps_onto_the_reduced_decode(orientation: int) -> None:
+    """A large JPEG decodes at 1/2–1/8 scale; the box covers the same part of the picture as at full size, also
+    where the reduced image's last pixel is partial (odd sizes) and the orientation flips that edge over."""
+    stored = region_card((2003, 1501))
+    displayed = stored.transpose(ORIENTATIONS[orientation]) if orientation in ORIENTATIONS else stored
+    data = exif_rotated_jpeg(stored, orientation)
+    width, height = displayed.size
+    box = Box(width - 900, height - 700, 900, 700)  # the bottom-right corner: where a wrong scale shows most
+    full = Image.open(io.BytesIO(data))
+    full = ImageOps.exif_transpose(full).convert("RGB")
+    reference = full.resize((32, 32), Image.Resampling.LANCZOS,
+                            box=(box.x, box.y, box.x + box.width, box.y + box.height))
+    assert mean_abs_diff(decode_image(data, box=box), np.asarray(reference)) < 3.0
+    shifted = Box(box.x - 64, box.y - 64, box.width, box.height)  # 64 px off: one 1/8-scale step of 8 pixels
+    assert mean_abs_diff(decode_image(data, box=shifted), np.asarray(reference)) > 3.0
+
+
+@pytest.mark.parametrize("box", [Box(0, 0, 0, 10), Box(0, 0, 10, 0), Box(-1, 0, 10, 10), Box(0, -1, 10, 10),
+                                 Box(40, 0, 9, 10), Box(0, 31, 10, 10), Box(100, 100, 5, 5)])
+def test_a_box_empty_or_outside_the_image_is_refused(box: Box) -> None:
+    data = encode(sample_image((48, 40)), "PNG")
+    with pytest.raises(ImageRegionError, match=r"48×40|empty") as caught:
+        decode_image(data, box=box)
+    assert caught.value.status_code == 422
+    assert decode_image(data, box=Box(0, 0, 48, 40)).shape == (32, 32, 3)  # the whole image is a box too
+
+
+def test_a_box_is_checked_against_the_size_as_displayed() -> None:
+    data = exif_rotated_jpeg(sample_image((48, 40)), 6)  # stored 48×40, displayed 40×48
+    assert decode_image(data, box=Box(0, 40, 40, 8)).shape == (32, 32, 3)
+    with pytest.raises(ImageRegionError, match="40×48"):
+        decode_image(data, box=Box(0, 0, 48, 40))
