@@ -35,9 +35,9 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 from services.common.documents import StoredImage
 from services.common.embedding import EmbeddingService
-from services.common.errors import CbirError, ImageError, IndexNotReadyError
+from services.common.errors import CbirError, ImageError, ImageRegionError, IndexNotReadyError
 from services.common.http import ERROR_RESPONSES, ErrorResponse, error_body, install_http_edge, verify_api_key
-from services.common.images import UploadDecoder
+from services.common.images import Box, UploadDecoder
 from services.common.status import Status
 from services.common.stores.base import MAX_RESULT_WINDOW, CollectionStats, StoreHit, VectorStore
 from services.search.access import verify_write_access, writes_open
@@ -168,11 +168,32 @@ def _predicted(answer: Answer) -> QueryPrediction | None:
                                                           confidence=embedding.confidence)
 
 
-async def _decode(request: Request, engine: SearchEngine, data: bytes) -> np.ndarray:
-    """An upload decoded as the model's bundle says, within the upload limits."""
+async def _decode(request: Request, engine: SearchEngine, data: bytes, *, box: Box | None = None) -> np.ndarray:
+    """An upload (or its region `box`) decoded as the model's bundle says, within the upload limits."""
     model = await engine.embedder.info()
     with STAGE_SECONDS.labels(stage="decode").time():
-        return await request.app.state.decoder.decode(data, size=model.image_size, resample=model.resize)
+        try:
+            return await request.app.state.decoder.decode(data, size=model.image_size, resample=model.resize, box=box)
+        except ImageRegionError as exc:  # a parameter that does not fit the image: a 422 like any other
+            raise _box_error(exc.message) from None
+
+
+def _box_error(message: str) -> RequestValidationError:
+    return RequestValidationError([{"loc": ("query", "box"), "type": "value_error", "msg": message}])
+
+
+def search_box(box: Annotated[str | None, Query(
+        examples=["40,30,200,150"],
+        description="search by this region only: `x,y,w,h` in pixels of the uploaded image as displayed (after "
+                    "its EXIF orientation), its top-left corner and its size; 422 when it is empty or not inside "
+                    "the image")] = None) -> Box | None:
+    if box is None:
+        return None
+    try:
+        x, y, width, height = (int(part) for part in box.split(","))
+    except ValueError:
+        raise _box_error(f"box must be four integers x,y,w,h (pixels), got {box[:80]!r}") from None
+    return Box(x, y, width, height)
 
 
 # -- search -------------------------------------------------------------------------------------
@@ -185,10 +206,12 @@ async def search(
     engine: EngineDep,
     options: OptionsDep,
     file: Annotated[UploadFile, File(description="the query image: JPEG, PNG, GIF, WebP, BMP or TIFF")],
+    box: Annotated[Box | None, Depends(search_box)],
 ) -> SearchResponse:
-    """The indexed images most similar to the uploaded one: hits `offset` to `offset + k`."""
+    """The indexed images most similar to the uploaded one (or to its region `box`, cut out at full resolution
+    before the model's resize): hits `offset` to `offset + k`."""
     started = time.perf_counter()
-    image = await _decode(request, engine, await file.read())
+    image = await _decode(request, engine, await file.read(), box=box)
     [answer] = await engine.search_images(image[np.newaxis], options)
     return _answer(request, _predicted(answer), answer, started)
 

@@ -100,3 +100,48 @@ async def test_every_operation_documents_its_answers_errors_and_examples(search_
         assert "422" in errors or not spec.get("parameters"), where
         for code in errors:
             assert "$ref" in spec["responses"][code]["content"]["application/json"]["schema"], f"{where} {code}"
+
+
+async def test_every_search_gives_hits_a_similarity_that_tells_same_class_hits_apart(
+        search_client: httpx.AsyncClient, test_image: bytes) -> None:
+    upload = {"file": ("q.jpg", test_image, "image/jpeg")}
+    body = (await search_client.post("/search", params={"k": 30, "same_class": "true"}, files=upload)).json()
+    similarities = [hit["similarity"] for hit in body["hits"]]
+    assert all(-1.0 <= s <= 1.0 for s in similarities)
+    assert len(set(similarities)) == len(similarities)  # same class, all told apart (the scores crowd near 2.0)
+    first = body["hits"][0]["id"]
+    answers = [
+        (await search_client.get(f"/images/{first}/similar", params={"k": 3})).json(),
+        (await search_client.post("/search/examples", params={"k": 3}, json={"positive": [first]})).json(),
+        (await search_client.post("/search/batch", params={"k": 3}, files=[("files", upload["file"])])).json()[
+            "results"][0],
+    ]
+    for answer in answers:
+        assert len(answer["hits"]) == 3
+        assert all(isinstance(hit["similarity"], float) and -1 <= hit["similarity"] <= 1 for hit in answer["hits"])
+    assert answers[0]["hits"][0]["similarity"] == pytest.approx(answers[1]["hits"][0]["similarity"], abs=1e-5)
+
+
+async def test_a_box_searches_by_that_region_of_the_upload(search_client: httpx.AsyncClient, test_image: bytes) -> None:
+    upload = {"file": ("q.jpg", test_image, "image/jpeg")}
+    whole = (await search_client.post("/search", params={"k": 5}, files=upload)).json()
+    boxed_whole = (await search_client.post("/search", params={"k": 5, "box": "0,0,32,32"}, files=upload)).json()
+    assert [(h["id"], h["score"]) for h in boxed_whole["hits"]] == [(h["id"], h["score"]) for h in whole["hits"]]
+    corner = await search_client.post("/search", params={"k": 5, "box": " 2, 3,12,10"}, files=upload)
+    assert corner.status_code == 200, corner.text
+    assert len(corner.json()["hits"]) == 5
+    assert [h["score"] for h in corner.json()["hits"]] != [h["score"] for h in whole["hits"]]  # another query
+
+
+@pytest.mark.parametrize(("box", "message"), [
+    ("0,0,0,10", "is empty"), ("-1,0,10,10", "not inside the image, which is 32×32"),
+    ("20,20,13,5", "not inside the image"), ("1,2,3", "four integers"), ("a,b,c,d", "four integers"),
+])
+async def test_a_box_empty_outside_or_malformed_is_a_422(search_client: httpx.AsyncClient, test_image: bytes,
+                                                        box: str, message: str) -> None:
+    response = await search_client.post("/search", params={"box": box},
+                                        files={"file": ("q.jpg", test_image, "image/jpeg")})
+    assert response.status_code == 422
+    body = response.json()
+    assert message in body["detail"]
+    assert body["errors"][0]["loc"] == ["query", "box"]
