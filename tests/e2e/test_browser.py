@@ -158,8 +158,16 @@ def test_the_web_page_searches_by_an_uploaded_image(page: Page, outside_requests
     wait_for_results(page)
     expect(hits(page)).to_have_count(PER_PAGE)
     expect(page.locator("#empty")).to_be_hidden()
-    scores = [float(score) for score in hit_texts(page, ".score")]
+    scores = hits(page).evaluate_all("tiles => tiles.map(tile => Number(tile.dataset.score))")
     assert all(0.0 <= score <= 2.0 for score in scores) and scores == sorted(scores, reverse=True), scores
+    # The badge is the visual similarity: it tells apart the same-class hits whose scores all read 2.000.
+    badges = [float(text) for text in hit_texts(page, ".similarity")]
+    assert all(-1.0 <= value <= 1.0 for value in badges), badges
+    exact = hits(page).evaluate_all("tiles => tiles.map(tile => Number(tile.dataset.similarity))")
+    assert badges == [round(value, 3) for value in exact]
+    predicted = hits(page).evaluate_all("tiles => tiles.map(tile => tile.dataset.predicted)")
+    same_class = [value for value, label in zip(badges, predicted, strict=True) if label == predicted[0]]
+    assert len(same_class) >= 5 and len(set(same_class)) > len(same_class) // 2, same_class
     labels = hit_texts(page, ".label")
     assert all(label and label not in ("null", "None", "undefined") for label in labels), labels
     assert all(re.fullmatch(r"\d{4}\.jpg", name) for name in hit_texts(page, ".name"))
@@ -346,6 +354,59 @@ def test_the_web_page_at_phone_width(page: Page, outside_requests: list[str], se
     assert no_horizontal_scroll(page)
     screenshot(page, tmp_path / "phone-similar.png")
     assert outside_requests == []
+
+
+def two_picture_png(left: Path, right: Path, *, side: int = 128) -> bytes:
+    """One PNG of two pictures side by side, each `side` pixels square: a box can pick either."""
+    canvas = Image.new("RGB", (2 * side, side))
+    for index, path in enumerate((left, right)):
+        canvas.paste(Image.open(path).convert("RGB").resize((side, side), Image.Resampling.LANCZOS), (index * side, 0))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_box_dragged_on_the_query_searches_by_that_region(page: Page, outside_requests: list[str], served: tuple,
+                                                            mini_collection: Path, tmp_path: Path) -> None:
+    """A person drags a box over the right half of a two-picture upload: the page searches by that region
+    (`/search?box=`, in the image's pixels) and shows the API's hits for it; "Whole image" searches by all of it."""
+    url, _, _ = served
+    errors = console_errors(page)
+    test = mini_collection / "test"
+    data = two_picture_png(test / "cat" / "0000.jpg", test / "ship" / "0001.jpg")
+    source = tmp_path / "two.png"
+    source.write_bytes(data)
+    open_search_page(page, url)
+    page.locator("input[type=file]").set_input_files(source)
+    wait_for_results(page)
+    expect(page.locator("#region")).to_contain_text("Drag a box")
+    frame = page.locator("#query-image").bounding_box()
+    scale = frame["width"] / 256  # the 256×128 picture, letterboxed in a square
+    top = frame["y"] + (frame["height"] - 128 * scale) / 2
+    with page.expect_request(lambda request: "box=" in request.url) as boxed:
+        page.mouse.move(frame["x"] + 130 * scale, top + 2 * scale)
+        page.mouse.down()
+        page.mouse.move(frame["x"] + 200 * scale, top + 60 * scale, steps=5)
+        page.mouse.move(frame["x"] + 254 * scale, top + 126 * scale, steps=5)
+        page.mouse.up()
+    wait_for_results(page)
+    box = [int(part) for part in re.search(r"box=([\d%C,]+)", boxed.value.url).group(1).replace("%2C", ",").split(",")]
+    assert all(abs(got - want) <= 2 for got, want in zip(box, [130, 2, 124, 124], strict=True)), box
+    expect(page.locator("#region")).to_contain_text(f"Searching by a region: {box[2]}×{box[3]} px")
+    expect(page.locator("#box-overlay")).to_be_visible()
+    expect(hits(page)).to_have_count(PER_PAGE)
+    api = httpx.post(f"{url}/search", params={"k": PER_PAGE, "box": ",".join(map(str, box))},
+                     files={"file": ("two.png", data, "image/png")}, timeout=30).json()
+    assert hit_ids(page) == [hit["id"] for hit in api["hits"]]  # the region's hits, as the API gives them
+    screenshot(page, tmp_path / "box.png")
+
+    with page.expect_request(lambda request: "/search?" in request.url) as whole:
+        page.get_by_role("button", name="Whole image").click()
+    wait_for_results(page)
+    assert "box=" not in whole.value.url
+    expect(page.locator("#box-overlay")).to_be_hidden()
+    assert outside_requests == []
+    assert errors == []
 
 
 def test_add_to_collection(page: Page, outside_requests: list[str], served: tuple, mini_collection: Path,
