@@ -4,6 +4,7 @@
     cbir train              train the VGG-16 embedder (or --arch another network) and write a model bundle
     cbir train-bovw         train the study's Bag-of-Visual-Words model and write its bundle
     cbir index              index a collection (in-process, or through CBIR_EMBEDDER_URL)
+    cbir search IMAGE...    search by images from the terminal: a running server, or --local
     cbir promote VERSION    serve the Elasticsearch index of VERSION (after cbir index --rebuild)
     cbir embedder           run the embedder service
     cbir gateway            run the search gateway alone (no indexing)
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.print_help()
         else:
             {"serve": _serve, "index": _index, "promote": _promote, "embedder": _embedder, "gateway": _gateway,
-             "download-cifar10": _download}[command](rest)
+             "search": _search, "download-cifar10": _download}[command](rest)
     except CbirError as exc:  # anything else is a bug: its traceback shows
         logger.error("%s", exc.message)
         raise SystemExit(2) from exc
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     from services.common.collection import Layout
+    from services.search_cli import add_parser as add_search_parser
 
     parser = argparse.ArgumentParser(prog="cbir", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
                             "which goes on serving until the new one is done: one machine then records it (a "
                             "running cbir serve swaps to it), Elasticsearch waits for `cbir promote VERSION`")
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_search_parser(commands)
     promote = commands.add_parser(
         "promote", help="serve an Elasticsearch index built by `cbir index --rebuild` (moves the alias)",
         description="Carry the uploads and deletions made meanwhile over from the served index to the index of "
@@ -151,6 +154,12 @@ def _promote(args: argparse.Namespace) -> None:
     from services.serve.rollover import promote
 
     asyncio.run(promote(IndexerSettings.load(), args.version))
+
+
+def _search(args: argparse.Namespace) -> None:
+    from services.search_cli import run
+
+    run(args)
 
 
 def _embedder(args: argparse.Namespace) -> None:

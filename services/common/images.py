@@ -54,6 +54,15 @@ class Box(NamedTuple):
     width: int
     height: int
 
+    @classmethod
+    def parse(cls, text: str) -> Box:
+        """`"x,y,w,h"` (integers; spaces allowed) as a box; `ValueError` naming the form otherwise."""
+        try:
+            x, y, width, height = (int(part) for part in text.split(","))
+        except ValueError:
+            raise ValueError(f"box must be four integers x,y,w,h (pixels), got {text[:80]!r}") from None
+        return cls(x, y, width, height)
+
     def check_inside(self, width: int, height: int) -> None:
         """Raise `ImageRegionError` unless the box is non-empty and lies within a `width` × `height` image."""
         if self.width < 1 or self.height < 1:

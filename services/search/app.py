@@ -190,10 +190,9 @@ def search_box(box: Annotated[str | None, Query(
     if box is None:
         return None
     try:
-        x, y, width, height = (int(part) for part in box.split(","))
-    except ValueError:
-        raise _box_error(f"box must be four integers x,y,w,h (pixels), got {box[:80]!r}") from None
-    return Box(x, y, width, height)
+        return Box.parse(box)
+    except ValueError as exc:
+        raise _box_error(str(exc)) from None
 
 
 # -- search -------------------------------------------------------------------------------------
