@@ -56,6 +56,9 @@ async def test_elasticsearch_exact_backend_answers_like_the_embedded_store(
     for ours, theirs in zip(embedded, clustered, strict=True):
         assert ours["query"] == theirs["query"]
         assert comparable(ours) == comparable(theirs)
+        # The visual similarity, read off each store's float32 score, agrees too.
+        assert [hit["similarity"] for hit in theirs["hits"]] == pytest.approx(
+            [hit["similarity"] for hit in ours["hits"]], abs=1e-5)
 
 
 async def test_elasticsearch_knn_backend_recalls_the_embedded_stores_hits(
