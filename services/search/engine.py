@@ -23,7 +23,7 @@ from services.common.collection import resolve_inside
 from services.common.documents import UPLOAD_SOURCE, ImageDocument, StoredImage, content_id
 from services.common.embedding import Embedding, EmbeddingService
 from services.common.errors import CbirError, DocumentNotFoundError, IndexNotReadyError, InvalidQueryError
-from services.common.scoring import visual_similarity
+from services.common.scoring import visual_similarities
 from services.common.status import IndexProgress, Status
 from services.common.stores.base import CollectionStats, StoreHit, StoreQuery, VectorStore
 from services.search.batching import QueryBatcher
@@ -73,7 +73,7 @@ class SearchOptions:
 @dataclass(frozen=True)
 class Answer:
     """The hits of one query and the model version of every vector behind them (the query's and the hits'), with
-    each hit's `similarities`: the cosine of the visual parts alone (`visual_similarity`), None where undefined."""
+    each hit's `similarities`: the cosine of the visual parts alone (`visual_similarities`), None where undefined."""
 
     hits: list[StoreHit]
     model_version: str
@@ -107,12 +107,12 @@ class Generation:
 
     async def answer(self, query: np.ndarray, hits: list[StoreHit], *, embedding: Embedding | None = None) -> Answer:
         """The answer of `hits` found for the `query` vector, with each hit's visual similarity (read off its
-        score, the model's vector layout and the hit's predicted class: `visual_similarity`)."""
+        score, the model's vector layout and the hit's predicted class: `visual_similarities`)."""
         info = await self.embedder.info()
         classes = {name: index for index, name in enumerate(info.classes)}
-        similarities = [visual_similarity(hit.score, classes.get(hit.image.predicted_label), query=query,
-                                          visual_dims=info.pca_dims, onehot_weight=info.onehot_weight)
-                        for hit in hits]
+        similarities = visual_similarities([hit.score for hit in hits],
+                                           [classes.get(hit.image.predicted_label) for hit in hits],
+                                           query=query, visual_dims=info.pca_dims, onehot_weight=info.onehot_weight)
         return Answer(hits, self.model_version or "", embedding, similarities)
 
     async def close(self, *, wait_s: float = 60.0) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.common.scoring import score_from_cosine, score_from_es_knn, visual_similarity
+from services.common.scoring import score_from_cosine, score_from_es_knn, visual_similarities
 from services.embedder.vectors import PcaProjection, build_vectors
 
 
@@ -42,18 +42,18 @@ def test_visual_similarity_is_the_cosine_of_the_visual_parts(weight: float) -> N
     rocchio = vectors[1] + vectors[2] - 0.5 * vectors[3]  # a query by examples: no image's layout
     rocchio /= np.linalg.norm(rocchio)
     for q in (query, rocchio):
-        for vector, hit_class in zip(vectors, predicted, strict=True):
-            score = score_from_cosine(float(np.float32(q @ vector)))  # as the stores score: float32
-            similarity = visual_similarity(score, int(hit_class), query=q, visual_dims=8, onehot_weight=weight)
-            assert similarity == pytest.approx(visual_cosine(q, vector), abs=2e-6)
+        scores = [score_from_cosine(float(np.float32(q @ vector))) for vector in vectors]  # float32, as stored
+        similarities = visual_similarities(scores, [int(c) for c in predicted], query=q, visual_dims=8,
+                                           onehot_weight=weight)
+        assert similarities == pytest.approx([visual_cosine(q, vector) for vector in vectors], abs=2e-6)
 
 
 def test_same_class_hits_that_score_alike_are_told_apart() -> None:
     vectors, predicted = fused(200, classes=2)
     same = [i for i in range(1, 200) if predicted[i] == predicted[0]]
     scores = [score_from_cosine(float(vectors[0] @ vectors[i])) for i in same]
-    similarities = [visual_similarity(s, int(predicted[0]), query=vectors[0], visual_dims=8, onehot_weight=2.0)
-                    for s in scores]
+    similarities = visual_similarities(scores, [int(predicted[0])] * len(scores), query=vectors[0], visual_dims=8,
+                                       onehot_weight=2.0)
     assert max(scores) - min(scores) < 0.5  # the one-hot crowds them near 2.0 ...
     assert max(similarities) - min(similarities) > 1.0  # ... the visual part alone spreads them over [-1, 1]
 
@@ -61,6 +61,7 @@ def test_same_class_hits_that_score_alike_are_told_apart() -> None:
 def test_visual_similarity_is_undefined_without_a_visual_part_or_a_known_class() -> None:
     onehot_only = np.zeros(10, np.float32)
     onehot_only[8] = 1.0
-    assert visual_similarity(1.8, 0, query=onehot_only, visual_dims=8, onehot_weight=2.0) is None
+    assert visual_similarities([1.8], [0], query=onehot_only, visual_dims=8, onehot_weight=2.0) == [None]
     vectors, _ = fused(1)
-    assert visual_similarity(1.8, None, query=vectors[0], visual_dims=8, onehot_weight=2.0) is None
+    assert visual_similarities([1.8, 1.8], [None, 5], query=vectors[0], visual_dims=8, onehot_weight=2.0) == [
+        None, None]
