@@ -254,8 +254,9 @@ def print_results(results: Sequence[ImageResult], *, as_json: bool, out: TextIO 
 def hits_table(hits: Sequence[dict[str, Any]]) -> str:
     """The hits as aligned columns: rank, score, similarity, label, file."""
     rows = [("rank", "score", "similarity", "label", "file")]
+    decimals = similarity_decimals([hit["similarity"] for hit in hits if hit["similarity"] is not None])
     for rank, hit in enumerate(hits, start=1):
-        similarity = "-" if hit["similarity"] is None else f"{hit['similarity']:.3f}"
+        similarity = "-" if hit["similarity"] is None else f"{hit['similarity']:.{decimals}f}"
         rows.append((str(rank), f"{hit['score']:.4f}", similarity, hit["label"] or "-", hit["filename"]))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = []
@@ -263,3 +264,12 @@ def hits_table(hits: Sequence[dict[str, Any]]) -> str:
         numbers = [cell.rjust(width) for cell, width in zip(row[:3], widths, strict=False)]
         lines.append("  ".join([*numbers, row[3].ljust(widths[3]), row[4]]).rstrip())
     return "\n".join(lines) + "\n"
+
+
+def similarity_decimals(values: Sequence[float]) -> int:
+    """The fewest decimals (3 to 6) that tell most of `values` apart, as the web page shows them: the shipped
+    model's same-class neighbours lie within 1e-3 of each other near 1.0, where 3 decimals all read 1.000."""
+    for decimals in range(3, 6):
+        if len({f"{value:.{decimals}f}" for value in values}) >= 0.8 * len(values):
+            return decimals
+    return 6

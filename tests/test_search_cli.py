@@ -14,7 +14,7 @@ from benchlib import free_port
 from servers import StallingServer, serve_in_thread
 
 from services.cli import main
-from services.search_cli import EXIT_BAD_IMAGE, EXIT_NO_MATCH, EXIT_UNREACHABLE
+from services.search_cli import EXIT_BAD_IMAGE, EXIT_NO_MATCH, EXIT_UNREACHABLE, hits_table, similarity_decimals
 
 
 @pytest.fixture
@@ -127,3 +127,11 @@ def test_other_failures_exit_2_with_their_reason(cbir_env: Path, mini_collection
     assert "cbir index" in caplog.text
     assert search(mini_collection / "test" / "cat" / "0000.jpg", "--box", "1,2,3") == 2  # a bad option
     assert search(mini_collection / "test" / "cat" / "0000.jpg", "-k", "0") == 2
+
+
+def test_the_table_shows_the_decimals_that_tell_similarities_apart() -> None:
+    hits = [{"score": 1.99999, "similarity": 0.99994 - rank * 0.00001, "label": "horse", "filename": f"{rank}.jpg"}
+            for rank in range(24)]
+    rows = hits_table(hits).splitlines()[1:]
+    assert [row.split()[2] for row in rows[:3]] == ["0.99994", "0.99993", "0.99992"]
+    assert similarity_decimals([0.9, 0.5, 0.25]) == 3 and similarity_decimals([]) == 3
