@@ -112,6 +112,7 @@ def _box_argument(text: str) -> str:
 
 def run(args: argparse.Namespace) -> None:
     """Search, print, and exit with the status the module's docstring lists."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury the tables
     params: dict[str, Any] = {"k": args.k, "same_class": str(args.same_class).lower()}
     if args.label:
         params["label"] = args.label
