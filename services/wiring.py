@@ -2,6 +2,7 @@
 
     build_embedding_service(settings)        CBIR_EMBEDDER_URL set: the embedder over HTTP; unset: the model here
     build_local_embedding_service(settings)  the model in this process (the embedder service, one machine)
+    compile_cache_root(settings)             where its compiled code is kept (CBIR_COMPILE_CACHE_DIR)
     build_store(settings)                    the store named by CBIR_BACKEND: FAISS file or Elasticsearch
     build_elasticsearch_store(settings)      the Elasticsearch store itself (its alias, for a rollover)
     build_index_options(settings, ...)       how the indexer batches (CBIR_INDEX_BATCH_SIZE, CBIR_INDEX_CONCURRENCY)
@@ -38,10 +39,19 @@ def build_local_embedding_service(settings: ModelSettings) -> LocalEmbeddingServ
     bundle = load_bundle(settings.model_dir or DEFAULT_BUNDLE_DIR)
     embedder = Embedder(bundle, device=settings.device, pca_dims=settings.pca_dims,
                         onehot_weight=settings.onehot_weight, max_batch=settings.max_batch,
-                        compile=compile_wanted(settings.compile, pick_device(settings.device)))
+                        compile=compile_wanted(settings.compile, pick_device(settings.device)),
+                        compile_cache=compile_cache_root(settings))
     service = LocalEmbeddingService(embedder, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
     service.start()
     return service
+
+
+def compile_cache_root(settings: ModelSettings) -> Path | None:
+    """`CBIR_COMPILE_CACHE_DIR`, else `<CBIR_STATE_DIR>/compile-cache` for a service with a state dir (`cbir
+    serve`, `cbir index`), else None: torch's own folder (`cbir embedder`)."""
+    if settings.compile_cache_dir is not None:
+        return settings.compile_cache_dir
+    return settings.state_dir / "compile-cache" if isinstance(settings, StoreSettings) else None
 
 
 def build_embedding_service(settings: EmbeddingSettings) -> EmbeddingService:

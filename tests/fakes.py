@@ -26,6 +26,7 @@ class FixedEmbedder:
     """An `EmbeddingService` without a model: every image gets the same unit vector."""
 
     warming_up = False
+    warm_up_progress: tuple[int, int] | None = None
 
     def __init__(self, *, dims: int = 26, model_version: str = "fixed-model") -> None:
         self.dims, self.model_version = dims, model_version

@@ -63,6 +63,8 @@ class EmbedderInfo:
 class EmbeddingService(Protocol):
     # True while the model is still being compiled (it answers meanwhile, slower); /healthz says so.
     warming_up: bool
+    # (batch sizes compiled, sizes to compile), or None when nothing compiles here; /healthz's `warm_up`.
+    warm_up_progress: tuple[int, int] | None
 
     async def info(self) -> EmbedderInfo: ...
 
@@ -89,6 +91,7 @@ class HttpEmbeddingClient:
     """
 
     warming_up = False  # the embedder service reports its own warm-up in its /healthz
+    warm_up_progress = None
     # The embedder takes at most 512 images a request (CBIR_MAX_IMAGES_PER_REQUEST); stay well below.
     max_images_per_request = 256
 

@@ -97,6 +97,9 @@ class ModelSettings(BaseCbirSettings):
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the model in the background at start-up (it serves uncompiled "
         "meanwhile); auto: when a C++ compiler (CPU) or CUDA is present")
+    compile_cache_dir: Path | None = Field(
+        None, description="where compiled code is kept across restarts, a folder per bundle, torch and device "
+        "(default: <CBIR_STATE_DIR>/compile-cache where there is a state dir, else torch's folder in /tmp)")
     max_batch: int = Field(64, ge=1, le=1024, description="largest micro-batch of the forward pass")
     max_wait_ms: float = Field(2.0, ge=0, description="how long a micro-batch waits to fill")
     max_queue: int = Field(1024, ge=1, description="requests waiting for the model before 503")

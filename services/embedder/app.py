@@ -136,7 +136,10 @@ async def info(service: ServiceDep) -> InfoResponse:
 
 
 @router.get("/healthz", responses={503: ERROR_RESPONSES[503]})
-async def healthz(service: ServiceDep) -> dict[str, str]:
-    """200 once the model is loaded and warmed up, else 503."""
+async def healthz(service: ServiceDep) -> dict[str, object]:
+    """200 once the model is loaded (`warming_up` while it compiles, with `warm_up`: batch sizes `compiled` of
+    `total`; null when it is not compiled), else 503."""
     status = Status.warming_up if service.warming_up else Status.ready
-    return {"status": status, "model_version": (await service.info()).model_version}
+    progress = service.warm_up_progress
+    return {"status": status, "model_version": (await service.info()).model_version,
+            "warm_up": None if progress is None else {"compiled": progress[0], "total": progress[1]}}

@@ -8,6 +8,7 @@ augmentation. `predict` is the one forward pass over decoded images, used by the
 
 from __future__ import annotations
 
+import functools
 import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -105,9 +106,19 @@ def to_model_input(
     """`(N, H, W, 3)` uint8 → normalised float `(N, 3, H, W)` in channels_last on `device`."""
     batch = torch.as_tensor(images).to(device, non_blocking=True)
     batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    mean_t, std_t = normalisation(tuple(mean), tuple(std), torch.device(device))
     return ((batch - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
+
+
+@functools.lru_cache(maxsize=32)
+def normalisation(mean: tuple[float, ...], std: tuple[float, ...],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mean` and `std` as `(1, 3, 1, 1)` tensors on `device`, made once per bundle and device: each new one
+    is a host → device copy, a synchronisation on CUDA. Made outside inference mode, so that training (which
+    records gradients) may use what inference made first."""
+    with torch.inference_mode(False):
+        return (torch.tensor(mean, device=device).view(1, 3, 1, 1),
+                torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
 @torch.inference_mode()

@@ -8,11 +8,13 @@ forward passes; `LocalEmbeddingService` is the in-process `EmbeddingService`.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +24,7 @@ from services.common.embedding import EmbedderInfo, Embedding, Purpose
 from services.common.errors import EmbedderUnavailableError, ModelNotLoadedError
 from services.common.settings import ModelSettings, default
 from services.embedder.bundle import Bundle
+from services.embedder.compilation import WarmUp, batch_buckets, compile_cache_dir, compiled_pieces, compiling
 from services.embedder.inference import pick_device, predict
 from services.embedder.vectors import build_vectors, check_vector_config
 
@@ -29,7 +32,6 @@ logger = logging.getLogger(__name__)
 
 BATCH_IMAGES = Histogram("cbir_embedder_batch_images", "images per forward pass of the micro-batcher",
                          buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
-COMPILE_WHEN_IDLE_S = 1.0  # how long the batcher's queue stays empty before it compiles the next batch size
 FORWARD_SECONDS = Histogram("cbir_embedder_forward_seconds", "time of one micro-batch forward pass")
 
 
@@ -43,7 +45,7 @@ class Embedder:
 
     def __init__(self, bundle: Bundle, *, device: str = default(ModelSettings, "device"), pca_dims: int | None = None,
                  onehot_weight: float | None = None, max_batch: int = default(ModelSettings, "max_batch"),
-                 compile: bool = False) -> None:
+                 compile: bool = False, compile_cache: Path | None = None) -> None:
         self.bundle = bundle
         self.device = pick_device(device)
         self.pca_dims = int(pca_dims or bundle.vector_defaults["pca_dims"])
@@ -61,9 +63,12 @@ class Embedder:
         self.deep = bundle.family == "deep"
         self.model = bundle.model.to(self.device, memory_format=torch.channels_last).eval() if self.deep else \
             bundle.model
-        # torch.compile specialises on the batch size: a chunk is padded to the next compiled size.
-        # Until a size is compiled (`compile_next`, by the thread that runs the model) chunks of it run eagerly.
+        # torch.compile specialises on the batch size: a chunk goes through the compiled sizes that fit it
+        # (`compiled_pieces`), eagerly where none does yet. `compile_next` compiles a copy of the network, so
+        # another thread may compile while this one serves; its caches go to `compile_cache` (keyed by bundle).
         self.compile_sizes = batch_buckets(max_batch) if compile and self.deep else ()
+        self.compile_cache = None if compile_cache is None else compile_cache_dir(
+            compile_cache, bundle_version=bundle.version, device=self.device)
         self._compiled: torch.nn.Module | None = None
         self._compiled_sizes: tuple[int, ...] = ()  # replaced whole, never changed in place: read without a lock
 
@@ -103,13 +108,13 @@ class Embedder:
         return results
 
     def _forward(self, chunk: np.ndarray, *, flip: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings and probabilities of at most `max_batch` images: eager until a compiled size fits, then
-        in compiled pieces (`compiled_pieces`). A BOVW model has no mirror views."""
+        """Embeddings and probabilities of at most `max_batch` images: in compiled pieces where a compiled size
+        fits, eagerly where none does yet (`compiled_pieces`). A BOVW model has no mirror views."""
         if not self.deep:
             return self.model.predict(chunk)
-        compiled = self._compiled  # None again if compilation failed: then nothing compiled is used
+        compiled, sizes = self._compiled, self._compiled_sizes  # None again if compilation failed
         parts, start = [], 0
-        for size, take in compiled_pieces(len(chunk), self._compiled_sizes if compiled is not None else ()):
+        for size, take in compiled_pieces(len(chunk), sizes if compiled is not None else ()):
             piece, start = chunk[start:start + take], start + take
             if size is not None:
                 piece = np.concatenate([piece, np.zeros((size - take, *piece.shape[1:]), dtype=piece.dtype)])
@@ -126,33 +131,42 @@ class Embedder:
         """True while `compile_sizes` are not all compiled yet (searches run eagerly meanwhile)."""
         return len(self._compiled_sizes) < len(self.compile_sizes)
 
-    def compile_next(self) -> bool:
-        """Compile the network (inductor, freezing) for the next size of `compile_sizes` not done yet, largest
-        first (the indexer's), usable as soon as it is done; False when there is none left. Seconds each.
+    @property
+    def warm_up_progress(self) -> tuple[int, int] | None:
+        """(sizes compiled, sizes to compile), or None when nothing is compiled (`CBIR_COMPILE=off`, no
+        compiler, a BOVW bundle, or compilation failed)."""
+        return (len(self._compiled_sizes), len(self.compile_sizes)) if self.compile_sizes else None
 
-        Call it from the thread that runs the model, between forward passes: tracing in one thread while
-        another runs the eager model deadlocked here (torch 2.14.1, CPU).
+    def compile_next(self) -> bool:
+        """Compile the network (inductor, freezing) for the smallest size of `compile_sizes` not done yet
+        (searches' sizes before the indexer's), usable as soon as it is done; False when there is none left.
+        Seconds each (about 25 for the first on two cores, from an empty cache).
+
+        It compiles a copy of the network (`torch.compile` of the model the eager path runs, traced in one
+        thread while another ran it, deadlocked here: torch 2.14.1, CPU), so any one thread may call it while
+        another serves; `WarmUp` does, in the background.
         """
         pending = [s for s in self.compile_sizes if s not in self._compiled_sizes]
         if not pending:
             return False
-        size = max(pending) if self.max_batch in pending else min(pending)
-        started = time.perf_counter()
+        size, started = min(pending), time.perf_counter()
         try:
-            if self._compiled is None:
-                import torch._inductor.config as inductor_config
+            with compiling(self.compile_cache):
+                if self._compiled is None:
+                    import torch._inductor.config as inductor_config
 
-                inductor_config.freezing = True  # weights become constants: fused conv + batch norm
-                self._compiled = torch.compile(self.model, dynamic=False)
-            side = self.preprocessing.image_size  # the mirror, when there is one, is a second call of one shape
-            predict(self._compiled, np.zeros((size, side, side, 3), dtype=np.uint8), flip_tta=False,
-                    preprocessing=self.preprocessing, device=self.device, bf16=self.use_bf16, batch_size=size)
+                    inductor_config.freezing = True  # weights become constants: fused conv + batch norm
+                    self._compiled = torch.compile(copy.deepcopy(self.model), dynamic=False)
+                side = self.preprocessing.image_size  # the mirror, when there is one, is a second call of one shape
+                predict(self._compiled, np.zeros((size, side, side, 3), dtype=np.uint8), flip_tta=False,
+                        preprocessing=self.preprocessing, device=self.device, bf16=self.use_bf16, batch_size=size)
         except Exception:  # noqa: BLE001 - serving goes on eagerly; the log says why
             logger.exception("torch.compile failed for batches of %d; the model runs uncompiled", size)
-            self.compile_sizes, self._compiled = (), None
+            self._compiled, self._compiled_sizes, self.compile_sizes = None, (), ()
             return False
         self._compiled_sizes = tuple(sorted((*self._compiled_sizes, size)))
-        logger.info("compiled the model for batches of %d in %.1f s", size, time.perf_counter() - started)
+        logger.info("compiled the model for batches of %d in %.1f s (%d of %d sizes)", size,
+                    time.perf_counter() - started, len(self._compiled_sizes), len(self.compile_sizes))
         return True
 
     def compile_model(self) -> None:
@@ -163,40 +177,6 @@ class Embedder:
     def warm_up(self) -> None:
         size = self.preprocessing.image_size
         self.embed_batch(np.zeros((2, size, size, 3), dtype=np.uint8))
-
-
-def compiled_pieces(count: int, sizes: tuple[int, ...]) -> list[tuple[int | None, int]]:
-    """How `count` images go through a model compiled for `sizes`: (compiled size, images taken) per call.
-
-    A remainder is padded to the next compiled size when that wastes at most a quarter of it, else the
-    largest size that fits is split off (17 images at sizes 1, 2, 4, 8, 16, 32: 16 + 1, not 32 with 15
-    blank); None as the size: nothing compiled fits (run those eagerly).
-
-    >>> compiled_pieces(17, (1, 2, 4, 8, 16, 32))
-    [(16, 16), (1, 1)]
-    """
-    pieces, remaining = [], count
-    while remaining:
-        up = next((s for s in sizes if s >= remaining), None)
-        if up is not None and up - remaining <= up // 4:
-            pieces.append((up, remaining))
-            break
-        down = max((s for s in sizes if s <= remaining), default=None)
-        if down is None:
-            pieces.append((up, remaining))  # only larger sizes: pad, however wasteful (None if there are none)
-            break
-        pieces.append((down, down))
-        remaining -= down
-    return pieces
-
-
-def batch_buckets(max_batch: int) -> tuple[int, ...]:
-    """The batch sizes a compiled model is built for: powers of two up to `max_batch`, and `max_batch`."""
-    sizes, size = {max_batch}, 1
-    while size < max_batch:
-        sizes.add(size)
-        size *= 2
-    return tuple(sorted(sizes))
 
 
 @dataclass
@@ -247,11 +227,8 @@ class MicroBatcher:
             self._started = False
 
     def _run(self) -> None:
-        # The model's size for full batches compiles before anything else (the indexer sends those), the
-        # rest once the queue has been empty for a moment: a request that arrives during one waits for it.
-        if self.embedder.compile_sizes:
-            self.embedder.compile_next()
-        while (first := self._next_request()) is not None:
+        # Compilation never runs here (it is `WarmUp`'s): a request waits only for the batch before it.
+        while (first := self._queue.get()) is not None:
             pending, size = [first], len(first.images)
             deadline = time.perf_counter() + self.max_wait
             while size < self.max_batch:
@@ -265,14 +242,6 @@ class MicroBatcher:
                 pending.append(extra)
                 size += len(extra.images)
             self._process(pending)
-
-    def _next_request(self) -> _Request | None:
-        while self.embedder.warming_up:
-            try:  # a steady stream (an indexing run) never waits for a compile; an idle second does one
-                return self._queue.get(timeout=COMPILE_WHEN_IDLE_S)
-            except queue.Empty:
-                self.embedder.compile_next()
-        return self._queue.get()
 
     def _process(self, requests: list[_Request]) -> None:
         for purpose in ("query", "index"):  # their views differ: one forward pass each
@@ -316,16 +285,24 @@ class LocalEmbeddingService:
         self.embedder = embedder
         self.batcher = MicroBatcher(embedder, max_batch=embedder.max_batch, max_wait_ms=max_wait_ms,
                                     max_queue=max_queue)
+        self.warm_up = WarmUp(embedder.compile_next)
 
     def start(self) -> None:
-        """Warm the eager model up and start serving; compilation, if asked for, goes on in the batcher's
-        thread: the largest size first, the others while no request waits."""
+        """Warm the eager model up and start serving; compilation, if asked for, goes on in `WarmUp`'s
+        thread, the smallest size first, while the eager model answers."""
         self.embedder.warm_up()
         self.batcher.start()
+        if self.embedder.compile_sizes:
+            self.warm_up.start()
 
     @property
     def warming_up(self) -> bool:
         return self.embedder.warming_up
+
+    @property
+    def warm_up_progress(self) -> tuple[int, int] | None:
+        """(batch sizes compiled, sizes to compile); None when the model is not compiled."""
+        return self.embedder.warm_up_progress
 
     @property
     def model_info(self) -> EmbedderInfo:
@@ -339,4 +316,5 @@ class LocalEmbeddingService:
         return await self.batcher.embed(images, purpose=purpose)
 
     async def close(self) -> None:
+        await asyncio.to_thread(self.warm_up.stop)
         await asyncio.to_thread(self.batcher.stop)

@@ -54,6 +54,7 @@ from services.search.schemas import (
     QueryPrediction,
     SearchHit,
     SearchResponse,
+    WarmUpProgress,
 )
 from services.search.settings import MAX_BATCH_FILES, SearchSettings
 from services.search.uploads import UploadFolder
@@ -381,8 +382,10 @@ async def healthz(engine: EngineDep) -> HealthResponse | JSONResponse:
     if problem is not None:
         retry_after = "2" if status == Status.indexing else "5"
         return JSONResponse(error_body(problem), status_code=503, headers={"Retry-After": retry_after})
+    progress = engine.embedder.warm_up_progress
     return HealthResponse(status=status, model_version=engine.model_version or "", backend=engine.store.name,
-                          index=engine.store.index_kind, documents=documents)
+                          index=engine.store.index_kind, documents=documents,
+                          warm_up=None if progress is None else WarmUpProgress(compiled=progress[0], total=progress[1]))
 
 
 # The page's limits are the API's: filled in once, when the module loads.

@@ -132,9 +132,14 @@ class CollectionResponse(BaseModel):
                           "with the index as it was: an update or a new model's index that did not finish)")
 
 
+class WarmUpProgress(BaseModel):
+    compiled: int = Field(description="batch sizes the model is compiled for so far")
+    total: int = Field(description="batch sizes it is compiled for in all; `ready` once all are")
+
+
 class HealthResponse(BaseModel):
     model_config = examples({"status": "ready", "model_version": MODEL, "backend": "faiss", "index": "flat",
-                             "documents": 50000})
+                             "documents": 50000, "warm_up": {"compiled": 7, "total": 7}})
 
     status: str
     model_version: str
@@ -142,4 +147,7 @@ class HealthResponse(BaseModel):
     index: str = Field(description="what answers searches: flat (exact), hnsw, or flat while the hnsw graph is "
                                    "built (FAISS); exact or knn (Elasticsearch)")
     documents: int
+    warm_up: WarmUpProgress | None = Field(
+        None, description="how far the model's compilation is (`warming_up` until `compiled` is `total`); null "
+                          "when it is not compiled (CBIR_COMPILE=off, no compiler) or runs in the embedder service")
 

@@ -49,3 +49,25 @@ def test_the_shipped_bundle_indexes_single_views_and_queries_with_the_mirror() -
 
     preprocessing = load_bundle(DEFAULT_BUNDLE_DIR).preprocessing
     assert (preprocessing.flip_for("query"), preprocessing.flip_for("index")) == (True, False)
+
+
+def test_the_normalisation_tensors_are_made_once_and_serve_training_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`to_model_input` made its mean and std tensors at every call: on CUDA a host → device copy (a sync) each."""
+    from services.embedder.inference import to_model_input
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+    mean, std = (0.11, 0.22, 0.33), (0.5, 0.25, 0.125)
+    with torch.inference_mode():  # as `predict` makes them first
+        first = to_model_input(images, mean=mean, std=std, device=torch.device("cpu"))
+
+    def no_new_tensors(*args: object, **kwargs: object) -> torch.Tensor:
+        raise AssertionError("a new tensor was made from the mean or std")
+
+    monkeypatch.setattr(torch, "tensor", no_new_tensors)
+    weight = torch.ones(1, requires_grad=True)
+    again = to_model_input(images, mean=mean, std=std, device="cpu") * weight  # outside inference mode: training
+    again.sum().backward()  # inference tensors could not be used here
+    expected = (images.transpose(0, 3, 1, 2) / 255.0 - np.reshape(mean, (1, 3, 1, 1))) / np.reshape(std, (1, 3, 1, 1))
+    np.testing.assert_allclose(first.numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(again.detach().numpy(), expected, atol=1e-6)
+    assert first.is_contiguous(memory_format=torch.channels_last)

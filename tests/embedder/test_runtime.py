@@ -104,28 +104,6 @@ async def test_a_full_queue_is_refused_at_once_with_503() -> None:
 # --- torch.compile ------------------------------------------------------------------------------
 
 
-def test_batch_buckets_cover_every_chunk_size() -> None:
-    from services.embedder.runtime import batch_buckets
-
-    assert batch_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
-    assert batch_buckets(48) == (1, 2, 4, 8, 16, 32, 48)
-    assert batch_buckets(1) == (1,)
-
-
-def test_a_chunk_goes_through_compiled_sizes_with_little_padding() -> None:
-    from services.embedder.runtime import compiled_pieces
-
-    sizes = (1, 2, 4, 8, 16, 32, 64)
-    assert compiled_pieces(13, sizes) == [(16, 13)]  # 3 blank of 16: padded
-    assert compiled_pieces(17, sizes) == [(16, 16), (1, 1)]  # 15 blank of 32 would be: split
-    assert compiled_pieces(50, sizes) == [(64, 50)]
-    assert compiled_pieces(5, (64,)) == [(64, 5)]  # only a larger size compiled so far
-    assert compiled_pieces(5, ()) == [(None, 5)]  # nothing compiled: eager
-    for count in range(1, 65):
-        pieces = compiled_pieces(count, sizes)
-        assert sum(take for _, take in pieces) == count and all(take <= size for size, take in pieces)
-
-
 @pytest.mark.slow
 def test_the_compiled_model_answers_as_the_eager_one_for_padded_batches(tiny_bundle, mini_collection) -> None:
     from services.common.images import decode_image
@@ -138,7 +116,7 @@ def test_the_compiled_model_answers_as_the_eager_one_for_padded_batches(tiny_bun
     assert compiled.compile_sizes == (1, 2, 4) and compiled.warming_up
     before = compiled.embed_batch(batch)  # nothing compiled yet: the eager path
     compiled.compile_model()
-    assert not compiled.warming_up and compiled._compiled_sizes == (1, 2, 4)
+    assert not compiled.warming_up and compiled._compiled_sizes == (1, 2, 4) and compiled.warm_up_progress == (3, 3)
     seen: list[int] = []
 
     class Recording:  # the compiled module, counting the batch sizes it is called with
@@ -182,25 +160,36 @@ def test_a_compiled_size_serves_queries_and_their_mirrors_without_compiling_agai
 
 
 @pytest.mark.slow
-async def test_the_service_compiles_in_its_own_thread_while_it_answers(tiny_bundle, mini_collection) -> None:
-    """Compilation runs in the batcher's thread between requests (tracing beside an eager forward pass in
-    another thread deadlocked): requests keep being answered, and every size gets compiled."""
+async def test_the_service_compiles_in_the_background_while_it_answers(tiny_bundle, mini_collection,
+                                                                       tmp_path) -> None:
+    """A steady stream of requests is answered throughout (none waits for a compilation: they run eagerly
+    meanwhile), every size gets compiled smallest first, and the progress says how far it is."""
     from services.common.images import decode_image
-    from services.embedder.runtime import COMPILE_WHEN_IDLE_S, Embedder, LocalEmbeddingService
+    from services.embedder.runtime import Embedder, LocalEmbeddingService
 
     files = sorted((mini_collection / "test").glob("*/*.jpg"))[:3]
     batch = np.stack([decode_image(path.read_bytes()) for path in files])
     expected = [e.label for e in Embedder(tiny_bundle, max_batch=2).embed_batch(batch)]
-    service = LocalEmbeddingService(Embedder(tiny_bundle, max_batch=2, compile=True))
+    service = LocalEmbeddingService(Embedder(tiny_bundle, max_batch=2, compile=True, compile_cache=tmp_path))
+    assert service.warm_up_progress == (0, 2) and service.warming_up
     service.start()
-    answered = 0
+    seen, answered = {service.warm_up_progress}, 0
     try:
-        async with asyncio.timeout(180):
-            while service.warming_up or answered < 3:
+        async with asyncio.timeout(300):
+            while service.warming_up or answered < 3:  # back to back: the queue is never idle for long
                 embeddings = await service.embed(batch[answered % 3:][:2])
                 assert [e.label for e in embeddings] == expected[answered % 3:][:2]
                 answered += 1
-                await asyncio.sleep(COMPILE_WHEN_IDLE_S + 0.2)  # an idle moment: the next size compiles
+                seen.add(service.warm_up_progress)
     finally:
         await service.close()
-    assert service.embedder._compiled_sizes == (1, 2) and answered >= 3
+    assert service.embedder._compiled_sizes == (1, 2) and service.warm_up_progress == (2, 2)
+    assert seen >= {(0, 2), (2, 2)} and answered >= 3
+    assert any(service.embedder.compile_cache.iterdir())  # inductor's code, kept for the next start
+
+
+def test_a_model_that_is_not_compiled_reports_no_warm_up(tiny_bundle) -> None:
+    from services.embedder.runtime import Embedder
+
+    embedder = Embedder(tiny_bundle, max_batch=4)
+    assert embedder.warm_up_progress is None and not embedder.warming_up

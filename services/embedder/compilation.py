@@ -1,0 +1,126 @@
+"""Compiling the embedder's network (torch.compile) without a request ever waiting for it.
+
+torch.compile specialises on the batch size, so the network is compiled once per size of `batch_buckets`,
+smallest first (a search's one or two images before the indexer's full batches), by `WarmUp`'s thread on
+its own copy of the network while the eager one serves; a chunk uses a compiled size only where that wastes
+little (`compiled_pieces`), else it runs eagerly. Inductor's on-disk caches live in `compile_cache_dir`,
+one folder per bundle version, torch version and device, so a restart skips the C++ compiler's work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Inductor reads its cache folder from the environment: one compilation at a time, in its own folder.
+COMPILE_LOCK = threading.Lock()
+# While a compilation holds the GIL for seconds of Python (tracing, lowering), the thread that runs the
+# model waits for it after each operator: a short switch interval bounds each wait (the default is 5 ms).
+COMPILE_SWITCH_INTERVAL_S = 0.0002
+COMPILE_NICENESS = 10  # added to the compile thread's niceness: it and its C++ compilers yield the cores
+
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes a compiled model is built for: powers of two up to `max_batch`, and `max_batch`."""
+    sizes, size = {max_batch}, 1
+    while size < max_batch:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
+
+
+def compiled_pieces(count: int, sizes: tuple[int, ...]) -> list[tuple[int | None, int]]:
+    """How `count` images go through a model compiled for `sizes`: (compiled size, images taken) per call.
+
+    A remainder is padded to the next compiled size when that wastes at most a quarter of it, else the
+    largest size that fits is split off (17 images at sizes 1, 2, 4, 8, 16, 32: 16 + 1, not 32 with 15
+    blank); None as the size: nothing compiled fits without more waste (run those eagerly), so a query
+    never pays for a batch much larger than its own while the small sizes still compile.
+
+    >>> compiled_pieces(17, (1, 2, 4, 8, 16, 32))
+    [(16, 16), (1, 1)]
+    >>> compiled_pieces(1, (64,))
+    [(None, 1)]
+    """
+    pieces, remaining = [], count
+    while remaining:
+        up = next((s for s in sizes if s >= remaining), None)
+        if up is not None and up - remaining <= up // 4:
+            pieces.append((up, remaining))
+            break
+        down = max((s for s in sizes if s <= remaining), default=None)
+        if down is None:
+            pieces.append((None, remaining))
+            break
+        pieces.append((down, down))
+        remaining -= down
+    return pieces
+
+
+def compile_cache_dir(root: Path, *, bundle_version: str, device: torch.device) -> Path:
+    """Where inductor keeps the compiled code of one bundle: `root/<bundle>-torch<version>-<device>`, so that
+    another bundle, torch or device never reads it."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{bundle_version}-torch{torch.__version__}")
+    return root / f"{safe}-{device.type}"
+
+
+@contextlib.contextmanager
+def compiling(cache_dir: Path | None) -> Iterator[None]:
+    """Hold `COMPILE_LOCK` with inductor's caches in `cache_dir` (None: torch's default folder) and a short
+    GIL switch interval, for the length of one compilation."""
+    with COMPILE_LOCK:
+        before_dir, before_interval = os.environ.get("TORCHINDUCTOR_CACHE_DIR"), sys.getswitchinterval()
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+        sys.setswitchinterval(COMPILE_SWITCH_INTERVAL_S)
+        try:
+            yield
+        finally:
+            sys.setswitchinterval(before_interval)
+            if before_dir is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = before_dir
+
+
+class WarmUp:
+    """Runs `compile_next` until it returns False, in a background thread of lowered priority.
+
+    >>> warm_up = WarmUp(embedder.compile_next)
+    >>> warm_up.start()   # the eager model serves meanwhile
+    >>> warm_up.stop()    # between two sizes; one being compiled finishes in its daemon thread
+    """
+
+    def __init__(self, compile_next: Callable[[], bool]) -> None:
+        self._compile_next = compile_next
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="embedder-compile", daemon=True)
+        self.done = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, *, timeout_s: float = 1.0) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout_s)
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's own niceness, inherited by g++
+            thread = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + COMPILE_NICENESS))
+        try:
+            while not self._stopping.is_set() and self._compile_next():
+                pass
+        finally:
+            self.done.set()
