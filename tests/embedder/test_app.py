@@ -21,3 +21,9 @@ async def test_embed_returns_one_vector_per_image(embedder_client: httpx.AsyncCl
     info = (await embedder_client.get("/info")).json()
     assert info["model_version"] == body["model_version"]
     assert len(info["classes"]) == 10
+
+
+async def test_healthz_is_ready_with_no_warm_up_when_the_model_is_not_compiled(
+        embedder_client: httpx.AsyncClient) -> None:
+    health = (await embedder_client.get("/healthz")).json()
+    assert health["status"] == "ready" and health["warm_up"] is None  # CBIR_COMPILE=off in the tests

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from factories import make_document
+from fakes import ControlledEmbedder, MemoryStore
+from servers import asgi_client
 
 from services.common.stores.base import MAX_RESULT_WINDOW
 
@@ -48,6 +53,25 @@ async def test_healthz_and_docs(search_client: httpx.AsyncClient) -> None:
     assert page.status_code == 200 and "<form" in page.text
     assert f"const MAX_RESULT_WINDOW = {MAX_RESULT_WINDOW};" in page.text  # the page pages as far as the API
     assert "{{" not in page.text  # every placeholder filled in
+    assert health.json()["warm_up"] is None  # the tests' model is not compiled (CBIR_COMPILE=off)
+
+
+async def test_healthz_says_how_far_the_models_compilation_is(tmp_path: Path) -> None:
+    from services.search.app import create_app
+    from services.search.settings import SearchSettings
+
+    embedder = ControlledEmbedder(dims=4, model_version="v1")
+    embedder.warming_up, embedder.warm_up_progress = True, (3, 7)
+    store = MemoryStore([make_document(f"d{i}", np.eye(4, dtype=np.float32)[i], model_version="v1")
+                         for i in range(4)])
+    settings = SearchSettings(_env_file=None, state_dir=tmp_path / "state")  # type: ignore[call-arg]
+    async with asgi_client(create_app(settings, embedder_factory=lambda: embedder, store_factory=lambda: store),
+                           base_url="http://search") as client:
+        warming = (await client.get("/healthz")).json()
+        embedder.warming_up, embedder.warm_up_progress = False, (7, 7)
+        ready = (await client.get("/healthz")).json()
+    assert (warming["status"], warming["warm_up"]) == ("warming_up", {"compiled": 3, "total": 7})
+    assert (ready["status"], ready["warm_up"]) == ("ready", {"compiled": 7, "total": 7})
 
 
 def metric(text: str, sample: str) -> float:
