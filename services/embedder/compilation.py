@@ -26,7 +26,29 @@ COMPILE_LOCK = threading.Lock()
 # While a compilation holds the GIL for seconds of Python (tracing, lowering), the thread that runs the
 # model waits for it after each operator: a short switch interval bounds each wait (the default is 5 ms).
 COMPILE_SWITCH_INTERVAL_S = 0.0002
-COMPILE_NICENESS = 10  # added to the compile thread's niceness: it and its C++ compilers yield the cores
+
+
+# nn.Module's own, before anything patches them: FX's tracer (inside torch.compile) sets its wrappers on
+# nn.Module itself while it traces, for every thread, and an eager forward pass in another thread then
+# went through the tracer and failed ("module is not installed as a submodule").
+_MODULE_CALL, _MODULE_GETATTR = torch.nn.Module.__call__, torch.nn.Module.__getattr__
+
+
+def shield_from_tracing(model: torch.nn.Module) -> torch.nn.Module:
+    """`model`, each of its modules now of a subclass of its class that holds nn.Module's own `__call__` and
+    `__getattr__`, so that it runs eagerly in one thread while torch.compile traces in another. Behaviour is
+    unchanged (the same methods, found one class earlier); compile a copy made before, not the shielded model.
+    """
+    shielded: dict[type, type] = {}
+    for module in model.modules():
+        cls = type(module)
+        if cls not in shielded:
+            own = {name: method for name, method in (("__call__", _MODULE_CALL), ("__getattr__", _MODULE_GETATTR))
+                   if getattr(cls, name) is method}  # a class with its own keeps it
+            shielded[cls] = type(cls.__name__, (cls,), {**own, "__module__": cls.__module__,
+                                                        "__qualname__": cls.__qualname__}) if own else cls
+        module.__class__ = shielded[cls]
+    return model
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
@@ -94,7 +116,7 @@ def compiling(cache_dir: Path | None) -> Iterator[None]:
 
 
 class WarmUp:
-    """Runs `compile_next` until it returns False, in a background thread of lowered priority.
+    """Runs `compile_next` until it returns False, in a background thread.
 
     >>> warm_up = WarmUp(embedder.compile_next)
     >>> warm_up.start()   # the eager model serves meanwhile
@@ -116,9 +138,7 @@ class WarmUp:
             self._thread.join(timeout=timeout_s)
 
     def _run(self) -> None:
-        with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's own niceness, inherited by g++
-            thread = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + COMPILE_NICENESS))
+        # Not at a lower priority: a thread starved of the CPU while it holds the GIL stalls the one that serves.
         try:
             while not self._stopping.is_set() and self._compile_next():
                 pass

@@ -24,7 +24,14 @@ from services.common.embedding import EmbedderInfo, Embedding, Purpose
 from services.common.errors import EmbedderUnavailableError, ModelNotLoadedError
 from services.common.settings import ModelSettings, default
 from services.embedder.bundle import Bundle
-from services.embedder.compilation import WarmUp, batch_buckets, compile_cache_dir, compiled_pieces, compiling
+from services.embedder.compilation import (
+    WarmUp,
+    batch_buckets,
+    compile_cache_dir,
+    compiled_pieces,
+    compiling,
+    shield_from_tracing,
+)
 from services.embedder.inference import pick_device, predict
 from services.embedder.vectors import build_vectors, check_vector_config
 
@@ -71,6 +78,10 @@ class Embedder:
             compile_cache, bundle_version=bundle.version, device=self.device)
         self._compiled: torch.nn.Module | None = None
         self._compiled_sizes: tuple[int, ...] = ()  # replaced whole, never changed in place: read without a lock
+        self._to_compile: torch.nn.Module | None = None  # the copy that compiles: the eager one is shielded
+        if self.compile_sizes:
+            self._to_compile = copy.deepcopy(self.model)
+            shield_from_tracing(self.model)
 
     @property
     def dims(self) -> int:
@@ -142,9 +153,8 @@ class Embedder:
         (searches' sizes before the indexer's), usable as soon as it is done; False when there is none left.
         Seconds each (about 25 for the first on two cores, from an empty cache).
 
-        It compiles a copy of the network (`torch.compile` of the model the eager path runs, traced in one
-        thread while another ran it, deadlocked here: torch 2.14.1, CPU), so any one thread may call it while
-        another serves; `WarmUp` does, in the background.
+        It compiles a copy of the network, and the eager one is shielded from the tracer's patches of
+        nn.Module (`shield_from_tracing`), so one thread may call it while another serves; `WarmUp` does.
         """
         pending = [s for s in self.compile_sizes if s not in self._compiled_sizes]
         if not pending:
@@ -156,7 +166,7 @@ class Embedder:
                     import torch._inductor.config as inductor_config
 
                     inductor_config.freezing = True  # weights become constants: fused conv + batch norm
-                    self._compiled = torch.compile(copy.deepcopy(self.model), dynamic=False)
+                    self._compiled = torch.compile(self._to_compile, dynamic=False)
                 side = self.preprocessing.image_size  # the mirror, when there is one, is a second call of one shape
                 predict(self._compiled, np.zeros((size, side, side, 3), dtype=np.uint8), flip_tta=False,
                         preprocessing=self.preprocessing, device=self.device, bf16=self.use_bf16, batch_size=size)

@@ -85,3 +85,33 @@ def test_the_warm_up_thread_compiles_until_done_and_stops_between_sizes() -> Non
     stopped.stop(timeout_s=0.01)  # asked to stop while a size compiles: that one finishes, no other starts
     gate.set()
     assert stopped.done.wait(10)
+
+
+def test_a_shielded_model_runs_eagerly_while_fx_traces_in_another_thread() -> None:
+    """FX's tracer (torch.compile's) patches nn.Module.__call__ for every thread while it traces: an eager
+    forward pass in another thread went through it and failed. A shielded model answers as before."""
+    import torch.fx
+
+    from services.embedder.compilation import shield_from_tracing
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Linear(3, 2)))
+    inputs = torch.randn(5, 4)
+    expected = model(inputs)
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    shielded = shield_from_tracing(model)
+    assert isinstance(shielded[2], torch.nn.Sequential) and isinstance(shielded[0], torch.nn.Linear)
+    answers: dict[str, object] = {}
+
+    class CallsOthersWhileTracing(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for name, other in (("shielded", shielded), ("plain", plain)):  # as another thread would, meanwhile
+                try:
+                    answers[name] = other(inputs)
+                except Exception as exc:  # noqa: BLE001 - what the unshielded one raises
+                    answers[name] = exc
+            return x + 1
+
+    torch.fx.symbolic_trace(CallsOthersWhileTracing())
+    assert torch.equal(answers["shielded"], expected)
+    assert isinstance(answers["plain"], NameError)  # the trap, without the shield
