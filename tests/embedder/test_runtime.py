@@ -164,6 +164,8 @@ async def test_the_service_compiles_in_the_background_while_it_answers(tiny_bund
                                                                        tmp_path) -> None:
     """A steady stream of requests is answered throughout (none waits for a compilation: they run eagerly
     meanwhile), every size gets compiled smallest first, and the progress says how far it is."""
+    import torch._dynamo
+
     from services.common.images import decode_image
     from services.embedder.runtime import Embedder, LocalEmbeddingService
 
@@ -181,6 +183,9 @@ async def test_the_service_compiles_in_the_background_while_it_answers(tiny_bund
                 assert [e.label for e in embeddings] == expected[answered % 3:][:2]
                 answered += 1
                 seen.add(service.warm_up_progress)
+        with torch._dynamo.config.patch(error_on_recompile=True):  # what the other thread compiled serves here
+            for count in (1, 2):
+                assert len(await service.embed(batch[:count])) == count
     finally:
         await service.close()
     assert service.embedder._compiled_sizes == (1, 2) and service.warm_up_progress == (2, 2)
