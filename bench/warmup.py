@@ -74,6 +74,7 @@ class WarmUpRun:
     searches: list[tuple[float, float]] = field(default_factory=list)  # (sent, latency), seconds
     errors: int = 0
     progress: list[tuple[float, Any]] = field(default_factory=list)  # (seconds since first 200, /healthz warm_up)
+    log_tail: str = ""  # the server's log, when it failed a search or never got ready
 
     def latencies(self, *, after_s: float = 0.0) -> np.ndarray:
         return np.array([latency for sent, latency in self.searches if sent >= after_s], dtype=float)
@@ -181,6 +182,7 @@ def cold_start(args: argparse.Namespace, work: Path, env: dict[str, str], querie
                                  timeout_s=timeout_s)
         run = asyncio.run(search_while_warming(url, queries, started=started, after_ready_s=after_ready_s,
                                                timeout_s=timeout_s, k=args.k))
+        run.log_tail = "" if run.ready_s is not None and not run.errors else benchlib.log_tail(log)
     logger.info("cold start: first answer %.1f s, ready %s s, %d searches", run.first_answer_s, run.ready_s,
                 len(run.searches))
     return run
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "ready_after_first_answer_s": _rounded(cold.ready_after_first_answer_s),
                     "restart_ready_s": _rounded(warm_ready_s), "compile_cache_files": cached,
                     "search_log_s_ms": [[round(sent, 3), round(1000 * latency, 2)] for sent, latency in cold.searches],
-                    "warm_up_progress": _changes(cold.progress)},
+                    "warm_up_progress": _changes(cold.progress), "cold_log_tail": cold.log_tail},
     }
     benchlib.write_result("warmup", result, output_dir=args.output_dir, argv=argv)
     return result

@@ -2,9 +2,10 @@
 
 torch.compile specialises on the batch size, so the network is compiled once per size of `batch_buckets`,
 smallest first (a search's one or two images before the indexer's full batches), by `WarmUp`'s thread on
-its own copy of the network while the eager one serves; a chunk uses a compiled size only where that wastes
-little (`compiled_pieces`), else it runs eagerly. Inductor's on-disk caches live in `compile_cache_dir`,
-one folder per bundle version, torch version and device, so a restart skips the C++ compiler's work.
+its own copy of the network while the eager one serves; between and after compilations a chunk uses a
+compiled size where that wastes little (`compiled_pieces`), else it runs eagerly. Inductor's on-disk caches
+live in `compile_cache_dir`, one folder per bundle version, torch version and device, so a restart skips the
+C++ compiler's work.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# Inductor reads its cache folder from the environment: one compilation at a time, in its own folder.
+# Held for each compilation: inductor reads its cache folder from the environment, and the tracer patches
+# nn.Module for the whole process, so no compiled graph runs meanwhile (`Embedder._forward` takes it without
+# waiting, else runs eagerly).
 COMPILE_LOCK = threading.Lock()
 # While a compilation holds the GIL for seconds of Python (tracing, lowering), the thread that runs the
 # model waits for it after each operator: a short switch interval bounds each wait (the default is 5 ms).

@@ -25,6 +25,7 @@ from services.common.errors import EmbedderUnavailableError, ModelNotLoadedError
 from services.common.settings import ModelSettings, default
 from services.embedder.bundle import Bundle
 from services.embedder.compilation import (
+    COMPILE_LOCK,
     WarmUp,
     batch_buckets,
     compile_cache_dir,
@@ -72,7 +73,7 @@ class Embedder:
             bundle.model
         # torch.compile specialises on the batch size: a chunk goes through the compiled sizes that fit it
         # (`compiled_pieces`), eagerly where none does yet. `compile_next` compiles a copy of the network, so
-        # another thread may compile while this one serves; its caches go to `compile_cache` (keyed by bundle).
+        # another thread may compile while this one serves eagerly; its caches go to `compile_cache`.
         self.compile_sizes = batch_buckets(max_batch) if compile and self.deep else ()
         self.compile_cache = None if compile_cache is None else compile_cache_dir(
             compile_cache, bundle_version=bundle.version, device=self.device)
@@ -120,22 +121,32 @@ class Embedder:
 
     def _forward(self, chunk: np.ndarray, *, flip: bool) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings and probabilities of at most `max_batch` images: in compiled pieces where a compiled size
-        fits, eagerly where none does yet (`compiled_pieces`). A BOVW model has no mirror views."""
+        fits (`compiled_pieces`), else eagerly; eagerly too while a compilation runs, which never waits for it.
+        A BOVW model has no mirror views."""
         if not self.deep:
             return self.model.predict(chunk)
         compiled, sizes = self._compiled, self._compiled_sizes  # None again if compilation failed
-        parts, start = [], 0
-        for size, take in compiled_pieces(len(chunk), sizes if compiled is not None else ()):
-            piece, start = chunk[start:start + take], start + take
-            if size is not None:
-                piece = np.concatenate([piece, np.zeros((size - take, *piece.shape[1:]), dtype=piece.dtype)])
-            embeddings, probabilities = predict(self.model if size is None else compiled, piece, flip_tta=flip,
-                                                preprocessing=self.preprocessing, device=self.device,
-                                                bf16=self.use_bf16, batch_size=len(piece))
-            parts.append((embeddings[:take], probabilities[:take]))
+        # While torch.compile traces (in any thread) it patches nn.Module for the whole process, and a
+        # compiled graph called then crashed the server: the shielded eager model runs meanwhile instead.
+        if compiled is None or not sizes or not COMPILE_LOCK.acquire(blocking=False):
+            return self._predict(self.model, chunk, flip=flip)
+        try:
+            parts, start = [], 0
+            for size, take in compiled_pieces(len(chunk), sizes):
+                piece, start = chunk[start:start + take], start + take
+                if size is not None:
+                    piece = np.concatenate([piece, np.zeros((size - take, *piece.shape[1:]), dtype=piece.dtype)])
+                embeddings, probabilities = self._predict(self.model if size is None else compiled, piece, flip=flip)
+                parts.append((embeddings[:take], probabilities[:take]))
+        finally:
+            COMPILE_LOCK.release()
         if len(parts) == 1:
             return parts[0]
         return np.concatenate([e for e, _ in parts]), np.concatenate([p for _, p in parts])
+
+    def _predict(self, model: torch.nn.Module, images: np.ndarray, *, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+        return predict(model, images, flip_tta=flip, preprocessing=self.preprocessing, device=self.device,
+                       bf16=self.use_bf16, batch_size=len(images))
 
     @property
     def warming_up(self) -> bool:

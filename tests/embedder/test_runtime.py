@@ -107,6 +107,7 @@ async def test_a_full_queue_is_refused_at_once_with_503() -> None:
 @pytest.mark.slow
 def test_the_compiled_model_answers_as_the_eager_one_for_padded_batches(tiny_bundle, mini_collection) -> None:
     from services.common.images import decode_image
+    from services.embedder.compilation import COMPILE_LOCK
     from services.embedder.runtime import Embedder
 
     files = sorted((mini_collection / "test").glob("*/*.jpg"))[:7]
@@ -131,9 +132,13 @@ def test_the_compiled_model_answers_as_the_eager_one_for_padded_batches(tiny_bun
             return self.module(inputs)
 
     compiled._compiled = Recording(compiled._compiled)
+    with COMPILE_LOCK:  # a compilation runs (in any thread): no compiled graph is called, nothing waits
+        during = compiled.embed_batch(batch)
+    assert seen == []
     after = compiled.embed_batch(batch)  # chunks of 4 and 3, the second padded to 4
     views = 2 if tiny_bundle.preprocessing.flip_tta else 1  # the mirror is a second pass
     assert seen == [4] * 2 * views
+    assert [e.label for e in during] == [e.label for e in eager]
     assert [e.label for e in after] == [e.label for e in eager] == [e.label for e in before]
     for ours, reference in zip(after, eager, strict=True):
         # bf16 kernels fused differently: close, not bit-identical
