@@ -54,5 +54,8 @@ def test_quick_run_searches_from_the_first_answer_and_restarts(quick_args: list[
     assert result["settings"]["compile"] == "off" and details["errors"] == 0 and details["searches"] > 0
     assert details["restart_ready_s"] > 0 and details["ready_s"] >= details["first_answer_s"]
     assert [s["batch"] for s in result["yardsticks"]] == [1]
+    before_and_after = result["yardsticks_before_and_after"]  # the faster of the two counts
+    assert len(before_and_after) == 2
+    assert result["yardsticks"][0] == max(before_and_after, key=lambda s: s["images_per_second"])
     assert details["warm_up_progress"][-1][1] is None  # uncompiled: /healthz has no warm-up to report
     assert {g["goal"].split(":")[0] for g in result["goals"]} == {"cold start", "restart"}
