@@ -10,6 +10,7 @@ add or delete the collection's images, as JSON.
     GET    /images/{id}/meta     the document, without its vector
     DELETE /images/{id}          204; never a hit again
     GET    /collection           documents by source and label, model version, status
+    GET    /duplicates           groups of near-identical images (services/search/duplicates_api.py)
     GET    /healthz              200 `ready`, or 503 `indexing` (with progress), `empty` or `failed`
     GET    /                     the web page; /docs and /redoc: the OpenAPI explorers (offline)
 
@@ -41,6 +42,9 @@ from services.common.images import Box, UploadDecoder
 from services.common.status import Status
 from services.common.stores.base import MAX_RESULT_WINDOW, CollectionStats, StoreHit, VectorStore
 from services.search.access import verify_write_access, writes_open
+from services.search.duplicate_jobs import DuplicateFinder
+from services.search.duplicates_api import near_duplicate_of
+from services.search.duplicates_api import router as duplicates_router
 from services.search.engine import STAGE_SECONDS, Answer, IndexingJob, SearchEngine, SearchOptions
 from services.search.schemas import (
     BatchError,
@@ -89,6 +93,9 @@ def create_app(settings: SearchSettings, *,
             app.state.engine = engine = SearchEngine(embedder, store, uploads=uploads)
             resources.pop_all()  # the engine owns them now (a swap replaces both)
             resources.push_async_callback(engine.close)
+            app.state.duplicates = DuplicateFinder(wait_s=settings.duplicates_wait_s,
+                                                   max_pixels=settings.max_image_pixels)
+            resources.push_async_callback(app.state.duplicates.close)
             if background is not None:
                 # An index that can be searched as it is stays searchable while the run updates it or builds
                 # the next one; otherwise search answers 503 `indexing` until the run is done. The run is
@@ -113,6 +120,7 @@ def create_app(settings: SearchSettings, *,
                       cors_origins=settings.cors_origins,
                       route_limits={"/search/batch": settings.max_batch_upload_bytes})
     app.include_router(router)
+    app.include_router(duplicates_router)
     return app
 
 
@@ -293,7 +301,8 @@ async def add_image(
     """Add an image to the collection. Its id is the hash of the bytes: the same bytes again answer 200 with
     the same document, and nothing is stored twice. A 201 (or 200) means the image is kept as
     `<state dir>/uploads/<id>.<ext>` (re-encoded from its pixels, so no EXIF or GPS), fsynced, and its document
-    is durable and already found by searches."""
+    is durable and already found by searches. `near_duplicate_of` lists the images it is a near duplicate of
+    (see `GET /duplicates`; it is added all the same)."""
     data = await file.read()
 
     async def decode() -> tuple[np.ndarray, bytes, str]:  # the model's pixels, and the file to keep
@@ -305,7 +314,8 @@ async def add_image(
     if not added:
         response.status_code = 200
     return ImageAdded(id=document.id, filename=document.filename, label=document.label,
-                      predicted_label=document.predicted_label, model_version=document.model_version)
+                      predicted_label=document.predicted_label, model_version=document.model_version,
+                      near_duplicate_of=await near_duplicate_of(request, engine, document, data))
 
 
 @router.get("/images/{id}", name="get_image", tags=["collection"], response_class=FileResponse,
@@ -338,10 +348,11 @@ def _meta(request: Request, document: StoredImage) -> ImageMeta:
 
 @router.delete("/images/{id}", status_code=204, response_class=Response, tags=["collection"],
                dependencies=[Depends(verify_write_access)], responses=WRITE_ERRORS | NOT_FOUND)
-async def delete_image(id: str, engine: EngineDep) -> Response:
+async def delete_image(request: Request, id: str, engine: EngineDep) -> Response:
     """Delete an image: its document, and an upload's stored file. On return no search finds it, and its
     `/images/{id}`, `/meta` and `/similar` answer 404."""
     await engine.remove_image(id)
+    request.app.state.duplicates.forget(id)
     return Response(status_code=204)
 
 

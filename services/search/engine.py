@@ -139,6 +139,7 @@ class SearchEngine:
         self._readiness = Readiness(check=lambda: self._check_ready(self._active),
                                     verify=lambda model_version: self._active.store.verify(model_version))
         self._writes = asyncio.Lock()  # adds and deletes, against a swap
+        self._revision = 0  # counts the changes this engine makes or sees end: adds, deletes, runs, swaps
 
     @property
     def embedder(self) -> EmbeddingService:
@@ -153,6 +154,12 @@ class SearchEngine:
         """The model version searched; None while search is not ready (a run that blocks search goes, or the
         index is unchecked)."""
         return self._readiness.model_version
+
+    @property
+    def revision(self) -> tuple[int, int]:
+        """Changes when the collection does through this engine (an add, a delete, a background run's end, a swap to
+        a new index): what is computed from the whole collection (near-duplicate groups) is kept until it changes."""
+        return id(self._active), self._revision
 
     @property
     def last_failure(self) -> str | None:
@@ -201,6 +208,7 @@ class SearchEngine:
             raise
         else:
             failure = None
+        self._revision += 1
         if failure is not None:
             self._readiness.indexing_failed(failure)  # /collection says it, also when search went on meanwhile
             return
@@ -249,6 +257,7 @@ class SearchEngine:
                 await carry_over(old.store, store, embedder, self._readiness.deleted_meanwhile)
                 documents = await store.count()
                 self._active = Generation(embedder, store, model_version=info.model_version)
+                self._revision += 1
                 self._readiness.swapped(info.model_version)
         except BaseException:
             await Generation(embedder, store).close(wait_s=0)
@@ -363,6 +372,7 @@ class SearchEngine:
                     await self.uploads.delete(relative)
                 raise
             DOCUMENTS.inc(added)
+            self._revision += added
             return (document.stored() if added else await self._document(generation, id)), added
 
     async def remove_image(self, id: str) -> StoredImage:
@@ -372,6 +382,7 @@ class SearchEngine:
             if not await generation.store.remove(id):
                 raise DocumentNotFoundError(f"no indexed image with id {id!r}")
             self._readiness.deleted(id)
+            self._revision += 1
             DOCUMENTS.dec()
             if document.source == UPLOAD_SOURCE:
                 await self.uploads.delete(document.path)
@@ -383,8 +394,11 @@ class SearchEngine:
     async def image_path(self, id: str) -> Path | None:
         """The file of an indexed image, never a path outside its collection root or the uploads folder."""
         document = await self.store.get(id)
-        if document is None:
-            return None
+        return None if document is None else self.document_path(document)
+
+    def document_path(self, document: StoredImage) -> Path | None:
+        """The file of a document, in the uploads folder or inside its collection root; None when it is gone or
+        its path leaves them."""
         if document.source == UPLOAD_SOURCE:
             return self.uploads.path_of(document.path)
         return resolve_inside(Path(document.source), document.path)

@@ -108,6 +108,9 @@ class ImageAdded(BaseModel):
     label: str | None
     predicted_label: str
     model_version: str
+    near_duplicate_of: list[str] | None = Field(
+        None, description="ids of stored images it is a near duplicate of (GET /duplicates), most similar first; "
+                          "null while the collection's signatures are still being computed")
 
 
 class CollectionResponse(BaseModel):

@@ -11,6 +11,7 @@ from services.common.settings import (
     UploadSettings,
     refuse_placeholder_keys,
 )
+from services.search.duplicates import DEFAULT_THRESHOLD
 
 MAX_BATCH_FILES = 32  # images of one POST /search/batch
 
@@ -26,6 +27,11 @@ class SearchSettings(StoreSettings, EmbeddingSettings, UploadSettings, Collectio
     max_batch_upload_bytes: int = Field(
         64 * 1024**2, ge=1024, description="largest request body of POST /search/batch (413); each file of it is "
         "held to CBIR_MAX_UPLOAD_BYTES too")
+    duplicate_threshold: float = Field(
+        DEFAULT_THRESHOLD, gt=0, le=1, description="the signature correlation from which two images are near "
+        "duplicates (GET /duplicates' default, and the check of POST /images); calibrated in reports/duplicates.md")
+    duplicates_wait_s: float = Field(
+        2.0, ge=0, description="how long GET /duplicates waits for its result before answering 202 with the progress")
 
     @model_validator(mode="after")
     def _no_placeholder_write_keys(self) -> SearchSettings:

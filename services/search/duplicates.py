@@ -1,0 +1,94 @@
+"""Near-duplicate groups: which documents are copies of each other (re-encoded, resized, shifted by a pixel,
+brightened), found by an exact self-join of the collection's image signatures and linked into groups around
+representatives, so a group never chains distinct images together through a series of look-alikes.
+
+The signature is the image itself, tiny: its 8×8 RGB thumbnail, centred and scaled to unit length, so the
+similarity of two images is the correlation of their thumbnails (a brightened or re-encoded copy keeps it near 1).
+The search vector is not used: measured on CIFAR-10 copies (reports/duplicates.md), its embedding is trained to
+bring every image of a class together and ranks distinct images of the same class as close as copies. The default
+threshold is calibrated by `bench/duplicates_calibration.py`.
+
+    >>> signatures = np.stack([image_signature(data) for data in files])
+    >>> rows, cols, sims = similar_pairs(signatures, threshold=DEFAULT_THRESHOLD)
+    >>> groups = link_groups(len(signatures), rows, cols)   # [[representative, member, ...], ...]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from services.common.documents import StoredImage
+from services.common.images import decode_image
+
+# Calibrated on CIFAR-10 copies (reports/duplicates.md): the signature correlation from which two images are near
+# duplicates.
+DEFAULT_THRESHOLD = 0.93
+SIGNATURE_SIZE = 8  # pixels a side of the thumbnail
+SIGNATURE_DIMS = SIGNATURE_SIZE * SIGNATURE_SIZE * 3
+BLOCK_ROWS = 1024  # rows of one block of the self-join: a 1024 × N block of float32 similarities at a time
+
+
+def image_signature(data: bytes, *, max_pixels: int | None = None) -> np.ndarray:
+    """The near-duplicate signature of an encoded image: its `SIGNATURE_SIZE`² RGB thumbnail (box-filtered, after
+    the EXIF orientation), minus its mean, at unit length; an image of one flat colour gives zeros. Raises
+    `ImageError` for bytes that are no image."""
+    limits = {} if max_pixels is None else {"max_pixels": max_pixels}
+    pixels = decode_image(data, size=SIGNATURE_SIZE, resample="box", max_bytes=len(data) + 1, **limits)
+    values = pixels.astype(np.float32).ravel()
+    values -= values.mean()
+    norm = float(np.linalg.norm(values))
+    return values / norm if norm > 1e-3 else np.zeros(SIGNATURE_DIMS, dtype=np.float32)
+
+
+def similar_pairs(signatures: np.ndarray, *, threshold: float, block_rows: int = BLOCK_ROWS,
+                  progress: Callable[[int], object] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair `i < j` of rows of `signatures` (unit rows) whose inner product is at least `threshold`: the rows,
+    the columns and the similarities. Exact: blockwise matrix products over the upper triangle. `progress(rows)`
+    is called after each block with the rows compared so far."""
+    count = len(signatures)
+    found_rows, found_cols, found_sims = [], [], []
+    for start in range(0, count, block_rows):
+        stop = min(start + block_rows, count)
+        sims = signatures[start:stop] @ signatures[start:].T  # this block against itself and every later row
+        rows, cols = np.nonzero(sims >= threshold)
+        cols_global = cols + start
+        above_diagonal = cols_global > rows + start
+        found_rows.append(rows[above_diagonal] + start)
+        found_cols.append(cols_global[above_diagonal])
+        found_sims.append(sims[rows[above_diagonal], cols[above_diagonal]])
+        if progress is not None:
+            progress(stop)
+    if not found_rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return (np.concatenate(found_rows).astype(np.int64), np.concatenate(found_cols).astype(np.int64),
+            np.concatenate(found_sims).astype(np.float32))
+
+
+def link_groups(count: int, rows: np.ndarray, cols: np.ndarray) -> list[list[int]]:
+    """Groups of at least two of `count` items, from the pairs (`rows[i]`, `cols[i]`) within the threshold, each
+    built around a representative (listed first) and holding only items paired with it: every member is within
+    the threshold of its representative, so a group never chains. The representatives are taken greedily, the
+    item with the most pairs first (ties: the lower index), each taking its neighbours not yet in a group."""
+    neighbours: list[list[int]] = [[] for _ in range(count)]
+    for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
+        neighbours[i].append(j)
+        neighbours[j].append(i)
+    degrees = np.asarray([len(n) for n in neighbours], dtype=np.int64)
+    order = np.lexsort((np.arange(count), -degrees))  # most pairs first, then by index
+    grouped = np.zeros(count, dtype=bool)
+    groups: list[list[int]] = []
+    for item in order.tolist():
+        if grouped[item] or not degrees[item]:
+            continue
+        members = [item] + sorted(j for j in neighbours[item] if not grouped[j])
+        if len(members) > 1:
+            grouped[members] = True
+            groups.append(members)
+    return groups
+
+
+def suggested_keep(images: Sequence[StoredImage]) -> StoredImage:
+    """The copy to keep: the largest file, then the oldest, then the lowest id."""
+    return min(images, key=lambda image: (-image.size, image.mtime, image.id))
