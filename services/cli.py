@@ -6,6 +6,7 @@
     cbir index              index a collection (in-process, or through CBIR_EMBEDDER_URL)
     cbir search IMAGE...    search by images from the terminal: a running server, or --local
     cbir promote VERSION    serve the Elasticsearch index of VERSION (after cbir index --rebuild)
+    cbir duplicates         groups of near-identical images (a running gateway's, or the index's in-process)
     cbir embedder           run the embedder service
     cbir gateway            run the search gateway alone (no indexing)
     cbir evaluate           the original study's evaluation (MAP@100, P@k, mAP@ALL, report)
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.print_help()
         else:
             {"serve": _serve, "index": _index, "promote": _promote, "embedder": _embedder, "gateway": _gateway,
-             "search": _search, "download-cifar10": _download}[command](rest)
+             "search": _search, "download-cifar10": _download, "duplicates": _duplicates}[command](rest)
     except CbirError as exc:  # anything else is a bug: its traceback shows
         logger.error("%s", exc.message)
         raise SystemExit(2) from exc
@@ -119,6 +120,17 @@ def _parser() -> argparse.ArgumentParser:
                     "VERSION (re-embedding uploads from CBIR_STATE_DIR/uploads with the configured model, which "
                     "must be VERSION's), then move the CBIR_ES_INDEX alias to it in one atomic call.")
     promote.add_argument("version", metavar="VERSION", help="the model version whose index to serve")
+    duplicates = commands.add_parser(
+        "duplicates", help="print the groups of near-identical images (GET /duplicates)",
+        description="The groups of GET /duplicates: copies of one image (re-encoded, resized, shifted, brightened), "
+                    "the suggested one to keep marked. Against --url, or in-process on the configured index.")
+    duplicates.add_argument("--url", default=None, help="a running gateway (default: in-process on the index)")
+    duplicates.add_argument("--api-key", default=None, help="the gateway's X-API-Key, when CBIR_API_KEYS is set there")
+    duplicates.add_argument("--threshold", type=float, default=None,
+                            help="signature correlation from which images are duplicates (default: the gateway's)")
+    duplicates.add_argument("--limit", type=int, default=50, help="groups to print (default %(default)s)")
+    duplicates.add_argument("--offset", type=int, default=0, help="groups to skip")
+    duplicates.add_argument("--json", action="store_true", help="print GET /duplicates' answer as JSON")
     download = commands.add_parser("download-cifar10", help="fetch CIFAR-10 as JPEG folders (internet)")
     download.add_argument("--dest", type=Path, default=Path("data/cifar10"), help="destination folder")
     return parser
@@ -204,6 +216,15 @@ def _run_server(app: FastAPI, host: str, port: int, *, ready_note: str = "") -> 
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     logger.info("stopped: every resource closed")
+
+
+def _duplicates(args: argparse.Namespace) -> None:
+    from services.serve.duplicates import fetch_duplicates, render_groups
+
+    body = asyncio.run(fetch_duplicates(url=args.url, api_key=args.api_key, threshold=args.threshold,
+                                        limit=args.limit, offset=args.offset))
+    sys.stdout.write((json.dumps(body) if args.json else render_groups(body)) + "\n")
+    sys.stdout.flush()
 
 
 def _download(args: argparse.Namespace) -> None:
