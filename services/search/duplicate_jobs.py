@@ -26,6 +26,7 @@ from services.search.duplicates import SIGNATURE_DIMS, image_signature, link_gro
 logger = logging.getLogger(__name__)
 
 SIGN_CHUNK = 256  # files signed per worker-thread call: progress moves at least this often
+RECENT_MAX = 1024  # signatures remembered one by one (uploads) before they join the matrix uploads are checked on
 KEPT_RESULTS = 4  # results (thresholds) kept for the current collection
 
 
@@ -89,6 +90,8 @@ class DuplicateFinder:
         self.max_pixels = max_pixels
         self._signatures: dict[str, tuple[tuple[int, float], np.ndarray]] = {}  # id → ((size, mtime), signature)
         self._signed = False  # whether the whole collection was signed once (uploads since are added one by one)
+        self._matrix: tuple[list[str], np.ndarray] | None = None  # the signatures as one matrix, for uploads
+        self._recent: dict[str, np.ndarray] = {}  # remembered since the matrix was built
         self._jobs: dict[tuple[Hashable, float], _Job] = {}
         self._signing = asyncio.Lock()
 
@@ -135,20 +138,26 @@ class DuplicateFinder:
         was never signed, so nothing can be said yet)."""
         if not self._signed:
             return None
-        ids = [i for i in self._signatures if i != exclude]
-        if not ids:
-            return []
-        matrix = np.stack([self._signatures[i][1] for i in ids])
+        if self._matrix is None or len(self._recent) > RECENT_MAX:
+            ids = list(self._signatures)
+            rows = [self._signatures[i][1] for i in ids]
+            self._matrix = ids, np.stack(rows) if rows else np.zeros((0, SIGNATURE_DIMS), dtype=np.float32)
+            self._recent = {}
+        ids, matrix = self._matrix
         sims = matrix @ signature
-        order = np.argsort(-sims, kind="stable")
-        return [ids[i] for i in order if sims[i] >= threshold]
+        found = {ids[row]: float(sims[row]) for row in np.flatnonzero(sims >= threshold)}
+        found |= {i: float(s @ signature) for i, s in self._recent.items() if float(s @ signature) >= threshold}
+        # A row of the matrix may be of an image deleted since: only what is still signed counts.
+        return sorted((i for i in found if i != exclude and i in self._signatures), key=lambda i: -found[i])
 
     def remember(self, document: StoredImage, signature: np.ndarray) -> None:
         """Add an upload's signature (so the next check and the next job need not read its file again)."""
         self._signatures[document.id] = ((document.size, document.mtime), signature)
+        self._recent[document.id] = signature
 
     def forget(self, id: str) -> None:
         self._signatures.pop(id, None)
+        self._recent.pop(id, None)
 
     # -- the job ----------------------------------------------------------------------------------
 
@@ -188,6 +197,7 @@ class DuplicateFinder:
                     self._signatures[document.id] = ((document.size, document.mtime), signature)
             progress.done += len(chunk)
         self._signed = True
+        self._matrix = None
         if unreadable:
             logger.warning("near duplicates: %d documents' files are gone or unreadable, left out", len(unreadable))
         return unreadable
