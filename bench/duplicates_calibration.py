@@ -14,7 +14,11 @@ vector's visual part (its PCA embedding) and for the whole fused vector.
 
 The threshold is chosen on the train images (the lowest with precision ≥ `--target-precision`); the figures that
 count are those of the held-out test images at `DEFAULT_THRESHOLD`, and of the groups `link_groups` makes of them.
-Writes reports/duplicates.json and reports/duplicates.md.
+With `--cost N`, it also times what the service does with N train images (`--cost 50000`: all of CIFAR-10's train
+split): signing their files, the self-join and the groups (`GET /duplicates`), and the near-duplicate check of one
+upload against them (`POST /images`), each beside the yardstick of the speed benches measured in the same run (the
+shipped model's eager bf16 forward pass of one image, bench/benchlib.py). Writes reports/duplicates.json and
+reports/duplicates.md.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from services.search.duplicates import DEFAULT_THRESHOLD, image_signature, link_
 KINDS = ("original", "jpeg", "resize", "shift", "bright", "mirror")
 GRID = np.round(np.arange(0.70, 0.9996, 0.0025), 4)
 GOAL_PRECISION, GOAL_RECALL = 0.95, 0.90
+VECTOR_PER_CLASS = 100  # originals a class of the set the search vectors are compared on
 
 
 def variants(data: bytes) -> dict[str, bytes]:
@@ -93,39 +98,40 @@ def build_set(data_dir: Path, split: str, per_class: int, embedder: Any | None) 
     return LabelledSet(np.stack(signatures), np.asarray(source), np.asarray(kind), np.asarray(label), vectors)
 
 
-def pair_curve(sims: np.ndarray, labelled: LabelledSet, *, keep: np.ndarray) -> dict[str, Any]:
-    """Precision and recall over every pair of the kept images, at each threshold of GRID."""
+def pair_curve(features: np.ndarray, labelled: LabelledSet, *, keep: np.ndarray) -> dict[str, Any]:
+    """Precision and recall over every pair of the kept images (unit rows of `features`), at each threshold of GRID:
+    the pairs above the grid's lowest threshold come from the blockwise join, the others are only counted."""
     index = np.flatnonzero(keep)
-    upper = np.triu_indices(len(index), k=1)
-    values = sims[np.ix_(index, index)][upper]
-    same = (labelled.source[index][:, None] == labelled.source[index][None, :])[upper]
-    same_class = (labelled.label[index][:, None] == labelled.label[index][None, :])[upper]
+    rows, cols, values = similar_pairs(np.ascontiguousarray(features[index], dtype=np.float32), threshold=GRID[0])
+    source, label = labelled.source[index], labelled.label[index]
+    same, same_class = source[rows] == source[cols], label[rows] == label[cols]
+    pairs = lambda counts: int(np.sum(counts * (counts - 1) // 2))  # noqa: E731 - pairs within each group
+    positive_total = pairs(np.unique(source, return_counts=True)[1])
+    negative_total = len(index) * (len(index) - 1) // 2 - positive_total
+    same_class_total = pairs(np.unique(label, return_counts=True)[1]) - positive_total
     positives, negatives = np.sort(values[same]), np.sort(values[~same])
     same_class_negatives = np.sort(values[~same & same_class])
-    rows = []
+    curve = []
     for threshold in GRID:
         true = len(positives) - np.searchsorted(positives, threshold)
         false = len(negatives) - np.searchsorted(negatives, threshold)
-        rows.append({"threshold": float(threshold), "precision": float(true / max(true + false, 1)),
-                     "recall": float(true / max(len(positives), 1)), "false_pairs": int(false),
-                     "same_class_false_pairs": int(len(same_class_negatives)
-                                                   - np.searchsorted(same_class_negatives, threshold))})
-    return {"positive_pairs": int(len(positives)), "negative_pairs": int(len(negatives)),
-            "same_class_negative_pairs": int(len(same_class_negatives)), "curve": rows}
+        curve.append({"threshold": float(threshold), "precision": float(true / max(true + false, 1)),
+                      "recall": float(true / max(positive_total, 1)), "false_pairs": int(false),
+                      "same_class_false_pairs": int(len(same_class_negatives)
+                                                    - np.searchsorted(same_class_negatives, threshold))})
+    return {"positive_pairs": positive_total, "negative_pairs": negative_total,
+            "same_class_negative_pairs": same_class_total, "curve": curve}
 
 
 def at(curve: dict[str, Any], threshold: float) -> dict[str, Any]:
     return min(curve["curve"], key=lambda row: abs(row["threshold"] - threshold))
 
 
-def per_kind_recall(sims: np.ndarray, labelled: LabelledSet, threshold: float) -> dict[str, float]:
+def per_kind_recall(features: np.ndarray, labelled: LabelledSet, threshold: float) -> dict[str, float]:
     """Of each kind of copy, the share whose similarity to its own original is at least `threshold`."""
-    originals = np.flatnonzero(labelled.kind == 0)
-    recall = {}
-    for kind_index, kind in enumerate(KINDS[1:], start=1):
-        copies = np.flatnonzero(labelled.kind == kind_index)
-        recall[kind] = float(np.mean(sims[originals, copies] >= threshold))
-    return recall
+    originals = features[labelled.kind == 0]
+    return {kind: float(np.mean(np.sum(originals * features[labelled.kind == number], axis=1) >= threshold))
+            for number, kind in enumerate(KINDS[1:], start=1)}
 
 
 def grouped(labelled: LabelledSet, threshold: float, *, keep: np.ndarray) -> dict[str, Any]:
@@ -137,33 +143,78 @@ def grouped(labelled: LabelledSet, threshold: float, *, keep: np.ndarray) -> dic
     group_of = np.full(len(index), -1)
     for number, members in enumerate(groups):
         group_of[members] = number
-    upper = np.triu_indices(len(index), k=1)
-    together = ((group_of[:, None] == group_of[None, :]) & (group_of[:, None] >= 0))[upper]
-    same = (labelled.source[index][:, None] == labelled.source[index][None, :])[upper]
-    true = int(np.sum(together & same))
-    mixed = sum(len(set(labelled.source[index][members].tolist())) > 1 for members in groups)
+    source = labelled.source[index]
+    together = sum(len(members) * (len(members) - 1) // 2 for members in groups)
+    true = sum(int(np.sum(counts * (counts - 1) // 2))
+               for counts in (np.unique(source[members], return_counts=True)[1] for members in groups))
+    positives = int(np.sum((counts := np.unique(source, return_counts=True)[1]) * (counts - 1) // 2))
+    mixed = sum(len(set(source[members].tolist())) > 1 for members in groups)
     return {"groups": len(groups), "largest_group": max((len(m) for m in groups), default=0),
-            "groups_of_several_originals": int(mixed), "precision": true / max(int(np.sum(together)), 1),
-            "recall": true / max(int(np.sum(same)), 1)}
+            "groups_of_several_originals": int(mixed), "precision": true / max(together, 1),
+            "recall": true / max(positives, 1)}
 
 
-def evaluate(labelled: LabelledSet, *, threshold: float, pca_dims: int | None = None) -> dict[str, Any]:
-    """The figures of one set at `threshold`, on the signatures (and, with vectors, on the search vector's visual
-    part and on the whole fused vector, for comparison)."""
-    sims = labelled.signatures @ labelled.signatures.T
+def evaluate(labelled: LabelledSet, *, threshold: float) -> dict[str, Any]:
+    """The figures of one set at `threshold`, on the signatures."""
     no_mirror = labelled.kind != KINDS.index("mirror")
     everything = np.ones(len(labelled.kind), dtype=bool)
-    curve = pair_curve(sims, labelled, keep=no_mirror)
-    result = {"images": int(len(labelled.kind)), "originals": int(np.sum(labelled.kind == 0)),
-              "signature": curve, "signature_with_mirrors": pair_curve(sims, labelled, keep=everything),
-              "at_threshold": at(curve, threshold), "recall_by_kind": per_kind_recall(sims, labelled, threshold),
-              "grouped": grouped(labelled, threshold, keep=no_mirror)}
-    if labelled.vectors is not None and pca_dims is not None:
-        visual = labelled.vectors[:, :pca_dims] / np.linalg.norm(labelled.vectors[:, :pca_dims], axis=1,
-                                                                  keepdims=True)
-        result["vector_visual"] = pair_curve(visual @ visual.T, labelled, keep=no_mirror)
-        result["vector_fused"] = pair_curve(labelled.vectors @ labelled.vectors.T, labelled, keep=no_mirror)
-    return result
+    curve = pair_curve(labelled.signatures, labelled, keep=no_mirror)
+    return {"images": int(len(labelled.kind)), "originals": int(np.sum(labelled.kind == 0)),
+            "signature": curve, "signature_with_mirrors": pair_curve(labelled.signatures, labelled, keep=everything),
+            "at_threshold": at(curve, threshold),
+            "recall_by_kind": per_kind_recall(labelled.signatures, labelled, threshold),
+            "grouped": grouped(labelled, threshold, keep=no_mirror)}
+
+
+def compare_vectors(labelled: LabelledSet, *, pca_dims: int) -> dict[str, Any]:
+    """The same pairs scored by the search vector instead: its visual part (the PCA embedding) and the whole fused
+    vector, beside the signature, on one embedded set."""
+    assert labelled.vectors is not None
+    visual = labelled.vectors[:, :pca_dims] / np.linalg.norm(labelled.vectors[:, :pca_dims], axis=1, keepdims=True)
+    no_mirror = labelled.kind != KINDS.index("mirror")
+    return {"originals": int(np.sum(labelled.kind == 0)),
+            "signature": pair_curve(labelled.signatures, labelled, keep=no_mirror),
+            "vector_visual": pair_curve(visual, labelled, keep=no_mirror),
+            "vector_fused": pair_curve(labelled.vectors, labelled, keep=no_mirror)}
+
+
+def cost(data_dir: Path, count: int, embedder: Any | None) -> dict[str, Any]:
+    """Seconds to sign `count` train files, to group them, and to check one upload against them, with the yardstick
+    (one image's eager bf16 forward pass, in ms) measured in the same run, and the load average."""
+    import os
+
+    import benchlib
+    import torch
+
+    from services.search.duplicate_jobs import DuplicateFinder
+
+    files = sorted((data_dir / "train").glob("*/*"))[:count]
+    started = time.perf_counter()
+    signatures = np.stack([image_signature(file.read_bytes()) for file in files])
+    signing_s = time.perf_counter() - started
+    started = time.perf_counter()
+    rows, cols, _ = similar_pairs(signatures, threshold=DEFAULT_THRESHOLD)
+    groups = link_groups(len(files), rows, cols)
+    grouping_s = time.perf_counter() - started
+    finder = DuplicateFinder()
+    finder._signatures = {str(i): ((0, 0.0), row) for i, row in enumerate(signatures)}  # as a finished job leaves it
+    finder._signed = True
+    query = image_signature(variants(files[0].read_bytes())["jpeg"])
+    finder.near_duplicates(query, threshold=DEFAULT_THRESHOLD, exclude="")  # builds the matrix once
+    started = time.perf_counter()
+    for _ in range(20):
+        decoded = image_signature(variants(files[1].read_bytes())["jpeg"])
+        finder.near_duplicates(decoded, threshold=DEFAULT_THRESHOLD, exclude="")
+    check_ms = (time.perf_counter() - started) / 20 * 1000
+    stick = None
+    if embedder is not None:
+        stick = benchlib.yardstick(embedder.bundle, batch=1, views=1, device=torch.device("cpu"), seconds=3.0)
+    forward_ms = stick.seconds_per_image * 1000 if stick else None
+    return {"images": len(files), "signing_s": round(signing_s, 2), "grouping_s": round(grouping_s, 2),
+            "groups": len(groups), "upload_check_ms": round(check_ms, 2),
+            "forward_ms": forward_ms and round(forward_ms, 2),
+            "check_over_forward": forward_ms and round(check_ms / forward_ms, 3),
+            "load_1min": round(os.getloadavg()[0], 2), "threads": torch.get_num_threads()}
 
 
 def choose(curve: dict[str, Any], target_precision: float) -> float:
@@ -177,13 +228,15 @@ def choose(curve: dict[str, Any], target_precision: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="5 originals a class: seconds (development, tests)")
-    parser.add_argument("--per-class", type=int, default=100, help="originals a class, of each split")
+    parser.add_argument("--per-class", type=int, default=300, help="originals a class, of each split")
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT.parent / "shared" / "cifar10")
     parser.add_argument("--model-dir", type=Path, default=None, help="the bundle (default: the shipped one)")
     parser.add_argument("--target-precision", type=float, default=0.998,
                         help="the precision the chosen threshold must reach on the calibration images")
     parser.add_argument("--no-vectors", action="store_true",
                         help="leave out the search vectors' figures (no model: seconds)")
+    parser.add_argument("--cost", type=int, default=0, metavar="N",
+                        help="also time signing, grouping and the upload check on N train images (0: no)")
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "reports")
     args = parser.parse_args(argv)
     from services.embedder.bundle import DEFAULT_BUNDLE_DIR, load_bundle
@@ -193,17 +246,21 @@ def main(argv: list[str] | None = None) -> int:
     embedder = None if args.no_vectors else Embedder(load_bundle(args.model_dir or DEFAULT_BUNDLE_DIR), device="cpu")
     started = time.perf_counter()
     calibration = build_set(args.data_dir, "train", per_class, None)
-    held_out = build_set(args.data_dir, "test", per_class, embedder)
-    chosen = choose(evaluate(calibration, threshold=DEFAULT_THRESHOLD)["signature"], args.target_precision)
+    held_out = build_set(args.data_dir, "test", per_class, None)
+    calibrated = evaluate(calibration, threshold=DEFAULT_THRESHOLD)
     result = {"command": " ".join(["python", "bench/duplicates_calibration.py", *(argv or sys.argv[1:])]),
               "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "model_version": embedder.model_version if embedder else None,
               "per_class": per_class, "target_precision": args.target_precision,
-              "chosen_on_train": chosen, "default_threshold": DEFAULT_THRESHOLD,
-              "calibration": evaluate(calibration, threshold=DEFAULT_THRESHOLD),
-              "held_out": evaluate(held_out, threshold=DEFAULT_THRESHOLD,
-                                   pca_dims=embedder.pca_dims if embedder else None),
-              "seconds": round(time.perf_counter() - started, 1)}
+              "chosen_on_train": choose(calibrated["signature"], args.target_precision),
+              "default_threshold": DEFAULT_THRESHOLD, "calibration": calibrated,
+              "held_out": evaluate(held_out, threshold=DEFAULT_THRESHOLD)}
+    if embedder is not None:
+        embedded = build_set(args.data_dir, "test", min(per_class, VECTOR_PER_CLASS), embedder)
+        result["vectors"] = compare_vectors(embedded, pca_dims=embedder.pca_dims)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    if args.cost:
+        result["cost"] = cost(args.data_dir, args.cost, embedder)
     row = result["held_out"]["at_threshold"]
     result["goal_met"] = row["precision"] >= GOAL_PRECISION and row["recall"] >= GOAL_RECALL
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +281,7 @@ def render(result: dict[str, Any]) -> str:
         "to 24×24 and back, shifted by one pixel, brightened 20 %, mirrored); a pair is a duplicate when both images "
         "come from one original. The threshold is chosen on the train images (lowest with precision ≥ "
         f"{result['target_precision']}: {result['chosen_on_train']}); the figures below are of the held-out test "
-        f"images at the default, **{threshold}** (correlation of the 8×8 RGB signatures).", "",
+        f"images at the default, **{threshold}** (the similarity of `image_signature`s).", "",
         "| held-out, mirrors left out | value |", "| --- | --- |",
         f"| precision (pairs) | {row['precision']:.4f} (goal ≥ {GOAL_PRECISION}) |",
         f"| recall (pairs) | {row['recall']:.4f} (goal ≥ {GOAL_RECALL}) |",
@@ -246,10 +303,21 @@ def render(result: dict[str, Any]) -> str:
         *[f"| {r['threshold']} | {r['precision']:.4f} | {r['recall']:.4f} | {r['false_pairs']} |"
           for r in held["signature"]["curve"] if abs(r["threshold"] - threshold) <= 0.0301], "",
     ]
-    for name, title in (("vector_visual", "the search vector's visual part (PCA embedding)"),
-                        ("vector_fused", "the whole search vector (PCA ⊕ weighted one-hot)")):
-        if name in held:
-            lines += [f"Instead of the signature, {title}, at its best threshold: {best(held[name])}", ""]
+    if "cost" in result:
+        c = result["cost"]
+        lines += [f"Cost with {c['images']:,} CIFAR-10 train images (load {c['load_1min']}, {c['threads']} threads; "
+                  "provisional on a busy machine): signing their files "
+                  f"{c['signing_s']} s, the self-join and groups {c['grouping_s']} s ({c['groups']} groups); the "
+                  f"check of one upload {c['upload_check_ms']} ms, {c['check_over_forward']}× the yardstick (one "
+                  f"image's eager bf16 forward pass, {c['forward_ms']} ms in the same run).", ""]
+    if "vectors" in result:
+        compared = result["vectors"]
+        lines += [f"The search vector instead of the signature ({compared['originals']} held-out originals and their "
+                  "copies, embedded with the shipped bundle as indexed images are; mirrors left out), each at its "
+                  "best threshold:", "",
+                  f"- the signature: {best(compared['signature'])}",
+                  f"- the search vector's visual part (its PCA embedding): {best(compared['vector_visual'])}",
+                  f"- the whole search vector (PCA ⊕ weighted one-hot): {best(compared['vector_fused'])}", ""]
     return "\n".join(lines)
 
 

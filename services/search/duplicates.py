@@ -2,11 +2,13 @@
 brightened), found by an exact self-join of the collection's image signatures and linked into groups around
 representatives, so a group never chains distinct images together through a series of look-alikes.
 
-The signature is the image itself, tiny: its 8×8 RGB thumbnail, centred and scaled to unit length, so the
-similarity of two images is the correlation of their thumbnails (a brightened or re-encoded copy keeps it near 1).
-The search vector is not used: measured on CIFAR-10 copies (reports/duplicates.md), its embedding is trained to
-bring every image of a class together and ranks distinct images of the same class as close as copies. The default
-threshold is calibrated by `bench/duplicates_calibration.py`.
+The signature is the image itself, tiny: its 8×8 RGB thumbnail (colour and layout) beside the detail of its 16×16
+grey thumbnail (what a 4×4 blur of it leaves out), each centred and scaled to unit length, so the similarity of two
+images is the mean of the two correlations: a brightened or re-encoded copy keeps both near 1, and two photos of
+the same empty sky differ in their detail. The search vector is not used: measured on CIFAR-10 copies
+(reports/duplicates.md), its embedding is trained to bring every image of a class together and ranks distinct
+images of the same class as close as copies. The default threshold is calibrated by
+`bench/duplicates_calibration.py`.
 
     >>> signatures = np.stack([image_signature(data) for data in files])
     >>> rows, cols, sims = similar_pairs(signatures, threshold=DEFAULT_THRESHOLD)
@@ -18,28 +20,38 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from PIL import Image
 
 from services.common.documents import StoredImage
 from services.common.images import decode_image
 
-# Calibrated on CIFAR-10 copies (reports/duplicates.md): the signature correlation from which two images are near
+# Calibrated on CIFAR-10 copies (reports/duplicates.md): the signature similarity from which two images are near
 # duplicates.
-DEFAULT_THRESHOLD = 0.93
-SIGNATURE_SIZE = 8  # pixels a side of the thumbnail
-SIGNATURE_DIMS = SIGNATURE_SIZE * SIGNATURE_SIZE * 3
+DEFAULT_THRESHOLD = 0.87
+SIGNATURE_SIZE = 16  # pixels a side of the grey thumbnail; the colour one is half as wide
+SIGNATURE_DIMS = (SIGNATURE_SIZE // 2) ** 2 * 3 + SIGNATURE_SIZE**2
 BLOCK_ROWS = 1024  # rows of one block of the self-join: a 1024 × N block of float32 similarities at a time
 
 
 def image_signature(data: bytes, *, max_pixels: int | None = None) -> np.ndarray:
-    """The near-duplicate signature of an encoded image: its `SIGNATURE_SIZE`² RGB thumbnail (box-filtered, after
-    the EXIF orientation), minus its mean, at unit length; an image of one flat colour gives zeros. Raises
-    `ImageError` for bytes that are no image."""
+    """The near-duplicate signature of an encoded image (after its EXIF orientation), `SIGNATURE_DIMS` long and of
+    unit length: its 8×8 RGB thumbnail and the detail of its 16×16 grey one, each centred at unit length (zeros for
+    a part without any variation), halved in weight. Raises `ImageError` for bytes that are no image."""
     limits = {} if max_pixels is None else {"max_pixels": max_pixels}
     pixels = decode_image(data, size=SIGNATURE_SIZE, resample="box", max_bytes=len(data) + 1, **limits)
-    values = pixels.astype(np.float32).ravel()
-    values -= values.mean()
+    rgb = pixels.astype(np.float32)
+    half = SIGNATURE_SIZE // 2
+    colour = rgb.reshape(half, 2, half, 2, 3).mean(axis=(1, 3))  # the 8×8 box-filtered thumbnail
+    grey = rgb @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+    blurred = Image.fromarray(grey, mode="F").reduce(4).resize(grey.shape[::-1], Image.Resampling.BILINEAR)
+    detail = grey - np.asarray(blurred, dtype=np.float32)
+    return np.concatenate([_unit(colour.ravel()), _unit(detail.ravel())]) / np.float32(np.sqrt(2))
+
+
+def _unit(values: np.ndarray) -> np.ndarray:
+    values = values - values.mean()
     norm = float(np.linalg.norm(values))
-    return values / norm if norm > 1e-3 else np.zeros(SIGNATURE_DIMS, dtype=np.float32)
+    return (values / norm).astype(np.float32) if norm > 1e-3 else np.zeros(values.size, dtype=np.float32)
 
 
 def similar_pairs(signatures: np.ndarray, *, threshold: float, block_rows: int = BLOCK_ROWS,

@@ -11,6 +11,8 @@ import pytest
 from duplicates_calibration import variants
 from playwright.sync_api import Page, expect
 
+from services.search.duplicates import DEFAULT_THRESHOLD
+
 pytestmark = pytest.mark.slow  # a server subprocess and a browser
 RENDER_TIMEOUT_MS = 20_000
 
@@ -45,7 +47,7 @@ def test_the_duplicates_view_shows_groups_and_keeps_one(page: Page, outside_requ
     expect(group.locator(".dup-member.keep .badge")).to_have_text("keep")
     boxes = [members.nth(i).bounding_box() for i in range(3)]
     assert boxes[0]["y"] == boxes[1]["y"] == boxes[2]["y"] and boxes[0]["x"] < boxes[1]["x"] < boxes[2]["x"]
-    expect(page.locator("#dup-threshold")).to_have_value("0.93")
+    expect(page.locator("#dup-threshold")).to_have_value(str(DEFAULT_THRESHOLD))
     page.screenshot(path=tmp_path / "duplicates.png", full_page=True)
     print(f"screenshot: {tmp_path / 'duplicates.png'}")
 

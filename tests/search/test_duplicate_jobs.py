@@ -14,7 +14,7 @@ from factories import make_document
 from services.common.documents import StoredImage
 from services.common.errors import StoreUnavailableError
 from services.search.duplicate_jobs import CollectionView, DuplicateFinder, DuplicateProgress, DuplicateReport
-from services.search.duplicates import image_signature
+from services.search.duplicates import DEFAULT_THRESHOLD, image_signature
 
 pytestmark = pytest.mark.anyio
 
@@ -58,30 +58,30 @@ def files(tmp_path: Path, mini_collection: Path) -> Files:
 
 async def test_the_result_is_kept_per_revision_and_files_are_signed_once(files: Files) -> None:
     finder = DuplicateFinder(wait_s=30)
-    first = await finder.find(files.view(1), threshold=0.93)
+    first = await finder.find(files.view(1), threshold=DEFAULT_THRESHOLD)
     assert isinstance(first, DuplicateReport) and first.documents == 8
     assert sorted(len(group.members) for group in first.groups) == [2, 2, 2, 2]
-    assert await finder.find(files.view(1), threshold=0.93) is first  # kept
+    assert await finder.find(files.view(1), threshold=DEFAULT_THRESHOLD) is first  # kept
     assert len(files.reads) == 8
     other = await finder.find(files.view(1), threshold=0.999)
     assert other is not first and len(files.reads) == 8  # another threshold: no file read again
     files.add(Path(files.documents[0].path + ".png"), b"not an image")
-    changed = await finder.find(files.view(2), threshold=0.93)
+    changed = await finder.find(files.view(2), threshold=DEFAULT_THRESHOLD)
     assert changed is not first and changed.unreadable == [files.documents[-1].id]
     assert len(files.reads) == 9  # only the new file was read
 
 
 async def test_a_slow_job_answers_its_progress_and_a_failed_one_is_forgotten(files: Files) -> None:
     finder = DuplicateFinder(wait_s=0)
-    pending = await finder.find(files.view(1), threshold=0.93)
+    pending = await finder.find(files.view(1), threshold=DEFAULT_THRESHOLD)
     assert isinstance(pending, DuplicateProgress)
     finder.wait_s = 30
-    assert isinstance(await finder.find(files.view(1), threshold=0.93), DuplicateReport)
+    assert isinstance(await finder.find(files.view(1), threshold=DEFAULT_THRESHOLD), DuplicateReport)
     files.fail = True
     with pytest.raises(StoreUnavailableError):
-        await finder.find(files.view(2), threshold=0.93)
+        await finder.find(files.view(2), threshold=DEFAULT_THRESHOLD)
     files.fail = False
-    assert isinstance(await finder.find(files.view(2), threshold=0.93), DuplicateReport)  # started again
+    assert isinstance(await finder.find(files.view(2), threshold=DEFAULT_THRESHOLD), DuplicateReport)  # started again
     await finder.close()
 
 
@@ -89,13 +89,14 @@ async def test_uploads_are_checked_once_the_collection_is_signed(files: Files, t
     finder = DuplicateFinder(wait_s=30)
     copy = variants(Path(files.documents[0].path).read_bytes())["bright"]
     signature = image_signature(copy)
-    assert finder.near_duplicates(signature, threshold=0.93, exclude="new") is None  # nothing signed yet
-    await finder.find(files.view(1), threshold=0.93)
-    found = finder.near_duplicates(signature, threshold=0.93, exclude="new")
+    assert finder.near_duplicates(signature, threshold=DEFAULT_THRESHOLD, exclude="new") is None  # nothing signed yet
+    await finder.find(files.view(1), threshold=DEFAULT_THRESHOLD)
+    found = finder.near_duplicates(signature, threshold=DEFAULT_THRESHOLD, exclude="new")
     assert set(found) == {files.documents[0].id, files.documents[1].id}
     upload = files.add(tmp_path / "upload.png", copy)
     finder.remember(upload, signature)
-    again = finder.near_duplicates(image_signature(variants(copy)["shift"]), threshold=0.93, exclude="x")
+    again = finder.near_duplicates(image_signature(variants(copy)["shift"]), threshold=DEFAULT_THRESHOLD, exclude="x")
     assert upload.id in again
     finder.forget(files.documents[0].id)
-    assert files.documents[0].id not in finder.near_duplicates(signature, threshold=0.93, exclude=upload.id)
+    left = finder.near_duplicates(signature, threshold=DEFAULT_THRESHOLD, exclude=upload.id)
+    assert files.documents[0].id not in left
