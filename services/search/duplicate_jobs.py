@@ -4,7 +4,7 @@ size or modification time changed), the self-join and the groups, computed as a 
 its result kept until the collection changes.
 
     >>> finder = DuplicateFinder(wait_s=2.0)
-    >>> outcome = await finder.find(collection, threshold=0.87)   # DuplicateReport, or DuplicateProgress (202)
+    >>> outcome = await finder.find(collection, threshold=0.88)   # DuplicateReport, or DuplicateProgress (202)
 """
 
 from __future__ import annotations

@@ -3,11 +3,11 @@ brightened), found by an exact self-join of the collection's image signatures an
 representatives, so a group never chains distinct images together through a series of look-alikes.
 
 The signature is the image itself, tiny: its 8×8 RGB thumbnail (colour and layout) beside the detail of its 16×16
-grey thumbnail (what a 4×4 blur of it leaves out), each centred and scaled to unit length, so the similarity of two
-images is the mean of the two correlations: a brightened or re-encoded copy keeps both near 1, and two photos of
-the same empty sky differ in their detail. The search vector is not used: measured on CIFAR-10 copies
-(reports/duplicates.md), its embedding is trained to bring every image of a class together and ranks distinct
-images of the same class as close as copies. The default threshold is calibrated by
+grey thumbnail, slightly smoothed (what a 4×4 blur of it leaves out), each centred and scaled to unit length, so
+the similarity of two images is the mean of the two correlations: a brightened or re-encoded copy keeps both near
+1, and two photos of the same empty sky differ in their detail. The search vector is not used: measured on
+CIFAR-10 copies (reports/duplicates.md), its embedding is trained to bring every image of a class together and
+ranks distinct images of the same class as close as copies. The default threshold is calibrated by
 `bench/duplicates_calibration.py`.
 
     >>> signatures = np.stack([image_signature(data) for data in files])
@@ -27,7 +27,7 @@ from services.common.images import decode_image
 
 # Calibrated on CIFAR-10 copies (reports/duplicates.md): the signature similarity from which two images are near
 # duplicates.
-DEFAULT_THRESHOLD = 0.87
+DEFAULT_THRESHOLD = 0.8825
 SIGNATURE_SIZE = 16  # pixels a side of the grey thumbnail; the colour one is half as wide
 SIGNATURE_DIMS = (SIGNATURE_SIZE // 2) ** 2 * 3 + SIGNATURE_SIZE**2
 BLOCK_ROWS = 1024  # rows of one block of the self-join: a 1024 × N block of float32 similarities at a time
@@ -42,10 +42,19 @@ def image_signature(data: bytes, *, max_pixels: int | None = None) -> np.ndarray
     rgb = pixels.astype(np.float32)
     half = SIGNATURE_SIZE // 2
     colour = rgb.reshape(half, 2, half, 2, 3).mean(axis=(1, 3))  # the 8×8 box-filtered thumbnail
-    grey = rgb @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+    grey = _smoothed(rgb @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32))  # a pixel's shift moves it less
     blurred = Image.fromarray(grey, mode="F").reduce(4).resize(grey.shape[::-1], Image.Resampling.BILINEAR)
     detail = grey - np.asarray(blurred, dtype=np.float32)
     return np.concatenate([_unit(colour.ravel()), _unit(detail.ravel())]) / np.float32(np.sqrt(2))
+
+
+def _smoothed(image: np.ndarray) -> np.ndarray:
+    """`image` filtered by the [1, 2, 1] / 4 kernel along each axis (edges repeated)."""
+    for axis in (0, 1):
+        padded = np.pad(image, [(1, 1) if a == axis else (0, 0) for a in (0, 1)], mode="edge")
+        before, middle, after = (np.take(padded, range(k, k + image.shape[axis]), axis=axis) for k in (0, 1, 2))
+        image = (before + 2 * middle + after) / 4
+    return image.astype(np.float32)
 
 
 def _unit(values: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """`GET /duplicates`: groups of near-identical images (copies re-encoded, resized, shifted or brightened), each with
 the one to keep; and the near-duplicate check of an upload (`near_duplicate_of` in `POST /images`' answer).
 
-    GET /duplicates?threshold=0.87&limit=50&offset=0   → 200 the groups, or 202 the job's progress (ask again)
+    GET /duplicates?threshold=0.88&limit=50&offset=0   → 200 the groups, or 202 the job's progress (ask again)
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class DuplicateGroupOut(BaseModel):
 
 class DuplicatesResponse(BaseModel):
     model_config = {"json_schema_extra": {"examples": [{
-        "threshold": 0.87, "documents": 50050, "groups_total": 50, "offset": 0, "limit": 1, "unreadable": 0,
+        "threshold": 0.88, "documents": 50050, "groups_total": 50, "offset": 0, "limit": 1, "unreadable": 0,
         "groups": [{"keep": "fa16f1a5b2aa4bd0e69c", "members": [
             {"id": "fa16f1a5b2aa4bd0e69c", "filename": "0007.jpg", "source": "/data/cifar10", "label": "cat",
              "predicted_label": "cat", "size": 1021, "mtime": 1796124199.9, "similarity": 1.0,
