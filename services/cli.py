@@ -6,7 +6,7 @@
     cbir index              index a collection (in-process, or through CBIR_EMBEDDER_URL)
     cbir search IMAGE...    search by images from the terminal: a running server, or --local
     cbir promote VERSION    serve the Elasticsearch index of VERSION (after cbir index --rebuild)
-    cbir duplicates         groups of near-identical images (a running gateway's, or the index's in-process)
+    cbir duplicates         groups of near-identical images: a running server's, or --local
     cbir embedder           run the embedder service
     cbir gateway            run the search gateway alone (no indexing)
     cbir evaluate           the original study's evaluation (MAP@100, P@k, mAP@ALL, report)
@@ -123,11 +123,17 @@ def _parser() -> argparse.ArgumentParser:
     duplicates = commands.add_parser(
         "duplicates", help="print the groups of near-identical images (GET /duplicates)",
         description="The groups of GET /duplicates: copies of one image (re-encoded, resized, shifted, brightened), "
-                    "the suggested one to keep marked. Against --url, or in-process on the configured index.")
-    duplicates.add_argument("--url", default=None, help="a running gateway (default: in-process on the index)")
-    duplicates.add_argument("--api-key", default=None, help="the gateway's X-API-Key, when CBIR_API_KEYS is set there")
+                    "the suggested one to keep marked; from a running gateway, or --local in this process. Exit "
+                    "status 3 when the gateway cannot be reached, 2 for any other error.")
+    where = duplicates.add_mutually_exclusive_group()
+    where.add_argument("--url", default=None, help="the gateway (default: CBIR_SEARCH_URL, http://127.0.0.1:8000)")
+    where.add_argument("--local", action="store_true",
+                       help="the index in this process (CBIR_STATE_DIR, CBIR_BACKEND), no server")
+    duplicates.add_argument("--api-key", default=None, help="X-API-Key for --url (default: CBIR_SEARCH_API_KEY)")
+    duplicates.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                            help="longest wait for one answer (default: CBIR_SEARCH_TIMEOUT_S, 30)")
     duplicates.add_argument("--threshold", type=float, default=None,
-                            help="signature correlation from which images are duplicates (default: the gateway's)")
+                            help="signature similarity from which images are duplicates (default: the gateway's)")
     duplicates.add_argument("--limit", type=int, default=50, help="groups to print (default %(default)s)")
     duplicates.add_argument("--offset", type=int, default=0, help="groups to skip")
     duplicates.add_argument("--json", action="store_true", help="print GET /duplicates' answer as JSON")
@@ -219,10 +225,20 @@ def _run_server(app: FastAPI, host: str, port: int, *, ready_note: str = "") -> 
 
 
 def _duplicates(args: argparse.Namespace) -> None:
+    import httpx
+
+    from services.search_cli import SearchClientSettings
     from services.serve.duplicates import fetch_duplicates, render_groups
 
-    body = asyncio.run(fetch_duplicates(url=args.url, api_key=args.api_key, threshold=args.threshold,
-                                        limit=args.limit, offset=args.offset))
+    settings = SearchClientSettings.load()
+    url = None if args.local else (args.url or str(settings.search_url)).rstrip("/")
+    key = args.api_key or (settings.search_api_key.get_secret_value() if settings.search_api_key else None)
+    try:
+        body = asyncio.run(fetch_duplicates(url=url, api_key=key, timeout_s=args.timeout or settings.search_timeout_s,
+                                            threshold=args.threshold, limit=args.limit, offset=args.offset))
+    except httpx.TransportError as exc:
+        logger.error("could not reach the gateway at %s: %s", url, exc)
+        raise SystemExit(3) from None
     sys.stdout.write((json.dumps(body) if args.json else render_groups(body)) + "\n")
     sys.stdout.flush()
 

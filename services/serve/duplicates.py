@@ -1,8 +1,8 @@
 """`cbir duplicates`: the near-duplicate groups of `GET /duplicates`, printed as a table (or its JSON), from a
-running gateway (`--url`) or in-process on the configured index (the gateway's app, without serving it).
+running gateway or in-process on the configured index (the one-machine app, without serving it).
 
-    cbir duplicates                                  # in-process: the one-machine index (or Elasticsearch)
-    cbir duplicates --url http://127.0.0.1:8000      # a running gateway (--api-key: its X-API-Key)
+    cbir duplicates                                  # the gateway at CBIR_SEARCH_URL (http://127.0.0.1:8000)
+    cbir duplicates --local                          # in-process: the index cbir serve serves (or Elasticsearch)
     cbir duplicates --threshold 0.95 --json
 """
 
@@ -20,14 +20,13 @@ import httpx
 from services.common.errors import SearchApiError
 
 POLL_S = 0.5  # between two asks while the gateway answers 202
-TIMEOUT_S = 30.0  # of each request
 
 
 @contextlib.asynccontextmanager
-async def _client(url: str | None, api_key: str | None) -> AsyncIterator[httpx.AsyncClient]:
+async def _client(url: str | None, api_key: str | None, timeout_s: float) -> AsyncIterator[httpx.AsyncClient]:
     headers = {"X-API-Key": api_key} if api_key else {}
     if url is not None:
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=TIMEOUT_S) as client:
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout_s) as client:
             yield client
         return
     from services.serve.apps import one_machine_app
@@ -36,27 +35,26 @@ async def _client(url: str | None, api_key: str | None) -> AsyncIterator[httpx.A
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://cbir", headers=headers,
-                                     timeout=TIMEOUT_S) as client:
+                                     timeout=timeout_s) as client:
             yield client
 
 
-async def fetch_duplicates(*, url: str | None, api_key: str | None = None, threshold: float | None = None,
-                           limit: int = 50, offset: int = 0, deadline_s: float = 3600.0) -> dict[str, Any]:
-    """The answer of `GET /duplicates`, asked again while it is computed (202); `SearchApiError` for an
-    unreachable gateway or an error answer (its `detail`)."""
+async def fetch_duplicates(*, url: str | None, api_key: str | None = None, timeout_s: float = 30.0,
+                           threshold: float | None = None, limit: int = 50, offset: int = 0,
+                           deadline_s: float = 3600.0) -> dict[str, Any]:
+    """The answer of `GET /duplicates` of the gateway at `url` (None: in this process), asked again while it is
+    computed (202); `SearchApiError` for an error answer (its `detail`), `httpx.TransportError` for a gateway that
+    cannot be reached."""
     params: dict[str, Any] = {"limit": limit, "offset": offset}
     if threshold is not None:
         params["threshold"] = threshold
     deadline = time.monotonic() + deadline_s
-    try:
-        async with _client(url, api_key) as client:
-            while True:
-                response = await client.get("/duplicates", params=params)
-                if response.status_code != 202 or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(POLL_S)
-    except httpx.HTTPError as exc:
-        raise SearchApiError(f"could not reach the gateway at {url}: {exc}") from exc
+    async with _client(url, api_key, timeout_s) as client:
+        while True:
+            response = await client.get("/duplicates", params=params)
+            if response.status_code != 202 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(POLL_S)
     if response.status_code != 200:
         raise SearchApiError(f"GET /duplicates answered {response.status_code}: {_detail(response)}")
     return response.json()

@@ -40,10 +40,10 @@ def check(body: dict, copies: dict[str, str]) -> None:
 
 def test_in_process_prints_the_groups_of_the_index(collection_with_copies: dict[str, str],
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    cbir(["duplicates", "--json"])
+    cbir(["duplicates", "--local", "--json"])
     body = json.loads(capsys.readouterr().out)
     check(body, collection_with_copies)
-    cbir(["duplicates", "--limit", "1"])
+    cbir(["duplicates", "--local", "--limit", "1"])
     table = capsys.readouterr().out
     assert table.startswith(f"{body['groups_total']} groups of near duplicates among {body['documents']} images")
     assert "group 1: 3 images" in table and "keep" in table and "group 2" not in table
@@ -60,7 +60,7 @@ def test_against_a_gateway_and_an_unreachable_one(collection_with_copies: dict[s
     check(body, collection_with_copies)
     with pytest.raises(SystemExit) as exited:
         cbir(["duplicates", "--url", url])  # stopped now
-    assert exited.value.code == 2
+    assert exited.value.code == 3
 
 
 def test_the_table_marks_the_copy_to_keep() -> None:
