@@ -65,6 +65,10 @@ class DuplicatesResponse(BaseModel):
 
 
 class DuplicatesPending(BaseModel):
+    model_config = {"json_schema_extra": {"examples": [{
+        "status": "running", "phase": "signing", "done": 12544, "total": 50000,
+        "detail": "finding near duplicates: signing 12544 of 50000 images (25%); ask again"}]}}
+
     status: str = Field("running", description="the groups are being computed: ask again after Retry-After")
     phase: str = Field(description="`listing` the documents, `signing` their files, then `comparing` them")
     done: int

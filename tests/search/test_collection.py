@@ -90,7 +90,8 @@ async def test_an_added_image_is_searchable_found_by_id_and_gone_once_deleted(ga
     body = added.json()
     image_id = body["id"]
     assert body["filename"] == f"{image_id}.jpg" and body["label"] == "ship"
-    assert set(body) == {"id", "filename", "label", "predicted_label", "model_version"}
+    assert set(body) == {"id", "filename", "label", "predicted_label", "model_version", "near_duplicate_of"}
+    assert body["near_duplicate_of"] is None  # the collection's signatures were never computed
     stored = gallery.settings.uploads_dir / body["filename"]
     assert stored.is_file() and b"SecretCam" not in stored.read_bytes()
     assert not Image.open(stored).getexif()  # no EXIF, so no GPS, kept
