@@ -102,6 +102,10 @@ class DuplicateFinder:
             return await asyncio.wait_for(asyncio.shield(job.task), timeout=self.wait_s)
         except TimeoutError:
             return job.progress
+        except asyncio.CancelledError:
+            if not job.task.cancelled():
+                raise  # this request was cancelled, not the job
+            return job.progress  # replaced by a newer job meanwhile: asked again, the newer one answers
         except Exception:
             self._jobs.pop((collection.revision, threshold), None)
             raise
@@ -188,8 +192,7 @@ class DuplicateFinder:
         unreadable: set[str] = set()
         for start in range(0, len(todo), SIGN_CHUNK):
             chunk = todo[start:start + SIGN_CHUNK]
-            paths = [path_of(document) for document in chunk]
-            signed = await asyncio.to_thread(self._sign_files, paths)
+            signed = await asyncio.to_thread(self._sign_files, chunk, path_of)
             for document, signature in zip(chunk, signed, strict=True):
                 if signature is None:
                     unreadable.add(document.id)
@@ -202,10 +205,13 @@ class DuplicateFinder:
             logger.warning("near duplicates: %d documents' files are gone or unreadable, left out", len(unreadable))
         return unreadable
 
-    def _sign_files(self, paths: list[Path | None]) -> list[np.ndarray | None]:
+    def _sign_files(self, documents: list[StoredImage], path_of: Callable[[StoredImage], Path | None]
+                    ) -> list[np.ndarray | None]:  # fmt: skip
+        """The signature of each document's file (None: gone, unreadable or no image), in a worker thread."""
         signed: list[np.ndarray | None] = []
-        for path in paths:
+        for document in documents:
             try:
+                path = path_of(document)
                 signed.append(None if path is None else image_signature(path.read_bytes(), max_pixels=self.max_pixels))
             except (OSError, ImageError):
                 signed.append(None)
