@@ -42,16 +42,16 @@ class DuplicateGroupOut(BaseModel):
 
 
 class DuplicatesResponse(BaseModel):
-    model_config = {"json_schema_extra": {"examples": [{
-        "threshold": 0.88, "documents": 50050, "groups_total": 50, "offset": 0, "limit": 1, "unreadable": 0,
-        "groups": [{"keep": "fa16f1a5b2aa4bd0e69c", "members": [
-            {"id": "fa16f1a5b2aa4bd0e69c", "filename": "0007.jpg", "source": "/data/cifar10", "label": "cat",
-             "predicted_label": "cat", "size": 1021, "mtime": 1796124199.9, "similarity": 1.0,
-             "image_url": "/images/fa16f1a5b2aa4bd0e69c"},
-            {"id": "3c0bd4ab1f7e3a8e12d0", "filename": "3c0bd4ab1f7e3a8e12d0.jpg", "source": "upload", "label": None,
-             "predicted_label": "cat", "size": 873, "mtime": 1796300000.2, "similarity": 0.9912,
-             "image_url": "/images/3c0bd4ab1f7e3a8e12d0"}]}],
-        "seconds": 8.2}]}}
+    model_config = {"json_schema_extra": {"examples": [{  # real: docs/api.md
+        "threshold": 0.8825, "documents": 62, "groups_total": 1, "offset": 0, "limit": 1, "unreadable": 0,
+        "groups": [{"keep": "2d2e8dda45d8ae147bb9", "members": [
+            {"id": "2d2e8dda45d8ae147bb9", "filename": "0007-bright.png", "source": "/data/photos", "label": "cat",
+             "predicted_label": "cat", "size": 2494, "mtime": 1796422858.6055732, "similarity": 1.0,
+             "image_url": "/images/2d2e8dda45d8ae147bb9"},
+            {"id": "47d371d75115fb7e24b8", "filename": "0007-small.jpg", "source": "/data/photos", "label": "cat",
+             "predicted_label": "cat", "size": 858, "mtime": 1796422858.605376, "similarity": 0.997503,
+             "image_url": "/images/47d371d75115fb7e24b8"}]}],
+        "seconds": 0.038}]}}
 
     threshold: float
     documents: int = Field(description="documents compared")
@@ -66,8 +66,8 @@ class DuplicatesResponse(BaseModel):
 
 class DuplicatesPending(BaseModel):
     model_config = {"json_schema_extra": {"examples": [{
-        "status": "running", "phase": "signing", "done": 12544, "total": 50000,
-        "detail": "finding near duplicates: signing 12544 of 50000 images (25%); ask again"}]}}
+        "status": "running", "phase": "signing", "done": 0, "total": 62,
+        "detail": "finding near duplicates: signing 0 of 62 images (0%); ask again"}]}}
 
     status: str = Field("running", description="the groups are being computed: ask again after Retry-After")
     phase: str = Field(description="`listing` the documents, `signing` their files, then `comparing` them")
