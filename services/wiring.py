@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING
 
 from services.common.collection import Layout
 from services.common.embedding import EmbeddingService, HttpEmbeddingClient
-from services.common.settings import Backend, EmbeddingSettings, IndexingSettings, ModelSettings, StoreSettings
+from services.common.settings import (
+    Backend,
+    EmbedderClientSettings,
+    EmbeddingSettings,
+    IndexingSettings,
+    ModelSettings,
+    StoreSettings,
+)
 from services.common.stores.base import VectorStore
 
 if TYPE_CHECKING:
@@ -89,9 +96,12 @@ def build_elasticsearch_store(settings: StoreSettings, *, versioned: bool = Fals
 def build_index_options(settings: IndexingSettings, *, rebuild: bool, progress_bar: bool = True,
                         batch_size: int | None = None, concurrency: int | None = None, layout: Layout = Layout.auto,
                         sync: bool = False) -> IndexOptions:
-    """The indexer's options from `CBIR_INDEX_*`; explicit arguments (command-line flags) win."""
+    """The indexer's options from `CBIR_INDEX_*`; explicit arguments (command-line flags) win. Without either, one
+    batch is in flight with the model in this process (its forward pass runs alone on the cores) and two through
+    `CBIR_EMBEDDER_URL` (the next batch decodes while the embedder works)."""
     from services.indexer.pipeline import IndexOptions
 
+    remote = isinstance(settings, EmbedderClientSettings) and settings.embedder_url is not None
     return IndexOptions(batch_size=batch_size or settings.index_batch_size,
-                        concurrency=concurrency or settings.index_concurrency,
+                        concurrency=concurrency or settings.index_concurrency or (2 if remote else 1),
                         rebuild=rebuild, progress_bar=progress_bar, layout=layout, sync=sync)

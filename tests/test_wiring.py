@@ -14,6 +14,7 @@ from services.common.errors import BundleError
 from services.common.settings import EmbeddingSettings, IndexingSettings, ModelSettings, StoreSettings
 from services.common.stores.elasticsearch import ElasticsearchStore
 from services.common.stores.faiss import FaissStore
+from services.indexer.settings import IndexerSettings
 from services.wiring import (
     build_embedding_service,
     build_index_options,
@@ -82,6 +83,15 @@ async def test_without_an_embedder_url_the_model_runs_here_with_the_vector_setti
 def test_a_missing_bundle_is_a_bundle_error_naming_it(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match=str(tmp_path / "nothing")):
         build_local_embedding_service(ModelSettings(_env_file=None, model_dir=tmp_path / "nothing"))  # type: ignore[call-arg]
+
+
+def test_one_batch_is_in_flight_beside_the_model_here_and_two_through_an_embedder_url() -> None:
+    here = IndexerSettings(_env_file=None)  # type: ignore[call-arg]
+    remote = IndexerSettings(_env_file=None, embedder_url="http://embedder:8001")  # type: ignore[call-arg]
+    assert build_index_options(here, rebuild=False).concurrency == 1
+    assert build_index_options(remote, rebuild=False).concurrency == 2
+    pinned = IndexerSettings(_env_file=None, index_concurrency=4)  # type: ignore[call-arg]
+    assert build_index_options(pinned, rebuild=False).concurrency == 4
 
 
 def test_index_options_come_from_the_settings_and_flags_win() -> None:

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from services.common.errors import EmptyImageError, ImageDecodeError, ImageRegionError, ImageTooLargeError
+from services.common.jpeg import decode_plain_jpeg
 
 IMAGE_SIZE = 32
 RESAMPLE = "lanczos"
@@ -114,6 +115,9 @@ def decode_image(
     if box is not None:
         return _decode_region(data, box, max_bytes=max_bytes, max_pixels=max_pixels, size=size,
                               resample_filter=resample_filter)
+    within_limits = len(data) <= max_bytes and size * size <= max_pixels
+    if within_limits and (pixels := decode_plain_jpeg(data, size=size)) is not None:
+        return pixels  # a plain JPEG of exactly this side: the same pixels, several times faster (`jpeg`)
     # JPEG can decode straight at a reduced scale: far less work for large photos.
     with _opened(data, max_bytes=max_bytes, max_pixels=max_pixels, draft=(size * 4, size * 4)) as (rgb, _):
         rgb = rgb.resize((size, size), resample_filter, reducing_gap=3.0)

@@ -137,7 +137,9 @@ class EmbeddingSettings(ModelSettings, EmbedderClientSettings):
 
 class IndexingSettings(BaseCbirSettings):
     index_batch_size: int = Field(256, ge=1, le=4096, description="images per embed call")
-    index_concurrency: int = Field(2, ge=1, le=64, description="embed calls in flight")
+    index_concurrency: int | None = Field(
+        None, ge=1, le=64, description="batches in flight (one reads while another embeds); default 1 with the model "
+        "in this process, whose forward pass needs every core (nothing decodes beside it), 2 through CBIR_EMBEDDER_URL")
 
 
 class CollectionSettings(BaseCbirSettings):
