@@ -14,7 +14,8 @@ per image). Then each mode in a fresh temporary state dir, as subprocesses on lo
 
 images/s is the collection's image count over the wall-clock seconds of the `cbir index` command
 (Python start-up, model load and, in-process, compilation in the background included: what a
-user waits for); the indexer's own figure (its run alone) is recorded beside it. The goal:
+user waits for); the indexer's own figure (its run alone) is recorded beside it, and its seconds in each stage
+(plan, read, embed, write) in the details. The goal:
 images/s ≥ 0.9 × the yardstick. `cbir index` has no limit of its own, so --limit-per-class
 indexes a temporary collection of hard links. Writes bench/results/indexing.json.
 """
@@ -26,7 +27,7 @@ import logging
 import re
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ from services.common.logs import configure_logging
 logger = logging.getLogger("bench.indexing")
 MODES = ("in-process", "http")
 GOAL_RATIO = 0.9
-_SUMMARY = re.compile(r"(\d+) images: indexed (\d+).*?; ([\d.]+) s, (\d+) images/s")
+_SUMMARY = re.compile(r"(\d+) images: indexed (\d+).*?; ([\d.]+) s, (\d+) images/s \(([^)]*)\)")
+_STAGE = re.compile(r"(\w+) ([\d.]+) s")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -64,6 +66,7 @@ class IndexRun:
     indexed: int
     indexer_seconds: float
     embedder_ready_s: float | None = None  # http: the embedder's start until ready (compiled)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # the indexer's per-stage seconds (its summary)
 
     @property
     def images_per_second(self) -> float:
@@ -92,7 +95,8 @@ def run_index(root: Path, split: str, *, images: int, state_dir: Path, env: dict
         raise SystemExit(f"cbir index ({mode}) exited with {returncode} without indexing all {images} images:\n"
                          f"{benchlib.log_tail(log)}")
     return IndexRun(mode=mode, images=images, seconds=seconds, indexed=int(summary.group(2)),
-                    indexer_seconds=float(summary.group(3)))
+                    indexer_seconds=float(summary.group(3)),
+                    stage_seconds={name: float(value) for name, value in _STAGE.findall(summary.group(5))})
 
 
 def run_mode(mode: str, root: Path, split: str, *, images: int, work: Path, env: dict[str, str],

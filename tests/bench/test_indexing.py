@@ -21,6 +21,10 @@ def test_quick_run_indexes_both_ways_and_states_the_goal(quick_args: list[str], 
     runs = {run["mode"]: run for run in result["details"]["runs"]}
     assert set(runs) == {"in-process", "http"} and all(run["indexed"] == 20 for run in runs.values())
     assert runs["http"]["embedder_ready_s"] > 0 and runs["in-process"]["embedder_ready_s"] is None
+    for run in runs.values():  # where the indexer's time went, from its summary line
+        assert set(run["stage_seconds"]) == {"plan", "read", "embed", "write"}
+        assert all(seconds >= 0 for seconds in run["stage_seconds"].values())
+        assert run["stage_seconds"]["embed"] <= run["indexer_seconds"] + 0.05  # a summary rounds to 0.1 s
     goals = {g["figure"]: g for g in result["goals"]}
     rows = {row["name"]: row for row in result["figures"]}
     for mode, run in runs.items():
