@@ -28,7 +28,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-from skimage.feature import hog
 
 FEATURES = ("gch", "hog", "sift")  # the order a fused vector concatenates them in
 GCH_BINS = 32
@@ -61,6 +60,8 @@ def gch_descriptors(grays: np.ndarray) -> np.ndarray:
 
 def hog_descriptors(grays: np.ndarray) -> np.ndarray:
     """scikit-image HOG of each gray image, `(N, 324)` at 32x32."""
+    from skimage.feature import hog  # seconds to import: a deep bundle never needs it
+
     return np.stack([hog(image, feature_vector=True, **HOG_OPTIONS) for image in grays]).astype(np.float32)
 
 

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import skops.io
 import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_numpy
@@ -110,6 +109,8 @@ def save_bovw_bundle(directory: Path, model: BovwModel, projection: PcaProjectio
         if model.vocabulary is not None:
             arrays["vocabulary"] = model.vocabulary
         save_numpy({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}, str(staging / BOVW_FILE))
+        import skops.io  # scikit-learn behind it takes seconds to import: only BOVW bundles need it
+
         skops.io.dump(model.classifier, staging / CLASSIFIER_FILE)
         return [BOVW_FILE, CLASSIFIER_FILE]
 
@@ -218,6 +219,8 @@ def _load_network(directory: Path, metadata: dict[str, Any]) -> torch.nn.Module:
 
 
 def _load_bovw(directory: Path, metadata: dict[str, Any]) -> BovwModel:
+    import skops.io  # scikit-learn behind it takes seconds to import: a deep bundle's loader (cbir index) never does
+
     path = directory / CLASSIFIER_FILE
     try:
         arrays = load_numpy(str(directory / BOVW_FILE))

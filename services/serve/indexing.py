@@ -17,13 +17,22 @@ from services.wiring import build_elasticsearch_store, build_embedding_service, 
 logger = logging.getLogger(__name__)
 
 
+def indexing_model(settings: IndexerSettings) -> IndexerSettings:
+    """The settings `cbir index` runs the model with: with `CBIR_COMPILE=auto` it runs uncompiled (`on` compiles).
+
+    A one-off run gains little from compiling on the CPU (the compiled forward is about 12% faster than eager; a
+    cold compilation takes about 25 s per batch size on two cores, so it pays off only past some 150,000 images),
+    and the compilation would share the cores with the forward pass that indexes meanwhile."""
+    return settings.model_copy(update={"compile": "off"}) if settings.compile == "auto" else settings
+
+
 async def index_into_store(settings: IndexerSettings, data_dir: Path, split: str, options: IndexOptions) -> IndexReport:
     """Index `data_dir` into the store the settings name. With `options.rebuild`, a model other than the served
     one builds its index beside it (one machine: `rebuild_beside`; Elasticsearch: the index of its version, served
     after `cbir promote`). One machine's in-process model is then recorded as served (`record_served`), so that a
     running `cbir serve` swaps to it."""
     async with AsyncExitStack() as resources:
-        service = await asyncio.to_thread(build_embedding_service, settings)
+        service = await asyncio.to_thread(build_embedding_service, indexing_model(settings))
         resources.push_async_callback(service.close)
         model = await service.info()
         if settings.backend is Backend.elasticsearch:

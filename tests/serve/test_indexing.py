@@ -14,7 +14,8 @@ from services.common.settings import Backend
 from services.indexer.pipeline import IndexOptions
 from services.indexer.serving import read_record
 from services.indexer.settings import IndexerSettings
-from services.serve.indexing import index_into_store
+from services.serve import indexing
+from services.serve.indexing import index_into_store, indexing_model
 
 pytestmark = pytest.mark.anyio
 
@@ -56,3 +57,20 @@ async def test_an_elasticsearch_rebuild_fills_its_versioned_index_and_leaves_the
     [rebuilt] = set(es_double.indices) - {served}
     assert rebuilt.startswith("photos-") and rebuilt.endswith("-d8-w2")
     assert read_record(tmp_path / "state") is None  # nothing of one machine's is recorded
+
+
+@pytest.mark.parametrize(("configured", "runs"), [("auto", "off"), ("on", "on"), ("off", "off")])
+def test_cbir_index_runs_the_model_uncompiled_unless_told_to_compile(configured: str, runs: str) -> None:
+    configured_settings = IndexerSettings(_env_file=None, compile=configured)  # type: ignore[call-arg]
+    assert indexing_model(configured_settings).compile == runs
+    assert configured_settings.compile == configured  # the caller's settings are left as they were
+
+
+async def test_the_embedding_service_is_built_from_the_indexing_model(
+        tmp_path: Path, tiny_bundle_dir: Path, mini_collection: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built = []
+    real = indexing.build_embedding_service
+    monkeypatch.setattr(indexing, "build_embedding_service", lambda s: built.append(s.compile) or real(s))
+    auto = settings(tmp_path, tiny_bundle_dir).model_copy(update={"compile": "auto"})
+    await index_into_store(auto, mini_collection, "train", options())
+    assert built == ["off"]
