@@ -6,13 +6,14 @@ than duplicates. A re-run embeds only what changed: files the store does not hol
 whose size or mtime differ from the stored ones (updated); the rest is unchanged and skipped, so an
 interrupted run resumes where it stopped. With `sync`, documents of the same root whose file is gone
 are removed (never uploads, never other roots). The store is flushed every few batches, so a crash
-loses at most those.
+loses at most those. How many batches are in flight, and why one beside the model here: `index_batches`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from services.common.embedding import EmbedderInfo, EmbeddingService
 from services.common.errors import StoreMismatchError
 from services.common.status import IndexProgress
 from services.common.stores.base import VectorStore
-from services.indexer.stages import DecodedBatch, StoreWriter, embed_batch, plan_run, read_batch
+from services.indexer.stages import DecodedBatch, StoreWriter, embed_batch, plan_run, read_in_threads
 
 logger = logging.getLogger(__name__)
 STAGES = ("plan", "read", "embed", "write")
@@ -140,7 +141,8 @@ async def index_collection(root: Path, split: str, embedder: EmbeddingService, s
     try:
         await index_batches(
             plan.batches(options.batch_size), report, concurrency=options.concurrency, done=batch_done,
-            read=lambda batch: asyncio.to_thread(read_batch, root, batch, size=info.image_size, resample=info.resize),
+            read=lambda batch: read_in_threads(root, batch, size=info.image_size, resample=info.resize,
+                                               threads=read_threads(options.concurrency)),
             embed=lambda decoded: embed_batch(embedder, decoded, model_version=info.model_version),
             write=writer.write)
         with report.timed("write"):
@@ -157,6 +159,12 @@ async def index_collection(root: Path, split: str, embedder: EmbeddingService, s
     return report
 
 
+def read_threads(concurrency: int) -> int:
+    """Threads that read one batch: every core when one batch is in flight (nothing runs beside its reading: the
+    forward pass waits for it), one when batches overlap (their reading shares the cores with an embedding)."""
+    return (os.cpu_count() or 1) if concurrency == 1 else 1
+
+
 async def index_batches(batches: Sequence[list[CollectionImage]], report: IndexReport, *, concurrency: int,
                         read: Callable[[list[CollectionImage]], Awaitable[DecodedBatch]],
                         embed: Callable[[DecodedBatch], Awaitable[list[ImageDocument]]],
@@ -166,7 +174,11 @@ async def index_batches(batches: Sequence[list[CollectionImage]], report: IndexR
     reading while one embeds); each stage's time goes into `report`, each undecodable file
     into `report.failed`, and `done` hears how many images each finished batch took care of. On the first
     failure the other batches are cancelled and it is raised. `index_collection` passes the stages: read in
-    a worker thread, embed through the embedding service, write through a `StoreWriter`."""
+    worker threads (`read_threads`), embed through the embedding service, write through a `StoreWriter`.
+
+    With the model in this process one batch is in flight (`services.wiring.build_index_options`): on two
+    cores an OpenMP forward pass waits for its slowest thread, so a decoder running beside it slows it more
+    than the decoding costs when it runs alone, between two forward passes."""
     slots = asyncio.Semaphore(concurrency)
 
     async def index_batch(batch: list[CollectionImage]) -> None:

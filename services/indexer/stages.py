@@ -85,10 +85,18 @@ class DecodedBatch:
     pixels: np.ndarray | None
     failed: list[tuple[str, str]]
 
+    @classmethod
+    def joined(cls, parts: Sequence[DecodedBatch]) -> DecodedBatch:
+        """The parts of one batch as one, in their order."""
+        pixels = [part.pixels for part in parts if part.pixels is not None]
+        return cls(images=[image for part in parts for image in part.images],
+                   pixels=np.concatenate(pixels) if pixels else None,
+                   failed=[failure for part in parts for failure in part.failed])
+
 
 def read_batch(root: Path, batch: Sequence[CollectionImage], *, size: int, resample: str) -> DecodedBatch:
     """Read and decode a batch as the model's bundle says (`EmbedderInfo.image_size`, `.resize`). Blocking:
-    the pipeline runs it in a worker thread, so several batches decode while others embed."""
+    the pipeline runs it in worker threads (`read_in_threads`)."""
     images, decoded, failed = [], [], []
     for image in batch:
         try:
@@ -97,6 +105,17 @@ def read_batch(root: Path, batch: Sequence[CollectionImage], *, size: int, resam
         except (ImageError, OSError) as exc:
             failed.append((image.path, getattr(exc, "message", str(exc))))
     return DecodedBatch(images=images, pixels=np.stack(decoded) if decoded else None, failed=failed)
+
+
+async def read_in_threads(root: Path, batch: Sequence[CollectionImage], *, size: int, resample: str,
+                          threads: int) -> DecodedBatch:
+    """`read_batch` with the batch split over `threads` worker threads (file reads and OpenCV's decoding release
+    the GIL): for a batch read while nothing else runs, so that every core reads."""
+    step = -(-len(batch) // max(1, threads)) or 1
+    parts = await asyncio.gather(*(asyncio.to_thread(read_batch, root, batch[start:start + step], size=size,
+                                                     resample=resample)
+                                   for start in range(0, len(batch), step)))
+    return DecodedBatch.joined(parts)
 
 
 # --- embed --------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from services.common.errors import StoreMismatchError
 from services.common.images import decode_image
 from services.common.stores.faiss import FaissStore
 from services.embedder.runtime import Embedder, LocalEmbeddingService
-from services.indexer.pipeline import IndexOptions, IndexReport, index_batches, index_collection
+from services.indexer.pipeline import IndexOptions, IndexReport, index_batches, index_collection, read_threads
 from services.indexer.stages import DecodedBatch
 
 pytestmark = pytest.mark.anyio
@@ -305,3 +305,9 @@ async def test_batches_in_flight_never_exceed_the_concurrency() -> None:
         event.set()
     await asyncio.wait_for(run, 10)
     assert read == ["0.jpg", "1.jpg", "2.jpg", "3.jpg"] and len(written) == 4
+
+
+def test_one_batch_in_flight_reads_on_every_core_and_overlapping_batches_on_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert (read_threads(1), read_threads(2), read_threads(3)) == (4, 1, 1)

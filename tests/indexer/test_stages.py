@@ -27,6 +27,7 @@ from services.indexer.stages import (
     make_plan,
     plan_run,
     read_batch,
+    read_in_threads,
 )
 
 pytestmark = pytest.mark.anyio
@@ -130,6 +131,19 @@ def test_read_keeps_the_batch_order_and_gives_no_pixels_when_nothing_decodes(pho
     [empty] = [image for image in scan_collection(photos, layout=Layout.flat) if image.filename == "empty.png"]
     nothing = read_batch(photos, [empty], size=32, resample="bilinear")
     assert (nothing.images, nothing.pixels, [path for path, _ in nothing.failed]) == ([], None, ["empty.png"])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+async def test_a_batch_read_in_threads_is_the_batch_read_in_one(photos: Path, threads: int) -> None:
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    images = scan_collection(photos, layout=Layout.flat)[::-1]  # e, d, c, broken, b, a: order is the batch's
+    whole = read_batch(photos, images, size=32, resample="lanczos")
+    split = await read_in_threads(photos, images, size=32, resample="lanczos", threads=threads)
+    assert split.images == whole.images and split.failed == whole.failed == [("broken.jpg", split.failed[0][1])]
+    assert split.pixels is not None and whole.pixels is not None
+    np.testing.assert_array_equal(split.pixels, whole.pixels)
+    empty = await read_in_threads(photos, [], size=32, resample="lanczos", threads=threads)
+    assert (empty.images, empty.pixels, empty.failed) == ([], None, [])
 
 
 # --- embed --------------------------------------------------------------------------------------------
