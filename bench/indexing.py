@@ -14,9 +14,9 @@ per image). Then each mode in a fresh temporary state dir, as subprocesses on lo
 
 images/s is the collection's image count over the wall-clock seconds of the `cbir index` command
 (Python start-up and model load included: what a user waits for; in-process, `cbir index` runs the model
-uncompiled unless --compile on); the indexer's own figure (its run alone) is recorded beside it, and its seconds in each stage
-(plan, read, embed, write) in the details. The goal:
-images/s ≥ 0.9 × the yardstick. `cbir index` has no limit of its own, so --limit-per-class
+uncompiled unless --compile on); the indexer's own figure (its run alone) is recorded beside it, and its
+seconds in each stage (plan, read, embed, write) in the details. The goal: images/s ≥ 0.9 × the
+yardstick. `cbir index` has no limit of its own, so --limit-per-class
 indexes a temporary collection of hard links. Writes bench/results/indexing.json.
 """
 
