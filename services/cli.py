@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="also remove the documents indexed from DIR whose file is gone (never uploads)")
     index.add_argument("--json", action="store_true", help="print the counts as one JSON object on stdout")
     index.add_argument("--batch-size", type=int, default=None, help="images per embed call")
-    index.add_argument("--concurrency", type=int, default=None, help="embed calls in flight")
+    index.add_argument("--concurrency", type=int, default=None,
+                       help="batches in flight (default: 1 with the model here, 2 through CBIR_EMBEDDER_URL)")
     index.add_argument("--rebuild", action="store_true",
                        help="build the index of the configured model beside one built by another model version, "
                             "which goes on serving until the new one is done: one machine then records it (a "
