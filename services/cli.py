@@ -3,7 +3,7 @@
     cbir serve              one machine: the gateway with the model in-process, indexing in the background
     cbir train              train the VGG-16 embedder (or --arch another network) and write a model bundle
     cbir train-bovw         train the study's Bag-of-Visual-Words model and write its bundle
-    cbir index              index a collection (in-process, or through CBIR_EMBEDDER_URL)
+    cbir index              index a collection (in-process, or through CBIR_EMBEDDER_URL); --watch: keep it indexed
     cbir search IMAGE...    search by images from the terminal: a running server, or --local
     cbir promote VERSION    serve the Elasticsearch index of VERSION (after cbir index --rebuild)
     cbir duplicates         groups of near-identical images: a running server's, or --local
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -30,6 +31,10 @@ from services.common.logs import configure_logging
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+
+    from services.indexer.pipeline import IndexOptions
+    from services.indexer.settings import IndexerSettings
+    from services.indexer.watch import WatchState
 
 logger = logging.getLogger("cbir")
 
@@ -91,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--port", type=int, default=port, help="port to listen on")
         if name == "serve":
             sub.add_argument("--no-index", action="store_true", help="serve the existing index as it is")
+            sub.add_argument("--watch", action="append", type=Path, default=[], metavar="DIR",
+                             help="keep DIR indexed as its images come, change and go (repeatable; also CBIR_WATCH)")
     index = commands.add_parser(
         "index", help="index a collection into the store (again: only new and changed files)",
         description="Index the images under DIR: new files are added, files whose size or mtime changed are "
@@ -114,6 +121,10 @@ def _parser() -> argparse.ArgumentParser:
                             "which goes on serving until the new one is done: one machine then records it (a "
                             "running cbir serve swaps to it), Elasticsearch waits for `cbir promote VERSION`")
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
+    index.add_argument("--watch", action="store_true",
+                       help="then keep running: index DIR's images as they come, change and go (with --sync's "
+                            "removal, of DIR's own documents only) until Ctrl-C or SIGTERM; with --json, one "
+                            "line of the watcher's state per batch")
     add_search_parser(commands)
     promote = commands.add_parser(
         "promote", help="serve an Elasticsearch index built by `cbir index --rebuild` (moves the alias)",
@@ -146,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> None:
     from services.serve.apps import one_machine_app
 
-    _run_server(one_machine_app(index=not args.no_index), args.host, args.port,
+    _run_server(one_machine_app(index=not args.no_index, watch=args.watch), args.host, args.port,
                 ready_note="" if args.no_index else "; indexing runs in the background, /healthz shows its progress")
 
 
@@ -161,11 +172,42 @@ def _index(args: argparse.Namespace) -> None:
     options = build_index_options(settings, rebuild=args.rebuild, progress_bar=not args.no_progress,
                                   batch_size=args.batch_size, concurrency=args.concurrency,
                                   layout=Layout(args.layout), sync=args.sync)
+    if args.watch:
+        _watch(settings, data_dir, args.split or settings.index_split, options, json_lines=args.json,
+               rebuild=args.rebuild)
+        return
     report = asyncio.run(index_into_store(settings, data_dir, args.split or settings.index_split, options))
     logger.info("%s", report.summary())
     if args.json:  # the one line on stdout: the log goes to stderr
         sys.stdout.write(json.dumps(report.counts()) + "\n")
         sys.stdout.flush()
+
+
+def _watch(settings: IndexerSettings, data_dir: Path, split: str, options: IndexOptions, *, json_lines: bool,
+           rebuild: bool) -> None:
+    """`cbir index DIR --watch`: the watcher until SIGINT or SIGTERM, which cancel it (it keeps what it wrote)."""
+    from services.common.errors import ConfigError
+    from services.serve.watching import watch_into_store
+
+    if rebuild:
+        raise ConfigError("--watch keeps an index in step with DIR; build a new model's index with --rebuild first")
+
+    def report(state: WatchState) -> None:
+        if json_lines:  # one line per batch on stdout: the log goes to stderr
+            sys.stdout.write(json.dumps(state.as_dict()) + "\n")
+            sys.stdout.flush()
+
+    async def run() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch_into_store(settings, data_dir, split, options, on_batch=report)
+
+    asyncio.run(run())
+    logger.info("stopped watching %s", data_dir)
 
 
 def _promote(args: argparse.Namespace) -> None:

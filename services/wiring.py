@@ -6,6 +6,7 @@
     build_store(settings)                    the store named by CBIR_BACKEND: FAISS file or Elasticsearch
     build_elasticsearch_store(settings)      the Elasticsearch store itself (its alias, for a rollover)
     build_index_options(settings, ...)       how the indexer batches (CBIR_INDEX_BATCH_SIZE, CBIR_INDEX_CONCURRENCY)
+    build_watch_options(settings)            how a watched folder batches changes and retries (CBIR_WATCH_*)
 
 The entry points (`services.serve`, `services.cli`, `services.evaluation`) call these and hand the parts to the
 apps; no app imports this module. Heavy parts (torch, the Elasticsearch client) are imported only when the
@@ -26,6 +27,7 @@ from services.common.settings import (
     IndexingSettings,
     ModelSettings,
     StoreSettings,
+    WatchSettings,
 )
 from services.common.stores.base import VectorStore
 
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from services.common.stores.elasticsearch import ElasticsearchStore
     from services.embedder.runtime import LocalEmbeddingService
     from services.indexer.pipeline import IndexOptions
+    from services.indexer.watch import WatchOptions
 
 
 def build_local_embedding_service(settings: ModelSettings) -> LocalEmbeddingService:
@@ -105,3 +108,11 @@ def build_index_options(settings: IndexingSettings, *, rebuild: bool, progress_b
     return IndexOptions(batch_size=batch_size or settings.index_batch_size,
                         concurrency=concurrency or settings.index_concurrency or (2 if remote else 1),
                         rebuild=rebuild, progress_bar=progress_bar, layout=layout, sync=sync)
+
+
+def build_watch_options(settings: WatchSettings) -> WatchOptions:
+    """How a watched folder batches its changes and retries a half-written file, from `CBIR_WATCH_*`."""
+    from services.indexer.watch import WatchOptions
+
+    return WatchOptions(settle_ms=settings.watch_settle_ms, max_batch_ms=settings.watch_max_batch_ms,
+                        retries=settings.watch_retries, retry_ms=settings.watch_retry_ms)

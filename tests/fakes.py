@@ -4,13 +4,16 @@
     ControlledEmbedder  a test steers it: holds `info()` at a gate, fails it on demand, picks each image's vector
     MemoryStore         a `VectorStore` in a dict, exact cosine search; holds searches at a gate, moves on demand
     settle()            lets every task that can run do so until it waits, with no wall-clock wait
+    poll_until()        polls a condition (sync or async) until it holds, failing past a generous deadline
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -183,3 +186,18 @@ async def settle(turns: int = 10) -> None:
     (a batcher that wrongly started another store call, say, would have started it by then)."""
     for _ in range(turns):
         await asyncio.sleep(0)
+
+
+async def poll_until(condition: Callable[[], bool | Awaitable[bool]], *, within_s: float = 60.0, every_s: float = 0.05,
+                     what: str = "the condition") -> float:
+    """Poll `condition` until it holds; fail when it still does not after `within_s` (a deadline for a slow,
+    busy machine, not a sleep). Returns the seconds it took."""
+    started = time.monotonic()
+    while True:
+        held = condition()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return time.monotonic() - started
+        assert time.monotonic() - started < within_s, f"{what} did not hold within {within_s} s"
+        await asyncio.sleep(every_s)

@@ -142,6 +142,21 @@ class IndexingSettings(BaseCbirSettings):
         "in this process, whose forward pass needs every core (nothing decodes beside it), 2 through CBIR_EMBEDDER_URL")
 
 
+class WatchSettings(BaseCbirSettings):
+    """Watched folders (`services.indexer.watch`): kept indexed as files come, change and go."""
+
+    watch: list[Path] = Field(default_factory=list, description="folders cbir serve keeps indexed as their files "
+                              "come, change and go (JSON list); `cbir serve --watch DIR` adds to them")
+    watch_settle_ms: int = Field(300, ge=10, le=60_000, description="quiet time after the last change in a "
+                                 "watched folder before its batch is indexed")
+    watch_max_batch_ms: int = Field(2000, ge=50, le=600_000, description="longest a batch of changes is "
+                                    "collected while the folder keeps changing")
+    watch_retries: int = Field(5, ge=0, le=100, description="times a file that does not decode (still being "
+                               "written) is tried again, once its size and mtime stay the same, before it is "
+                               "reported bad")
+    watch_retry_ms: int = Field(1000, ge=10, le=600_000, description="time between two tries of such a file")
+
+
 class CollectionSettings(BaseCbirSettings):
     data_dir: Path | None = Field(
         None, description="collection root (<split>/<class>/<image>); default data/cifar10, else ../shared/cifar10"

@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from importlib.resources import files
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Body, Depends, FastAPI, File, Form, HTTPException, Query, Request, Response, UploadFile
@@ -59,6 +59,7 @@ from services.search.schemas import (
     SearchHit,
     SearchResponse,
     WarmUpProgress,
+    WatchedFolder,
 )
 from services.search.settings import MAX_BATCH_FILES, SearchSettings
 from services.search.uploads import UploadFolder
@@ -76,11 +77,13 @@ def create_app(settings: SearchSettings, *,
                embedder_factory: Callable[[], EmbeddingService],
                store_factory: Callable[[], VectorStore],
                background: IndexingJob | None = None,
-               watch: Callable[[SearchEngine], Awaitable[object]] | None = None) -> FastAPI:
+               watch: Callable[[SearchEngine], Awaitable[object]] | None = None,
+               watched: Callable[[], list[dict[str, Any]]] | None = None) -> FastAPI:
     """The gateway. Its lifespan builds the embedding service and the store with the factories (the composition
     root, `services.serve.apps`, says what they build; tests pass their own), runs `background` (one-machine
-    indexing) and `watch` (one machine: swap to a model another process recorded) as tasks while the server
-    already answers, and closes all of it on shutdown."""
+    indexing) and `watch` (one machine: swap to a model another process recorded, keep watched folders indexed)
+    as tasks while the server already answers, and closes all of it on shutdown. `watched` reports the watched
+    folders' states for `/collection`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -114,6 +117,7 @@ def create_app(settings: SearchSettings, *,
     app = FastAPI(title="cbir search", version="0.1.0", lifespan=lifespan,
                   summary="Search images by an image, add your own, and browse the collection.")
     app.state.settings = settings
+    app.state.watched = watched or list
     app.state.decoder = UploadDecoder(settings.max_concurrent_decodes, max_bytes=settings.max_upload_bytes,
                                       max_pixels=settings.max_image_pixels)
     install_http_edge(app, service="search", max_upload_bytes=settings.max_upload_bytes,
@@ -361,7 +365,7 @@ async def delete_image(request: Request, id: str, engine: EngineDep) -> Response
 async def collection(request: Request, engine: EngineDep) -> CollectionResponse:
     """What the collection holds: documents by source and label, the model version, and the status as `/healthz`
     reports it (while indexing: `indexed` of `total` so far). `writes` says whether this client may add images
-    without a key."""
+    without a key; `watching` lists the folders this process keeps indexed, each with its state."""
     status, problem = await engine.status()
     stats = await engine.collection() if problem is None else CollectionStats(documents=0)
     running = engine.progress  # a run that does not block search (an update, or the next model's index)
@@ -372,7 +376,8 @@ async def collection(request: Request, engine: EngineDep) -> CollectionResponse:
                               unlabelled=stats.unlabelled,
                               status=status,
                               indexed=progress.get("indexed"), total=progress.get("total"),
-                              writes=writes_open(request), last_indexing_error=engine.last_failure)
+                              writes=writes_open(request), last_indexing_error=engine.last_failure,
+                              watching=[WatchedFolder(**folder) for folder in request.app.state.watched()])
 
 
 # -- operations ---------------------------------------------------------------------------------

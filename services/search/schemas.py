@@ -113,6 +113,20 @@ class ImageAdded(BaseModel):
                           "null while the collection's signatures are still being computed")
 
 
+class WatchedFolder(BaseModel):
+    """A folder the serving process keeps indexed (`cbir serve --watch DIR`, `CBIR_WATCH`)."""
+
+    folder: str
+    state: str = Field(description="starting (before its first reconcile), running, error (the last batch failed; "
+                                   "tried again) or stopped")
+    batches: int = Field(description="batches of changes indexed so far, the first reconcile included")
+    last_batch: dict[str, float | int] | None = Field(
+        None, description="the last batch: finished (Unix time), seconds, changes (file events), added, updated, "
+                          "removed, retrying (files not decodable yet), documents (in the store)")
+    retrying: list[str] = Field(description="files that did not decode yet (still being written?), tried again")
+    errors: list[str] = Field(description="the last errors: failed batches, and files given up on as undecodable")
+
+
 class CollectionResponse(BaseModel):
     model_config = examples({"documents": 50001, "model_version": MODEL, "backend": "faiss", "index": "flat",
                              "sources": {"/data/cifar10": 50000, "upload": 1},
@@ -133,6 +147,8 @@ class CollectionResponse(BaseModel):
     last_indexing_error: str | None = Field(
         None, description="why the last background indexing run failed, when it did (search may have gone on "
                           "with the index as it was: an update or a new model's index that did not finish)")
+    watching: list[WatchedFolder] = Field(default_factory=list, description="the folders this process keeps "
+                                          "indexed as their files come and go (`cbir serve --watch DIR`)")
 
 
 class WarmUpProgress(BaseModel):

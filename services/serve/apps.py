@@ -10,7 +10,9 @@ The gateway's imports leave torch out, so that it runs from an image without it 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
@@ -41,13 +43,16 @@ def embedder_app(settings: EmbedderSettings | None = None) -> FastAPI:
     return create_embedder_app(settings, service_factory=partial(build_local_embedding_service, settings))
 
 
-def one_machine_app(settings: OneMachineSettings | None = None, *, index: bool = True) -> FastAPI:
+def one_machine_app(settings: OneMachineSettings | None = None, *, index: bool = True,
+                    watch: Sequence[Path] = ()) -> FastAPI:
     """The gateway with the model in this process; with `index`, its lifespan brings the index up to date in the
     background (the first build, new files, or the index of a new model, built while the old one serves) while
-    `/healthz` and `/collection` report the progress."""
+    `/healthz` and `/collection` report the progress. The folders of `watch` and `CBIR_WATCH` are kept indexed as
+    their files come and go (`/collection` lists them)."""
     from services.serve.one_machine import OneMachine, OneMachineSettings
 
-    one_machine = OneMachine(settings or OneMachineSettings.load())
+    one_machine = OneMachine(settings or OneMachineSettings.load(), watch=watch)
     return create_search_app(one_machine.settings, embedder_factory=one_machine.load_embedder,
                              store_factory=one_machine.build_store,
-                             background=one_machine.index if index else None, watch=one_machine.follow_record)
+                             background=one_machine.index if index else None, watch=one_machine.follow,
+                             watched=one_machine.folders.report)

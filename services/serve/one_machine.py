@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
 from services.common.collection import find_data_dir
 from services.common.embedding import EmbedderInfo, EmbeddingService
 from services.common.errors import BundleError, CbirError
-from services.common.settings import Backend, IndexingSettings
+from services.common.settings import Backend, IndexingSettings, WatchSettings
 from services.common.status import IndexProgress
 from services.common.stores.base import VectorStore
 from services.embedder.bundle import DEFAULT_BUNDLE_DIR
@@ -27,24 +28,34 @@ from services.indexer.serving import ServingRecord, index_file_for, read_record,
 from services.search.engine import CarryOver, SearchEngine
 from services.search.settings import SearchSettings
 from services.serve.rollover import carry_over_uploads, record_served
-from services.wiring import build_embedding_service, build_index_options, build_local_embedding_service, build_store
+from services.serve.watching import ServedFolders
+from services.wiring import (
+    build_embedding_service,
+    build_index_options,
+    build_local_embedding_service,
+    build_store,
+    build_watch_options,
+)
 
 logger = logging.getLogger(__name__)
 
 FOLLOW_EVERY_S = 2.0  # how often `cbir serve` looks for a pair another process (`cbir index --rebuild`) recorded
 
 
-class OneMachineSettings(SearchSettings, IndexingSettings):
-    """`cbir serve`: the gateway's settings plus how its background indexing batches."""
+class OneMachineSettings(SearchSettings, IndexingSettings, WatchSettings):
+    """`cbir serve`: the gateway's settings plus how its background indexing batches and the folders it watches."""
 
 
 class OneMachine:
     """What `cbir serve` builds and runs: the served model and store, the background indexing run that brings the
-    index up to date (or builds the next model's beside it), and the watch for a pair recorded by another process.
+    index up to date (or builds the next model's beside it), the watch for a pair recorded by another process, and
+    the watched folders (`CBIR_WATCH` and `watch`, kept indexed as their files come and go).
     """
 
-    def __init__(self, settings: OneMachineSettings) -> None:
+    def __init__(self, settings: OneMachineSettings, *, watch: Sequence[Path] = ()) -> None:
         self.settings = settings
+        self.folders = ServedFolders(settings, [*settings.watch, *watch], split=settings.index_split,
+                                     watch=build_watch_options(settings))
         self.record = read_record(settings.state_dir) if self.records else None
         self.next: LocalEmbeddingService | None = None  # the configured model, while the recorded one serves
         self.carry_over: CarryOver = partial(carry_over_uploads, uploads_dir=settings.uploads_dir)
@@ -99,6 +110,12 @@ class OneMachine:
             raise
         await engine.swap(embedder, store, carry_over=self.carry_over)  # which closes both if it fails
         self.record = self._record(model, path)
+
+    async def follow(self, engine: SearchEngine) -> None:
+        """What the gateway's lifespan runs beside the server: `follow_record` and the watched folders."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.follow_record(engine), name="follow serving.json")
+            group.create_task(self.folders.run(engine), name="watched folders")
 
     async def follow_record(self, engine: SearchEngine, *, every_s: float = FOLLOW_EVERY_S) -> None:
         """Swap to the pair `serving.json` names when another process (`cbir index --rebuild`) records a new one."""
