@@ -14,7 +14,6 @@ from es_double import EsDouble
 from fakes import poll_until
 from servers import asgi_client
 
-from services.cli import main
 from services.common.collection import CollectionImage, Layout
 from services.common.errors import ConfigError
 from services.common.settings import Backend
@@ -110,9 +109,3 @@ async def test_cbir_index_watch_beside_a_gateway_on_elasticsearch(
         writer.cancel()
         await asyncio.gather(writer, return_exceptions=True)
     assert states[-1]["state"] == "running" and states[-1]["errors"] == []
-
-
-def test_cbir_index_watch_refuses_a_rebuild(cbir_env: Path, tmp_path: Path) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["index", str(tmp_path), "--watch", "--rebuild", "--no-progress"])
-    assert exit_info.value.code == 2
