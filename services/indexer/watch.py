@@ -16,6 +16,7 @@ Each batch is a whole reconcile of the folder, so its ids and its idempotence ar
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -91,15 +92,27 @@ class FolderWatcher:
         self._bad: dict[str, tuple[int, float] | None] = {}  # reported bad, until the file changes
 
     async def run(self) -> None:
-        options = self.options
         try:
-            async for changes in awatch(self.folder, watch_filter=relevant, debounce=options.max_batch_ms,
-                                        step=options.settle_ms, rust_timeout=TICK_MS, yield_on_timeout=True,
-                                        force_polling=options.force_polling, recursive=True):
-                if changes or time.monotonic() >= self._due or (self.stale is not None and self.stale()):
-                    await self._batch(len(changes))
+            while True:
+                await self._watch()
+                # The folder itself is gone (an unmounted disk, say): its documents stay; look again later.
+                self._failed(f"{self.folder} is gone; its documents are kept until it is back")
+                while not self.folder.is_dir():
+                    await asyncio.sleep(self.options.retry_ms / 1000)
+                self._due = time.monotonic()
         finally:
             self.state.state = "stopped"
+
+    async def _watch(self) -> None:
+        """Batches of changes until the folder itself goes away (file events stop for good then)."""
+        options = self.options
+        async for changes in awatch(self.folder, watch_filter=relevant, debounce=options.max_batch_ms,
+                                    step=options.settle_ms, rust_timeout=TICK_MS, yield_on_timeout=True,
+                                    force_polling=options.force_polling, recursive=True):
+            if not self.folder.is_dir():
+                return
+            if changes or time.monotonic() >= self._due or (self.stale is not None and self.stale()):
+                await self._batch(len(changes))
 
     async def _batch(self, changes: int) -> None:
         started = time.monotonic()

@@ -5,6 +5,7 @@ file that never decodes reported once, a burst batched, a failed batch tried aga
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -85,8 +86,9 @@ async def test_a_watched_folder_follows_added_changed_and_removed_files_and_leav
         await poll_until(holds(store, added, size=len(bigger)), what="the changed file re-embedded")
         (folder / "new.jpg").unlink()
         await poll_until(lambda: added not in store.documents, what="the removed file gone")
+        # The state is set once the batch's reconcile has returned, just after the store changed.
+        await poll_until(lambda: (watcher.state.last_batch or {}).get("removed") == 1, what="the batch reported")
         assert watcher.state.state == "running" and not watcher.state.errors
-        assert watcher.state.last_batch is not None and watcher.state.last_batch["removed"] == 1
     assert {"upload-1", "other-root"} <= set(store.documents)  # uploads and another root's documents untouched
     assert {doc.source for doc in store.documents.values()} == {UPLOAD_SOURCE, str(outside.resolve()),
                                                                 str(folder.resolve())}
@@ -120,8 +122,10 @@ async def test_a_file_that_never_decodes_is_reported_once_after_its_retries(tmp_
     async with watching(pipeline_watcher(folder, store)) as watcher:
         await poll_until(lambda: len(watcher.state.errors) == 1, what="the broken file reported")
         assert watcher.state.errors[0].startswith("broken.jpg: ") and not watcher.state.retrying
+        batches = watcher.state.batches
         (folder / "fine.jpg").write_bytes(JPEG)  # another batch, which lists the broken file again
-        await poll_until(holds(store, image_id(folder, "fine.jpg")), what="the next file indexed")
+        fine = holds(store, image_id(folder, "fine.jpg"))
+        await poll_until(lambda: fine() and watcher.state.batches > batches, what="the next file's batch done")
         assert len(watcher.state.errors) == 1  # reported once, until it changes
         (folder / "broken.jpg").write_bytes(JPEG)  # replaced by an image: indexed
         await poll_until(holds(store, image_id(folder, "broken.jpg")), what="the repaired file indexed")
@@ -136,7 +140,7 @@ async def test_a_burst_of_a_thousand_files_is_indexed_in_a_few_batches(tmp_path:
         for i in range(1000):
             (folder / f"burst-{i:04d}.jpg").write_bytes(JPEG)
         await poll_until(lambda: len(store.documents) == 1000, within_s=120, what="the burst indexed")
-        assert watcher.state.batches == len(calls)
+        await poll_until(lambda: watcher.state.batches == len(calls), what="the last batch reported")
         assert len(calls) - 1 <= 10, f"{len(calls) - 1} batches for 1,000 files"  # batched, not one per file
 
 
@@ -154,7 +158,26 @@ async def test_a_failed_batch_is_kept_in_the_state_and_tried_again(tmp_path: Pat
 
     async with watching(FolderWatcher(folder, reconcile=reconcile, options=FAST)) as watcher:
         await poll_until(holds(store, image_id(folder, "a.jpg")), what="indexed after the failed batch")
-        assert watcher.state.state == "running" and list(watcher.state.errors) == ["the store is down"]
+        await poll_until(lambda: watcher.state.state == "running", what="the batch reported")
+        assert list(watcher.state.errors) == ["the store is down"]
+
+
+async def test_a_folder_that_goes_away_keeps_its_documents_and_is_watched_again_when_it_is_back(
+        tmp_path: Path) -> None:
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(JPEG)
+    store = MemoryStore()
+    async with watching(pipeline_watcher(folder, store)) as watcher:
+        await poll_until(holds(store, image_id(folder, "a.jpg")), what="the first reconcile")
+        shutil.rmtree(folder)  # an unmounted disk: not a reason to forget its images
+        await poll_until(lambda: watcher.state.state == "error", what="the folder reported gone")
+        assert "is gone" in watcher.state.errors[-1] and image_id(folder, "a.jpg") in store.documents
+        folder.mkdir()
+        (folder / "b.jpg").write_bytes(JPEG)
+        await poll_until(lambda: holds(store, image_id(folder, "b.jpg"))() and len(store.documents) == 1,
+                         what="the folder followed again")  # and a.jpg, gone with it, removed
+        await poll_until(lambda: watcher.state.state == "running", what="the batch reported")
 
 
 async def test_a_replaced_store_is_reconciled_again_without_a_change(tmp_path: Path) -> None:
