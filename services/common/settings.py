@@ -7,12 +7,14 @@ Every default lives here, once.
 
 from __future__ import annotations
 
+import json
+import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from services.common.errors import ConfigError
 from services.common.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_CONCURRENT_DECODES, DEFAULT_MAX_PIXELS
@@ -145,8 +147,9 @@ class IndexingSettings(BaseCbirSettings):
 class WatchSettings(BaseCbirSettings):
     """Watched folders (`services.indexer.watch`): kept indexed as files come, change and go."""
 
-    watch: list[Path] = Field(default_factory=list, description="folders cbir serve keeps indexed as their files "
-                              "come, change and go (JSON list); `cbir serve --watch DIR` adds to them")
+    watch: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="folders cbir serve keeps indexed as their files come, change and go: a "
+        "JSON list, or paths separated by ':'; `cbir serve --watch DIR` adds to them")
     watch_settle_ms: int = Field(300, ge=10, le=60_000, description="quiet time after the last change in a "
                                  "watched folder before its batch is indexed")
     watch_max_batch_ms: int = Field(2000, ge=50, le=600_000, description="longest a batch of changes is "
@@ -155,6 +158,14 @@ class WatchSettings(BaseCbirSettings):
                                "written) is tried again, once its size and mtime stay the same, before it is "
                                "reported bad")
     watch_retry_ms: int = Field(1000, ge=10, le=600_000, description="time between two tries of such a file")
+
+    @field_validator("watch", mode="before")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        """`CBIR_WATCH=/a:/b` as well as `CBIR_WATCH='["/a", "/b"]'`."""
+        if isinstance(value, str):
+            return json.loads(value) if value.lstrip().startswith("[") else [p for p in value.split(os.pathsep) if p]
+        return value
 
 
 class CollectionSettings(BaseCbirSettings):

@@ -14,6 +14,7 @@ from services.common.settings import (
     ModelSettings,
     StoreSettings,
     UploadSettings,
+    WatchSettings,
     default,
 )
 from services.embedder.settings import EmbedderSettings
@@ -149,3 +150,16 @@ def test_the_index_file_and_the_uploads_live_in_the_state_dir(monkeypatch: pytes
     settings = StoreSettings.load()
     assert settings.faiss_path == tmp_path / "state" / "index.npz"
     assert settings.uploads_dir == tmp_path / "state" / "uploads"
+
+
+@pytest.mark.parametrize("value", ['["/photos", "/mnt/camera"]', "/photos:/mnt/camera"])
+def test_watched_folders_are_a_json_list_or_paths_separated_by_colons(monkeypatch: pytest.MonkeyPatch,
+                                                                      value: str) -> None:
+    monkeypatch.setenv("CBIR_WATCH", value)
+    assert WatchSettings.load().watch == [Path("/photos"), Path("/mnt/camera")]
+
+
+def test_a_broken_watch_list_is_one_line_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CBIR_WATCH", '["/photos"')
+    with pytest.raises(ConfigError, match="CBIR_WATCH"):
+        WatchSettings.load()
