@@ -12,6 +12,7 @@
     ├── TrainingError              `cbir train` cannot run as asked; the message names the option
     ├── ModelNotLoadedError        503
     ├── EmbedderUnavailableError   503, with Retry-After
+    ├── OverloadedError            503, with Retry-After (more searches than the gateway admits at once)
     ├── IndexNotReadyError         503 (index missing, empty or still being built)
     ├── SearchApiError             `cbir evaluate --url`: the search API is not ready or failed a query
     ├── DocumentNotFoundError      404 (no indexed image with that id)
@@ -84,6 +85,17 @@ class EmbedderUnavailableError(CbirError):
     status_code = 503
 
     def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class OverloadedError(CbirError):
+    """503: the request could not start within the stated wait (`CBIR_SEARCH_MAX_WAIT_MS`, the query batcher's
+    bound); `retry_after` seconds is a fair time to try again."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 

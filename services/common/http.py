@@ -23,7 +23,7 @@ from pydantic import BaseModel, SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.docs import install_offline_docs
-from services.common.errors import CbirError, EmbedderUnavailableError, IndexNotReadyError
+from services.common.errors import CbirError, EmbedderUnavailableError, IndexNotReadyError, OverloadedError
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CbirError)
     async def _cbir_error(request: Request, exc: CbirError) -> JSONResponse:
         headers = {}
-        if isinstance(exc, EmbedderUnavailableError):
+        if isinstance(exc, EmbedderUnavailableError | OverloadedError):
             headers["Retry-After"] = str(exc.retry_after)
         elif exc.status_code == 503:
             headers["Retry-After"] = "5"

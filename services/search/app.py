@@ -42,6 +42,7 @@ from services.common.images import Box, UploadDecoder
 from services.common.status import Status
 from services.common.stores.base import MAX_RESULT_WINDOW, CollectionStats, StoreHit, VectorStore
 from services.search.access import verify_write_access, writes_open
+from services.search.admission import AdmissionLimiter
 from services.search.duplicate_jobs import DuplicateFinder
 from services.search.duplicates_api import near_duplicate_of
 from services.search.duplicates_api import router as duplicates_router
@@ -118,6 +119,8 @@ def create_app(settings: SearchSettings, *,
                   summary="Search images by an image, add your own, and browse the collection.")
     app.state.settings = settings
     app.state.watched = watched or list
+    app.state.admission = AdmissionLimiter(settings.max_concurrent_searches,
+                                           max_wait_s=settings.search_max_wait_ms / 1000)
     app.state.decoder = UploadDecoder(settings.max_concurrent_decodes, max_bytes=settings.max_upload_bytes,
                                       max_pixels=settings.max_image_pixels)
     install_http_edge(app, service="search", max_upload_bytes=settings.max_upload_bytes,
@@ -221,10 +224,12 @@ async def search(
     box: Annotated[Box | None, Depends(search_box)],
 ) -> SearchResponse:
     """The indexed images most similar to the uploaded one (or to its region `box`, cut out at full resolution
-    before the model's resize): hits `offset` to `offset + k`."""
+    before the model's resize): hits `offset` to `offset + k`. 503 with Retry-After when the server is at capacity
+    (`CBIR_MAX_CONCURRENT_SEARCHES`) for longer than `CBIR_SEARCH_MAX_WAIT_MS`."""
     started = time.perf_counter()
-    image = await _decode(request, engine, await file.read(), box=box)
-    [answer] = await engine.search_images(image[np.newaxis], options)
+    async with request.app.state.admission.admit():
+        image = await _decode(request, engine, await file.read(), box=box)
+        [answer] = await engine.search_images(image[np.newaxis], options)
     return _answer(request, _predicted(answer), answer, started)
 
 
@@ -245,9 +250,10 @@ async def search_batch(
         raise RequestValidationError([{"loc": ("body", "files"), "type": "too_long",
                                        "msg": f"at most {MAX_BATCH_FILES} files, got {len(files)}"}])
     await engine.ensure_ready()  # a batch the index cannot answer fails as a whole, with its status
-    decoded = await asyncio.gather(*(_decode_or_error(request, engine, file) for file in files))
-    images = [item for item in decoded if isinstance(item, np.ndarray)]
-    answers = iter(await engine.search_images(np.stack(images), options) if images else [])
+    async with request.app.state.admission.admit():  # one slot: its images share one micro-batch
+        decoded = await asyncio.gather(*(_decode_or_error(request, engine, file) for file in files))
+        images = [item for item in decoded if isinstance(item, np.ndarray)]
+        answers = iter(await engine.search_images(np.stack(images), options) if images else [])
     results: list[SearchResponse | BatchItemError] = []
     for item in decoded:
         if isinstance(item, BatchItemError):

@@ -7,7 +7,7 @@ import asyncio
 from prometheus_client import Histogram
 
 from services.common.documents import StoreHit
-from services.common.errors import StoreError
+from services.common.errors import OverloadedError, StoreError
 from services.common.stores.base import StoreQuery, VectorStore
 
 SEARCH_BATCH_QUERIES = Histogram("cbir_search_batch_queries", "queries per store call of the query batcher",
@@ -19,16 +19,21 @@ class QueryBatcher:
 
     At most one call is in flight; the queries that arrive meanwhile wait and go together in the
     next one, so batches grow with the load instead of the calls piling up (as the embedder's
-    micro-batcher does for forward passes).
+    micro-batcher does for forward passes). At most `max_waiting` queries wait: one more is refused
+    at once with `OverloadedError` (503 + Retry-After) rather than queued behind seconds of store calls.
     """
 
-    def __init__(self, store: VectorStore, *, max_batch: int = 256) -> None:
+    def __init__(self, store: VectorStore, *, max_batch: int = 256, max_waiting: int = 1024) -> None:
         self.store = store
         self.max_batch = max_batch
+        self.max_waiting = max_waiting
         self._waiting: list[tuple[StoreQuery, asyncio.Future[list[StoreHit]]]] = []
         self._running: asyncio.Task[None] | None = None
 
     async def search(self, query: StoreQuery) -> list[StoreHit]:
+        """The query's hits, searched together with the queries waiting beside it."""
+        if len(self._waiting) >= self.max_waiting:
+            raise OverloadedError(f"{len(self._waiting)} searches are waiting for the store; retry shortly")
         future: asyncio.Future[list[StoreHit]] = asyncio.get_running_loop().create_future()
         self._waiting.append((query, future))
         if self._running is None:

@@ -12,7 +12,7 @@ from factories import make_document
 from fakes import settle
 
 from services.common.documents import StoreHit
-from services.common.errors import StoreUnavailableError
+from services.common.errors import OverloadedError, StoreUnavailableError
 from services.common.stores.base import StoreQuery
 from services.search.batching import QueryBatcher
 
@@ -110,3 +110,17 @@ async def test_a_caller_that_goes_away_does_not_break_the_batch() -> None:
     assert (await kept)[0].id == "hit-2" and (await blocker)[0].id == "hit-0"
     assert store.calls == [1, 1]  # the cancelled query was not sent
 
+
+
+async def test_past_max_waiting_a_query_is_refused_at_once_and_the_waiting_ones_are_answered() -> None:
+    store = CountingStore()
+    batcher = QueryBatcher(store, max_waiting=3)
+    first = await busy(store, batcher)
+    later = await queued(batcher, 1, 2, 3)
+    with pytest.raises(OverloadedError) as refused:
+        await batcher.search(query(4))
+    assert refused.value.status_code == 503 and refused.value.retry_after >= 1
+    store.gate.set()
+    results = await asyncio.gather(first, *later)
+    assert [r[0].id for r in results] == [f"hit-{i}" for i in range(4)] and store.calls == [1, 3]
+    assert (await batcher.search(query(5)))[0].id == "hit-5"  # room again once the line has gone
