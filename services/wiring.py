@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.common.collection import Layout
+from services.common.cores import faiss_threads, torch_threads
 from services.common.embedding import EmbeddingService, HttpEmbeddingClient
 from services.common.settings import (
     Backend,
@@ -42,10 +43,13 @@ def build_local_embedding_service(settings: ModelSettings) -> LocalEmbeddingServ
     """Load the bundle (`CBIR_MODEL_DIR`, else the shipped one), warm the model up and start its
     micro-batcher (and `CBIR_COMPILE`'s compilation, in the background); `BundleError` if the bundle is
     missing or corrupt. Blocking: seconds."""
+    import torch
+
     from services.embedder.bundle import DEFAULT_BUNDLE_DIR, load_bundle
     from services.embedder.inference import compile_wanted, pick_device
     from services.embedder.runtime import Embedder, LocalEmbeddingService
 
+    torch.set_num_threads(torch_threads(settings.torch_threads))  # process-wide: CBIR_TORCH_THREADS or the cores
     bundle = load_bundle(settings.model_dir or DEFAULT_BUNDLE_DIR)
     embedder = Embedder(bundle, device=settings.device, pca_dims=settings.pca_dims,
                         onehot_weight=settings.onehot_weight, max_batch=settings.max_batch,
@@ -85,7 +89,7 @@ def build_store(settings: StoreSettings, *, faiss_path: Path | None = None, vers
     from services.common.stores.faiss import FaissStore
     from services.indexer.serving import served_index
 
-    faiss.omp_set_num_threads(settings.faiss_threads)  # process-wide: searches run beside the model's threads
+    faiss.omp_set_num_threads(faiss_threads(settings.faiss_threads))  # process-wide: beside the model's threads
     return FaissStore(faiss_path or served_index(settings.state_dir), index=settings.faiss_index)
 
 

@@ -58,8 +58,8 @@ class StoreSettings(BaseCbirSettings):
 
     backend: Backend = Field(Backend.faiss, description="faiss (embedded, default) or elasticsearch")
     state_dir: Path = Field(Path("state"), description="index file and other state of one-machine mode")
-    faiss_threads: int = Field(1, ge=1, le=256, description="OpenMP threads of the embedded FAISS index; "
-                               "one leaves the other cores to the forward pass that runs beside it")
+    faiss_threads: int | None = Field(None, ge=1, le=256, description="OpenMP threads of the embedded FAISS index; "
+                                      "unset: a quarter of the available cores, at least one (docs/performance.md)")
     faiss_index: FaissIndexSetting = Field(
         "auto", description="the embedded index: flat (exact), hnsw (approximate, for millions of images), or auto: "
         "exact below the size bench/scale.py measured (reports/scale.md), HNSW above it")
@@ -102,6 +102,8 @@ class ModelSettings(BaseCbirSettings):
     compile_cache_dir: Path | None = Field(
         None, description="where compiled code is kept across restarts, a folder per bundle, torch and device "
         "(default: <CBIR_STATE_DIR>/compile-cache where there is a state dir, else torch's folder in /tmp)")
+    torch_threads: int | None = Field(None, ge=1, le=256, description="intra-op threads of the forward pass "
+                                      "(torch.set_num_threads); unset: every available core (docs/performance.md)")
     max_batch: int = Field(64, ge=1, le=1024, description="largest micro-batch of the forward pass")
     max_wait_ms: float = Field(2.0, ge=0, description="how long a micro-batch waits to fill")
     max_queue: int = Field(1024, ge=1, description="requests waiting for the model before 503")

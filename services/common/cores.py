@@ -1,0 +1,46 @@
+"""How many cores this process may use, and the thread counts that follow from it by default.
+
+    available_cores()     the CPUs this process may run on (its affinity), capped by a cgroup CPU quota
+    torch_threads(None)   the forward pass's intra-op threads: every available core
+    faiss_threads(None)   the embedded FAISS index's OpenMP threads: a quarter of them, at least one
+
+`os.cpu_count()` is the host's count: in a container limited to two CPUs it may say 64, and 64 threads
+on two cores spend their time waiting for each other.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" in µs, or "max <period>"
+
+
+def available_cores(*, cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The CPUs this process may run on, at most its cgroup's CPU quota (rounded up), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    quota = _cgroup_quota(cpu_max)
+    return max(1, min(cores, quota) if quota is not None else cores)
+
+
+def _cgroup_quota(cpu_max: Path) -> int | None:
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        return math.ceil(int(quota) / int(period)) if quota != "max" else None
+    except (OSError, ValueError):
+        return None
+
+
+def torch_threads(setting: int | None) -> int:
+    """`CBIR_TORCH_THREADS`, else every available core: the forward pass is the work that scales with them."""
+    return setting or available_cores()
+
+
+def faiss_threads(setting: int | None) -> int:
+    """`CBIR_FAISS_THREADS`, else a quarter of the available cores (at least one): a batch of exact searches
+    is short and memory-bound, and runs beside the forward pass, whose threads would otherwise wait for it."""
+    return setting or max(1, available_cores() // 4)
