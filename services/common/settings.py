@@ -106,7 +106,7 @@ class ModelSettings(BaseCbirSettings):
                                       "(torch.set_num_threads); unset: every available core (docs/performance.md)")
     max_batch: int = Field(64, ge=1, le=1024, description="largest micro-batch of the forward pass")
     max_wait_ms: float = Field(2.0, ge=0, description="how long a micro-batch waits to fill")
-    max_queue: int = Field(1024, ge=1, description="requests waiting for the model before 503")
+    max_queue: int = Field(256, ge=1, description="requests waiting for the model before 503 (with Retry-After)")
 
 
 class UploadSettings(BaseCbirSettings):
