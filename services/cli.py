@@ -155,8 +155,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    from services.common.cores import idle_openmp_threads_sleep
     from services.serve.apps import one_machine_app
 
+    idle_openmp_threads_sleep()  # before the app's imports load OpenMP
     _run_server(one_machine_app(index=not args.no_index, watch=args.watch), args.host, args.port,
                 ready_note="" if args.no_index else "; indexing runs in the background, /healthz shows its progress")
 
@@ -224,14 +226,18 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def _embedder(args: argparse.Namespace) -> None:
+    from services.common.cores import idle_openmp_threads_sleep
     from services.serve.apps import embedder_app
 
+    idle_openmp_threads_sleep()  # before the app's imports load OpenMP
     _run_server(embedder_app(), args.host, args.port)
 
 
 def _gateway(args: argparse.Namespace) -> None:
+    from services.common.cores import idle_openmp_threads_sleep
     from services.serve.apps import gateway_app
 
+    idle_openmp_threads_sleep()  # before the app's imports load OpenMP
     _run_server(gateway_app(), args.host, args.port)
 
 

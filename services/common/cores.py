@@ -3,6 +3,7 @@
     available_cores()     the CPUs this process may run on (its affinity), capped by a cgroup CPU quota
     torch_threads(None)   the forward pass's intra-op threads: every available core
     faiss_threads(None)   the embedded FAISS index's OpenMP threads: a quarter of them, at least one
+    idle_openmp_threads_sleep()   a serving process's OpenMP threads sleep when idle instead of spinning
 
 `os.cpu_count()` is the host's count: in a container limited to two CPUs it may say 64, and 64 threads
 on two cores spend their time waiting for each other.
@@ -44,3 +45,14 @@ def faiss_threads(setting: int | None) -> int:
     """`CBIR_FAISS_THREADS`, else a quarter of the available cores (at least one): a batch of exact searches
     is short and memory-bound, and runs beside the forward pass, whose threads would otherwise wait for it."""
     return setting or max(1, available_cores() // 4)
+
+
+def idle_openmp_threads_sleep() -> None:
+    """`OMP_WAIT_POLICY=PASSIVE` unless set: call it in a serving process before torch or FAISS loads OpenMP.
+
+    By default an OpenMP thread spins for a while after each parallel region, waiting for the next. In a
+    server the next region is often not coming yet: the event loop, the decoders and the store need the
+    core, and a spinning thread takes it from them, so a forward pass (whose region waits for its slowest
+    thread) stalls too. Measured (docs/performance.md#under-load): more queries a second at 16 and 64 clients.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -25,10 +25,11 @@ class SearchSettings(StoreSettings, EmbeddingSettings, UploadSettings, Collectio
     max_upload_storage_bytes: int = Field(
         1024**3, ge=0, description="most bytes the uploads folder (<state dir>/uploads) may hold (507 past it)")
     max_concurrent_searches: int = Field(
-        64, ge=1, le=4096, description="searches by upload (POST /search, /search/batch) that run at once: by default "
-        "one full micro-batch (CBIR_MAX_BATCH); more wait for a slot, in arrival order (docs/performance.md#under-load)")
+        64, ge=1, le=4096, description="searches by upload (POST /search, /search/batch) that run at once: by "
+        "default one full micro-batch (CBIR_MAX_BATCH); more wait for a slot, in arrival order "
+        "(docs/performance.md#under-load)")
     search_max_wait_ms: float = Field(
-        250.0, ge=0, le=60_000, description="how long a search waits for a slot before it is refused with 503 and "
+        100.0, ge=0, le=60_000, description="how long a search waits for a slot before it is refused with 503 and "
         "Retry-After (0: refused at once when none is free)")
     max_batch_upload_bytes: int = Field(
         64 * 1024**2, ge=1024, description="largest request body of POST /search/batch (413); each file of it is "

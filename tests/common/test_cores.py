@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.common import cores
-from services.common.cores import available_cores, faiss_threads, torch_threads
+from services.common.cores import available_cores, faiss_threads, idle_openmp_threads_sleep, torch_threads
 
 AFFINITY = len(os.sched_getaffinity(0))
 
@@ -36,3 +36,13 @@ def test_a_setting_wins_else_the_defaults_follow_the_cores(monkeypatch: pytest.M
     assert torch_threads(None) == 16 and faiss_threads(None) == 4
     monkeypatch.setattr(cores, "available_cores", lambda: 2)
     assert torch_threads(None) == 2 and faiss_threads(None) == 1
+
+
+def test_a_serving_process_lets_idle_openmp_threads_sleep_unless_told_otherwise(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    idle_openmp_threads_sleep()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    idle_openmp_threads_sleep()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
