@@ -90,7 +90,7 @@ class EmbedderUnavailableError(CbirError):
 
 
 class OverloadedError(CbirError):
-    """503: the request could not start within the stated wait (`CBIR_SEARCH_MAX_WAIT_MS`, the query batcher's
+    """503: the request could not start within the stated wait (`CBIR_MAX_SEARCH_WAIT_MS`, the query batcher's
     bound); `retry_after` seconds is a fair time to try again."""
 
     status_code = 503

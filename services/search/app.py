@@ -120,7 +120,7 @@ def create_app(settings: SearchSettings, *,
     app.state.settings = settings
     app.state.watched = watched or list
     app.state.admission = AdmissionLimiter(settings.max_concurrent_searches,
-                                           max_wait_s=settings.search_max_wait_ms / 1000)
+                                           max_wait_s=settings.max_search_wait_ms / 1000)
     app.state.decoder = UploadDecoder(settings.max_concurrent_decodes, max_bytes=settings.max_upload_bytes,
                                       max_pixels=settings.max_image_pixels)
     install_http_edge(app, service="search", max_upload_bytes=settings.max_upload_bytes,
@@ -225,7 +225,7 @@ async def search(
 ) -> SearchResponse:
     """The indexed images most similar to the uploaded one (or to its region `box`, cut out at full resolution
     before the model's resize): hits `offset` to `offset + k`. 503 with Retry-After when the server is at capacity
-    (`CBIR_MAX_CONCURRENT_SEARCHES`) for longer than `CBIR_SEARCH_MAX_WAIT_MS`."""
+    (`CBIR_MAX_CONCURRENT_SEARCHES`) for longer than `CBIR_MAX_SEARCH_WAIT_MS`."""
     started = time.perf_counter()
     async with request.app.state.admission.admit():
         image = await _decode(request, engine, await file.read(), box=box)

@@ -28,7 +28,7 @@ class SearchSettings(StoreSettings, EmbeddingSettings, UploadSettings, Collectio
         64, ge=1, le=4096, description="searches by upload (POST /search, /search/batch) that run at once: by "
         "default one full micro-batch (CBIR_MAX_BATCH); more wait for a slot, in arrival order "
         "(docs/performance.md#under-load)")
-    search_max_wait_ms: float = Field(
+    max_search_wait_ms: float = Field(
         100.0, ge=0, le=60_000, description="how long a search waits for a slot before it is refused with 503 and "
         "Retry-After (0: refused at once when none is free)")
     max_batch_upload_bytes: int = Field(

@@ -112,7 +112,7 @@ async def gated_gateway(tmp_path) -> AsyncIterator[tuple[httpx.AsyncClient, Memo
     embedder = ControlledEmbedder(dims=4, model_version="v1")
     store = MemoryStore([make_document("only", np.eye(4, dtype=np.float32)[0], model_version="v1")])
     settings = SearchSettings(_env_file=None, state_dir=tmp_path / "state", max_concurrent_searches=1,
-                              search_max_wait_ms=0)  # type: ignore[call-arg]
+                              max_search_wait_ms=0)  # type: ignore[call-arg]
     app = create_app(settings, embedder_factory=lambda: embedder, store_factory=lambda: store)
     async with asgi_client(app, base_url="http://search") as client:
         yield client, store
