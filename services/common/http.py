@@ -85,7 +85,7 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["Retry-After"] = str(exc.retry_after)
         elif exc.status_code == 503:
             headers["Retry-After"] = "5"
-        if exc.status_code >= 500:
+        if exc.status_code >= 500 and not isinstance(exc, OverloadedError):  # refusals: cbir_admission_refused_total
             logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
         return JSONResponse(error_body(exc), status_code=exc.status_code, headers=headers)
 
