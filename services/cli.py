@@ -77,7 +77,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from services.common.collection import Layout
     from services.search_cli import add_parser as add_search_parser
 
     parser = argparse.ArgumentParser(prog="cbir", description=__doc__,
@@ -88,6 +87,22 @@ def _parser() -> argparse.ArgumentParser:
                         add_help=False)
     commands.add_parser("evaluate", help="evaluate retrieval (cbir evaluate --help)", add_help=False)
     commands.add_parser("compare", help="compare the study's models (cbir compare --help)", add_help=False)
+    _add_server_parsers(commands)
+    _add_index_parser(commands)
+    add_search_parser(commands)
+    promote = commands.add_parser(
+        "promote", help="serve an Elasticsearch index built by `cbir index --rebuild` (moves the alias)",
+        description="Carry the uploads and deletions made meanwhile over from the served index to the index of "
+                    "VERSION (re-embedding uploads from CBIR_STATE_DIR/uploads with the configured model, which "
+                    "must be VERSION's), then move the CBIR_ES_INDEX alias to it in one atomic call.")
+    promote.add_argument("version", metavar="VERSION", help="the model version whose index to serve")
+    _add_duplicates_parser(commands)
+    download = commands.add_parser("download-cifar10", help="fetch CIFAR-10 as JPEG folders (internet)")
+    download.add_argument("--dest", type=Path, default=Path("data/cifar10"), help="destination folder")
+    return parser
+
+
+def _add_server_parsers(commands: argparse._SubParsersAction) -> None:
     for name, help_text, port in (("serve", "serve search on one machine, indexing in the background if needed", 8000),
                                   ("embedder", "run the embedder service", 8001),
                                   ("gateway", "run the search gateway only", 8000)):
@@ -98,6 +113,11 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--no-index", action="store_true", help="serve the existing index as it is")
             sub.add_argument("--watch", action="append", type=Path, default=[], metavar="DIR",
                              help="keep DIR indexed as its images come, change and go (repeatable; also CBIR_WATCH)")
+
+
+def _add_index_parser(commands: argparse._SubParsersAction) -> None:
+    from services.common.collection import Layout
+
     index = commands.add_parser(
         "index", help="index a collection into the store (again: only new and changed files)",
         description="Index the images under DIR: new files are added, files whose size or mtime changed are "
@@ -125,13 +145,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="then keep running: index DIR's images as they come, change and go (with --sync's "
                             "removal, of DIR's own documents only) until Ctrl-C or SIGTERM; with --json, one "
                             "line of the watcher's state per batch")
-    add_search_parser(commands)
-    promote = commands.add_parser(
-        "promote", help="serve an Elasticsearch index built by `cbir index --rebuild` (moves the alias)",
-        description="Carry the uploads and deletions made meanwhile over from the served index to the index of "
-                    "VERSION (re-embedding uploads from CBIR_STATE_DIR/uploads with the configured model, which "
-                    "must be VERSION's), then move the CBIR_ES_INDEX alias to it in one atomic call.")
-    promote.add_argument("version", metavar="VERSION", help="the model version whose index to serve")
+
+
+def _add_duplicates_parser(commands: argparse._SubParsersAction) -> None:
     duplicates = commands.add_parser(
         "duplicates", help="print the groups of near-identical images (GET /duplicates)",
         description="The groups of GET /duplicates: copies of one image (re-encoded, resized, shifted, brightened), "
@@ -149,9 +165,6 @@ def _parser() -> argparse.ArgumentParser:
     duplicates.add_argument("--limit", type=int, default=50, help="groups to print (default %(default)s)")
     duplicates.add_argument("--offset", type=int, default=0, help="groups to skip")
     duplicates.add_argument("--json", action="store_true", help="print GET /duplicates' answer as JSON")
-    download = commands.add_parser("download-cifar10", help="fetch CIFAR-10 as JPEG folders (internet)")
-    download.add_argument("--dest", type=Path, default=Path("data/cifar10"), help="destination folder")
-    return parser
 
 
 def _serve(args: argparse.Namespace) -> None:
