@@ -1,5 +1,6 @@
 """The FAISS store on disk: one `.npz` file of columns, saved atomically (`save_index`) and read back (`load_index`),
-and the writer's lock file beside it (`WriterLock`).
+and the writer's lock file beside it (`WriterLock`). The writes since the file was saved are in the log beside it
+(log.py); the file records the first log generation it does not hold (`log_from`).
 
 `save_index` writes a temporary file, syncs it and renames it over the index, so a crash during a save leaves the
 previous index intact. A file whose document schema is not this code's is refused, never read half-filled.
@@ -19,7 +20,7 @@ import numpy as np
 from services.common.documents import DOCUMENT_SCHEMA, StoredImage
 from services.common.errors import IndexNotReadyError, StoreMismatchError, StoreUnavailableError
 from services.common.files import write_atomically
-from services.common.stores.faiss.table import DocumentTable
+from services.common.stores.faiss.table import Columns, DocumentTable
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class SavedIndex:
     table: DocumentTable
     model_version: str | None
     graph: GraphRecord | None
+    log_from: int = 0  # the first log generation the file does not hold: those are replayed
 
     @property
     def dims(self) -> int | None:
@@ -52,8 +54,10 @@ class SavedIndex:
         return self.table.dims if len(self.table) else None
 
 
-def save_index(path: Path, table: DocumentTable, *, model_version: str | None, graph: GraphRecord | None) -> None:
-    """Write `table` (and the record of `graph`) to `path`, whole or not at all (`write_atomically`)."""
+def save_index(path: Path, table: DocumentTable | Columns, *, model_version: str | None, graph: GraphRecord | None,
+               log_from: int = 0) -> None:
+    """Write `table` (and the record of `graph`) to `path`, whole or not at all (`write_atomically`); `log_from`: the
+    first log generation whose writes it does not hold."""
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = _columns(table.docs)
     if graph is not None:  # the graph kept beside the index, and what changed since it was built
@@ -61,7 +65,8 @@ def save_index(path: Path, table: DocumentTable, *, model_version: str | None, g
                    "graph_changed": np.asarray(sorted(graph.changed), dtype=str)}
     write_atomically(path, lambda file: np.savez(file, vectors=table.vectors,
                                                  model_version=np.asarray(model_version or ""),
-                                                 schema=np.asarray(DOCUMENT_SCHEMA), **arrays))
+                                                 schema=np.asarray(DOCUMENT_SCHEMA),
+                                                 log_from=np.asarray(log_from, dtype=np.int64), **arrays))
     logger.debug("saved %d documents to %s", len(table.docs), path)
 
 
@@ -97,7 +102,9 @@ def _read(data: np.lib.npyio.NpzFile) -> SavedIndex:
     docs = _documents_from(data, model_version or "")
     graph = GraphRecord(str(data["graph_token"]), tuple(data["graph_ids"].tolist()),
                         frozenset(data["graph_changed"].tolist())) if "graph_token" in data else None
-    return SavedIndex(table=DocumentTable(docs, vectors), model_version=model_version if docs else None, graph=graph)
+    log_from = int(data["log_from"]) if "log_from" in data else 0  # recorded since the write log
+    return SavedIndex(table=DocumentTable(docs, vectors), model_version=model_version if docs else None, graph=graph,
+                      log_from=log_from)
 
 
 def _documents_from(data: np.lib.npyio.NpzFile, model_version: str) -> list[StoredImage]:

@@ -1,8 +1,11 @@
 """The embedded store: `VectorStore` over the documents in memory (table.py), searched exactly with FAISS or through
-an HNSW graph (graph.py), and saved to one `.npz` file under a writer's lock (persistence.py).
+an HNSW graph (graph.py), saved to one `.npz` file under a writer's lock (persistence.py) with a write-ahead log
+beside it (log.py).
 
-The vectors are L2-normalised, so inner product is cosine. Everything lives in memory; `flush` writes the file
-atomically, so a crash during a save leaves the previous index intact. The first write takes an exclusive lock on a
+The vectors are L2-normalised, so inner product is cosine. Everything lives in memory. Every write is appended to the
+log (`add` and `remove` wait for its fsync, so what they acknowledge survives a crash); the log is replayed on open
+and folded into the index file (written atomically) after `fold_records` records or `fold_bytes` bytes, in the
+background while writes go on, and by `flush`, `reset` and `close`. The first write takes an exclusive lock on a
 `.lock` file beside the index, held until `close` (or the process ends), so two writers (say, `cbir index` while
 `cbir serve` is indexing the same state directory) cannot overwrite each other's work; readers take no lock.
 """
@@ -10,6 +13,7 @@ atomically, so a crash during a save leaves the previous index intact. The first
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 
@@ -34,8 +38,16 @@ from services.common.stores.faiss.graph import (
     SearchedIndex,
     discard_other_graphs,
 )
+from services.common.stores.faiss.log import LoggedWrite, WriteLog, delete_record, log_files, read_log, upsert_record
 from services.common.stores.faiss.persistence import GraphRecord, WriterLock, load_index, save_index
-from services.common.stores.faiss.table import DocumentTable, ExactSnapshot
+from services.common.stores.faiss.table import Columns, DocumentTable, ExactSnapshot
+
+logger = logging.getLogger(__name__)
+
+# When the log is folded into the index file: a fold rewrites the whole file (seconds at 10^6 documents, in the
+# background), a replay on open reads the whole log.
+FOLD_RECORDS = 10_000
+FOLD_BYTES = 64 * 2**20
 
 
 class FaissStore(VectorStore):
@@ -53,15 +65,20 @@ class FaissStore(VectorStore):
 
     name = "faiss"
 
-    def __init__(self, path: Path, *, index: FaissIndexSetting = "auto") -> None:
+    def __init__(self, path: Path, *, index: FaissIndexSetting = "auto", fold_records: int = FOLD_RECORDS,
+                 fold_bytes: int = FOLD_BYTES) -> None:  # fmt: skip
         self.path = Path(path)
+        self.fold_records, self.fold_bytes = fold_records, fold_bytes
         self._graphs = GraphKeeper(index)
-        self._lock = asyncio.Lock()  # held by every write and save
+        self._lock = asyncio.Lock()  # held by every write, and while a fold takes its copy
+        self._fold_lock = asyncio.Lock()  # one fold at a time, in order
+        self._folding: asyncio.Task[None] | None = None
+        self._log = WriteLog(self.path)
         self._dims: int | None = None
         self._model_version: str | None = None
         self._table = DocumentTable()
         self._snapshot: ExactSnapshot | GraphSnapshot | None = None  # what searches read; None after a write
-        self._dirty = False
+        self._dirty = False  # the index file is behind memory (the log holds the difference)
         self._loaded = False
         self._writer_lock = WriterLock(self.path)  # taken by the first write
 
@@ -91,9 +108,34 @@ class FaissStore(VectorStore):
         saved = load_index(self.path)
         self._table = saved.table
         self._graphs.restore(saved.graph, self.path, len(saved.table))
-        self._dims, self._model_version = saved.dims, saved.model_version
+        self._model_version = saved.model_version
+        self._log = WriteLog(self.path, start=saved.log_from)
+        replayed = 0
+        for generation, log_path in log_files(self.path):
+            if generation >= saved.log_from:  # older ones: a fold killed before it removed them
+                for write in read_log(log_path):
+                    self._replay(write)
+                    replayed += 1
+        if replayed:
+            logger.info("replayed %d logged writes onto %s", replayed, self.path)
+        self._dims = self._table.dims if len(self._table) else None
+        self._model_version = self._model_version if len(self._table) else None
         self._snapshot = None
-        self._dirty = False
+        self._dirty = replayed > 0
+
+    def _replay(self, write: LoggedWrite) -> None:
+        """Apply one logged write again (idempotent: an upsert overwrites by id, deleting a missing id does nothing);
+        the graph learns of it as of any write."""
+        if write.op == "delete":
+            self._graphs.note_changed(self._table.delete(write.ids))
+            return
+        vectors = np.stack([doc.vector for doc in write.documents])
+        if len(self._table) and (vectors.shape[1] != self._table.dims or write.model_version != self._model_version):
+            raise IndexNotReadyError(f"the write log beside {self.path} holds {vectors.shape[1]}-dim vectors of model "
+                                     f"{write.model_version}, unlike the index; delete it and run `cbir index`")
+        self._model_version = write.model_version
+        self._table.upsert(write.documents, vectors)
+        self._graphs.note_changed([doc.id for doc in write.documents])
 
     async def info(self) -> StoreInfo:
         return StoreInfo(dims=self._dims, model_version=self._model_version, count=len(self._table))
@@ -105,21 +147,32 @@ class FaissStore(VectorStore):
         if not documents:
             return
         vectors = self._checked_vectors(documents)
-        self._writer_lock.acquire()
+        await self._start_writing()
         async with self._lock:
+            self._log.append(upsert_record(documents, vectors, model_version=self._model_version))
             self._table.upsert(documents, vectors)
             self._written(doc.id for doc in documents)
+        self._maybe_fold()
 
     async def add(self, document: ImageDocument) -> bool:
         vectors = self._checked_vectors([document])
-        self._writer_lock.acquire()
+        await self._start_writing()
         async with self._lock:
             added = document.id not in self._table.rows
             if added:
+                self._log.append(upsert_record([document], vectors, model_version=self._model_version))
                 self._table.upsert([document], vectors)
                 self._written([document.id])
-        await self.flush()  # also when another add of the same id is still saving: on return it is on disk
+        await self._log.sync()  # also when another add of the same id logged it: on return it is on disk
+        self._maybe_fold()
         return added
+
+    async def _start_writing(self) -> None:
+        """Before a write: take the writer's lock, and write the index file if there is none yet (the log's records
+        are replayed onto it: without it they would be orphans)."""
+        self._writer_lock.acquire()
+        if not self.path.exists():
+            await self._fold()
 
     def _checked_vectors(self, documents: Sequence[ImageDocument]) -> np.ndarray:
         if self._dims is None:
@@ -131,12 +184,14 @@ class FaissStore(VectorStore):
         return vectors
 
     async def delete(self, ids: Sequence[str]) -> int:
-        self._writer_lock.acquire()
+        await self._start_writing()
         async with self._lock:
-            gone = self._table.delete(ids)
-            if gone:
-                self._written(gone)
-            return len(gone)
+            stored = [i for i in dict.fromkeys(ids) if i in self._table.rows]
+            if stored:
+                self._log.append(delete_record(stored))
+                self._written(self._table.delete(stored))
+        self._maybe_fold()
+        return len(stored)
 
     def _written(self, ids: Iterable[str]) -> None:
         """After a write (under `self._lock`): the snapshot is stale, the file unsaved, the graph behind."""
@@ -146,7 +201,7 @@ class FaissStore(VectorStore):
 
     async def remove(self, id: str) -> bool:
         removed = await self.delete([id]) > 0
-        await self.flush()
+        await self._log.sync()  # also when another removal of it logged it: on return it is on disk
         return removed
 
     async def get(self, id: str) -> StoredImage | None:
@@ -200,15 +255,43 @@ class FaissStore(VectorStore):
             await self.flush()
 
     async def flush(self) -> None:
-        async with self._lock:
-            if not self._dirty and self.path.exists():
-                return
-            self._writer_lock.acquire()
-            await asyncio.to_thread(self._save, self._table, self._graphs.record())
-            self._dirty = False
+        """Fold every write so far into the index file (the log already made them durable)."""
+        await self._fold()
 
-    def _save(self, table: DocumentTable, graph: GraphRecord | None) -> None:
-        save_index(self.path, table, model_version=self._model_version, graph=graph)
+    def _maybe_fold(self) -> None:
+        """After a write: start folding the log in the background once it holds enough."""
+        if (self._log.records >= self.fold_records or self._log.bytes >= self.fold_bytes) and (
+                self._folding is None or self._folding.done()):
+            self._folding = asyncio.get_running_loop().create_task(self._fold_in_background())
+
+    async def _fold_in_background(self) -> None:
+        try:
+            await self._fold()
+        except Exception:  # the log still holds every write: the next fold tries again
+            logger.exception("folding the write log into %s failed", self.path)
+
+    async def _fold(self) -> None:
+        """Write the index file with every write so far, then delete the log files it holds. Writes go on
+        meanwhile, into a new log file: only taking the copy to save holds them up."""
+        async with self._fold_lock:
+            async with self._lock:
+                if not self._dirty and self.path.exists():
+                    return
+                self._writer_lock.acquire()
+                columns, graph, model_version = self._table.columns(), self._graphs.record(), self._model_version
+                log_from = await self._log.rotate()
+                self._dirty = False
+            save = asyncio.ensure_future(asyncio.to_thread(self._save, columns, graph, model_version, log_from))
+            try:
+                await asyncio.shield(save)
+            except BaseException:
+                await asyncio.wait([save])  # a save left running could land after the next one
+                self._dirty = True
+                raise
+            self._log.discard_before(log_from)
+
+    def _save(self, columns: Columns, graph: GraphRecord | None, model_version: str | None, log_from: int) -> None:
+        save_index(self.path, columns, model_version=model_version, graph=graph, log_from=log_from)
         discard_other_graphs(self.path, keep=graph.token if graph else None)  # graphs the index no longer names
 
     async def reset(self) -> None:
@@ -220,7 +303,17 @@ class FaissStore(VectorStore):
             self._dirty = True
             self._dims = self._model_version = None
             self._loaded = True
+        await self._fold()  # at once: no logged write of the old documents may be replayed onto the new ones
 
     async def close(self) -> None:
+        """Fold what the log holds into the index file (a writer's), then let go of the files."""
         await self._graphs.cancel()
+        if self._folding is not None:
+            await self._folding
+        if self._writer_lock.held and self._dirty:
+            try:
+                await self._fold()
+            except OSError:  # the log keeps the writes: the next open replays them
+                logger.exception("folding the write log into %s at close failed", self.path)
+        await self._log.close()
         self._writer_lock.release()

@@ -16,10 +16,20 @@ from services.common.scoring import score_from_cosine
 from services.common.stores.base import CollectionStats, StoreQuery
 
 
+@dataclasses.dataclass(frozen=True)
+class Columns:
+    """The documents and their vectors as of one moment (what a save writes): neither changes afterwards."""
+
+    docs: list[StoredImage]
+    vectors: np.ndarray
+
+
 class DocumentTable:
     """The documents of one index: `docs[row]` and `vectors[row]` of the document whose id `rows` maps to `row`.
 
-    Writes replace `vectors` instead of changing it in place, so a snapshot holding the array never sees a write.
+    A write costs the rows it touches, not the table: vectors live in a buffer with room to grow, a new document
+    takes the next row and a deleted one's row is filled by the last row. An array handed out by `vectors` (to a
+    snapshot, a graph build or a save) never changes afterwards: a write to one of its rows copies the buffer first.
 
     >>> table = DocumentTable(dims=16)
     >>> table.upsert(documents, np.stack([doc.vector for doc in documents]))
@@ -30,21 +40,32 @@ class DocumentTable:
     def __init__(self, docs: list[StoredImage] | None = None, vectors: np.ndarray | None = None, *,
                  dims: int = 0) -> None:  # fmt: skip
         self.docs: list[StoredImage] = docs if docs is not None else []
-        self.vectors = vectors if vectors is not None else np.zeros((0, dims), dtype=np.float32)
+        self._buffer = vectors if vectors is not None else np.zeros((0, dims), dtype=np.float32)
+        self._shared_rows = 0  # rows of the buffer some holder of `vectors` may still read (`vectors` is taken over)
         self.rows: dict[str, int] = {doc.id: row for row, doc in enumerate(self.docs)}
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @property
+    def vectors(self) -> np.ndarray:
+        """The vectors, `vectors[row]` for each row: an array later writes never change (keep it as long as needed)."""
+        self._shared_rows = max(self._shared_rows, len(self.docs))
+        return self._buffer[:len(self.docs)]
+
+    @property
     def dims(self) -> int:
         """The width of `vectors` (0 before an empty table knows it)."""
-        return int(self.vectors.shape[1])
+        return int(self._buffer.shape[1])
 
     def fit(self, dims: int) -> None:
         """Make an empty table's vectors `dims` wide (a non-empty one already is: the store checked it)."""
         if self.dims != dims:
-            self.vectors = np.zeros((0, dims), dtype=np.float32)
+            self._buffer, self._shared_rows = np.zeros((0, dims), dtype=np.float32), 0
+
+    def columns(self) -> Columns:
+        """The documents and vectors as they are now, for a save that runs while writes go on."""
+        return Columns(docs=list(self.docs), vectors=self.vectors)
 
     def get(self, id: str) -> StoredImage | None:
         row = self.rows.get(id)
@@ -52,7 +73,7 @@ class DocumentTable:
 
     def vectors_of(self, ids: Iterable[str]) -> dict[str, np.ndarray]:
         """Copies of the vectors of those of `ids` that are stored."""
-        return {i: self.vectors[self.rows[i]].copy() for i in ids if i in self.rows}
+        return {i: self._buffer[self.rows[i]].copy() for i in ids if i in self.rows}
 
     def existing(self, ids: Iterable[str]) -> set[str]:
         return {i for i in ids if i in self.rows}
@@ -63,33 +84,39 @@ class DocumentTable:
 
     def upsert(self, documents: Sequence[ImageDocument], vectors: np.ndarray) -> None:
         """Write `documents` with `vectors` (one row each): a known id is overwritten in its row, a new one appended."""
-        new_rows = []
-        copied = False
         for doc, vector in zip(documents, vectors, strict=True):
             row = self.rows.get(doc.id)
             if row is None:
-                self.rows[doc.id] = len(self.docs)
+                row = self.rows[doc.id] = len(self.docs)
                 self.docs.append(doc.stored())
-                new_rows.append(vector)
             else:
-                if not copied:  # a snapshot may hold the array: never change it in place
-                    self.vectors, copied = self.vectors.copy(), True
                 self.docs[row] = doc.stored()
-                self.vectors[row] = vector
-        if new_rows:
-            self.vectors = np.concatenate([self.vectors, np.stack(new_rows)])
+            self._write_row(row, vector)
 
     def delete(self, ids: Iterable[str]) -> list[str]:
-        """Delete the documents of `ids`; returns the ids of those that were stored, in row order."""
+        """Delete the documents of `ids`; returns the ids of those that were stored, in row order. The last rows
+        move into the rows freed."""
         doomed = sorted({self.rows[i] for i in ids if i in self.rows})
-        if not doomed:
-            return []
-        keep = np.setdiff1d(np.arange(len(self.docs)), doomed)
-        gone = [self.docs[i].id for i in doomed]
-        self.vectors = self.vectors[keep]
-        self.docs = [self.docs[i] for i in keep]
-        self.rows = {doc.id: row for row, doc in enumerate(self.docs)}
+        gone = [self.docs[row].id for row in doomed]
+        for row in reversed(doomed):  # from the end: the last row is never one still to delete
+            last = len(self.docs) - 1
+            del self.rows[self.docs[row].id]
+            if row != last:
+                moved = self.docs[row] = self.docs[last]
+                self.rows[moved.id] = row
+                self._write_row(row, self._buffer[last])
+            self.docs.pop()
         return gone
+
+    def _write_row(self, row: int, vector: np.ndarray) -> None:
+        """Set `vectors[row]` (`row` at most the count): in place, unless a holder of `vectors` may read that row."""
+        if row >= len(self._buffer):  # full: grow by a quarter, amortising the copy over the rows to come
+            grown = np.empty((max(16, row + row // 4), self.dims or len(vector)), dtype=np.float32)
+            grown[:row] = self._buffer[:row]
+            self._buffer, self._shared_rows = grown, 0
+        elif row < self._shared_rows:
+            self._buffer, self._shared_rows = self._buffer.copy(), 0
+        self._buffer[row] = vector
 
     def listed(self, source: str | None = None) -> list[StoredImage]:
         """The documents (of `source` only, when given) in id order: a copy, which later writes do not disturb."""
@@ -105,7 +132,7 @@ class DocumentTable:
         """The table as it is now, searched exactly (`dims`: the index's, while the table is still 0 wide)."""
         index = faiss.IndexFlatIP(self.dims or dims or 1)
         if len(self.rows):
-            index.add(np.ascontiguousarray(self.vectors))  # FAISS keeps its own copy
+            index.add(np.ascontiguousarray(self._buffer[:len(self.docs)]))  # FAISS keeps its own copy
         return ExactSnapshot(index=index, rows=dict(self.rows), docs=tuple(self.docs))
 
 

@@ -17,6 +17,8 @@ from services.common.errors import IndexNotReadyError, StoreError, StoreMismatch
 from services.common.stores.base import StoreQuery
 from services.common.stores.faiss import FaissStore
 from services.common.stores.faiss import graph as faiss_graph
+from services.common.stores.faiss.log import log_files
+from services.common.stores.faiss.persistence import load_index
 
 pytestmark = pytest.mark.anyio
 
@@ -69,13 +71,17 @@ async def test_persists_across_restart(tmp_path: Path) -> None:
     assert [h.id for h in before] == [h.id for h in after]
 
 
-async def test_unflushed_writes_are_not_on_disk(tmp_path: Path) -> None:
+async def test_writes_since_the_last_fold_are_in_the_log_and_flush_folds_them(tmp_path: Path) -> None:
     path = tmp_path / "index.npz"
     store = await open_store(path)
     await store.upsert(make_documents(10))
     await store.flush()
     await store.upsert(make_documents(5, prefix="late"))
-    assert await (await open_store(path)).count() == 10
+    await store.delete(["doc-0003"])
+    assert len(load_index(path).table) == 10 and len(log_files(path)) == 1  # the file as flushed, the rest logged
+    assert await (await open_store(path)).count() == 14  # a reader replays the log
+    await store.flush()
+    assert len(load_index(path).table) == 14 and log_files(path) == []
 
 
 async def test_delete_removes_documents(tmp_path: Path) -> None:

@@ -39,15 +39,33 @@ def test_a_known_id_is_overwritten_in_its_row_and_a_new_one_appended() -> None:
     np.testing.assert_array_equal(held, before)  # replaced, never changed in place
 
 
-def test_delete_returns_the_ids_that_were_stored_and_renumbers_the_rows() -> None:
+def test_delete_returns_the_ids_that_were_stored_and_moves_the_last_rows_into_the_gaps() -> None:
     table = table_of(make_documents(6, dims=DIMS))
     held = table.vectors
+    before = held.copy()
     assert table.delete(["doc-0004", "missing", "doc-0001", "doc-0004"]) == ["doc-0001", "doc-0004"]
     assert table.delete(["missing"]) == []
-    assert table.ids() == ("doc-0000", "doc-0002", "doc-0003", "doc-0005") and table.rows["doc-0005"] == 3
-    np.testing.assert_array_equal(table.vectors[3], held[5])
+    assert table.ids() == ("doc-0000", "doc-0005", "doc-0002", "doc-0003") and table.rows["doc-0005"] == 1
+    assert table.rows == {doc_id: row for row, doc_id in enumerate(table.ids())}
+    np.testing.assert_array_equal(table.vectors[1], before[5])
+    np.testing.assert_array_equal(held, before)  # a holder of the array before the delete sees no change
     assert table.vectors_of(["doc-0005", "doc-0001"]).keys() == {"doc-0005"}
     assert table.existing(["doc-0000", "doc-0001"]) == {"doc-0000"} and table.get("doc-0001") is None
+
+
+def test_appends_and_deletes_write_in_place_until_someone_holds_the_array() -> None:
+    table = table_of(make_documents(40, dims=DIMS))
+    table.delete(["doc-0003"])  # nobody holds the vectors: no copy of the buffer
+    buffer = table._buffer
+    table.upsert(make_documents(3, dims=DIMS, prefix="new"), unit_vectors(3, DIMS, seed=5))
+    table.delete(["doc-0010"])
+    assert table._buffer is buffer and len(table) == 41
+    held = table.vectors
+    table.upsert(make_documents(1, dims=DIMS, prefix="more"), unit_vectors(1, DIMS, seed=6))  # past the held rows
+    assert table._buffer is buffer
+    table.delete(["doc-0000"])  # into a held row: copied first
+    assert table._buffer is not buffer and np.shares_memory(held, buffer)
+    assert table.ids()[0] == "more-0000"
 
 
 def test_vectors_read_back_are_copies() -> None:
