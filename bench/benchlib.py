@@ -244,13 +244,14 @@ def _round(value: float) -> float:
 
 
 def write_result(name: str, payload: dict[str, Any], *, output_dir: Path = RESULTS_DIR,
-                 argv: Sequence[str] | None = None) -> Path:
-    """`output_dir/<name>.json`: the command (`argv`, default this process's), commit, machine and busy
-    flag, then `payload` (settings, yardsticks, figures, goals, details); printed as a short table."""
+                 argv: Sequence[str] | None = None, script: str | None = None) -> Path:
+    """`output_dir/<name>.json`: the command (bench/`script`.py, default `name`'s, with `argv`, default this
+    process's), commit, machine and busy flag, then `payload` (settings, yardsticks, figures, goals, details);
+    printed as a short table."""
     import report  # bench/report.py renders docs/performance.md's table: the same rows here
 
     argv = sys.argv[1:] if argv is None else argv
-    result = {"name": name, "command": " ".join(["python", f"bench/{name}.py", *argv]),
+    result = {"name": name, "command": " ".join(["python", f"bench/{script or name}.py", *argv]),
               "commit": commit(), "machine": machine(), "busy": bool(payload.get("load", {}).get("busy")),
               **payload}
     result.setdefault("goals", [])

@@ -3,6 +3,7 @@
     python bench/scale.py                  # N = 10⁴, 10⁵, 10⁶, 5·10⁶: about 6 min on the 2-core machine
     python bench/scale.py --quick          # N = 10⁴, small sweeps: about 10 s (CI runs this through the tests)
     python bench/scale.py --sizes 100000   # one size
+    python bench/scale.py --writes         # the store's single add and remove at 10⁴ and 10⁶ (bench/store_writes.py)
 
 Collections are synthetic but shaped like ours: vectors of the shipped model's size (74 = 64 PCA dims + 10
 classes), each the L2-normalised fusion of a unit "PCA part" and the one-hot of its class weighted by the
@@ -39,6 +40,7 @@ import benchlib
 import faiss
 import numpy as np
 import report
+import store_writes
 
 from services.common.logs import configure_logging
 
@@ -63,6 +65,7 @@ def get_args_parser():
     parser.add_argument("--queries", type=int, default=None, help=f"queries per size (default {QUERIES}; --quick: 50)")
     parser.add_argument("--report", type=Path, default=REPORT, help="the Markdown report (default reports/scale.md)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--writes", action="store_true", help="instead: the store's single writes (store_writes.py)")
     return parser
 
 
@@ -335,6 +338,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sizes = args.sizes or list(QUICK_SIZES if args.quick else SIZES)
     query_count = args.queries or (50 if args.quick else QUERIES)
     load = benchlib.require_idle(args.max_load, wait_s=args.idle_wait, allow_busy=args.allow_busy)
+    if args.writes:
+        return store_writes.main(args, argv, load=load, centres=Centres.draw(np.random.default_rng(args.seed)))
     started = time.perf_counter()
     bundle = benchlib.load_shipped_bundle(args.model_dir)
     from services.embedder.inference import pick_device
