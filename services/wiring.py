@@ -90,7 +90,8 @@ def build_store(settings: StoreSettings, *, faiss_path: Path | None = None, vers
     from services.indexer.serving import served_index
 
     faiss.omp_set_num_threads(faiss_threads(settings.faiss_threads))  # process-wide: beside the model's threads
-    return FaissStore(faiss_path or served_index(settings.state_dir), index=settings.faiss_index)
+    return FaissStore(faiss_path or served_index(settings.state_dir), index=settings.faiss_index,
+                      fold_records=settings.faiss_log_fold_records, fold_bytes=settings.faiss_log_fold_bytes)
 
 
 def build_elasticsearch_store(settings: StoreSettings, *, versioned: bool = False) -> ElasticsearchStore:

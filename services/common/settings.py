@@ -63,6 +63,10 @@ class StoreSettings(BaseCbirSettings):
     faiss_index: FaissIndexSetting = Field(
         "auto", description="the embedded index: flat (exact), hnsw (approximate, for millions of images), or auto: "
         "exact below the size bench/scale.py measured (reports/scale.md), HNSW above it")
+    faiss_log_fold_records: int = Field(10_000, ge=1, le=10_000_000, description="writes the embedded index's write "
+                                        "log holds before it is folded into the index file (in the background)")
+    faiss_log_fold_bytes: int = Field(64 * 2**20, ge=4096, description="bytes the embedded index's write log holds "
+                                      "before it is folded into the index file")
     es_url: AnyHttpUrl = Field("http://localhost:9200", description="Elasticsearch URL")
     es_api_key: SecretStr | None = Field(None, description="Elasticsearch API key (instead of basic auth)")
     es_username: str | None = Field(None, description="Elasticsearch basic-auth user")

@@ -18,6 +18,7 @@ from services.common.collection import CollectionImage, Layout, scan_collection
 from services.common.documents import ImageDocument, StoredImage, document_id
 from services.common.images import decode_image
 from services.common.stores.faiss import FaissStore
+from services.common.stores.faiss.persistence import load_index
 from services.indexer.stages import (
     UNREADABLE,
     DecodedBatch,
@@ -241,9 +242,9 @@ async def test_batches_in_flight_reach_the_store_one_at_a_time() -> None:
     assert (store.calls, store.most_at_once, writer.added) == ([("upsert", 1)] * 3, 1, 3)
 
 
-async def test_what_a_writer_saved_survives_a_crash_and_the_rest_is_lost(tmp_path: Path) -> None:
-    """A run killed after three batches with saves every two: the file holds the first two, which the
-    next run's plan counts as stored; the third is embedded again."""
+async def test_what_a_writer_saved_survives_a_crash_and_the_rest_is_in_the_store_log(tmp_path: Path) -> None:
+    """A run killed after three batches with saves every two: the index file holds the first two, and the
+    FAISS store's write log the third (written, not fsynced: a process killed keeps it, a power cut may not)."""
     path = tmp_path / "index.npz"
     store = FaissStore(path)
     await store.open(dims=16, model_version="v1")
@@ -251,10 +252,12 @@ async def test_what_a_writer_saved_survives_a_crash_and_the_rest_is_lost(tmp_pat
     batches = [documents(3, prefix=prefix) for prefix in "abc"]
     for batch in batches:
         await writer.write(batch)
+    saved = {document.id for batch in batches[:2] for document in batch}
+    assert set(load_index(path).table.ids()) == saved
     survivor = FaissStore(path)  # what a new process finds on disk now
     await survivor.open(dims=16, model_version="v1", create=False)
-    saved = {document.id for batch in batches[:2] for document in batch}
-    assert await survivor.existing_ids([d.id for batch in batches for d in batch]) == saved
+    assert await survivor.existing_ids([d.id for batch in batches for d in batch]) == {
+        d.id for batch in batches for d in batch}
 
     await writer.flush()
     reopened = FaissStore(path)
