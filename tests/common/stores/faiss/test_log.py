@@ -5,6 +5,7 @@ acknowledged add or removal, and the writes it replayed reach the HNSW graph too
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import signal
@@ -94,6 +95,22 @@ async def test_folding_after_enough_records_empties_the_log(tmp_path: Path) -> N
     reopened = FaissStore(path)
     await reopened.open(dims=DIMS, model_version=MODEL_VERSION, create=False)
     assert await reopened.count() == 12
+
+
+async def test_writes_during_a_fold_go_to_the_next_log_and_survive_it(tmp_path: Path) -> None:
+    path = tmp_path / "index.npz"
+    store = FaissStore(path, fold_records=1000)
+    await store.open(dims=DIMS, model_version=MODEL_VERSION)
+    documents = make_documents(40)
+    await store.upsert(documents[:20])
+    # The fold takes its copy, then saves in a thread while these adds and removes are logged.
+    results = await asyncio.gather(store.flush(), *(store.add(d) for d in documents[20:]),
+                                   store.remove("doc-0001"), store.remove("doc-0025"))
+    assert results[-2:] == [True, True]
+    assert [generation for generation, _ in log_files(path)] == [1]  # the folded generation is gone
+    reopened = FaissStore(path)  # as after a crash
+    await reopened.open(dims=DIMS, model_version=MODEL_VERSION, create=False)
+    assert {doc.id async for doc in reopened.iter_documents()} == {d.id for d in documents} - {"doc-0001", "doc-0025"}
 
 
 async def test_replayed_writes_reach_the_graph(tmp_path: Path) -> None:
