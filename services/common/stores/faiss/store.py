@@ -52,7 +52,9 @@ FOLD_BYTES = 64 * 2**20
 
 class FaissStore(VectorStore):
     """FAISS `IndexFlatIP` (or an HNSW graph, see services/common/stores/faiss/graph.py) over an in-memory table,
-    saved atomically to `path`. `index` is the CBIR_FAISS_INDEX setting; `index_kind` says what searches now.
+    saved atomically to `path`, every write logged beside it first (services/common/stores/faiss/log.py) and folded
+    into it after `fold_records` records or `fold_bytes` bytes (CBIR_FAISS_LOG_FOLD_*). `index` is the
+    CBIR_FAISS_INDEX setting; `index_kind` says what searches now.
 
     >>> store = FaissStore(Path("state/index.npz"))
     >>> await store.open(dims=74, model_version="abc")
