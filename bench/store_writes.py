@@ -6,7 +6,7 @@ At each size N (default 10⁴ and 10⁶) a fresh `FaissStore` in a temporary fol
 (`upsert` in batches of 10,000, then `flush`: the fold that writes the index file); then 1,000 single `add`s of
 new documents and 1,000 single `remove`s of stored ones are timed one by one at the store's interface (each returns
 once its log record is fsynced), the sizes taking turns write by write, so that the disk's moods fall on every size
-alike; `close` then folds them (timed). Vectors are bench/scale.py's
+alike; `flush` then folds them (timed). Vectors are bench/scale.py's
 synthetic ones (74 dims, unit length). The goal: p50 and p99 at the largest size within 2× of the smallest's,
 measured in the same run (the smallest size is the yardstick). At 10⁶ documents `CBIR_FAISS_INDEX=auto` wants the
 HNSW graph; this bench runs no search, so none is built and each write only notes its id for the graph's next
@@ -81,8 +81,9 @@ async def measure(stores: list[FaissStore], rows: list[dict[str, Any]], fresh: n
         row |= {"count_after": await store.count(), "index_kind": store.index_kind,
                 "add": percentiles(timing["add"]), "remove": percentiles(timing["remove"])}
         started = time.perf_counter()
-        await store.close()  # folds what the log holds
+        await store.flush()  # the fold of what the log holds
         row["fold_s"] = time.perf_counter() - started
+        await store.close()
         logger.info("N=%d: add p50 %.2f ms p99 %.2f ms, remove p50 %.2f ms p99 %.2f ms, fold %.1f s", row["n"],
                     row["add"]["p50_ms"], row["add"]["p99_ms"], row["remove"]["p50_ms"], row["remove"]["p99_ms"],
                     row["fold_s"])

@@ -98,8 +98,12 @@ def keep_bundle(state_dir: Path, bundle_dir: Path, bundle_version: str) -> str:
 
 
 def forget(state_dir: Path, record: ServingRecord, *, keep: ServingRecord) -> None:
-    """Remove what `record` served and `keep` does not use: its index file and its bundle copy."""
+    """Remove what `record` served and `keep` does not use: its index file (with the FAISS write logs and HNSW
+    graphs beside it) and its bundle copy."""
     if record.index != keep.index:
         (state_dir / record.index).unlink(missing_ok=True)
+        for pattern in (f"{record.index}.*.log", f"{record.index}.*.hnsw"):
+            for beside in state_dir.glob(pattern):
+                beside.unlink(missing_ok=True)
     if record.model_dir != keep.model_dir:
         shutil.rmtree(state_dir / record.model_dir, ignore_errors=True)

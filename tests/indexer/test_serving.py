@@ -69,10 +69,13 @@ def test_a_kept_bundle_is_linked_under_the_state_dir_once(tmp_path: Path) -> Non
 
 def test_forget_removes_only_what_the_kept_pair_does_not_use(tmp_path: Path) -> None:
     (tmp_path / "models" / "old").mkdir(parents=True)
-    (tmp_path / "index.npz").write_bytes(b"old index")
+    beside = ["index.npz.00000003.log", "index.npz.0a1b2c.hnsw", "index-new.npz.00000000.log"]
+    for name in ["index.npz", *beside]:
+        (tmp_path / name).write_bytes(b"old index")
     old = ServingRecord(**{**RECORD.__dict__, "model_dir": "models/old"})
     same_bundle = ServingRecord(**{**old.__dict__, "index": "index-new.npz", "pca_dims": 8})
     forget(tmp_path, old, keep=same_bundle)  # another index of the same bundle: the bundle copy stays
     assert not (tmp_path / "index.npz").exists() and (tmp_path / "models" / "old").is_dir()
+    assert sorted(path.name for path in tmp_path.glob("index*")) == ["index-new.npz.00000000.log"]  # its logs, graphs
     forget(tmp_path, same_bundle, keep=RECORD)
     assert not (tmp_path / "models" / "old").exists()

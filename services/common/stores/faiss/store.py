@@ -5,7 +5,7 @@ beside it (log.py).
 The vectors are L2-normalised, so inner product is cosine. Everything lives in memory. Every write is appended to the
 log (`add` and `remove` wait for its fsync, so what they acknowledge survives a crash); the log is replayed on open
 and folded into the index file (written atomically) after `fold_records` records or `fold_bytes` bytes, in the
-background while writes go on, and by `flush`, `reset` and `close`. The first write takes an exclusive lock on a
+background while writes go on, and by `flush` and `reset`. The first write takes an exclusive lock on a
 `.lock` file beside the index, held until `close` (or the process ends), so two writers (say, `cbir index` while
 `cbir serve` is indexing the same state directory) cannot overwrite each other's work; readers take no lock.
 """
@@ -260,15 +260,19 @@ class FaissStore(VectorStore):
         """Fold every write so far into the index file (the log already made them durable)."""
         await self._fold()
 
+    def _fold_due(self) -> bool:
+        return self._log.records >= self.fold_records or self._log.bytes >= self.fold_bytes
+
     def _maybe_fold(self) -> None:
         """After a write: start folding the log in the background once it holds enough."""
-        if (self._log.records >= self.fold_records or self._log.bytes >= self.fold_bytes) and (
-                self._folding is None or self._folding.done()):
+        if self._fold_due() and (self._folding is None or self._folding.done()):
             self._folding = asyncio.get_running_loop().create_task(self._fold_in_background())
 
     async def _fold_in_background(self) -> None:
         try:
             await self._fold()
+            while self._fold_due():  # what was written during the fold is enough for the next one
+                await self._fold()
         except Exception:  # the log still holds every write: the next fold tries again
             logger.exception("folding the write log into %s failed", self.path)
 
@@ -308,14 +312,11 @@ class FaissStore(VectorStore):
         await self._fold()  # at once: no logged write of the old documents may be replayed onto the new ones
 
     async def close(self) -> None:
-        """Fold what the log holds into the index file (a writer's), then let go of the files."""
+        """Let go of the files, once a fold under way is done. What the log holds stays there (durable, replayed by
+        the next open): closing never waits for a rewrite of the index file (seconds at a million documents), which
+        a retired index (a swap's old one, removed next) would not even need."""
         await self._graphs.cancel()
         if self._folding is not None:
             await self._folding
-        if self._writer_lock.held and self._dirty:
-            try:
-                await self._fold()
-            except OSError:  # the log keeps the writes: the next open replays them
-                logger.exception("folding the write log into %s at close failed", self.path)
         await self._log.close()
         self._writer_lock.release()
