@@ -246,7 +246,7 @@ def test_indexer_killed_mid_run_loses_and_duplicates_nothing(
                          env=subprocess_env(tiny_bundle_dir, thousand_images, cbir_env), cwd=cbir_env.parent, log=log)
     try:
         deadline = time.monotonic() + 120
-        while not index_file.exists():  # the first flush has landed
+        while not (index_file.exists() and len(read_index(index_file)["ids"])):  # the first flush has landed
             assert process.poll() is None, log.read_text()[-2000:]
             assert time.monotonic() < deadline, "the indexer wrote nothing in 120 s"
             time.sleep(0.01)
@@ -255,7 +255,7 @@ def test_indexer_killed_mid_run_loses_and_duplicates_nothing(
     finally:
         stop_process(process)
     assert process.returncode == -signal.SIGKILL
-    partial = len(read_index(index_file)["ids"])
+    partial = anyio.run(stored_count, index_file)  # the index file's, and the writes logged beside it since
     assert 0 < partial < 1000, f"killed after {partial} images: not mid-run"
 
     monkeypatch.setenv("CBIR_DATA_DIR", str(thousand_images))
@@ -339,6 +339,14 @@ async def stored_ids(path: Path) -> list[str]:
     return read_index(path)["ids"].tolist()
 
 
+async def stored_count(path: Path) -> int:
+    """How many documents a store opening `path` holds: the index file's, and the writes its log holds."""
+    arrays = read_index(path)
+    store = FaissStore(path)
+    await store.open(dims=arrays["vectors"].shape[1], model_version=str(arrays["model_version"]), create=False)
+    return await store.count()
+
+
 @pytest.fixture
 async def saved_store(tmp_path: Path) -> tuple[FaissStore, Path, bytes]:
     """A store with 5 documents saved, then 5 more upserted but not yet saved."""
@@ -353,8 +361,8 @@ async def saved_store(tmp_path: Path) -> tuple[FaissStore, Path, bytes]:
 def assert_previous_index_intact(path: Path, before: bytes) -> None:
     assert path.read_bytes() == before
     assert read_index(path)["ids"].tolist() == [f"doc-{i:04d}" for i in range(5)]
-    # No temporary file left behind; only the writer's lock file stays beside the index.
-    assert sorted(p.name for p in path.parent.iterdir()) == ["index.npz", "index.npz.lock"]
+    # No temporary file left behind; only the writer's lock file and the write log (the unsaved upserts) stay.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["index.npz", "index.npz.00000001.log", "index.npz.lock"]
 
 
 async def test_failure_while_writing_leaves_the_previous_index(saved_store, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -387,7 +395,7 @@ async def test_failure_while_renaming_leaves_the_previous_index(saved_store,
     assert_previous_index_intact(path, before)
     reopened = FaissStore(path)
     await reopened.open(dims=8, model_version="v1", create=False)
-    assert await reopened.count() == 5
+    assert await reopened.count() == 10  # the index file's 5, and the 5 upserts its log holds
 
 
 KILLED_WHILE_SAVING = textwrap.dedent("""
@@ -398,10 +406,10 @@ KILLED_WHILE_SAVING = textwrap.dedent("""
     from services.common.stores.faiss import FaissStore
 
     path, marker = Path(sys.argv[1]), Path(sys.argv[2])
-    def stall(fd):  # the new file is written but not yet synced or renamed
+    def stall(source, target):  # the new file is written but not yet renamed
         marker.write_text("saving")
         time.sleep(60)
-    os.fsync = stall
+    os.replace = stall
 
     async def main():
         store = FaissStore(path)
@@ -429,8 +437,9 @@ async def test_process_killed_while_saving_leaves_the_previous_index(tmp_path: P
     finally:
         stop_process(process)
     assert path.read_bytes() == before
-    leftovers = [p.name for p in path.parent.iterdir() if p.name not in ("index.npz", "index.npz.lock")]
+    leftovers = [p.name for p in path.parent.iterdir()
+                 if p.name not in ("index.npz", "index.npz.lock") and not p.name.endswith(".log")]
     assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")  # the half-written file never replaced it
     reopened = FaissStore(path)
     await reopened.open(dims=8, model_version="v1", create=False)
-    assert await reopened.count() == 5
+    assert await reopened.count() == 10  # the index file's 5, and the 5 upserts its log holds
