@@ -123,7 +123,7 @@ def main(args: Any, argv: list[str] | None, *, load: dict[str, Any], centres: An
                 figure = benchlib.figure(name, row[op][f"{stat}_ms"], "ms")
                 if row is not smallest:  # the yardstick: the same figure at the smallest size, in this run
                     ratio = row[op][f"{stat}_ms"] / smallest[op][f"{stat}_ms"]
-                    figure["ratio"] = round(ratio, 3)
+                    figure["ratio"] = float(f"{ratio:.4g}")  # as benchlib rounds a goal's ratio
                     if row is largest:
                         goals.append(benchlib.goal(f"{op} {stat} at N={row['n']:,} within {GOAL:g}× of N="
                                                    f"{smallest['n']:,}", name, ratio, at_most=GOAL))
