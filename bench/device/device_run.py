@@ -31,10 +31,10 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
-# What `cbir train` imports that the machine's image lacks (found with `check-imports`); skops for the bundle
-# loader, typing-extensions because pydantic needs a newer one than the image may have.
+# What `cbir train` imports that the machine's image lacks (found with `check-imports`); typing-extensions because
+# pydantic needs a newer one than the image may have. (skops is imported only for BOVW bundles: not carried.)
 CARRIED = ("pydantic", "pydantic-core", "pydantic-settings", "typing-inspection", "annotated-types", "python-dotenv",
-           "skops", "typing-extensions")
+           "typing-extensions")
 DEVICE_PACKAGES = HERE / "device-packages.txt"
 # The recipe of the run, before the budget and the paths; CBIR_DEVICE_TRAIN_ARGS options come after it and win.
 RECIPE = ("--batch-size", "512", "--scale-lr", "--cutout", "16", "--crop-padding", "reflect",

@@ -37,7 +37,7 @@ if [ "${CBIR_DEVICE_TINY:-0}" = 1 ]; then
 fi
 
 step=$(date +%s%N)
-if ! "$python" -c "import pydantic, pydantic_settings, skops" 2>/dev/null; then
+if ! "$python" -c "import pydantic, pydantic_settings" 2>/dev/null; then
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" \
         "$device_dir"/wheels/*.whl || exit 1
     export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
