@@ -296,6 +296,14 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CBIR_COMPILE of the subprocesses (default auto; --quick: off)")
 
 
+def add_index_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the benches that serve a FAISS index of the train split: bring one, or keep the one built."""
+    parser.add_argument("--index", type=Path, default=None,
+                        help="an existing FAISS index file (index.npz) of --data-dir's train split, copied into the "
+                             "temporary state dir, instead of building one with `cbir index`")
+    parser.add_argument("--save-index", type=Path, default=None, help="keep a copy of the index built here")
+
+
 def int_list(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 

@@ -52,10 +52,7 @@ MAX_BATCH = 64  # CBIR_MAX_BATCH's default: the largest forward pass however man
 def get_args_parser() -> argparse.ArgumentParser:
     parser = benchlib.base_parser(__doc__)
     benchlib.add_service_arguments(parser)
-    parser.add_argument("--index", type=Path, default=None,
-                        help="an existing FAISS index file (index.npz) of --data-dir's train split, copied into "
-                             "the temporary state dir, instead of building one with `cbir index`")
-    parser.add_argument("--save-index", type=Path, default=None, help="keep a copy of the index built here")
+    benchlib.add_index_arguments(parser)
     parser.add_argument("--clients", type=benchlib.int_list, default=list(CLIENTS),
                         help="comma-separated client counts (default 1,4,16,64,256; 1, 16, 64 and 256 carry the "
                              "goals)")

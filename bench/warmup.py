@@ -45,10 +45,7 @@ HEALTH_POLL_S = 0.25
 def get_args_parser() -> argparse.ArgumentParser:
     parser = benchlib.base_parser(__doc__)
     benchlib.add_service_arguments(parser)
-    parser.add_argument("--index", type=Path, default=None,
-                        help="an existing FAISS index file (index.npz) of --data-dir's train split, copied into the "
-                             "temporary state dir, instead of building one with `cbir index`")
-    parser.add_argument("--save-index", type=Path, default=None, help="keep a copy of the index built here")
+    benchlib.add_index_arguments(parser)
     parser.add_argument("--settle", type=float, default=None,
                         help="seconds after the first 200 that the p50 goal leaves out (default 10; --quick: 0)")
     parser.add_argument("--after-ready", type=float, default=None,
