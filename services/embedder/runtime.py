@@ -69,8 +69,12 @@ class Embedder:
         # A BOVW bundle's model is a `BovwModel` (descriptors and a scikit-learn classifier on the CPU):
         # nothing of it moves to a device or compiles.
         self.deep = bundle.family == "deep"
-        self.model = bundle.model.to(self.device, memory_format=torch.channels_last).eval() if self.deep else \
-            bundle.model
+        # No parameter requires grad (inference only): autocast caches the bf16 casts of weights that do, in one
+        # cache behind one process-wide mutex, and a forward pass freeing its casts at the end of its autocast
+        # region holds that mutex while it waits for the GIL, which the compile thread holds while it waits for
+        # the mutex (tracing a conv under autocast): a served search and the warm-up deadlocked the whole server.
+        self.model = bundle.model.to(self.device, memory_format=torch.channels_last).eval().requires_grad_(False) \
+            if self.deep else bundle.model
         # torch.compile specialises on the batch size: a chunk goes through the compiled sizes that fit it
         # (`compiled_pieces`), eagerly where none does yet. `compile_next` compiles a copy of the network, so
         # another thread may compile while this one serves eagerly; its caches go to `compile_cache`.

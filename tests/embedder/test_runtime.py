@@ -164,6 +164,17 @@ def test_a_compiled_size_serves_queries_and_their_mirrors_without_compiling_agai
                 assert len(embedder.embed_batch(images[:count], purpose=purpose)) == count
 
 
+def test_no_parameter_requires_grad_so_autocast_caches_no_weight_casts(tiny_bundle) -> None:
+    """autocast caches the bf16 casts of weights that require grad, behind one process-wide mutex; a forward
+    pass freeing its casts held that mutex while waiting for the GIL, which the compile thread held while it
+    waited for the mutex (py-spy of a `cbir serve` stalled in its warm-up, 2026-12-04)."""
+    from services.embedder.runtime import Embedder
+
+    embedder = Embedder(tiny_bundle, max_batch=2, compile=True)
+    for model in (embedder.model, embedder._to_compile):
+        assert model is not None and not any(parameter.requires_grad for parameter in model.parameters())
+
+
 @pytest.mark.slow
 async def test_the_service_compiles_in_the_background_while_it_answers(tiny_bundle, mini_collection,
                                                                        tmp_path) -> None:
@@ -203,3 +214,33 @@ def test_a_model_that_is_not_compiled_reports_no_warm_up(tiny_bundle) -> None:
 
     embedder = Embedder(tiny_bundle, max_batch=4)
     assert embedder.warm_up_progress is None and not embedder.warming_up
+
+
+@pytest.mark.slow
+def test_searches_beside_the_warm_up_never_stall(tiny_bundle) -> None:
+    """Eager forward passes in one thread while every size compiles in another: both finish. With the weights
+    requiring grad again this stalled here within seconds (2026-12-04); a stall holds the GIL, so the suite's
+    per-test timeout (pyproject's `timeout`) is what ends it, and the test above names the cause."""
+    from services.embedder.runtime import Embedder
+
+    embedder = Embedder(tiny_bundle, max_batch=8, compile=True)
+    images = np.zeros((1, 32, 32, 3), dtype=np.uint8)
+    compiled, stop, searches = threading.Event(), threading.Event(), [0]
+
+    def search() -> None:
+        while not stop.is_set():
+            embedder.embed_batch(images)
+            searches[0] += 1
+
+    def compile_all() -> None:
+        embedder.compile_model()
+        compiled.set()
+
+    threads = [threading.Thread(target=search, daemon=True), threading.Thread(target=compile_all, daemon=True)]
+    for thread in threads:
+        thread.start()
+    assert compiled.wait(timeout=300), "the warm-up stalled beside the searches"
+    stop.set()
+    threads[0].join(timeout=30)
+    assert not threads[0].is_alive(), "a search stalled"
+    assert searches[0] > 0 and not embedder.warming_up
