@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.common.collection import Layout
-from services.common.cores import faiss_threads, torch_threads
+from services.common.cores import faiss_threads, single_threaded_blas, torch_threads
 from services.common.embedding import EmbeddingService, HttpEmbeddingClient
 from services.common.settings import (
     Backend,
@@ -50,6 +50,7 @@ def build_local_embedding_service(settings: ModelSettings) -> LocalEmbeddingServ
     from services.embedder.runtime import Embedder, LocalEmbeddingService
 
     torch.set_num_threads(torch_threads(settings.torch_threads))  # process-wide: CBIR_TORCH_THREADS or the cores
+    single_threaded_blas()  # numpy's: its idle threads would spin beside the forward pass
     bundle = load_bundle(settings.model_dir or DEFAULT_BUNDLE_DIR)
     embedder = Embedder(bundle, device=settings.device, pca_dims=settings.pca_dims,
                         onehot_weight=settings.onehot_weight, max_batch=settings.max_batch,
@@ -90,6 +91,7 @@ def build_store(settings: StoreSettings, *, faiss_path: Path | None = None, vers
     from services.indexer.serving import served_index
 
     faiss.omp_set_num_threads(faiss_threads(settings.faiss_threads))  # process-wide: beside the model's threads
+    single_threaded_blas()  # FAISS's and numpy's, loaded by now
     return FaissStore(faiss_path or served_index(settings.state_dir), index=settings.faiss_index,
                       fold_records=settings.faiss_log_fold_records, fold_bytes=settings.faiss_log_fold_bytes)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import faiss
 import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from services.common.collection import Layout
 from services.common.embedding import HttpEmbeddingClient
@@ -22,6 +23,12 @@ from services.wiring import (
     build_store,
 )
 
+
+def blas_threads() -> set[int]:
+    """The thread counts of the BLAS libraries with threads of their own (not OpenMP's)."""
+    return {library["num_threads"] for library in threadpool_info()
+            if library["user_api"] == "blas" and library.get("threading_layer") != "openmp"}
+
 pytestmark = pytest.mark.anyio
 
 
@@ -30,8 +37,10 @@ def test_the_faiss_store_searches_with_the_configured_threads(tmp_path: Path, mo
     try:
         for threads in (2, 1):
             monkeypatch.setenv("CBIR_FAISS_THREADS", str(threads))
-            store = build_store(StoreSettings.load())
-            assert isinstance(store, FaissStore) and faiss.omp_get_max_threads() == threads
+            with threadpool_limits(limits=2, user_api="blas"):  # as it was before, on the way out
+                store = build_store(StoreSettings.load())
+                assert isinstance(store, FaissStore) and faiss.omp_get_max_threads() == threads
+                assert blas_threads() == {1}  # FAISS's BLAS and numpy's
     finally:
         faiss.omp_set_num_threads(before)
 
@@ -71,7 +80,9 @@ async def test_an_embedder_url_builds_the_http_client_with_its_timeout_and_retri
 async def test_without_an_embedder_url_the_model_runs_here_with_the_vector_settings(tiny_bundle_dir: Path) -> None:
     settings = EmbeddingSettings(_env_file=None, model_dir=tiny_bundle_dir, pca_dims=8,  # type: ignore[call-arg]
                                  onehot_weight=1.5, compile="off")
-    service = build_embedding_service(settings)
+    with threadpool_limits(limits=2, user_api="blas"):  # as it was before, on the way out
+        service = build_embedding_service(settings)
+        assert blas_threads() == {1}  # numpy's BLAS never spins beside the forward pass
     try:
         info = await service.info()
         assert (info.pca_dims, info.onehot_weight, info.dims) == (8, 1.5, 8 + len(info.classes))

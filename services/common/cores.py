@@ -4,6 +4,7 @@
     torch_threads(None)   the forward pass's intra-op threads: every available core
     faiss_threads(None)   the embedded FAISS index's OpenMP threads: a quarter of them, at least one
     idle_openmp_threads_sleep()   a serving process's OpenMP threads sleep when idle instead of spinning
+    single_threaded_blas()        numpy's and FAISS's BLAS on one thread, beside the forward pass
 
 `os.cpu_count()` is the host's count: in a container limited to two CPUs it may say 64, and 64 threads
 on two cores spend their time waiting for each other.
@@ -56,3 +57,22 @@ def idle_openmp_threads_sleep() -> None:
     thread) stalls too. Measured (docs/performance.md#under-load): more queries a second at 16 and 64 clients.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def single_threaded_blas() -> None:
+    """The BLAS libraries loaded so far that run their own threads (numpy's OpenBLAS, OpenCV's) on one thread
+    each, for good: call it where the model runs in this process, once numpy and FAISS are loaded.
+
+    After each call OpenBLAS's worker threads spin for a while waiting for the next, and the forward pass
+    that follows (an OpenMP region that waits for its slowest thread) shares the cores with them: one
+    small projection per batch (`build_vectors`: 64 x 512 by 512 x 64) made `Embedder.embed_batch` 2.4x
+    slower than its forward pass alone (412 against 986 images/s at batch 64, two cores, 2026-12-05). The
+    products this process computes with BLAS are that small: one thread loses nothing. A BLAS built on
+    OpenMP (FAISS's) is left alone: its threads are OpenMP's, which `faiss_threads` counts and
+    `OMP_WAIT_POLICY` puts to sleep, and setting its count would set OpenMP's.
+    """
+    from threadpoolctl import ThreadpoolController
+
+    for library in ThreadpoolController().select(user_api="blas").lib_controllers:
+        if getattr(library, "threading_layer", None) != "openmp":
+            library.set_num_threads(1)

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from services.common import cores
-from services.common.cores import available_cores, faiss_threads, idle_openmp_threads_sleep, torch_threads
+from services.common.cores import (
+    available_cores,
+    faiss_threads,
+    idle_openmp_threads_sleep,
+    single_threaded_blas,
+    torch_threads,
+)
 
 AFFINITY = len(os.sched_getaffinity(0))
 
@@ -46,3 +52,16 @@ def test_a_serving_process_lets_idle_openmp_threads_sleep_unless_told_otherwise(
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     idle_openmp_threads_sleep()
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_blas_runs_on_one_thread_once_asked_and_openmp_keeps_its_count() -> None:
+    import faiss  # its BLAS too, once loaded: built on OpenMP
+    import numpy as np  # noqa: F401 - OpenBLAS on its own threads
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    with threadpool_limits(limits=2, user_api="blas"), threadpool_limits(limits=2, user_api="openmp"):  # put back
+        single_threaded_blas()
+        blas = [library for library in threadpool_info() if library["user_api"] == "blas"]
+        own_threads = [library for library in blas if library.get("threading_layer") != "openmp"]
+        assert own_threads and all(library["num_threads"] == 1 for library in own_threads)
+        assert faiss.omp_get_max_threads() == 2  # OpenMP's count is FAISS's setting, not the BLAS's
