@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torchvision.models import AlexNet_Weights, GoogLeNet_Weights, ResNet50_Weights, WeightsEnum, googlenet, resnet50
-from torchvision.models.googlenet import BasicConv2d
+
+if TYPE_CHECKING:  # torchvision is imported where it is used: it takes a second (it loads torch's compiler)
+    from torchvision.models import WeightsEnum
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +168,8 @@ class CifarAlexNet(_Backbone):
 
     def load_imagenet_features(self) -> list[str]:
         """The third to fifth convolutions' ImageNet weights (the first two are 3×3 here, 11×11 and 5×5 there)."""
+        from torchvision.models import AlexNet_Weights
+
         return copy_imagenet(self.body, imagenet_state_dict(AlexNet_Weights.IMAGENET1K_V1), within="features.",
                              adapted=("0.", "3."), prefix="body.")  # torchvision's layer indices are ours
 
@@ -178,6 +182,9 @@ class CifarGoogLeNet(_Backbone):
                  dropout: float = 0.3) -> None:
         super().__init__()
         _full_width_only("GoogLeNet", width_mult)
+        from torchvision.models import googlenet
+        from torchvision.models.googlenet import BasicConv2d
+
         net = googlenet(weights=None, aux_logits=False, init_weights=True)
         net.conv1 = BasicConv2d(3, 64, kernel_size=3, stride=1, padding=1)
         net.maxpool1 = net.maxpool2 = nn.Identity()
@@ -194,6 +201,8 @@ class CifarGoogLeNet(_Backbone):
 
     def load_imagenet_features(self) -> list[str]:
         """Every ImageNet weight but the 7×7 stem's (3×3 here) and the unused 1000-class layer's."""
+        from torchvision.models import GoogLeNet_Weights
+
         return copy_imagenet(self.net, imagenet_state_dict(GoogLeNet_Weights.IMAGENET1K_V1),
                              adapted=("conv1.", "fc."), prefix="net.")
 
@@ -205,6 +214,8 @@ class CifarResNet50(_Backbone):
                  dropout: float = 0.3) -> None:
         super().__init__()
         _full_width_only("ResNet-50", width_mult)
+        from torchvision.models import resnet50
+
         net = resnet50(weights=None)
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
@@ -219,5 +230,7 @@ class CifarResNet50(_Backbone):
 
     def load_imagenet_features(self) -> list[str]:
         """Every ImageNet weight but the 7×7 stem's and its batch norm's (3×3 here)."""
+        from torchvision.models import ResNet50_Weights
+
         return copy_imagenet(self.net, imagenet_state_dict(ResNet50_Weights.IMAGENET1K_V1),
                              adapted=("conv1.", "bn1."), prefix="net.")

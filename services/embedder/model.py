@@ -18,13 +18,30 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import VGG16_BN_Weights
-from torchvision.models.vgg import cfgs, make_layers
 
 from services.embedder import backbones
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# torchvision's VGG-16 ("D"): output channels of each 3×3 convolution, "M" a 2×2 max-pool.
+VGG16_LAYERS: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+                                       512, 512, 512, "M")
+
+
+def vgg_features(config: list[int | str]) -> nn.Sequential:
+    """torchvision's `make_layers(config, batch_norm=True)`, layer for layer (the same state-dict keys): built
+    here because importing torchvision takes a second (it loads torch's compiler), which every start of
+    `cbir serve` and `cbir index` paid for this one function."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for value in config:
+        if value == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(channels, int(value), kernel_size=3, padding=1), nn.BatchNorm2d(int(value)),
+                       nn.ReLU(inplace=True)]
+            channels = int(value)
+    return nn.Sequential(*layers)
 
 
 class CifarVGG16(nn.Module):
@@ -42,8 +59,8 @@ class CifarVGG16(nn.Module):
         dropout: float = 0.3,
     ) -> None:
         super().__init__()
-        config = [v if v == "M" else max(8, int(v * width_mult)) for v in cfgs["D"]]
-        self.features = make_layers(config, batch_norm=True)
+        config = [v if v == "M" else max(8, int(v * width_mult)) for v in VGG16_LAYERS]
+        self.features = vgg_features(config)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.embedding = nn.Sequential(
             nn.Flatten(),
@@ -63,6 +80,8 @@ class CifarVGG16(nn.Module):
     def load_imagenet_features(self) -> list[str]:
         """Copy torchvision's ImageNet VGG-16-BN convolutions (downloads them; full width only); returns the
         copied parameters' names."""
+        from torchvision.models import VGG16_BN_Weights
+
         return backbones.copy_imagenet(self.features, backbones.imagenet_state_dict(VGG16_BN_Weights.IMAGENET1K_V1),
                                        within="features.", prefix="features.")
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +27,16 @@ def test_full_width_is_torchvision_vgg16_bn_features() -> None:
     theirs = vgg16_bn(weights=None).features.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(ours[name].shape == theirs[name].shape for name in ours)
+    assert [repr(layer) for layer in CifarVGG16().features] == [repr(layer) for layer in vgg16_bn().features]
+
+
+def test_loading_and_running_a_bundle_imports_no_torchvision(tiny_bundle_dir: Path) -> None:
+    # It takes a second at every start of cbir serve and cbir index (it loads torch's compiler).
+    code = ("import sys, numpy as np; from services.embedder.bundle import load_bundle; "
+            "from services.embedder.runtime import Embedder; "
+            f"Embedder(load_bundle({str(tiny_bundle_dir)!r})).embed_batch(np.zeros((1, 32, 32, 3), np.uint8)); "
+            "assert 'torchvision' not in sys.modules, 'torchvision was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 FULL_WIDTH_ONLY = {"CifarGoogLeNet", "CifarResNet50"}  # torchvision's, at their own width

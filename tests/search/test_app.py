@@ -61,17 +61,17 @@ async def test_healthz_says_how_far_the_models_compilation_is(tmp_path: Path) ->
     from services.search.settings import SearchSettings
 
     embedder = ControlledEmbedder(dims=4, model_version="v1")
-    embedder.warming_up, embedder.warm_up_progress = True, (3, 7)
+    embedder.warming_up, embedder.warm_up_progress = True, (1, 4)
     store = MemoryStore([make_document(f"d{i}", np.eye(4, dtype=np.float32)[i], model_version="v1")
                          for i in range(4)])
     settings = SearchSettings(_env_file=None, state_dir=tmp_path / "state")  # type: ignore[call-arg]
     async with asgi_client(create_app(settings, embedder_factory=lambda: embedder, store_factory=lambda: store),
                            base_url="http://search") as client:
         warming = (await client.get("/healthz")).json()
-        embedder.warming_up, embedder.warm_up_progress = False, (7, 7)
+        embedder.warming_up, embedder.warm_up_progress = False, (4, 4)
         ready = (await client.get("/healthz")).json()
-    assert (warming["status"], warming["warm_up"]) == ("warming_up", {"compiled": 3, "total": 7})
-    assert (ready["status"], ready["warm_up"]) == ("ready", {"compiled": 7, "total": 7})
+    assert (warming["status"], warming["warm_up"]) == ("warming_up", {"compiled": 1, "total": 4})
+    assert (ready["status"], ready["warm_up"]) == ("ready", {"compiled": 4, "total": 4})
 
 
 def metric(text: str, sample: str) -> float:
