@@ -5,16 +5,20 @@
 
 For each device (the CPU, and CUDA when present; --device picks one) and batch: the eager bf16
 forward (`predict` with bf16 autocast, as the embedder runs it uncompiled: the yardstick of every
-speed goal), eager fp32, and bf16 compiled as the embedder compiles it (`torch.compile`, inductor
-with freezing). Random uint8 images, one pass per image, a few untimed batches first (the first
-call of a compiled model is its compilation, recorded as `first_call_s`), then `--seconds` of
+speed goal), eager fp32, and bf16 compiled as the embedder compiles it (an AOTInductor package per batch
+size, with freezing; built before its row). Random uint8 images, one pass per image, a few untimed batches
+first, then `--seconds` of
 batches back to back. Each row's ratio is to the eager bf16 forward at the same batch: above 1
 the mode helps. Writes bench/results/forward.json; refuses to start while the machine is busy.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import benchlib
@@ -38,12 +42,15 @@ def get_args_parser():
     return parser
 
 
-def compiled_model(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` compiled with the settings of `Embedder.compile_model`: inductor, frozen weights, static shapes."""
-    import torch._inductor.config as inductor_config
+def compiled_model(model: torch.nn.Module, *, batch: int, image_size: int, device: torch.device,
+                   folder: Path) -> torch.nn.Module:
+    """`model` compiled as `Embedder.compile_next` serves it: an AOTInductor package for batches of `batch`
+    (`services.embedder.aot`), built here in this process (the bench measures nothing meanwhile)."""
+    from services.embedder.aot import CompiledNetwork, build_package, package_path
 
-    inductor_config.freezing = True
-    return torch.compile(model, dynamic=False)
+    package = package_path(folder, size=batch, image_size=image_size)
+    return CompiledNetwork(build_package(copy.deepcopy(model), size=batch, image_size=image_size, device=device,
+                                         package=package))
 
 
 def devices(choice: str) -> list[torch.device]:
@@ -57,13 +64,23 @@ def devices(choice: str) -> list[torch.device]:
 def measure_device(bundle: Any, device: torch.device, *, batches: list[int], modes: list[str], seconds: float,
                    warmup: int) -> list[benchlib.Throughput]:
     model = benchlib.prepared_model(bundle, device)
-    compiled = compiled_model(model) if "compiled" in modes else None
+    packages = Path(tempfile.mkdtemp(prefix="cbir-forward-"))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    try:
+        return measure_rows(bundle, model, device, batches=batches, modes=modes, seconds=seconds, warmup=warmup,
+                            packages=packages)
+    finally:
+        shutil.rmtree(packages, ignore_errors=True)
+
+
+def measure_rows(bundle: Any, model: torch.nn.Module, device: torch.device, *, batches: list[int], modes: list[str],
+                 seconds: float, warmup: int, packages: Path) -> list[benchlib.Throughput]:
     rows = []
     for batch in batches:
         for mode in ("bf16", *(m for m in modes if m != "bf16")):
-            network = compiled if mode == "compiled" else model
+            network = model if mode != "compiled" else compiled_model(
+                model, batch=batch, image_size=bundle.preprocessing.image_size, device=device, folder=packages)
             rows.append(benchlib.measure_forward(network, bundle.preprocessing, mode=MODE_NAMES[mode], batch=batch,
                                                  views=1, device=device, seconds=seconds, warmup=warmup))
             logging.info("%s %s: %.1f images/s", device.type, rows[-1].describe(), rows[-1].images_per_second)

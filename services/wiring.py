@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.common.collection import Layout
+from services.common.allocator import reuse_freed_memory
 from services.common.cores import faiss_threads, single_threaded_blas, torch_threads
 from services.common.embedding import EmbeddingService, HttpEmbeddingClient
 from services.common.settings import (
@@ -51,6 +52,7 @@ def build_local_embedding_service(settings: ModelSettings) -> LocalEmbeddingServ
 
     torch.set_num_threads(torch_threads(settings.torch_threads))  # process-wide: CBIR_TORCH_THREADS or the cores
     single_threaded_blas()  # numpy's: its idle threads would spin beside the forward pass
+    reuse_freed_memory()  # activations from the heap, not mapped afresh for each forward pass
     bundle = load_bundle(settings.model_dir or DEFAULT_BUNDLE_DIR)
     embedder = Embedder(bundle, device=settings.device, pca_dims=settings.pca_dims,
                         onehot_weight=settings.onehot_weight, max_batch=settings.max_batch,

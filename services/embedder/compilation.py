@@ -1,57 +1,25 @@
-"""Compiling the embedder's network (torch.compile) without a request ever waiting for it.
+"""Compiling the embedder's network without a request ever waiting for it, or running beside its tracing.
 
-torch.compile specialises on the batch size, so the network is compiled once per size of `batch_buckets`,
-smallest first (a search's one or two images before the indexer's full batches), by `WarmUp`'s thread on
-its own copy of the network while the eager one serves; between and after compilations a chunk uses a
-compiled size where that wastes little (`compiled_pieces`), else it runs eagerly. Inductor's on-disk caches
-live in `compile_cache_dir`, one folder per bundle version, torch version and device, so a restart skips the
-C++ compiler's work.
+The network is compiled ahead of time once per size of `batch_buckets` (`aot`: an AOTInductor package per size,
+built in a child process at the lowest priority), smallest first (a search's one or two images before the
+indexer's full batches), by `WarmUp`'s thread while the eager network serves; each package is used as soon as it
+is loaded, a chunk going through the compiled sizes where that wastes little (`compiled_pieces`), else eagerly.
+The packages live in `compile_cache_dir`, one folder per bundle version, torch version and device: a restart
+loads them in milliseconds.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import sys
+import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger(__name__)
-
-# Held for each compilation: inductor reads its cache folder from the environment, and the tracer patches
-# nn.Module for the whole process, so no compiled graph runs meanwhile (`Embedder._forward` takes it without
-# waiting, else runs eagerly).
-COMPILE_LOCK = threading.Lock()
-# While a compilation holds the GIL for seconds of Python (tracing, lowering), the thread that runs the
-# model waits for it after each operator: a short switch interval bounds each wait (the default is 5 ms).
-COMPILE_SWITCH_INTERVAL_S = 0.0002
-
-
-# nn.Module's own, before anything patches them: FX's tracer (inside torch.compile) sets its wrappers on
-# nn.Module itself while it traces, for every thread, and an eager forward pass in another thread then
-# went through the tracer and failed ("module is not installed as a submodule").
-_MODULE_CALL, _MODULE_GETATTR = torch.nn.Module.__call__, torch.nn.Module.__getattr__
-
-
-def shield_from_tracing(model: torch.nn.Module) -> torch.nn.Module:
-    """`model`, each of its modules now of a subclass of its class that holds nn.Module's own `__call__` and
-    `__getattr__`, so that it runs eagerly in one thread while torch.compile traces in another. Behaviour is
-    unchanged (the same methods, found one class earlier); compile a copy made before, not the shielded model.
-    """
-    shielded: dict[type, type] = {}
-    for module in model.modules():
-        cls = type(module)
-        if cls not in shielded:
-            own = {name: method for name, method in (("__call__", _MODULE_CALL), ("__getattr__", _MODULE_GETATTR))
-                   if getattr(cls, name) is method}  # a class with its own keeps it
-            shielded[cls] = type(cls.__name__, (cls,), {**own, "__module__": cls.__module__,
-                                                        "__qualname__": cls.__qualname__}) if own else cls
-        module.__class__ = shielded[cls]
-    return model
+DEFAULT_COMPILE_CACHE = Path(tempfile.gettempdir()) / "cbir-compile-cache"  # without CBIR_COMPILE_CACHE_DIR or a state dir
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
@@ -96,30 +64,10 @@ def compiled_pieces(count: int, sizes: tuple[int, ...]) -> list[tuple[int | None
 
 
 def compile_cache_dir(root: Path, *, bundle_version: str, device: torch.device) -> Path:
-    """Where inductor keeps the compiled code of one bundle: `root/<bundle>-torch<version>-<device>`, so that
-    another bundle, torch or device never reads it."""
+    """Where the compiled packages of one bundle live: `root/<bundle>-torch<version>-<device>`, so that another
+    bundle, torch or device never loads them."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{bundle_version}-torch{torch.__version__}")
     return root / f"{safe}-{device.type}"
-
-
-@contextlib.contextmanager
-def compiling(cache_dir: Path | None) -> Iterator[None]:
-    """Hold `COMPILE_LOCK` with inductor's caches in `cache_dir` (None: torch's default folder) and a short
-    GIL switch interval, for the length of one compilation."""
-    with COMPILE_LOCK:
-        before_dir, before_interval = os.environ.get("TORCHINDUCTOR_CACHE_DIR"), sys.getswitchinterval()
-        if cache_dir is not None:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
-        sys.setswitchinterval(COMPILE_SWITCH_INTERVAL_S)
-        try:
-            yield
-        finally:
-            sys.setswitchinterval(before_interval)
-            if before_dir is None:
-                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-            else:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = before_dir
 
 
 class WarmUp:
@@ -145,7 +93,6 @@ class WarmUp:
             self._thread.join(timeout=timeout_s)
 
     def _run(self) -> None:
-        # Not at a lower priority: a thread starved of the CPU while it holds the GIL stalls the one that serves.
         try:
             while not self._stopping.is_set() and self._compile_next():
                 pass

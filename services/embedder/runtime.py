@@ -8,7 +8,6 @@ forward passes; `LocalEmbeddingService` is the in-process `EmbeddingService`.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import queue
 import threading
@@ -23,16 +22,9 @@ from prometheus_client import Histogram
 from services.common.embedding import EmbedderInfo, Embedding, Purpose
 from services.common.errors import EmbedderUnavailableError, ModelNotLoadedError
 from services.common.settings import ModelSettings, default
+from services.embedder.aot import CompiledNetwork, build_in_child, package_path
 from services.embedder.bundle import Bundle
-from services.embedder.compilation import (
-    COMPILE_LOCK,
-    WarmUp,
-    batch_buckets,
-    compile_cache_dir,
-    compiled_pieces,
-    compiling,
-    shield_from_tracing,
-)
+from services.embedder.compilation import DEFAULT_COMPILE_CACHE, WarmUp, batch_buckets, compile_cache_dir, compiled_pieces
 from services.embedder.inference import pick_device, predict
 from services.embedder.vectors import build_vectors, check_vector_config
 
@@ -41,6 +33,7 @@ logger = logging.getLogger(__name__)
 BATCH_IMAGES = Histogram("cbir_embedder_batch_images", "images per forward pass of the micro-batcher",
                          buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 FORWARD_SECONDS = Histogram("cbir_embedder_forward_seconds", "time of one micro-batch forward pass")
+COMPILE_TIMEOUT_S = 1800.0  # one size's package, from an empty cache: minutes on a small machine
 
 
 class Embedder:
@@ -69,24 +62,17 @@ class Embedder:
         # A BOVW bundle's model is a `BovwModel` (descriptors and a scikit-learn classifier on the CPU):
         # nothing of it moves to a device or compiles.
         self.deep = bundle.family == "deep"
-        # No parameter requires grad (inference only): autocast caches the bf16 casts of weights that do, in one
-        # cache behind one process-wide mutex, and a forward pass freeing its casts at the end of its autocast
-        # region holds that mutex while it waits for the GIL, which the compile thread holds while it waits for
-        # the mutex (tracing a conv under autocast): a served search and the warm-up deadlocked the whole server.
+        # No parameter requires grad (inference only): autocast would cache the bf16 casts of weights that do, in one
+        # process-wide cache behind one mutex (a served search and an in-process compilation once deadlocked on it).
         self.model = bundle.model.to(self.device, memory_format=torch.channels_last).eval().requires_grad_(False) \
             if self.deep else bundle.model
-        # torch.compile specialises on the batch size: a chunk goes through the compiled sizes that fit it
-        # (`compiled_pieces`), eagerly where none does yet. `compile_next` compiles a copy of the network, so
-        # another thread may compile while this one serves eagerly; its caches go to `compile_cache`.
+        # Compiled ahead of time, one package per batch size (`aot`): a chunk goes through the compiled sizes that
+        # fit it (`compiled_pieces`), eagerly where none does yet. `compile_next` builds and loads the next size.
         self.compile_sizes = batch_buckets(max_batch) if compile and self.deep else ()
-        self.compile_cache = None if compile_cache is None else compile_cache_dir(
-            compile_cache, bundle_version=bundle.version, device=self.device)
-        self._compiled: torch.nn.Module | None = None
-        self._compiled_sizes: tuple[int, ...] = ()  # replaced whole, never changed in place: read without a lock
-        self._to_compile: torch.nn.Module | None = None  # the copy that compiles: the eager one is shielded
-        if self.compile_sizes:
-            self._to_compile = copy.deepcopy(self.model)
-            shield_from_tracing(self.model)
+        self.compile_cache = compile_cache_dir(compile_cache or DEFAULT_COMPILE_CACHE, bundle_version=bundle.version,
+                                               device=self.device)
+        self._compiled: dict[int, torch.nn.Module] = {}  # replaced whole, never changed in place: read without a lock
+        self.compile_timeout_s = COMPILE_TIMEOUT_S
 
     @property
     def dims(self) -> int:
@@ -125,25 +111,19 @@ class Embedder:
 
     def _forward(self, chunk: np.ndarray, *, flip: bool) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings and probabilities of at most `max_batch` images: in compiled pieces where a compiled size
-        fits (`compiled_pieces`), else eagerly; eagerly too while a compilation runs, which never waits for it.
-        A BOVW model has no mirror views."""
+        fits (`compiled_pieces`), else eagerly. A BOVW model has no mirror views."""
         if not self.deep:
             return self.model.predict(chunk)
-        compiled, sizes = self._compiled, self._compiled_sizes  # None again if compilation failed
-        # While torch.compile traces (in any thread) it patches nn.Module for the whole process, and a
-        # compiled graph called then crashed the server: the shielded eager model runs meanwhile instead.
-        if compiled is None or not sizes or not COMPILE_LOCK.acquire(blocking=False):
+        compiled = self._compiled
+        if not compiled:
             return self._predict(self.model, chunk, flip=flip)
-        try:
-            parts, start = [], 0
-            for size, take in compiled_pieces(len(chunk), sizes):
-                piece, start = chunk[start:start + take], start + take
-                if size is not None:
-                    piece = np.concatenate([piece, np.zeros((size - take, *piece.shape[1:]), dtype=piece.dtype)])
-                embeddings, probabilities = self._predict(self.model if size is None else compiled, piece, flip=flip)
-                parts.append((embeddings[:take], probabilities[:take]))
-        finally:
-            COMPILE_LOCK.release()
+        parts, start = [], 0
+        for size, take in compiled_pieces(len(chunk), tuple(sorted(compiled))):
+            piece, start = chunk[start:start + take], start + take
+            if size is not None:
+                piece = np.concatenate([piece, np.zeros((size - take, *piece.shape[1:]), dtype=piece.dtype)])
+            embeddings, probabilities = self._predict(self.model if size is None else compiled[size], piece, flip=flip)
+            parts.append((embeddings[:take], probabilities[:take]))
         if len(parts) == 1:
             return parts[0]
         return np.concatenate([e for e, _ in parts]), np.concatenate([p for _, p in parts])
@@ -155,47 +135,42 @@ class Embedder:
     @property
     def warming_up(self) -> bool:
         """True while `compile_sizes` are not all compiled yet (searches run eagerly meanwhile)."""
-        return len(self._compiled_sizes) < len(self.compile_sizes)
+        return len(self._compiled) < len(self.compile_sizes)
 
     @property
     def warm_up_progress(self) -> tuple[int, int] | None:
         """(sizes compiled, sizes to compile), or None when nothing is compiled (`CBIR_COMPILE=off`, no
         compiler, a BOVW bundle, or compilation failed)."""
-        return (len(self._compiled_sizes), len(self.compile_sizes)) if self.compile_sizes else None
+        return (len(self._compiled), len(self.compile_sizes)) if self.compile_sizes else None
 
     def compile_next(self) -> bool:
-        """Compile the network (inductor, freezing) for the smallest size of `compile_sizes` not done yet
-        (searches' sizes before the indexer's), usable as soon as it is done; False when there is none left.
-        Seconds each (about 25 for the first on two cores, from an empty cache).
-
-        It compiles a copy of the network, and the eager one is shielded from the tracer's patches of
-        nn.Module (`shield_from_tracing`), so one thread may call it while another serves; `WarmUp` does.
+        """Compile the network for the smallest size of `compile_sizes` not done yet (searches' sizes before the
+        indexer's) and use it from now on; False when there is none left. The package is loaded from
+        `compile_cache` when it is there (milliseconds), else built by a child process at the lowest priority
+        (about 20 s for the first size on two cores, less for the others: `aot`). Blocking; `WarmUp` calls it in
+        its own thread, which only waits meanwhile.
         """
-        pending = [s for s in self.compile_sizes if s not in self._compiled_sizes]
+        pending = [s for s in self.compile_sizes if s not in self._compiled]
         if not pending:
             return False
         size, started = min(pending), time.perf_counter()
+        package = package_path(self.compile_cache, size=size, image_size=self.preprocessing.image_size)
         try:
-            with compiling(self.compile_cache):
-                if self._compiled is None:
-                    import torch._inductor.config as inductor_config
-
-                    inductor_config.freezing = True  # weights become constants: fused conv + batch norm
-                    self._compiled = torch.compile(self._to_compile, dynamic=False)
-                side = self.preprocessing.image_size  # the mirror, when there is one, is a second call of one shape
-                predict(self._compiled, np.zeros((size, side, side, 3), dtype=np.uint8), flip_tta=False,
-                        preprocessing=self.preprocessing, device=self.device, bf16=self.use_bf16, batch_size=size)
+            if not package.exists():
+                build_in_child(self.bundle.path, size=size, package=package, device=self.device,
+                               timeout_s=self.compile_timeout_s)
+            network = CompiledNetwork(package)
         except Exception:  # noqa: BLE001 - serving goes on eagerly; the log says why
-            logger.exception("torch.compile failed for batches of %d; the model runs uncompiled", size)
-            self._compiled, self._compiled_sizes, self.compile_sizes = None, (), ()
+            logger.exception("compiling the model for batches of %d failed; the model runs uncompiled", size)
+            self._compiled, self.compile_sizes = {}, ()
             return False
-        self._compiled_sizes = tuple(sorted((*self._compiled_sizes, size)))
+        self._compiled = {**self._compiled, size: network}
         logger.info("compiled the model for batches of %d in %.1f s (%d of %d sizes)", size,
-                    time.perf_counter() - started, len(self._compiled_sizes), len(self.compile_sizes))
+                    time.perf_counter() - started, len(self._compiled), len(self.compile_sizes))
         return True
 
     def compile_model(self) -> None:
-        """Every size of `compile_sizes` at once (tests, benches: nothing else runs the model meanwhile)."""
+        """Every size of `compile_sizes`, one after another (tests, benches)."""
         while self.compile_next():
             pass
 

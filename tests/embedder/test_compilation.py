@@ -1,4 +1,4 @@
-"""Compilation: which compiled sizes a chunk goes through, where inductor's caches go, the warm-up thread."""
+"""Compilation: which compiled sizes a chunk goes through, where the packages go, the warm-up thread."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.embedder.compilation import WarmUp, batch_buckets, compile_cache_dir, compiled_pieces, compiling
+from services.embedder.compilation import WarmUp, batch_buckets, compile_cache_dir, compiled_pieces
 
 
 def test_batch_buckets_cover_every_chunk_size() -> None:
@@ -52,18 +52,6 @@ def test_the_cache_folder_is_one_per_bundle_torch_and_device(tmp_path: Path) -> 
     assert compile_cache_dir(tmp_path, bundle_version="../x/y", device=cpu).parent == tmp_path  # never elsewhere
 
 
-def test_compiling_points_inductor_at_the_folder_and_puts_everything_back(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
-
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
-    interval = sys.getswitchinterval()
-    with compiling(tmp_path / "cache"):
-        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()
-        assert sys.getswitchinterval() < interval
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else" and sys.getswitchinterval() == interval
-
-
 def test_the_warm_up_thread_compiles_until_done_and_stops_between_sizes() -> None:
     calls: list[str] = []
 
@@ -86,33 +74,3 @@ def test_the_warm_up_thread_compiles_until_done_and_stops_between_sizes() -> Non
     stopped.stop(timeout_s=0.01)  # asked to stop while a size compiles: that one finishes, no other starts
     gate.set()
     assert stopped.done.wait(10)
-
-
-def test_a_shielded_model_runs_eagerly_while_fx_traces_in_another_thread() -> None:
-    """FX's tracer (torch.compile's) patches nn.Module.__call__ for every thread while it traces: an eager
-    forward pass in another thread went through it and failed. A shielded model answers as before."""
-    import torch.fx
-
-    from services.embedder.compilation import shield_from_tracing
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Linear(3, 2)))
-    inputs = torch.randn(5, 4)
-    expected = model(inputs)
-    plain = torch.nn.Sequential(torch.nn.Linear(4, 3))
-    shielded = shield_from_tracing(model)
-    assert isinstance(shielded[2], torch.nn.Sequential) and isinstance(shielded[0], torch.nn.Linear)
-    answers: dict[str, object] = {}
-
-    class CallsOthersWhileTracing(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for name, other in (("shielded", shielded), ("plain", plain)):  # as another thread would, meanwhile
-                try:
-                    answers[name] = other(inputs)
-                except Exception as exc:  # noqa: BLE001 - what the unshielded one raises
-                    answers[name] = exc
-            return x + 1
-
-    torch.fx.symbolic_trace(CallsOthersWhileTracing())
-    assert torch.equal(answers["shielded"], expected)
-    assert isinstance(answers["plain"], NameError)  # the trap, without the shield

@@ -101,26 +101,26 @@ async def test_a_full_queue_is_refused_at_once_with_503() -> None:
     assert model.batches == [1, 1, 1]  # the refused request never reached the model
 
 
-# --- torch.compile ------------------------------------------------------------------------------
+# --- compiled ahead of time (services/embedder/aot.py) ---------------------------------------------
 
 
 @pytest.mark.slow
-def test_the_compiled_model_answers_as_the_eager_one_for_padded_batches(tiny_bundle, mini_collection) -> None:
+def test_the_compiled_model_answers_as_the_eager_one_for_padded_batches(tiny_bundle, mini_collection,
+                                                                        tmp_path) -> None:
     from services.common.images import decode_image
-    from services.embedder.compilation import COMPILE_LOCK
     from services.embedder.runtime import Embedder
 
     files = sorted((mini_collection / "test").glob("*/*.jpg"))[:7]
     batch = np.stack([decode_image(path.read_bytes()) for path in files])
     eager = Embedder(tiny_bundle, max_batch=4).embed_batch(batch)
-    compiled = Embedder(tiny_bundle, max_batch=4, compile=True)
-    assert compiled.compile_sizes == (1, 2, 4) and compiled.warming_up
+    compiled = Embedder(tiny_bundle, max_batch=4, compile=True, compile_cache=tmp_path)
+    assert compiled.compile_sizes == (1, 4) and compiled.warming_up
     before = compiled.embed_batch(batch)  # nothing compiled yet: the eager path
     compiled.compile_model()
-    assert not compiled.warming_up and compiled._compiled_sizes == (1, 2, 4) and compiled.warm_up_progress == (3, 3)
+    assert not compiled.warming_up and sorted(compiled._compiled) == [1, 4] and compiled.warm_up_progress == (2, 2)
     seen: list[int] = []
 
-    class Recording:  # the compiled module, counting the batch sizes it is called with
+    class Recording:  # a compiled network, counting the batch sizes it is called with
         def __init__(self, module) -> None:
             self.module = module
 
@@ -131,14 +131,10 @@ def test_the_compiled_model_answers_as_the_eager_one_for_padded_batches(tiny_bun
             seen.append(len(inputs))
             return self.module(inputs)
 
-    compiled._compiled = Recording(compiled._compiled)
-    with COMPILE_LOCK:  # a compilation runs (in any thread): no compiled graph is called, nothing waits
-        during = compiled.embed_batch(batch)
-    assert seen == []
+    compiled._compiled = {size: Recording(network) for size, network in compiled._compiled.items()}
     after = compiled.embed_batch(batch)  # chunks of 4 and 3, the second padded to 4
     views = 2 if tiny_bundle.preprocessing.flip_tta else 1  # the mirror is a second pass
     assert seen == [4] * 2 * views
-    assert [e.label for e in during] == [e.label for e in eager]
     assert [e.label for e in after] == [e.label for e in eager] == [e.label for e in before]
     for ours, reference in zip(after, eager, strict=True):
         # bf16 kernels fused differently: close, not bit-identical
@@ -147,32 +143,50 @@ def test_the_compiled_model_answers_as_the_eager_one_for_padded_batches(tiny_bun
 
 
 @pytest.mark.slow
-def test_a_compiled_size_serves_queries_and_their_mirrors_without_compiling_again(tiny_bundle) -> None:
-    """Flip TTA's mirror pass goes through the graph compiled for the size: it was compiled again for the
-    mirror (an inference-mode tensor where the warm-up's input was not), 3-7 s on each size's first query."""
-    import torch._dynamo
-
+def test_a_restart_loads_the_compiled_packages_without_compiling(tiny_bundle, tmp_path, monkeypatch) -> None:
+    from services.embedder import runtime
     from services.embedder.runtime import Embedder
 
-    assert tiny_bundle.preprocessing.flip_tta
-    embedder = Embedder(tiny_bundle, max_batch=2, compile=True)
-    embedder.compile_model()
+    first = Embedder(tiny_bundle, max_batch=2, compile=True, compile_cache=tmp_path)
+    first.compile_model()
+    assert sorted(path.name for path in first.compile_cache.glob("*.pt2")) == ["network-b1-s32.pt2",
+                                                                               "network-b2-s32.pt2"]
+
+    def no_compiler(*args, **kwargs) -> None:
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(runtime, "build_in_child", no_compiler)
+    restarted = Embedder(tiny_bundle, max_batch=2, compile=True, compile_cache=tmp_path)
+    restarted.compile_model()
+    assert sorted(restarted._compiled) == [1, 2] and not restarted.warming_up
     images = np.zeros((2, 32, 32, 3), dtype=np.uint8)
-    with torch._dynamo.config.patch(error_on_recompile=True):  # a recompilation raises
-        for count in (1, 2):
-            for purpose in ("query", "index"):
-                assert len(embedder.embed_batch(images[:count], purpose=purpose)) == count
+    for count in (1, 2):
+        for purpose in ("query", "index"):
+            assert len(restarted.embed_batch(images[:count], purpose=purpose)) == count
+
+
+def test_a_failed_compilation_leaves_the_model_serving_eagerly(tiny_bundle, tmp_path, monkeypatch) -> None:
+    from services.embedder import runtime
+    from services.embedder.runtime import Embedder
+
+    def failing(*args, **kwargs) -> None:
+        raise RuntimeError("compiling for batches of 1 failed (1): no compiler")
+
+    monkeypatch.setattr(runtime, "build_in_child", failing)
+    embedder = Embedder(tiny_bundle, max_batch=2, compile=True, compile_cache=tmp_path)
+    assert embedder.compile_next() is False
+    assert embedder.warm_up_progress is None and not embedder.warming_up  # nothing left to wait for
+    assert len(embedder.embed_batch(np.zeros((3, 32, 32, 3), dtype=np.uint8))) == 3
 
 
 def test_no_parameter_requires_grad_so_autocast_caches_no_weight_casts(tiny_bundle) -> None:
     """autocast caches the bf16 casts of weights that require grad, behind one process-wide mutex; a forward
-    pass freeing its casts held that mutex while waiting for the GIL, which the compile thread held while it
-    waited for the mutex (py-spy of a `cbir serve` stalled in its warm-up, 2026-12-04)."""
+    pass freeing its casts held that mutex while waiting for the GIL, which an in-process compilation held while
+    it waited for the mutex (py-spy of a `cbir serve` stalled in its warm-up, 2026-12-04)."""
     from services.embedder.runtime import Embedder
 
     embedder = Embedder(tiny_bundle, max_batch=2, compile=True)
-    for model in (embedder.model, embedder._to_compile):
-        assert model is not None and not any(parameter.requires_grad for parameter in model.parameters())
+    assert not any(parameter.requires_grad for parameter in embedder.model.parameters())
 
 
 @pytest.mark.slow
@@ -180,8 +194,6 @@ async def test_the_service_compiles_in_the_background_while_it_answers(tiny_bund
                                                                        tmp_path) -> None:
     """A steady stream of requests is answered throughout (none waits for a compilation: they run eagerly
     meanwhile), every size gets compiled smallest first, and the progress says how far it is."""
-    import torch._dynamo
-
     from services.common.images import decode_image
     from services.embedder.runtime import Embedder, LocalEmbeddingService
 
@@ -199,14 +211,13 @@ async def test_the_service_compiles_in_the_background_while_it_answers(tiny_bund
                 assert [e.label for e in embeddings] == expected[answered % 3:][:2]
                 answered += 1
                 seen.add(service.warm_up_progress)
-        with torch._dynamo.config.patch(error_on_recompile=True):  # what the other thread compiled serves here
-            for count in (1, 2):
-                assert len(await service.embed(batch[:count])) == count
+        for count in (1, 2):
+            assert len(await service.embed(batch[:count])) == count
     finally:
         await service.close()
-    assert service.embedder._compiled_sizes == (1, 2) and service.warm_up_progress == (2, 2)
+    assert sorted(service.embedder._compiled) == [1, 2] and service.warm_up_progress == (2, 2)
     assert seen >= {(0, 2), (2, 2)} and answered >= 3
-    assert any(service.embedder.compile_cache.iterdir())  # inductor's code, kept for the next start
+    assert len(list(service.embedder.compile_cache.glob("*.pt2"))) == 2  # kept for the next start
 
 
 def test_a_model_that_is_not_compiled_reports_no_warm_up(tiny_bundle) -> None:
@@ -217,13 +228,13 @@ def test_a_model_that_is_not_compiled_reports_no_warm_up(tiny_bundle) -> None:
 
 
 @pytest.mark.slow
-def test_searches_beside_the_warm_up_never_stall(tiny_bundle) -> None:
-    """Eager forward passes in one thread while every size compiles in another: both finish. With the weights
-    requiring grad again this stalled here within seconds (2026-12-04); a stall holds the GIL, so the suite's
-    per-test timeout (pyproject's `timeout`) is what ends it, and the test above names the cause."""
+def test_searches_beside_the_warm_up_never_stall(tiny_bundle, tmp_path) -> None:
+    """Eager forward passes in one thread while every size compiles in another: both finish. (With the compiler
+    in this process and the weights requiring grad, this stalled here within seconds, 2026-12-04; a stall holds the
+    GIL, so the suite's per-test timeout, pyproject's `timeout`, is what ends it.)"""
     from services.embedder.runtime import Embedder
 
-    embedder = Embedder(tiny_bundle, max_batch=8, compile=True)
+    embedder = Embedder(tiny_bundle, max_batch=8, compile=True, compile_cache=tmp_path)
     images = np.zeros((1, 32, 32, 3), dtype=np.uint8)
     compiled, stop, searches = threading.Event(), threading.Event(), [0]
 

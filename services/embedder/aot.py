@@ -1,0 +1,102 @@
+"""The network compiled ahead of time (AOTInductor): one package per batch size, built in a child process at the
+lowest CPU priority and loaded in milliseconds, so that nothing of a compilation runs in the serving process.
+
+    python -m services.embedder.aot BUNDLE_DIR SIZE PACKAGE [--device cpu]   # what `build_in_child` runs
+
+torch.compile in the serving process held its GIL for long stretches of C code while it traced, and its threads and
+C++ compiler took the cores: eager searches beside it took up to 21 × their time, and a restart traced every size
+again (its graph caches refuse the frozen graph). A package is the compiled code with the weights in it: a restart
+loads it (`load_package`) and traces nothing.
+
+The package runs the network in bf16 weights (inputs cast to bf16), as autocast runs its convolutions and linear
+layers; the eager network stays under autocast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class CompiledNetwork(torch.nn.Module):
+    """A loaded package behind the network's interface: `(N, 3, S, S)` inputs → `(embedding, logits)`, for the one
+    batch size it was built for (channels_last bf16 inside, whatever it is given)."""
+
+    def __init__(self, package: Path) -> None:
+        super().__init__()
+        from torch._inductor import aoti_load_package
+
+        self.package = package
+        self._runner = aoti_load_package(str(package))
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding, logits = self._runner(inputs.to(torch.bfloat16, memory_format=torch.channels_last))
+        return embedding, logits
+
+
+def package_path(folder: Path, *, size: int, image_size: int) -> Path:
+    """Where the package for batches of `size` lives in a bundle's compile folder (`compile_cache_dir`)."""
+    return folder / f"network-b{size}-s{image_size}.pt2"
+
+
+def build_package(model: torch.nn.Module, *, size: int, image_size: int, device: torch.device, package: Path) -> Path:
+    """Export `model` for batches of `size` and compile it into `package` (written under another name, then
+    renamed: a package is whole or absent). Minutes of the C++ compiler; `build_in_child` runs it elsewhere."""
+    import torch._inductor.config as inductor_config
+
+    network = model.to(device, dtype=torch.bfloat16, memory_format=torch.channels_last).eval()
+    example = torch.zeros(size, 3, image_size, image_size, device=device, dtype=torch.bfloat16)
+    example = example.contiguous(memory_format=torch.channels_last)
+    package.parent.mkdir(parents=True, exist_ok=True)
+    partial = package.with_name(f".{package.stem}.{os.getpid()}.pt2")  # aoti_compile_and_package wants .pt2
+    with torch.no_grad(), inductor_config.patch(freezing=True):  # weights as constants: conv and batch norm fused
+        exported = torch.export.export(network, (example,))
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(partial))
+    partial.replace(package)
+    return package
+
+
+def build_in_child(bundle_dir: Path, *, size: int, package: Path, device: torch.device, timeout_s: float) -> None:
+    """`build_package` for the bundle at `bundle_dir` in a child process at the lowest CPU priority, its C++ caches
+    beside the package; `RuntimeError` with the end of its output when it fails."""
+    command = [sys.executable, "-m", "services.embedder.aot", str(bundle_dir), str(size), str(package),
+               "--device", device.type]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(package.parent / "inductor")}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+    if done.returncode != 0:
+        output = (done.stderr or done.stdout).strip()
+        raise RuntimeError(f"compiling for batches of {size} failed ({done.returncode}): {output[-2000:]}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.embedder.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("size", type=int)
+    parser.add_argument("package", type=Path)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    os.nice(19)  # the serving process keeps the cores: this one takes what it leaves
+    from services.common.errors import CbirError
+    from services.embedder.bundle import load_bundle
+
+    try:
+        bundle = load_bundle(args.bundle)
+    except CbirError as exc:
+        raise SystemExit(exc.message) from None
+    started = time.perf_counter()
+    build_package(bundle.model, size=args.size, image_size=bundle.preprocessing.image_size,
+                  device=torch.device(args.device), package=args.package)
+    logger.info("compiled %s for batches of %d in %.1f s", args.bundle, args.size, time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    main()

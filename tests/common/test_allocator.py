@@ -1,0 +1,43 @@
+"""glibc's allocator told to keep freed memory for reuse (services/common/allocator.py)."""
+
+from __future__ import annotations
+
+import ctypes
+
+from services.common import allocator
+from services.common.allocator import reuse_freed_memory
+
+
+class RecordingLibc:
+    """Stands in for glibc: records `mallopt` calls, accepts them unless told to refuse."""
+
+    def __init__(self, *, accept: bool = True) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.accept = accept
+
+    def gnu_get_libc_version(self) -> bytes:
+        return b"2.36"
+
+    def mallopt(self, option: int, value: int) -> int:
+        self.calls.append((option, value))
+        return 1 if self.accept else 0
+
+
+def test_the_mmap_and_trim_thresholds_are_set() -> None:
+    libc = RecordingLibc()
+    assert reuse_freed_memory(libc) is True  # type: ignore[arg-type]
+    assert libc.calls == [(allocator.M_MMAP_THRESHOLD, 32 << 20), (allocator.M_TRIM_THRESHOLD, 64 << 20)]
+
+
+def test_another_c_library_is_left_alone_and_a_refusal_is_reported(caplog) -> None:
+    class Musl:
+        def mallopt(self, option: int, value: int) -> int:
+            raise AssertionError("not glibc: nothing to call")
+
+    assert reuse_freed_memory(Musl()) is False  # type: ignore[arg-type]
+    assert reuse_freed_memory(RecordingLibc(accept=False)) is False  # type: ignore[arg-type]
+    assert "refused" in caplog.text
+
+
+def test_this_machines_glibc_takes_them() -> None:
+    assert reuse_freed_memory(ctypes.CDLL("libc.so.6")) is True

@@ -1,0 +1,52 @@
+"""Ahead-of-time packages: where they live, what a failed build says, and a package run as the network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.embedder.aot import CompiledNetwork, build_in_child, build_package, package_path
+
+
+def test_a_package_is_named_by_its_batch_size_and_side(tmp_path: Path) -> None:
+    assert package_path(tmp_path, size=16, image_size=32) == tmp_path / "network-b16-s32.pt2"
+    assert package_path(tmp_path, size=16, image_size=32) != package_path(tmp_path, size=16, image_size=64)
+
+
+def test_a_failed_build_says_why_and_leaves_no_package(tmp_path: Path) -> None:
+    package = tmp_path / "network-b1-s32.pt2"
+    with pytest.raises(RuntimeError, match="compiling for batches of 1 failed.*no model bundle"):
+        build_in_child(tmp_path / "no-bundle", size=1, package=package, device=torch.device("cpu"), timeout_s=120)
+    assert not package.exists()
+
+
+@pytest.mark.slow
+def test_a_package_answers_as_the_network_in_bf16(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+
+    class Network(torch.nn.Module):  # the embedder's interface: (embedding, logits)
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+            self.head = torch.nn.Linear(8, 4)
+
+        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            embedding = torch.relu(self.bn(self.conv(images))).mean(dim=(2, 3))
+            return embedding, self.head(embedding)
+
+    network = Network().eval()
+    inputs = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = network(inputs)
+    copy = Network()
+    copy.load_state_dict(network.state_dict())  # build_package casts the network it is given to bf16
+    package = build_package(copy.eval(), size=2, image_size=8, device=torch.device("cpu"),
+                            package=tmp_path / "network-b2-s8.pt2")
+    assert package.exists() and not list(tmp_path.glob(".*"))  # renamed into place, nothing half-written left
+    with torch.no_grad():
+        embedding, logits = CompiledNetwork(package)(inputs)  # float32 in: cast to bf16 inside
+    assert embedding.dtype == torch.bfloat16 and embedding.shape == (2, 8) and logits.shape == (2, 4)
+    assert torch.allclose(embedding.float(), expected[0], atol=5e-2, rtol=5e-2)
+    assert torch.allclose(logits.float(), expected[1], atol=5e-2, rtol=5e-2)
