@@ -18,8 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.common.collection import Layout
 from services.common.allocator import reuse_freed_memory
+from services.common.collection import Layout
 from services.common.cores import faiss_threads, single_threaded_blas, torch_threads
 from services.common.embedding import EmbeddingService, HttpEmbeddingClient
 from services.common.settings import (

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger(__name__)
-DEFAULT_COMPILE_CACHE = Path(tempfile.gettempdir()) / "cbir-compile-cache"  # without CBIR_COMPILE_CACHE_DIR or a state dir
+# Without CBIR_COMPILE_CACHE_DIR or a state dir (`cbir embedder`):
+DEFAULT_COMPILE_CACHE = Path(tempfile.gettempdir()) / "cbir-compile-cache"
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:

@@ -24,7 +24,13 @@ from services.common.errors import EmbedderUnavailableError, ModelNotLoadedError
 from services.common.settings import ModelSettings, default
 from services.embedder.aot import CompiledNetwork, build_in_child, package_path
 from services.embedder.bundle import Bundle
-from services.embedder.compilation import DEFAULT_COMPILE_CACHE, WarmUp, batch_buckets, compile_cache_dir, compiled_pieces
+from services.embedder.compilation import (
+    DEFAULT_COMPILE_CACHE,
+    WarmUp,
+    batch_buckets,
+    compile_cache_dir,
+    compiled_pieces,
+)
 from services.embedder.inference import pick_device, predict
 from services.embedder.vectors import build_vectors, check_vector_config
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
-import pytest
 import torch
 
 from services.embedder.compilation import WarmUp, batch_buckets, compile_cache_dir, compiled_pieces
