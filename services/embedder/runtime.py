@@ -22,7 +22,7 @@ from prometheus_client import Histogram
 from services.common.embedding import EmbedderInfo, Embedding, Purpose
 from services.common.errors import EmbedderUnavailableError, ModelNotLoadedError
 from services.common.settings import ModelSettings, default
-from services.embedder.aot import CompiledNetwork, build_in_child, package_path
+from services.embedder.aot import CompiledNetwork, build_in_child, import_loader, package_path
 from services.embedder.bundle import Bundle
 from services.embedder.compilation import (
     DEFAULT_COMPILE_CACHE,
@@ -79,6 +79,8 @@ class Embedder:
                                                device=self.device)
         self._compiled: dict[int, torch.nn.Module] = {}  # replaced whole, never changed in place: read without a lock
         self.compile_timeout_s = COMPILE_TIMEOUT_S
+        if self.compile_sizes:
+            import_loader(self.device)
 
     @property
     def dims(self) -> int:
@@ -181,8 +183,11 @@ class Embedder:
             pass
 
     def warm_up(self) -> None:
+        """One query of one image and one of two, both views: the first forward pass of each batch size sets up
+        its kernels (tens of ms), which the first search would otherwise pay for."""
         size = self.preprocessing.image_size
-        self.embed_batch(np.zeros((2, size, size, 3), dtype=np.uint8))
+        for count in (1, 2):
+            self.embed_batch(np.zeros((count, size, size, 3), dtype=np.uint8))
 
 
 @dataclass
