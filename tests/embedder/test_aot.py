@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,10 @@ def test_a_package_answers_as_the_network_in_bf16(tmp_path: Path) -> None:
     assert embedding.dtype == torch.bfloat16 and embedding.shape == (2, 8) and logits.shape == (2, 4)
     assert torch.allclose(embedding.float(), expected[0], atol=5e-2, rtol=5e-2)
     assert torch.allclose(logits.float(), expected[1], atol=5e-2, rtol=5e-2)
+
+
+def test_the_compiling_process_runs_only_where_nothing_else_wants_the_cores() -> None:
+    code = ("import os; from services.embedder.aot import lowest_priority; lowest_priority(); "
+            "print(os.sched_getscheduler(0) == os.SCHED_IDLE, os.getpriority(os.PRIO_PROCESS, 0))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["True", "19"]

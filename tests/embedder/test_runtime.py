@@ -255,3 +255,28 @@ def test_searches_beside_the_warm_up_never_stall(tiny_bundle, tmp_path) -> None:
     threads[0].join(timeout=30)
     assert not threads[0].is_alive(), "a search stalled"
     assert searches[0] > 0 and not embedder.warming_up
+
+
+def test_a_forward_pass_of_one_image_runs_on_one_thread_and_puts_the_count_back(tiny_bundle) -> None:
+    import torch
+
+    from services.embedder.runtime import Embedder
+
+    embedder, seen = Embedder(tiny_bundle, max_batch=4), []
+    model = embedder.model
+
+    class Counting(torch.nn.Module):  # the network, noting the intra-op threads of each call
+        def forward(self, inputs):
+            seen.append((len(inputs), torch.get_num_threads()))
+            return model(inputs)
+
+    embedder.model = Counting()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        embedder.embed_batch(np.zeros((1, 32, 32, 3), dtype=np.uint8))
+        embedder.embed_batch(np.zeros((3, 32, 32, 3), dtype=np.uint8))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert sorted(set(seen)) == [(1, 1), (3, 2)]  # each view of each chunk (the mirror is a second call)
