@@ -81,7 +81,7 @@ class Embedder:
                                                device=self.device)
         self._compiled: dict[int, torch.nn.Module] = {}  # replaced whole, never changed in place: read without a lock
         self.compile_timeout_s = COMPILE_TIMEOUT_S
-        if self.compile_sizes:
+        if self.compile_sizes and self.device.type != "cpu":  # torch's package loader: CUDA's (`aot`)
             import_loader(self.device)
 
     @property
@@ -170,7 +170,7 @@ class Embedder:
             if not package.exists():
                 build_in_child(self.bundle.path, size=size, package=package, device=self.device,
                                timeout_s=self.compile_timeout_s)
-            network = CompiledNetwork(package)
+            network = CompiledNetwork(package, device=self.device)
         except Exception:  # noqa: BLE001 - serving goes on eagerly; the log says why
             logger.exception("compiling the model for batches of %d failed; the model runs uncompiled", size)
             self._compiled, self.compile_sizes = {}, ()

@@ -52,6 +52,12 @@ def test_a_package_answers_as_the_network_in_bf16(tmp_path: Path) -> None:
     assert embedding.dtype == torch.bfloat16 and embedding.shape == (2, 8) and logits.shape == (2, 4)
     assert torch.allclose(embedding.float(), expected[0], atol=5e-2, rtol=5e-2)
     assert torch.allclose(logits.float(), expected[1], atol=5e-2, rtol=5e-2)
+    # Run through its C interface (ctypes, the GIL let go): the same answer as torch's own loader gives
+    from torch._inductor import aoti_load_package
+
+    theirs = aoti_load_package(str(package))(inputs.to(torch.bfloat16, memory_format=torch.channels_last))
+    assert torch.equal(embedding, theirs[0]) and torch.equal(logits, theirs[1])
+    assert package.with_name(package.name + ".so").is_file()  # the library, extracted once beside it
 
 
 def test_the_compiling_process_runs_only_where_nothing_else_wants_the_cores() -> None:
