@@ -24,15 +24,15 @@ DEFAULT_COMPILE_CACHE = Path(tempfile.gettempdir()) / "cbir-compile-cache"
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
-    """The batch sizes a compiled model is built for: powers of four up to `max_batch`, and `max_batch` (1, 4,
-    16, 64). Each size is traced and lowered again at every start (about 2 s here, from the cache: torch's graph
-    caches refuse the frozen graph), so there are few; other chunk sizes go through their pieces
-    (`compiled_pieces`). Powers of two (7 sizes for 64) made a restart `ready` after 22.5 s; powers of four, the
-    same cache, 3.4 s then 1.9 s a size (2026-12-05)."""
-    sizes, size = {max_batch}, 1
+    """The batch sizes a compiled model is built for: 1, the powers of two from 4 up to `max_batch`, and
+    `max_batch` (1, 4, 8, 16, 32, 64). Each is a package that a restart loads in milliseconds but a first start
+    compiles (about 15 s each on two cores); other chunk sizes go through their pieces (`compiled_pieces`).
+    Without 8 and 32, 16 clients got 0.40-0.48 of the yardstick (2026-12-05): chunks of 9-11 took three or four
+    calls."""
+    sizes, size = {1, max_batch}, 4
     while size < max_batch:
         sizes.add(size)
-        size *= 4
+        size *= 2
     return tuple(sorted(sizes))
 
 

@@ -11,8 +11,8 @@ from services.embedder.compilation import WarmUp, batch_buckets, compile_cache_d
 
 
 def test_batch_buckets_cover_every_chunk_size() -> None:
-    assert batch_buckets(64) == (1, 4, 16, 64)
-    assert batch_buckets(48) == (1, 4, 16, 48)
+    assert batch_buckets(64) == (1, 4, 8, 16, 32, 64)
+    assert batch_buckets(48) == (1, 4, 8, 16, 32, 48)
     assert batch_buckets(2) == (1, 2)
     assert batch_buckets(1) == (1,)
 
