@@ -29,6 +29,9 @@ class GatedEmbedder:
         self.gate = threading.Event()
         self.first_started = threading.Event()
 
+    def warm_up(self) -> None:
+        self.warmed_in = threading.current_thread().name
+
     def embed_batch(self, images: np.ndarray, *, purpose: str = "query") -> list[Embedding]:
         if not self.batches:
             self.first_started.set()
@@ -54,6 +57,17 @@ async def busy_batcher(**options: int) -> AsyncIterator[tuple[GatedEmbedder, Mic
         first = asyncio.ensure_future(batcher.embed(images(1)))
         await asyncio.to_thread(model.first_started.wait, 10)
         yield model, batcher, first
+    finally:
+        batcher.stop()
+
+
+def test_the_model_is_warmed_up_in_the_worker_thread_before_start_returns() -> None:
+    """The first forward passes of a thread set up its OpenMP team and kernels: done where requests will run."""
+    model = GatedEmbedder()
+    batcher = MicroBatcher(model)
+    batcher.start()
+    try:
+        assert model.warmed_in == "embedder-batcher"
     finally:
         batcher.stop()
 
