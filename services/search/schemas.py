@@ -158,7 +158,7 @@ class WarmUpProgress(BaseModel):
 
 class HealthResponse(BaseModel):
     model_config = examples({"status": "ready", "model_version": MODEL, "backend": "faiss", "index": "flat",
-                             "documents": 50000, "warm_up": {"compiled": 7, "total": 7}})
+                             "documents": 50000, "warm_up": {"compiled": 6, "total": 6}})
 
     status: str
     model_version: str
