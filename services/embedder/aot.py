@@ -22,6 +22,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -155,16 +157,45 @@ def build_package(model: torch.nn.Module, *, size: int, image_size: int, device:
     return package
 
 
-def build_in_child(bundle_dir: Path, *, size: int, package: Path, device: torch.device, timeout_s: float) -> None:
+class BuildCancelled(Exception):
+    """`build_in_child` was told to stop: its child process is gone, no package was written."""
+
+
+def build_in_child(bundle_dir: Path, *, size: int, package: Path, device: torch.device, timeout_s: float,
+                   stop: threading.Event | None = None) -> None:
     """`build_package` for the bundle at `bundle_dir` in a child process at the lowest CPU priority, its C++ caches
-    beside the package; `RuntimeError` with the end of its output when it fails."""
+    beside the package; `RuntimeError` with the end of its output when it fails or takes over `timeout_s`. When
+    `stop` is set meanwhile (the server shuts down) the child is killed and `BuildCancelled` raised: no compiler
+    outlives the process that asked for it."""
     command = [sys.executable, "-m", "services.embedder.aot", str(bundle_dir), str(size), str(package),
                "--device", device.type]
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(package.parent / "inductor")}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
-    if done.returncode != 0:
-        output = (done.stderr or done.stdout).strip()
-        raise RuntimeError(f"compiling for batches of {size} failed ({done.returncode}): {output[-2000:]}")
+    with tempfile.TemporaryFile() as output:
+        child = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not _exited(child, within_s=0.2):
+                if (stop is not None and stop.is_set()) or time.monotonic() > deadline:
+                    break
+        finally:
+            if child.poll() is None:  # stopped, too slow, or this thread interrupted
+                child.kill()
+                child.wait()
+        if stop is not None and stop.is_set():
+            raise BuildCancelled(f"compiling for batches of {size} stopped")
+        if child.returncode != 0:
+            output.seek(0)
+            text = output.read().decode(errors="replace").strip()
+            reason = f"exit code {child.returncode}" if child.returncode > 0 else f"over {timeout_s:.0f} s"
+            raise RuntimeError(f"compiling for batches of {size} failed ({reason}): {text[-2000:]}")
+
+
+def _exited(child: subprocess.Popen[bytes], *, within_s: float) -> bool:
+    try:
+        child.wait(timeout=within_s)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def lowest_priority() -> None:

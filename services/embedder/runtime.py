@@ -24,7 +24,7 @@ from prometheus_client import Histogram
 from services.common.embedding import EmbedderInfo, Embedding, Purpose
 from services.common.errors import EmbedderUnavailableError, ModelNotLoadedError
 from services.common.settings import ModelSettings, default
-from services.embedder.aot import CompiledNetwork, build_in_child, import_loader, package_path
+from services.embedder.aot import BuildCancelled, CompiledNetwork, build_in_child, import_loader, package_path
 from services.embedder.bundle import Bundle
 from services.embedder.compilation import (
     DEFAULT_COMPILE_CACHE,
@@ -81,6 +81,7 @@ class Embedder:
                                                device=self.device)
         self._compiled: dict[int, torch.nn.Module] = {}  # replaced whole, never changed in place: read without a lock
         self.compile_timeout_s = COMPILE_TIMEOUT_S
+        self.stop_compiling = threading.Event()  # set: a compilation under way is abandoned (its child killed)
         if self.compile_sizes and self.device.type != "cpu":  # torch's package loader: CUDA's (`aot`)
             import_loader(self.device)
 
@@ -169,8 +170,10 @@ class Embedder:
         try:
             if not package.exists():
                 build_in_child(self.bundle.path, size=size, package=package, device=self.device,
-                               timeout_s=self.compile_timeout_s)
+                               timeout_s=self.compile_timeout_s, stop=self.stop_compiling)
             network = CompiledNetwork(package, device=self.device)
+        except BuildCancelled:
+            return False
         except Exception:  # noqa: BLE001 - serving goes on eagerly; the log says why
             logger.exception("compiling the model for batches of %d failed; the model runs uncompiled", size)
             self._compiled, self.compile_sizes = {}, ()
@@ -358,5 +361,6 @@ class LocalEmbeddingService:
         return await self.batcher.embed(images, purpose=purpose)
 
     async def close(self) -> None:
+        self.embedder.stop_compiling.set()  # no compiler outlives the service
         await asyncio.to_thread(self.warm_up.stop)
         await asyncio.to_thread(self.batcher.stop)

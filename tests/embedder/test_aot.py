@@ -65,3 +65,26 @@ def test_the_compiling_process_runs_only_where_nothing_else_wants_the_cores() ->
             "print(os.sched_getscheduler(0) == os.SCHED_IDLE, os.getpriority(os.PRIO_PROCESS, 0))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.split() == ["True", "19"]
+
+
+def test_a_build_told_to_stop_kills_its_child_and_writes_nothing(tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    from services.embedder import aot
+
+    started: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def slow_child(command, **kwargs):  # a compiler that would take a minute
+        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(aot.subprocess, "Popen", slow_child)
+    stop = threading.Event()
+    timer = threading.Timer(0.5, stop.set)
+    timer.start()
+    package = tmp_path / "network-b1-s32.pt2"
+    with pytest.raises(aot.BuildCancelled):
+        build_in_child(tmp_path, size=1, package=package, device=torch.device("cpu"), timeout_s=120, stop=stop)
+    assert started and started[0].poll() is not None  # killed, not left running
+    assert not package.exists()

@@ -294,3 +294,11 @@ def test_a_forward_pass_of_one_image_runs_on_one_thread_and_puts_the_count_back(
     finally:
         torch.set_num_threads(before)
     assert sorted(set(seen)) == [(1, 1), (3, 2)]  # each view of each chunk (the mirror is a second call)
+
+
+async def test_closing_the_service_abandons_a_compilation_under_way(tiny_bundle, tmp_path) -> None:
+    from services.embedder.runtime import Embedder, LocalEmbeddingService
+
+    service = LocalEmbeddingService(Embedder(tiny_bundle, max_batch=2, compile=True, compile_cache=tmp_path))
+    await service.close()
+    assert service.embedder.stop_compiling.is_set()  # what `build_in_child` kills its child for
