@@ -6,7 +6,7 @@ lowest CPU priority and loaded in milliseconds, so that nothing of a compilation
 torch.compile in the serving process held its GIL for long stretches of C code while it traced, and its threads and
 C++ compiler took the cores: eager searches beside it took up to 21 × their time, and a restart traced every size
 again (its graph caches refuse the frozen graph). A package is the compiled code with the weights in it: a restart
-loads it (`load_package`) and traces nothing.
+loads it (`CompiledNetwork`) and traces nothing.
 
 The package runs the network in bf16 weights (inputs cast to bf16), as autocast runs its convolutions and linear
 layers; the eager network stays under autocast.
