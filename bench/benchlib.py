@@ -154,13 +154,11 @@ def views_for(bundle: Any, purpose: str) -> int:
 
 def prepared_model(bundle: Any, device: Any) -> Any:
     """The bundle's network on `device` as the embedder runs it (channels_last, eval; in a process whose allocator
-    keeps freed memory for reuse, and whose BLAS runs on one thread, as `services.wiring` sets them)."""
-    from services.common.allocator import reuse_freed_memory
-    from services.common.cores import single_threaded_blas
+    keeps freed memory for reuse, and whose BLAS runs on one thread: `prepare_process_for_the_model`)."""
     from services.embedder.runtime import Embedder
+    from services.wiring import prepare_process_for_the_model
 
-    reuse_freed_memory()
-    single_threaded_blas()
+    prepare_process_for_the_model()
 
     return Embedder(bundle, device=device.type, max_batch=1).model
 

@@ -51,8 +51,7 @@ def build_local_embedding_service(settings: ModelSettings) -> LocalEmbeddingServ
     from services.embedder.runtime import Embedder, LocalEmbeddingService
 
     torch.set_num_threads(torch_threads(settings.torch_threads))  # process-wide: CBIR_TORCH_THREADS or the cores
-    single_threaded_blas()  # numpy's: its idle threads would spin beside the forward pass
-    reuse_freed_memory()  # activations from the heap, not mapped afresh for each forward pass
+    prepare_process_for_the_model()
     bundle = load_bundle(settings.model_dir or DEFAULT_BUNDLE_DIR)
     embedder = Embedder(bundle, device=settings.device, pca_dims=settings.pca_dims,
                         onehot_weight=settings.onehot_weight, max_batch=settings.max_batch,
@@ -61,6 +60,14 @@ def build_local_embedding_service(settings: ModelSettings) -> LocalEmbeddingServ
     service = LocalEmbeddingService(embedder, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
     service.start()
     return service
+
+
+def prepare_process_for_the_model() -> None:
+    """What a process that runs the model sets for itself (the benches' yardsticks too): BLAS on one thread (numpy's
+    idle threads would spin beside the forward pass) and an allocator that keeps activations for reuse instead of
+    mapping them afresh for each forward pass (docs/performance.md#blas-threads-and-the-allocator)."""
+    single_threaded_blas()
+    reuse_freed_memory()
 
 
 def compile_cache_root(settings: ModelSettings) -> Path | None:

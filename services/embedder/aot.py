@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from torch._C import _aoti
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,6 @@ class _CpuRunner:
         self._outputs, self.package = outputs.value, package
 
     def __call__(self, inputs: torch.Tensor) -> list[torch.Tensor]:
-        from torch._C import _aoti
-
         capsules = _aoti.unsafe_alloc_void_ptrs_from_tensors([inputs])
         handles = [self._capsule_pointer(capsule, None) for capsule in capsules]
         input_array = (ctypes.c_void_p * len(handles))(*handles)
