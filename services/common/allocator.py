@@ -14,10 +14,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import mmap
+import os
 
 logger = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+MADV_DONTNEED = 4  # Linux's mman.h
 MMAP_THRESHOLD_BYTES = 32 << 20
 TRIM_THRESHOLD_BYTES = 64 << 20
 
@@ -38,3 +41,21 @@ def reuse_freed_memory(libc: ctypes.CDLL | None = None) -> bool:
     if not done:
         logger.warning("glibc refused the allocator's thresholds; forward passes map their activations afresh")
     return done
+
+
+def release_pages(address: int, length: int) -> int:
+    """Give back to the kernel the whole pages within `length` bytes from `address`, memory this process still
+    holds but never reads again (what `madvise(MADV_DONTNEED)` does for `malloc_trim`): they read as zeros
+    afterwards. Returns the bytes released; 0 where `madvise` is not there or refuses."""
+    page = mmap.PAGESIZE
+    first, end = -(-address // page) * page, (address + length) // page * page
+    if end <= first:
+        return 0
+    madvise = getattr(ctypes.CDLL(None, use_errno=True), "madvise", None)
+    if madvise is None:
+        return 0
+    madvise.restype, madvise.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if madvise(first, end - first, MADV_DONTNEED) != 0:
+        logger.debug("madvise refused to release %d bytes: %s", end - first, os.strerror(ctypes.get_errno()))
+        return 0
+    return end - first

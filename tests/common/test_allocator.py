@@ -41,3 +41,18 @@ def test_another_c_library_is_left_alone_and_a_refusal_is_reported(caplog) -> No
 
 def test_this_machines_glibc_takes_them() -> None:
     assert reuse_freed_memory(ctypes.CDLL("libc.so.6")) is True
+
+
+def test_released_pages_read_as_zeros_and_the_edges_are_kept() -> None:
+    import mmap
+
+    page = mmap.PAGESIZE
+    with mmap.mmap(-1, 4 * page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as memory:  # as the heap: 0xAB
+        memory.write(b"\xab" * 4 * page)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+        # from the middle of page 0 to the middle of page 3: pages 1 and 2 are whole inside it
+        assert allocator.release_pages(address + page // 2, 3 * page) == 2 * page
+        data = memory[:]
+    assert data[:page] == b"\xab" * page and data[3 * page:] == b"\xab" * page
+    assert data[page:3 * page] == bytes(2 * page)
+    assert allocator.release_pages(address + 1, page) == 0  # no whole page inside: nothing

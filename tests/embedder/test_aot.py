@@ -57,6 +57,9 @@ def test_a_package_answers_as_the_network_in_bf16(tmp_path: Path) -> None:
 
     theirs = aoti_load_package(str(package))(inputs.to(torch.bfloat16, memory_format=torch.channels_last))
     assert torch.equal(embedding, theirs[0]) and torch.equal(logits, theirs[1])
+    # with its weights copied to 64-byte boundaries (the container's own copy: 16), every one of them
+    addresses = CompiledNetwork(package)._runner.constant_addresses()
+    assert addresses and all(address % 64 == 0 for address in addresses)
     assert package.with_name(package.name + ".so").is_file()  # the library, extracted once beside it
 
 
