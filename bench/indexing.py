@@ -1,23 +1,27 @@
-"""End-to-end indexing: `cbir index` of the train split, in-process and through `cbir embedder` over HTTP.
+"""End-to-end indexing: `cbir index` of the train split, in-process (eager, and with a cached package) and
+through `cbir embedder` over HTTP.
 
-    python bench/indexing.py                # full: 50,000 images twice and the embedder's compilation:
-                                            # about 10 min on the 2-core CPU machine (an estimate)
-    python bench/indexing.py --quick        # 5 images a class, uncompiled: about 25 s
+    python bench/indexing.py                # full: 50,000 images three times, a package's build and the
+                                            # embedder's compilation: about 12 min on the 2-core CPU machine
+    python bench/indexing.py --quick        # 5 images a class, uncompiled but for `cached`: about 40 s
 
 First the yardstick, alone on the machine: the eager bf16 forward of the model at batch 64 (the
 embedder's largest micro-batch) with the bundle's index-side views (the shipped bundle: 1 pass
 per image). Then each mode in a fresh temporary state dir, as subprocesses on loopback:
 
     in-process  cbir index DIR --split train                                 (the model in `cbir index`)
+    cached      the same, with the package for batches of 64 in the compile cache, as a `cbir serve` with the
+                same state dir leaves it (built first, by `python -m services.embedder.aot`; its build time is
+                recorded, not counted): under CBIR_COMPILE=auto `cbir index` loads it and builds none
     http        cbir embedder --port P, ready (compiled, if it compiles); then
                 CBIR_EMBEDDER_URL=http://127.0.0.1:P cbir index ...
 
 images/s is the collection's image count over the wall-clock seconds of the `cbir index` command
-(Python start-up and model load included: what a user waits for; in-process, `cbir index` runs the model
-uncompiled unless --compile on); the indexer's own figure (its run alone) is recorded beside it, and its
-seconds in each stage (plan, read, embed, write) in the details. The goal: images/s ≥ 0.9 × the
-yardstick. `cbir index` has no limit of its own, so --limit-per-class
-indexes a temporary collection of hard links. Writes bench/results/indexing.json.
+(Python start-up and model load included: what a user waits for; `cbir index` builds no package unless
+--compile on: in-process runs eagerly, cached runs the package); the indexer's own figure (its run alone)
+is recorded beside it, and its seconds in each stage (plan, read, embed, write) in the details. The goal:
+images/s ≥ 0.9 × the yardstick. `cbir index` has no limit of its own, so --limit-per-class indexes a
+temporary collection of hard links. Writes bench/results/indexing.json.
 """
 
 from __future__ import annotations
@@ -37,10 +41,11 @@ import torch
 from services.common.logs import configure_logging
 
 logger = logging.getLogger("bench.indexing")
-MODES = ("in-process", "http")
+MODES = ("in-process", "cached", "http")
 GOAL_RATIO = 0.9
 _SUMMARY = re.compile(r"(\d+) images: indexed (\d+).*?; ([\d.]+) s, (\d+) images/s \(([^)]*)\)")
 _STAGE = re.compile(r"(\w+) ([\d.]+) s")
+_PACKAGE = re.compile(r"compiled the model for batches of (\d+)")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -48,7 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     benchlib.add_service_arguments(parser)
     parser.add_argument("--split", default="train", help="the split to index (default %(default)s)")
     parser.add_argument("--modes", type=benchlib.str_list, default=list(MODES),
-                        help="comma-separated, of in-process, http (default both)")
+                        help="comma-separated, of in-process, cached, http (default all three)")
     parser.add_argument("--yardstick-seconds", type=float, default=None,
                         help="timed seconds of the yardstick (default 10; --quick: 0.3)")
     parser.add_argument("--timeout", type=float, default=3600.0,
@@ -66,6 +71,8 @@ class IndexRun:
     indexed: int
     indexer_seconds: float
     embedder_ready_s: float | None = None  # http: the embedder's start until ready (compiled)
+    package_build_s: float | None = None  # cached: building the package beforehand (not in `seconds`)
+    packages: list[int] = field(default_factory=list)  # the batch sizes it ran compiled (its log says so)
     stage_seconds: dict[str, float] = field(default_factory=dict)  # the indexer's per-stage seconds (its summary)
 
     @property
@@ -90,13 +97,15 @@ def run_index(root: Path, split: str, *, images: int, state_dir: Path, env: dict
         except subprocess.TimeoutExpired:  # stopped on the way out of cbir_process
             raise SystemExit(f"cbir index did not finish in {timeout_s:.0f} s:\n{benchlib.log_tail(log)}") from None
     seconds = time.perf_counter() - started
-    summary = _SUMMARY.search(log.read_text(errors="replace"))
+    text = log.read_text(errors="replace")
+    summary = _SUMMARY.search(text)
     if returncode != 0 or summary is None or int(summary.group(2)) != images:
         raise SystemExit(f"cbir index ({mode}) exited with {returncode} without indexing all {images} images:\n"
                          f"{benchlib.log_tail(log)}")
     return IndexRun(mode=mode, images=images, seconds=seconds, indexed=int(summary.group(2)),
                     indexer_seconds=float(summary.group(3)),
-                    stage_seconds={name: float(value) for name, value in _STAGE.findall(summary.group(5))})
+                    stage_seconds={name: float(value) for name, value in _STAGE.findall(summary.group(5))},
+                    packages=sorted(int(size) for size in _PACKAGE.findall(text)))
 
 
 def run_mode(mode: str, root: Path, split: str, *, images: int, work: Path, env: dict[str, str],
@@ -105,6 +114,12 @@ def run_mode(mode: str, root: Path, split: str, *, images: int, work: Path, env:
     log.parent.mkdir(parents=True)
     if mode == "in-process":
         return run_index(root, split, images=images, state_dir=state_dir, env=env, log=log, timeout_s=timeout_s)
+    if mode == "cached":
+        build_s = build_index_package(state_dir, env=env, timeout_s=timeout_s)
+        run = run_index(root, split, images=images, state_dir=state_dir, log=log, timeout_s=timeout_s, mode=mode,
+                        env={**env, "CBIR_COMPILE": "cached"})  # --compile off would load nothing
+        run.package_build_s = build_s
+        return run
     port = benchlib.free_port()
     embedder_log = work / mode / "embedder.log"
     with benchlib.cbir_process(["embedder", "--host", "127.0.0.1", "--port", str(port)], env=env,
@@ -115,6 +130,24 @@ def run_mode(mode: str, root: Path, split: str, *, images: int, work: Path, env:
                         env={**env, "CBIR_EMBEDDER_URL": f"http://127.0.0.1:{port}"})
     run.embedder_ready_s = ready_s
     return run
+
+
+def build_index_package(state_dir: Path, *, env: dict[str, str], timeout_s: float) -> float:
+    """Build the package `cbir index` runs its batches of 64 with into `state_dir`'s compile cache, where a `cbir
+    serve` leaves it; returns the seconds it took."""
+    from services.embedder.aot import build_in_child, package_path
+    from services.embedder.bundle import DEFAULT_BUNDLE_DIR, load_bundle
+    from services.embedder.compilation import compile_cache_dir
+    from services.embedder.inference import pick_device
+
+    bundle_dir = Path(env.get("CBIR_MODEL_DIR") or DEFAULT_BUNDLE_DIR)
+    bundle, device = load_bundle(bundle_dir), pick_device(env.get("CBIR_DEVICE", "auto"))
+    folder = compile_cache_dir(state_dir / "compile-cache", bundle_version=bundle.version, device=device)
+    package = package_path(folder, size=benchlib.INDEX_BATCH, image_size=bundle.preprocessing.image_size)
+    started = time.perf_counter()
+    build_in_child(bundle_dir, size=benchlib.INDEX_BATCH, package=package, device=device, timeout_s=timeout_s)
+    logger.info("cached: built %s in %.1f s", package.name, time.perf_counter() - started)
+    return time.perf_counter() - started
 
 
 def figures_and_goals(runs: list[IndexRun], stick: benchlib.Throughput) -> tuple[list[dict], list[dict]]:

@@ -56,7 +56,7 @@ def build_local_embedding_service(settings: ModelSettings) -> LocalEmbeddingServ
     embedder = Embedder(bundle, device=settings.device, pca_dims=settings.pca_dims,
                         onehot_weight=settings.onehot_weight, max_batch=settings.max_batch,
                         compile=compile_wanted(settings.compile, pick_device(settings.device)),
-                        compile_cache=compile_cache_root(settings))
+                        compile_cache=compile_cache_root(settings), build=settings.compile != "cached")
     service = LocalEmbeddingService(embedder, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
     service.start()
     return service

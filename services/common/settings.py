@@ -100,9 +100,10 @@ class ModelSettings(BaseCbirSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (CUDA when present), cpu or cuda")
     pca_dims: int | None = Field(None, ge=1, description="PCA dims of the vector (default: the bundle's)")
     onehot_weight: float | None = Field(None, ge=0, description="one-hot weight (default: the bundle's)")
-    compile: Literal["auto", "on", "off"] = Field(
-        "auto", description="torch.compile the model in the background at start-up (it serves uncompiled "
-        "meanwhile); auto: when a C++ compiler (CPU) or CUDA is present")
+    compile: Literal["auto", "on", "cached", "off"] = Field(
+        "auto", description="compile the model ahead of time in the background at start-up (it serves uncompiled "
+        "meanwhile); auto: when a C++ compiler (CPU) or CUDA is present; cached: load the packages already in the "
+        "compile cache, build none")
     compile_cache_dir: Path | None = Field(
         None, description="where compiled code is kept across restarts, a folder per bundle, torch and device "
         "(default: <CBIR_STATE_DIR>/compile-cache where there is a state dir, else torch's folder in /tmp)")

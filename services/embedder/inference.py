@@ -82,13 +82,14 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def compile_wanted(choice: str, device: torch.device) -> bool:
-    """Whether to `torch.compile` for `CBIR_COMPILE` = auto, on or off. Inductor writes C++ for the CPU
-    (it needs a compiler on the PATH) and Triton kernels for CUDA (shipped with torch)."""
+    """Whether to run the model compiled for `CBIR_COMPILE` = auto, on, cached or off. Building a package takes
+    inductor, which writes C++ for the CPU (it needs a compiler on the PATH) and Triton kernels for CUDA (shipped
+    with torch); `cached` builds none, it loads those already in the compile cache (`Embedder`'s `build`)."""
     available = device.type == "cuda" or any(shutil.which(name) for name in ("g++", "c++", "clang++"))
     if choice == "on" and not available:
         raise ConfigError("CBIR_COMPILE=on, but torch.compile needs a C++ compiler (g++) on the PATH for the CPU; "
                           "install one or set CBIR_COMPILE=off")
-    return choice == "on" or (choice == "auto" and available)
+    return choice in ("on", "cached") or (choice == "auto" and available)
 
 
 def autocast(device: torch.device, enabled: bool = True) -> torch.autocast:

@@ -54,7 +54,7 @@ class Embedder:
 
     def __init__(self, bundle: Bundle, *, device: str = default(ModelSettings, "device"), pca_dims: int | None = None,
                  onehot_weight: float | None = None, max_batch: int = default(ModelSettings, "max_batch"),
-                 compile: bool = False, compile_cache: Path | None = None) -> None:
+                 compile: bool = False, compile_cache: Path | None = None, build: bool = True) -> None:
         self.bundle = bundle
         self.device = pick_device(device)
         self.pca_dims = int(pca_dims or bundle.vector_defaults["pca_dims"])
@@ -75,10 +75,15 @@ class Embedder:
         self.model = bundle.model.to(self.device, memory_format=torch.channels_last).eval().requires_grad_(False) \
             if self.deep else bundle.model
         # Compiled ahead of time, one package per batch size (`aot`): a chunk goes through the compiled sizes that
-        # fit it (`compiled_pieces`), eagerly where none does yet. `compile_next` builds and loads the next size.
-        self.compile_sizes = batch_buckets(max_batch) if compile and self.deep else ()
+        # fit it (`compiled_pieces`), eagerly where none does yet. `compile_next` builds (unless `build` is False: then
+        # only the packages already in the cache count) and loads the next size.
         self.compile_cache = compile_cache_dir(compile_cache or DEFAULT_COMPILE_CACHE, bundle_version=bundle.version,
                                                device=self.device)
+        self.compile_sizes = batch_buckets(max_batch) if compile and self.deep else ()
+        self.build = build
+        if not build:  # only the sizes whose package is in the cache already (`CBIR_COMPILE=cached`)
+            self.compile_sizes = tuple(size for size in self.compile_sizes if package_path(
+                self.compile_cache, size=size, image_size=self.preprocessing.image_size).exists())
         self._compiled: dict[int, torch.nn.Module] = {}  # replaced whole, never changed in place: read without a lock
         self.compile_timeout_s = COMPILE_TIMEOUT_S
         self.stop_compiling = threading.Event()  # set: a compilation under way is abandoned (its child killed)
@@ -334,10 +339,13 @@ class LocalEmbeddingService:
         self.warm_up = WarmUp(embedder.compile_next)
 
     def start(self) -> None:
-        """Start serving once the micro-batcher's thread has warmed the eager model up; compilation, if asked
-        for, goes on in `WarmUp`'s thread, the smallest size first, while the eager model answers."""
+        """Start serving once the micro-batcher's thread has warmed the model up; compilation, if asked for, goes on
+        in `WarmUp`'s thread, the smallest size first, while the eager model answers. Packages that are only loaded,
+        never built (`build` False), are loaded first, here: milliseconds each."""
+        if self.embedder.compile_sizes and not self.embedder.build:
+            self.embedder.compile_model()
         self.batcher.start()
-        if self.embedder.compile_sizes:
+        if self.embedder.warming_up:
             self.warm_up.start()
 
     @property

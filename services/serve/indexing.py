@@ -18,12 +18,13 @@ logger = logging.getLogger(__name__)
 
 
 def indexing_model(settings: IndexerSettings) -> IndexerSettings:
-    """The settings `cbir index` runs the model with: with `CBIR_COMPILE=auto` it runs uncompiled (`on` compiles).
+    """The settings `cbir index` runs the model with: with `CBIR_COMPILE=auto` it loads the compiled packages already
+    in the compile cache (`cached`: a `cbir serve` with the same state dir built them) and builds none (`on` builds).
 
-    A one-off run gains little from compiling on the CPU (the compiled forward is about 12% faster than eager; a
-    cold compilation takes about 25 s per batch size on two cores, so it pays off only past some 150,000 images),
-    and the compilation would share the cores with the forward pass that indexes meanwhile."""
-    return settings.model_copy(update={"compile": "off"}) if settings.compile == "auto" else settings
+    A package runs about 1.45 × the eager forward pass at batch 64 on two cores, but building one takes about 25 s of
+    both cores: a one-off run of 50,000 images would lose more than it gains, and the build would share the cores
+    with the forward pass that indexes meanwhile (docs/performance.md#indexing)."""
+    return settings.model_copy(update={"compile": "cached"}) if settings.compile == "auto" else settings
 
 
 async def index_into_store(settings: IndexerSettings, data_dir: Path, split: str, options: IndexOptions) -> IndexReport:

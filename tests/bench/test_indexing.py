@@ -1,4 +1,5 @@
-"""bench/indexing.py: `cbir index` in-process and through `cbir embedder`, timed against the yardstick."""
+"""bench/indexing.py: `cbir index` in-process (eager, and with a cached package) and through `cbir embedder`, timed
+against the yardstick."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from bench_helpers import child_pids, load_bench_script, read_result
 
 
 @pytest.mark.slow
-def test_quick_run_indexes_both_ways_and_states_the_goal(quick_args: list[str], tmp_path: Path,
+def test_quick_run_indexes_every_way_and_states_the_goal(quick_args: list[str], tmp_path: Path,
                                                          mini_collection: Path) -> None:
     before = child_pids()
     load_bench_script("indexing").main([*quick_args, "--data-dir", str(mini_collection), "--limit-per-class", "2"])
@@ -19,8 +20,11 @@ def test_quick_run_indexes_both_ways_and_states_the_goal(quick_args: list[str], 
     (stick,) = result["yardsticks"]
     assert stick["batch"] == 64 and stick["views"] == result["settings"]["index_views"]
     runs = {run["mode"]: run for run in result["details"]["runs"]}
-    assert set(runs) == {"in-process", "http"} and all(run["indexed"] == 20 for run in runs.values())
+    assert set(runs) == {"in-process", "cached", "http"} and all(run["indexed"] == 20 for run in runs.values())
     assert runs["http"]["embedder_ready_s"] > 0 and runs["in-process"]["embedder_ready_s"] is None
+    # cached: the package for batches of 64 built beforehand (not timed with the run), and run by `cbir index`
+    assert runs["cached"]["package_build_s"] > 0 and runs["cached"]["packages"] == [64]
+    assert runs["in-process"]["packages"] == [] and runs["in-process"]["package_build_s"] is None
     for run in runs.values():  # where the indexer's time went, from its summary line
         assert set(run["stage_seconds"]) == {"plan", "read", "embed", "write"}
         assert all(seconds >= 0 for seconds in run["stage_seconds"].values())

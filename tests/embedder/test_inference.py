@@ -71,3 +71,16 @@ def test_the_normalisation_tensors_are_made_once_and_serve_training_too(monkeypa
     np.testing.assert_allclose(first.numpy(), expected, atol=1e-6)
     np.testing.assert_allclose(again.detach().numpy(), expected, atol=1e-6)
     assert first.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_what_each_compile_choice_asks_for_with_and_without_a_cpp_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.embedder import inference
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(inference.shutil, "which", lambda name: None)  # no C++ compiler on the PATH
+    assert [inference.compile_wanted(choice, cpu) for choice in ("auto", "cached", "off")] == [False, True, False]
+    with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
+        inference.compile_wanted("on", cpu)
+    monkeypatch.setattr(inference.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert [inference.compile_wanted(choice, cpu) for choice in ("auto", "on", "cached", "off")] == \
+        [True, True, True, False]

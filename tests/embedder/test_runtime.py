@@ -177,6 +177,27 @@ def test_a_restart_loads_the_compiled_packages_without_compiling(tiny_bundle, tm
     for count in (1, 2):
         for purpose in ("query", "index"):
             assert len(restarted.embed_batch(images[:count], purpose=purpose)) == count
+    # told to build none (`CBIR_COMPILE=cached`), it takes only the sizes whose package is there
+    (first.compile_cache / "network-b1-s32.pt2").unlink()
+    cached_only = Embedder(tiny_bundle, max_batch=2, compile=True, compile_cache=tmp_path, build=False)
+    assert cached_only.compile_sizes == (2,)
+    cached_only.compile_model()
+    assert sorted(cached_only._compiled) == [2] and cached_only.warm_up_progress == (1, 1)
+    assert not (first.compile_cache / "network-b1-s32.pt2").exists()
+
+
+def test_told_to_build_none_with_an_empty_cache_it_runs_eagerly(tiny_bundle, tmp_path, monkeypatch) -> None:
+    from services.embedder import runtime
+    from services.embedder.runtime import Embedder
+
+    def no_compiler(*args, **kwargs) -> None:
+        raise AssertionError("built a package")
+
+    monkeypatch.setattr(runtime, "build_in_child", no_compiler)
+    embedder = Embedder(tiny_bundle, max_batch=2, compile=True, compile_cache=tmp_path, build=False)
+    assert embedder.compile_sizes == () and embedder.compile_next() is False
+    assert embedder.warm_up_progress is None and not embedder.warming_up
+    assert len(embedder.embed_batch(np.zeros((3, 32, 32, 3), dtype=np.uint8))) == 3
 
 
 def test_a_failed_compilation_leaves_the_model_serving_eagerly(tiny_bundle, tmp_path, monkeypatch) -> None:

@@ -59,8 +59,9 @@ async def test_an_elasticsearch_rebuild_fills_its_versioned_index_and_leaves_the
     assert read_record(tmp_path / "state") is None  # nothing of one machine's is recorded
 
 
-@pytest.mark.parametrize(("configured", "runs"), [("auto", "off"), ("on", "on"), ("off", "off")])
-def test_cbir_index_runs_the_model_uncompiled_unless_told_to_compile(configured: str, runs: str) -> None:
+@pytest.mark.parametrize(("configured", "runs"), [("auto", "cached"), ("on", "on"), ("cached", "cached"),
+                                                  ("off", "off")])
+def test_cbir_index_builds_no_package_unless_told_to_compile(configured: str, runs: str) -> None:
     configured_settings = IndexerSettings(_env_file=None, compile=configured)  # type: ignore[call-arg]
     assert indexing_model(configured_settings).compile == runs
     assert configured_settings.compile == configured  # the caller's settings are left as they were
@@ -73,4 +74,4 @@ async def test_the_embedding_service_is_built_from_the_indexing_model(
     monkeypatch.setattr(indexing, "build_embedding_service", lambda s: built.append(s.compile) or real(s))
     auto = settings(tmp_path, tiny_bundle_dir).model_copy(update={"compile": "auto"})
     await index_into_store(auto, mini_collection, "train", options())
-    assert built == ["off"]
+    assert built == ["cached"]
