@@ -4,9 +4,8 @@ By default glibc serves an allocation above its mmap threshold (128 KiB at the s
 the kernel and returns them when it is freed, and raises that threshold only after it has freed such a block:
 each forward pass's activations (megabytes a layer at batch 64) were mapped, faulted in page by page and unmapped
 again, call after call. A fixed threshold of 32 MiB (glibc's own ceiling for its adaptive one) and a trim
-threshold of 64 MiB keep them in the heap, reused: at batch 64 on two cores (2026-12-05) the AOT-compiled network
-ran 1,716 against 1,000 images/s, and the eager one about 10% faster
-(`docs/performance.md#blas-threads-and-the-allocator`).
+threshold of 64 MiB keep them in the heap, reused: at batch 64 on two cores (2026-12-05) the eager network ran
+about 10% faster (`docs/performance.md#blas-threads-and-the-allocator`).
 """
 
 from __future__ import annotations
