@@ -70,6 +70,7 @@ class WarmUpRun:
     ready_s: float | None = None
     ready_after_first_answer_s: float | None = None
     searches: list[tuple[float, float]] = field(default_factory=list)  # (sent, latency), seconds
+    took_ms: list[float] = field(default_factory=list)  # each search's time inside the server (its `took_ms`)
     errors: int = 0
     progress: list[tuple[float, Any]] = field(default_factory=list)  # (seconds since first 200, /healthz warm_up)
     log_tail: str = ""  # the server's log, when it failed a search or never got ready
@@ -120,6 +121,14 @@ def figures_and_goals(summary: dict[str, Any], *, cold: WarmUpRun, warm_ready_s:
     return figures, goals
 
 
+def slowest(run: WarmUpRun, count: int = 10) -> list[list[float]]:
+    """The `count` slowest searches: when each was sent, its latency at the client and its time in the server
+    (`took_ms`: from the handler's start to its answer), so that a slow one says whether the server was slow."""
+    order = sorted(range(len(run.searches)), key=lambda i: -run.searches[i][1])[:count]
+    return [[round(run.searches[i][0], 3), round(1000 * run.searches[i][1], 2),
+             round(run.took_ms[i], 2) if i < len(run.took_ms) else float("nan")] for i in order]
+
+
 def _or_nan(value: float | None) -> float:
     return float("nan") if value is None else value
 
@@ -158,6 +167,7 @@ async def search_while_warming(url: str, queries: list[tuple[str, bytes]], *, st
                 ok = False
             if ok:
                 run.searches.append((sent - origin, time.perf_counter() - sent))
+                run.took_ms.append(float(response.json().get("took_ms", float("nan"))))
             else:
                 run.errors += 1
             n += 1
@@ -253,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "ready_after_first_answer_s": _rounded(cold.ready_after_first_answer_s),
                     "restart_ready_s": _rounded(warm_ready_s), "compile_cache_files": cached,
                     "search_log_s_ms": [[round(sent, 3), round(1000 * latency, 2)] for sent, latency in cold.searches],
+                    "slowest_searches_s_ms_took_ms": slowest(cold),
                     "warm_up_progress": _changes(cold.progress), "cold_log_tail": cold.log_tail},
     }
     benchlib.write_result("warmup", result, output_dir=args.output_dir, argv=argv)

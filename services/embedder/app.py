@@ -17,6 +17,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFile
 from pydantic import BaseModel, Field
 
+from services.common.collector import freeze_startup_objects
 from services.common.embedding import Purpose
 from services.common.errors import ImageError, ModelNotLoadedError
 from services.common.http import (
@@ -66,6 +67,7 @@ def create_app(settings: EmbedderSettings, *, service_factory: Callable[[], Loca
         service = await asyncio.to_thread(service_factory)
         app.state.service = service
         logger.info("embedder ready: %s", (await service.info()).model_version)
+        freeze_startup_objects()
         try:
             yield
         finally:

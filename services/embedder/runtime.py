@@ -164,8 +164,8 @@ class Embedder:
         """Compile the network for the smallest size of `compile_sizes` not done yet (searches' sizes before the
         indexer's) and use it from now on; False when there is none left. The package is loaded from
         `compile_cache` when it is there (milliseconds), else built by a child process at the lowest priority
-        (about 20 s for the first size on two cores, less for the others: `aot`). Blocking; `WarmUp` calls it in
-        its own thread, which only waits meanwhile.
+        (about 20 s for the first size on two cores, less for the others: `aot`), then run once before any request
+        uses it. Blocking; `WarmUp` calls it in its own thread, which mostly waits meanwhile.
         """
         pending = [s for s in self.compile_sizes if s not in self._compiled]
         if not pending:
@@ -177,6 +177,10 @@ class Embedder:
                 build_in_child(self.bundle.path, size=size, package=package, device=self.device,
                                timeout_s=self.compile_timeout_s, stop=self.stop_compiling)
             network = CompiledNetwork(package, device=self.device)
+            # Its first forward pass sets up its kernels (oneDNN's, for each layer): 150 ms at batch 1 on two cores,
+            # which the first search to use it paid for (2026-12-05). Paid here instead, in this thread.
+            blank = np.zeros((size, self.preprocessing.image_size, self.preprocessing.image_size, 3), dtype=np.uint8)
+            self._predict(network, blank, flip=self.preprocessing.flip_for("query"))
         except BuildCancelled:
             return False
         except Exception:  # noqa: BLE001 - serving goes on eagerly; the log says why

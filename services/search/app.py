@@ -34,6 +34,7 @@ from fastapi import APIRouter, Body, Depends, FastAPI, File, Form, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
+from services.common.collector import freeze_startup_objects
 from services.common.documents import StoredImage
 from services.common.embedding import EmbeddingService
 from services.common.errors import CbirError, ImageError, ImageRegionError, IndexNotReadyError
@@ -113,6 +114,7 @@ def create_app(settings: SearchSettings, *,
                     await engine.ensure_ready()
                 except CbirError as exc:  # it serves anyway: /healthz says why, and it recovers by itself
                     logger.warning("not ready yet: %s", exc.message)
+            freeze_startup_objects()
             yield
 
     app = FastAPI(title="cbir search", version="0.1.0", lifespan=lifespan,

@@ -30,6 +30,8 @@ def test_the_goals_judge_the_settled_p50_every_search_and_both_starts() -> None:
     assert goals[2]["ratio"] == 60.0 and goals[3]["ratio"] == 16.0
     rows = {row["name"]: row for row in figures}
     assert rows["cold start: start to ready (empty compile cache)"]["value"] == 60.0
+    run.took_ms = [80.0] * 20 + [20.0] * 50 + [12.5]  # the slow one spent 12.5 ms of its 110 in the server
+    assert warmup.slowest(run, count=2) == [[16.0, 110.0, 12.5], [0.0, 90.0, 80.0]]
     assert rows["cold start, one client: p50 after the first 10 s (51 searches)"]["yardstick"]["value"] == 20.0
 
 
