@@ -126,6 +126,7 @@ async def test_the_gateway_answers_503_with_retry_after_beyond_capacity_and_serv
     async def search() -> httpx.Response:
         return await client.post("/search", files={"file": ("q.png", image, "image/png")})
 
+    store.searching.clear()  # set by the gateway's readiness check, which searched once as it started
     store.search_gate.clear()
     admitted = asyncio.create_task(search())
     await store.searching.wait()  # the first search holds the only slot, at the store

@@ -128,7 +128,9 @@ async def test_each_image_gets_its_own_hits_best_first_in_one_store_call(tmp_pat
     assert [[hit.id for hit in answer.hits] for answer in answers] == [["doc-2", "doc-0"], ["doc-3", "doc-0"]]
     assert answers[0].hits[0].score == pytest.approx(2.0) and answers[0].hits[1].score == pytest.approx(1.0)
     assert all(answer.model_version == "v1" and answer.embedding is not None for answer in answers)
-    assert store.searches == [2] and embedder.embedded == [(2, "query")]
+    # The readiness check's probe (what the store sets up for searching is paid before the first request),
+    # then both images in one call.
+    assert store.searches == [1, 2] and embedder.embedded == [(2, "query")]
 
 
 async def test_options_page_and_filter_the_hits(tmp_path: Path) -> None:
@@ -336,7 +338,8 @@ async def test_a_swap_carries_over_under_the_write_lock_then_serves_the_new_pair
 
 async def test_the_old_pair_closes_after_its_last_request(tmp_path: Path) -> None:
     engine, embedder, store = make_engine(tmp_path)
-    await engine.ensure_ready()
+    await engine.ensure_ready()  # its probe search set `searching`
+    store.searching.clear()
     store.search_gate.clear()
     held = asyncio.ensure_future(engine.search_images(image(1)[np.newaxis], SearchOptions(k=1)))
     await store.searching.wait()
