@@ -1,7 +1,7 @@
 """The network compiled ahead of time (AOTInductor): one package per batch size, built in a child process at the
 lowest CPU priority and loaded in milliseconds, so that nothing of a compilation runs in the serving process.
 
-    python -m services.embedder.aot BUNDLE_DIR SIZE PACKAGE [--device cpu]   # what `build_in_child` runs
+    python -m services.embedder.aot BUNDLE_DIR SIZE:PACKAGE [SIZE:PACKAGE ...] [--device cpu]   # `ChildBuilds` runs it
 
 torch.compile in the serving process held its GIL for long stretches of C code while it traced, and its threads and
 C++ compiler took the cores: eager searches beside it took up to 21 × their time, and a restart traced every size
@@ -232,33 +232,81 @@ class BuildCancelled(Exception):
     """`build_in_child` was told to stop: its child process is gone, no package was written."""
 
 
+class ChildBuilds:
+    """The packages of several batch sizes, built one after another by one child process at the lowest CPU priority
+    (`python -m services.embedder.aot`), each renamed into place as it is done, so that the first can serve while the
+    others build. One process for all of them: each size after the first saves the child's start-up (importing
+    torch, the bundle, inductor's first compilation: 5-8 s of the 16-23 s a size took in a process of its own, two
+    cores, 2026-12-05).
+
+    >>> builds = ChildBuilds(bundle_dir, [(1, package_1), (4, package_4)], device=torch.device("cpu"))
+    >>> builds.wait(1, timeout_s=600)   # starts the child; returns once package_1 is in place
+    >>> builds.wait(4, timeout_s=600)
+    >>> builds.close()                  # kills the child if it still runs
+
+    `wait` raises `RuntimeError` with the end of the child's output when it fails or takes over `timeout_s`, and
+    `BuildCancelled` once `stop` is set (the server shuts down): either way the child is killed first, so no
+    compiler outlives the process that asked for it. Its C++ caches go beside the packages."""
+
+    def __init__(self, bundle_dir: Path, builds: Sequence[tuple[int, Path]], *, device: torch.device,
+                 stop: threading.Event | None = None) -> None:
+        self.bundle_dir, self.device, self.stop = bundle_dir, device, stop
+        self.packages = dict(builds)
+        self._child: subprocess.Popen[bytes] | None = None
+        self._output: tempfile._TemporaryFileWrapper[bytes] | None = None
+        self._closing = threading.Lock()  # the waiting thread and the service's close may both close it
+
+    def wait(self, size: int, *, timeout_s: float) -> Path:
+        package = self.packages[size]
+        if self._child is None:
+            self._start()
+        assert self._child is not None
+        deadline = time.monotonic() + timeout_s
+        while not package.exists():
+            if self.stop is not None and self.stop.is_set():
+                self.close()
+                raise BuildCancelled(f"compiling for batches of {size} stopped")
+            ended = self._child.poll() is not None and not package.exists()  # it ended without this package
+            if ended or time.monotonic() > deadline:
+                self.close()  # the child is gone after this: its whole output is there
+                reason = f"exit code {self._child.returncode}" if ended else f"over {timeout_s:.0f} s"
+                raise RuntimeError(f"compiling for batches of {size} failed ({reason}): {self._output_tail()}")
+            _exited(self._child, within_s=0.2)
+        return package
+
+    def close(self) -> None:
+        """Kill the child if it still runs (what it finished stays); its output stays readable until the object
+        goes."""
+        with self._closing:
+            if self._child is not None and self._child.poll() is None:
+                self._child.kill()
+                self._child.wait()
+
+    def _start(self) -> None:
+        builds = [f"{size}:{package}" for size, package in sorted(self.packages.items())]
+        command = [sys.executable, "-m", "services.embedder.aot", str(self.bundle_dir), *builds,
+                   "--device", self.device.type]
+        folder = next(iter(self.packages.values())).parent
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor")}
+        self._output = tempfile.TemporaryFile()  # noqa: SIM115 - read by `_output_tail`, gone with the object
+        self._child = subprocess.Popen(command, env=env, stdout=self._output, stderr=subprocess.STDOUT)
+
+    def _output_tail(self) -> str:
+        if self._output is None:
+            return ""
+        self._output.flush()
+        self._output.seek(0)
+        return self._output.read().decode(errors="replace").strip()[-2000:]
+
+
 def build_in_child(bundle_dir: Path, *, size: int, package: Path, device: torch.device, timeout_s: float,
                    stop: threading.Event | None = None) -> None:
-    """`build_package` for the bundle at `bundle_dir` in a child process at the lowest CPU priority, its C++ caches
-    beside the package; `RuntimeError` with the end of its output when it fails or takes over `timeout_s`. When
-    `stop` is set meanwhile (the server shuts down) the child is killed and `BuildCancelled` raised: no compiler
-    outlives the process that asked for it."""
-    command = [sys.executable, "-m", "services.embedder.aot", str(bundle_dir), str(size), str(package),
-               "--device", device.type]
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(package.parent / "inductor")}
-    with tempfile.TemporaryFile() as output:
-        child = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        try:
-            while not _exited(child, within_s=0.2):
-                if (stop is not None and stop.is_set()) or time.monotonic() > deadline:
-                    break
-        finally:
-            if child.poll() is None:  # stopped, too slow, or this thread interrupted
-                child.kill()
-                child.wait()
-        if stop is not None and stop.is_set():
-            raise BuildCancelled(f"compiling for batches of {size} stopped")
-        if child.returncode != 0:
-            output.seek(0)
-            text = output.read().decode(errors="replace").strip()
-            reason = f"exit code {child.returncode}" if child.returncode > 0 else f"over {timeout_s:.0f} s"
-            raise RuntimeError(f"compiling for batches of {size} failed ({reason}): {text[-2000:]}")
+    """`build_package` for one size of the bundle at `bundle_dir`, in a child process (`ChildBuilds`)."""
+    builds = ChildBuilds(bundle_dir, [(size, package)], device=device, stop=stop)
+    try:
+        builds.wait(size, timeout_s=timeout_s)
+    finally:
+        builds.close()
 
 
 def _exited(child: subprocess.Popen[bytes], *, within_s: float) -> bool:
@@ -282,8 +330,8 @@ def lowest_priority() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m services.embedder.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path)
-    parser.add_argument("size", type=int)
-    parser.add_argument("package", type=Path)
+    parser.add_argument("builds", nargs="+", metavar="SIZE:PACKAGE", type=_build_argument,
+                        help="a batch size and the package to write for it; built in the order given")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     lowest_priority()
@@ -294,10 +342,18 @@ def main(argv: list[str] | None = None) -> None:
         bundle = load_bundle(args.bundle)
     except CbirError as exc:
         raise SystemExit(exc.message) from None
-    started = time.perf_counter()
-    build_package(bundle.model, size=args.size, image_size=bundle.preprocessing.image_size,
-                  device=torch.device(args.device), package=args.package)
-    logger.info("compiled %s for batches of %d in %.1f s", args.bundle, args.size, time.perf_counter() - started)
+    for size, package in args.builds:
+        started = time.perf_counter()
+        build_package(bundle.model, size=size, image_size=bundle.preprocessing.image_size,
+                      device=torch.device(args.device), package=package)
+        logger.info("compiled %s for batches of %d in %.1f s", args.bundle, size, time.perf_counter() - started)
+
+
+def _build_argument(text: str) -> tuple[int, Path]:
+    size, _, package = text.partition(":")
+    if not size.isdigit() or not package:
+        raise argparse.ArgumentTypeError(f"expected SIZE:PACKAGE, got {text!r}")
+    return int(size), Path(package)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from prometheus_client import Histogram
 from services.common.embedding import EmbedderInfo, Embedding, Purpose
 from services.common.errors import EmbedderUnavailableError, ModelNotLoadedError
 from services.common.settings import ModelSettings, default
-from services.embedder.aot import BuildCancelled, CompiledNetwork, build_in_child, import_loader, package_path
+from services.embedder.aot import BuildCancelled, ChildBuilds, CompiledNetwork, import_loader, package_path
 from services.embedder.bundle import Bundle
 from services.embedder.compilation import (
     DEFAULT_COMPILE_CACHE,
@@ -82,11 +82,11 @@ class Embedder:
         self.compile_sizes = batch_buckets(max_batch) if compile and self.deep else ()
         self.build = build
         if not build:  # only the sizes whose package is in the cache already (`CBIR_COMPILE=cached`)
-            self.compile_sizes = tuple(size for size in self.compile_sizes if package_path(
-                self.compile_cache, size=size, image_size=self.preprocessing.image_size).exists())
+            self.compile_sizes = tuple(size for size in self.compile_sizes if self._package(size).exists())
         self._compiled: dict[int, torch.nn.Module] = {}  # replaced whole, never changed in place: read without a lock
         self.compile_timeout_s = COMPILE_TIMEOUT_S
         self.stop_compiling = threading.Event()  # set: a compilation under way is abandoned (its child killed)
+        self._builds: ChildBuilds | None = None  # the child building the sizes not in the cache, once one is needed
         if self.compile_sizes and self.device.type != "cpu":  # torch's package loader: CUDA's (`aot`)
             import_loader(self.device)
 
@@ -163,34 +163,49 @@ class Embedder:
     def compile_next(self) -> bool:
         """Compile the network for the smallest size of `compile_sizes` not done yet (searches' sizes before the
         indexer's) and use it from now on; False when there is none left. The package is loaded from
-        `compile_cache` when it is there (milliseconds), else built by a child process at the lowest priority
-        (about 20 s for the first size on two cores, less for the others: `aot`), then run once before any request
-        uses it. Blocking; `WarmUp` calls it in its own thread, which mostly waits meanwhile.
+        `compile_cache` when it is there (milliseconds), else waited for from the child process that builds every
+        size missing from the cache, smallest first, at the lowest priority (`aot.ChildBuilds`: about 20 s for the
+        first size on two cores, 13 s for each of the others), then run once before any request uses it. Blocking;
+        `WarmUp` calls it in its own thread, which mostly waits meanwhile.
         """
         pending = [s for s in self.compile_sizes if s not in self._compiled]
         if not pending:
+            self.stop_building()
             return False
         size, started = min(pending), time.perf_counter()
-        package = package_path(self.compile_cache, size=size, image_size=self.preprocessing.image_size)
+        package = self._package(size)
         try:
             if not package.exists():
-                build_in_child(self.bundle.path, size=size, package=package, device=self.device,
-                               timeout_s=self.compile_timeout_s, stop=self.stop_compiling)
+                if self._builds is None:
+                    missing = [(s, self._package(s)) for s in sorted(pending) if not self._package(s).exists()]
+                    self._builds = ChildBuilds(self.bundle.path, missing, device=self.device, stop=self.stop_compiling)
+                self._builds.wait(size, timeout_s=self.compile_timeout_s)
             network = CompiledNetwork(package, device=self.device)
             # Its first forward pass sets up its kernels (oneDNN's, for each layer): 150 ms at batch 1 on two cores,
             # which the first search to use it paid for (2026-12-05). Paid here instead, in this thread.
             blank = np.zeros((size, self.preprocessing.image_size, self.preprocessing.image_size, 3), dtype=np.uint8)
             self._predict(network, blank, flip=self.preprocessing.flip_for("query"))
         except BuildCancelled:
+            self.stop_building()
             return False
         except Exception:  # noqa: BLE001 - serving goes on eagerly; the log says why
             logger.exception("compiling the model for batches of %d failed; the model runs uncompiled", size)
             self._compiled, self.compile_sizes = {}, ()
+            self.stop_building()
             return False
         self._compiled = {**self._compiled, size: network}
         logger.info("compiled the model for batches of %d in %.1f s (%d of %d sizes)", size,
                     time.perf_counter() - started, len(self._compiled), len(self.compile_sizes))
         return True
+
+    def _package(self, size: int) -> Path:
+        return package_path(self.compile_cache, size=size, image_size=self.preprocessing.image_size)
+
+    def stop_building(self) -> None:
+        """Kill the child that builds packages, if one runs (the service closes; nothing is left to wait for)."""
+        if self._builds is not None:
+            self._builds.close()
+            self._builds = None
 
     def compile_model(self) -> None:
         """Every size of `compile_sizes`, one after another (tests, benches)."""
@@ -375,4 +390,5 @@ class LocalEmbeddingService:
     async def close(self) -> None:
         self.embedder.stop_compiling.set()  # no compiler outlives the service
         await asyncio.to_thread(self.warm_up.stop)
+        await asyncio.to_thread(self.embedder.stop_building)  # had it stopped between two sizes
         await asyncio.to_thread(self.batcher.stop)

@@ -91,3 +91,75 @@ def test_a_build_told_to_stop_kills_its_child_and_writes_nothing(tmp_path: Path,
         build_in_child(tmp_path, size=1, package=package, device=torch.device("cpu"), timeout_s=120, stop=stop)
     assert started and started[0].poll() is not None  # killed, not left running
     assert not package.exists()
+
+
+def fake_compiler(monkeypatch, script: str) -> list[list[str]]:
+    """`ChildBuilds`'s child replaced by `script` run with the same arguments (BUNDLE SIZE:PACKAGE ...); returns
+    the commands it was started with."""
+    from services.embedder import aot
+
+    commands: list[list[str]] = []
+    real_popen = subprocess.Popen
+
+    def child(command, **kwargs):
+        commands.append(command)
+        return real_popen([sys.executable, "-c", script, *command[3:]], **kwargs)
+
+    monkeypatch.setattr(aot.subprocess, "Popen", child)
+    return commands
+
+
+# Writes each SIZE:PACKAGE given in order, the second only once the test has seen the first ("go" beside it).
+WRITES_IN_ORDER = """
+import pathlib, sys, time
+builds = [argument.split(":", 1) for argument in sys.argv[2:] if ":" in argument]
+for n, (size, package) in enumerate(builds):
+    package = pathlib.Path(package)
+    while n and not (package.parent / "go").exists():
+        time.sleep(0.01)
+    package.with_name("." + package.name).write_text(size)
+    package.with_name("." + package.name).replace(package)
+    if size == "4" and "fail" in package.name:
+        sys.exit("no compiler for batches of 8")
+"""
+
+
+def test_one_child_builds_every_size_and_each_serves_as_soon_as_it_is_done(tmp_path: Path, monkeypatch) -> None:
+    from services.embedder.aot import ChildBuilds
+
+    commands = fake_compiler(monkeypatch, WRITES_IN_ORDER)
+    packages = {size: tmp_path / f"network-b{size}-s32.pt2" for size in (1, 4)}
+    builds = ChildBuilds(tmp_path / "bundle", list(packages.items()), device=torch.device("cpu"))
+    try:
+        assert builds.wait(1, timeout_s=60) == packages[1]
+        assert not packages[4].exists()  # the first is waited for alone
+        (tmp_path / "go").touch()
+        assert builds.wait(4, timeout_s=60) == packages[4] and packages[4].read_text() == "4"
+    finally:
+        builds.close()
+    assert len(commands) == 1 and commands[0][4:6] == [f"1:{packages[1]}", f"4:{packages[4]}"]
+
+
+def test_a_child_that_fails_after_some_sizes_leaves_those_and_says_why_for_the_next(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    from services.embedder.aot import ChildBuilds
+
+    fake_compiler(monkeypatch, WRITES_IN_ORDER)
+    (tmp_path / "go").touch()
+    packages = [(1, tmp_path / "b1.pt2"), (4, tmp_path / "fail-b4.pt2"), (8, tmp_path / "fail-b8.pt2")]
+    builds = ChildBuilds(tmp_path / "bundle", packages, device=torch.device("cpu"))
+    try:
+        builds.wait(1, timeout_s=60)
+        builds.wait(4, timeout_s=60)
+        with pytest.raises(RuntimeError, match="batches of 8 failed.*no compiler for batches of 8"):
+            builds.wait(8, timeout_s=60)
+    finally:
+        builds.close()
+    assert not (tmp_path / "fail-b8.pt2").exists()
+
+
+def test_the_child_refuses_a_build_that_is_not_a_size_and_a_package(tmp_path: Path) -> None:
+    from services.embedder import aot
+
+    with pytest.raises(SystemExit):
+        aot.main([str(tmp_path), "4"])  # not SIZE:PACKAGE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -169,7 +170,7 @@ def test_a_restart_loads_the_compiled_packages_without_compiling(tiny_bundle, tm
     def no_compiler(*args, **kwargs) -> None:
         raise AssertionError("compiled again")
 
-    monkeypatch.setattr(runtime, "build_in_child", no_compiler)
+    monkeypatch.setattr(runtime, "ChildBuilds", no_compiler)
     restarted = Embedder(tiny_bundle, max_batch=2, compile=True, compile_cache=tmp_path)
     restarted.compile_model()
     assert sorted(restarted._compiled) == [1, 2] and not restarted.warming_up
@@ -193,7 +194,7 @@ def test_told_to_build_none_with_an_empty_cache_it_runs_eagerly(tiny_bundle, tmp
     def no_compiler(*args, **kwargs) -> None:
         raise AssertionError("built a package")
 
-    monkeypatch.setattr(runtime, "build_in_child", no_compiler)
+    monkeypatch.setattr(runtime, "ChildBuilds", no_compiler)
     embedder = Embedder(tiny_bundle, max_batch=2, compile=True, compile_cache=tmp_path, build=False)
     assert embedder.compile_sizes == () and embedder.compile_next() is False
     assert embedder.warm_up_progress is None and not embedder.warming_up
@@ -207,7 +208,7 @@ def test_a_failed_compilation_leaves_the_model_serving_eagerly(tiny_bundle, tmp_
     def failing(*args, **kwargs) -> None:
         raise RuntimeError("compiling for batches of 1 failed (1): no compiler")
 
-    monkeypatch.setattr(runtime, "build_in_child", failing)
+    monkeypatch.setattr(runtime, "ChildBuilds", failing)
     embedder = Embedder(tiny_bundle, max_batch=2, compile=True, compile_cache=tmp_path)
     assert embedder.compile_next() is False
     assert embedder.warm_up_progress is None and not embedder.warming_up  # nothing left to wait for
@@ -321,5 +322,11 @@ async def test_closing_the_service_abandons_a_compilation_under_way(tiny_bundle,
     from services.embedder.runtime import Embedder, LocalEmbeddingService
 
     service = LocalEmbeddingService(Embedder(tiny_bundle, max_batch=2, compile=True, compile_cache=tmp_path))
+    service.start()  # the warm-up thread starts the child that builds both sizes
+    deadline = time.monotonic() + 30
+    while (builds := service.embedder._builds) is None or builds._child is None:
+        assert time.monotonic() < deadline, "no child started"
+        await asyncio.sleep(0.01)
     await service.close()
-    assert service.embedder.stop_compiling.is_set()  # what `build_in_child` kills its child for
+    assert service.embedder.stop_compiling.is_set() and builds._child.poll() is not None  # killed, not left running
+    assert not list(service.embedder.compile_cache.glob("*.pt2"))
