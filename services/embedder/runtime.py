@@ -165,7 +165,7 @@ class Embedder:
         indexer's) and use it from now on; False when there is none left. The package is loaded from
         `compile_cache` when it is there (milliseconds), else waited for from the child process that builds every
         size missing from the cache, smallest first, at the lowest priority (`aot.ChildBuilds`: about 20 s for the
-        first size on two cores, 13 s for each of the others), then run once before any request uses it. Blocking;
+        first size on two cores, about 10 s for each of the others), then run once before any request uses it. Blocking;
         `WarmUp` calls it in its own thread, which mostly waits meanwhile.
         """
         pending = [s for s in self.compile_sizes if s not in self._compiled]
