@@ -82,7 +82,10 @@ def test_evaluate_writes_json_report_figures_and_trec_run(cbir_env: Path, tmp_pa
     assert {name: row["accuracy"] for name, row in result["per_class"].items()} == pytest.approx(
         expected["per_class_accuracy"], abs=1e-12)
     assert all(row["queries"] == 5 for row in result["per_class"].values())
-    assert metrics["map_all"] == pytest.approx(expected["map_all"], abs=1e-6)
+    # Not to the last bit: the evaluation scores a chunk of queries in one float32 matrix product, this one query
+    # by query, and the two sum in different orders on some CPUs (an AMD EPYC: 1.2e-6 apart, 2026-12-05, where an
+    # Intel Xeon agreed within 1e-6), which reorders near-tied documents.
+    assert metrics["map_all"] == pytest.approx(expected["map_all"], abs=1e-5)
     assert len(result["precision_recall"]["recall"]) == 101
     tables = result["ablations"]["tables"]
     assert {row["onehot_weight"] for row in tables["onehot_weight"]} == {0, 0.25, 0.5, 1, 1.5, 2, 4}
