@@ -268,19 +268,26 @@ class ChildBuilds:
                 raise BuildCancelled(f"compiling for batches of {size} stopped")
             ended = self._child.poll() is not None and not package.exists()  # it ended without this package
             if ended or time.monotonic() > deadline:
-                self.close()  # the child is gone after this: its whole output is there
+                self._kill()  # the child is gone after this: its whole output is there
                 reason = f"exit code {self._child.returncode}" if ended else f"over {timeout_s:.0f} s"
-                raise RuntimeError(f"compiling for batches of {size} failed ({reason}): {self._output_tail()}")
+                output = self._output_tail()
+                self.close()
+                raise RuntimeError(f"compiling for batches of {size} failed ({reason}): {output}")
             _exited(self._child, within_s=0.2)
         return package
 
     def close(self) -> None:
-        """Kill the child if it still runs (what it finished stays); its output stays readable until the object
-        goes."""
+        """Kill the child if it still runs (what it finished stays) and drop its output."""
         with self._closing:
-            if self._child is not None and self._child.poll() is None:
-                self._child.kill()
-                self._child.wait()
+            self._kill()
+            if self._output is not None:
+                self._output.close()
+                self._output = None
+
+    def _kill(self) -> None:
+        if self._child is not None and self._child.poll() is None:
+            self._child.kill()
+            self._child.wait()
 
     def _start(self) -> None:
         builds = [f"{size}:{package}" for size, package in sorted(self.packages.items())]
@@ -288,7 +295,7 @@ class ChildBuilds:
                    "--device", self.device.type]
         folder = next(iter(self.packages.values())).parent
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor")}
-        self._output = tempfile.TemporaryFile()  # noqa: SIM115 - read by `_output_tail`, gone with the object
+        self._output = tempfile.TemporaryFile()  # noqa: SIM115 - closed by `close`
         self._child = subprocess.Popen(command, env=env, stdout=self._output, stderr=subprocess.STDOUT)
 
     def _output_tail(self) -> str:
